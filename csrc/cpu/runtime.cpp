@@ -1,0 +1,95 @@
+#include "runtime.h"
+
+#include <algorithm>
+#include <atomic>
+#include <stdexcept>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace fk {
+
+CpuFeatures cpu_features() {
+  CpuFeatures f;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  f.avx2 = __builtin_cpu_supports("avx2");
+  f.fma = __builtin_cpu_supports("fma");
+  f.f16c = __builtin_cpu_supports("f16c");
+#elif defined(__aarch64__) || defined(__ARM_NEON)
+  f.neon = true;  // baseline on aarch64: the portable kernels are compiled with it
+#endif
+  return f;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> isas;
+#ifdef FK_HAVE_AVX2
+  const CpuFeatures f = cpu_features();
+  if (f.avx2 && f.fma && f.f16c) isas.push_back("avx2");
+#endif
+  isas.push_back("portable");
+  return isas;
+}
+
+namespace {
+std::atomic<int> g_isa{-1};  // -1: not chosen yet; 0: portable; 1: avx2
+
+int isa_code(const std::string& name) { return name == "avx2" ? 1 : 0; }
+}  // namespace
+
+std::string active_isa() {
+  if (g_isa.load() < 0) g_isa.store(isa_code(supported_isas().front()));
+  return g_isa.load() == 1 ? "avx2" : "portable";
+}
+
+void set_isa(const std::string& name) {
+  const auto isas = supported_isas();
+  if (std::find(isas.begin(), isas.end(), name) == isas.end()) {
+    std::string known;
+    for (const auto& s : isas) known += (known.empty() ? "" : ", ") + s;
+    throw std::invalid_argument("isa '" + name + "' is not supported on this CPU/build; supported: " + known);
+  }
+  g_isa.store(isa_code(name));
+}
+
+const KernelTable& active_kernels() {
+#ifdef FK_HAVE_AVX2
+  if (active_isa() == "avx2") return avx2_kernels();
+#endif
+  return portable_kernels();
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+void parallel_run(RangeFn fn, const MergeArgs& a, int threads) {
+  // Below this many elements per thread, waking threads costs more than it saves.
+  constexpr int64_t kMinPerThread = int64_t(1) << 16;
+  const int64_t n = a.numel;
+  const int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, n / kMinPerThread));
+  if (t <= 1) {
+    fn(a, 0, n);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel num_threads(static_cast<int>(t))
+  {
+    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
+    // Pieces are multiples of 64 elements so threads never share a cache line of output.
+    const int64_t per = ((n + nt - 1) / nt + 63) / 64 * 64;
+    const int64_t begin = std::min(n, id * per), end = std::min(n, begin + per);
+    if (begin < end) fn(a, begin, end);
+  }
+#else
+  fn(a, 0, n);
+#endif
+}
+
+}  // namespace fk

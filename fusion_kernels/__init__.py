@@ -1,0 +1,39 @@
+"""fusion_kernels: fused kernels for merging neural-network weights.
+
+Tensors in, tensors out. Every op validates its arguments, then runs on the best backend for the
+tensors' device (``cpu``: C++ kernels; ``torch``: the pure-PyTorch reference), see
+:func:`available_backends` and :func:`use_backend`.
+"""
+
+from ._dispatch import available_backends, use_backend
+from .errors import (
+    AliasError,
+    ArgumentTypeError,
+    BackendError,
+    DeviceError,
+    DTypeError,
+    FusionError,
+    ShapeError,
+    WeightError,
+)
+from .ops import fisher_merge, task_arithmetic, weighted_average, weighted_sum
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AliasError",
+    "ArgumentTypeError",
+    "BackendError",
+    "DTypeError",
+    "DeviceError",
+    "FusionError",
+    "ShapeError",
+    "WeightError",
+    "__version__",
+    "available_backends",
+    "fisher_merge",
+    "task_arithmetic",
+    "use_backend",
+    "weighted_average",
+    "weighted_sum",
+]

@@ -1,0 +1,109 @@
+"""Backend registry and selection.
+
+An op hands :func:`select` its implementations (backend name -> callable). A backend named with
+:func:`use_backend` or ``FUSION_KERNELS_BACKEND`` must run the op or the call fails with its
+reason; otherwise backends are tried in the device's order and the first that accepts runs.
+If none accepts, the error lists every backend's reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from . import _native
+from .errors import BackendError
+
+BACKEND_ENV = "FUSION_KERNELS_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    device_types: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    unavailable_reason: Callable[[], str | None]
+
+
+_ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+BACKENDS = {
+    "cpu": Backend("cpu", ("cpu",), _ALL_FLOATS, _native.unavailable_reason),
+    "torch": Backend("torch", ("cpu", "cuda", "mps", "xpu", "meta"), _ALL_FLOATS, lambda: None),
+}
+# Automatic choice, best first, per device type; "torch" runs anywhere torch does.
+ORDER = {"cpu": ("cpu", "torch")}
+
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusion_kernels_backend", default=None)
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r} (from {source}); known backends: {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Run ops in this block on backend ``name`` (``None``: automatic). Raises if it cannot run an op."""
+    if name is not None:
+        _check_name(name, "use_backend")
+    token = _requested.set(name)
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def requested_backend() -> tuple[str | None, str]:
+    """The backend forced by ``use_backend`` or else ``FUSION_KERNELS_BACKEND``, and where it came from."""
+    name = _requested.get()
+    if name is not None:
+        return name, "use_backend"
+    env = os.environ.get(BACKEND_ENV, "").strip()
+    if env and env != "auto":
+        return _check_name(env, f"{BACKEND_ENV}={env!r}"), f"{BACKEND_ENV}"
+    return None, "automatic choice"
+
+
+def decline_reason(backend: str, op: str, impls: dict[str, Callable], device: torch.device,
+                   dtype: torch.dtype) -> str | None:
+    b = BACKENDS[backend]
+    if backend not in impls:
+        return f"does not implement {op}"
+    if device.type not in b.device_types:
+        return f"runs on {'/'.join(b.device_types)} tensors, got {device.type}"
+    if dtype not in b.dtypes:
+        return f"does not support dtype {dtype}"
+    return b.unavailable_reason()
+
+
+def select(op: str, impls: dict[str, Callable], device: torch.device, dtype: torch.dtype) -> Callable:
+    """The implementation of ``op`` to run on tensors of ``device`` and ``dtype``."""
+    name, source = requested_backend()
+    if name is not None:
+        reason = decline_reason(name, op, impls, device, dtype)
+        if reason is not None:
+            raise BackendError(f"{op}: backend {name!r} was requested ({source}) but cannot run it: {reason}")
+        return impls[name]
+    candidates = ORDER.get(device.type, ("torch",))
+    reasons = []
+    for candidate in candidates:
+        reason = decline_reason(candidate, op, impls, device, dtype)
+        if reason is None:
+            return impls[candidate]
+        reasons.append(f"{candidate}: {reason}")
+    raise BackendError(f"{op}: no backend can run on {device} with dtype {dtype}: " + "; ".join(reasons))
+
+
+def available_backends(device: str | torch.device | None = None) -> list[str]:
+    """Backends usable in this process (for ``device``'s type when given), in automatic-choice order."""
+    device_type = None if device is None else torch.device(device).type
+    names = ORDER.get(device_type, tuple(BACKENDS)) if device_type else tuple(BACKENDS)
+    return [n for n in names
+            if BACKENDS[n].unavailable_reason() is None
+            and (device_type is None or device_type in BACKENDS[n].device_types)]

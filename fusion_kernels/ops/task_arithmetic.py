@@ -1,0 +1,84 @@
+"""``task_arithmetic``: base + Σᵢ wᵢ·(xᵢ − base) without materialising the task vectors."""
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _native, _validate
+from .. import reference as ref
+from ._engine import empty_like, run
+
+OP = "task_arithmetic"
+
+
+def _torch_impl(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> None:
+    out.copy_(ref.task_arithmetic(base, xs, weights))
+
+
+def _cpu_impl(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> None:
+    _native.lib().task_arithmetic(out.data_ptr(), base.data_ptr(), _native.pointers(xs), weights, out.numel(),
+                                  _native.dtype_code(out.dtype), _native.threads())
+
+
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
+
+
+@torch.library.custom_op("fusion_kernels::task_arithmetic", mutates_args=())
+def _task_arithmetic(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    out = empty_like(base)
+    run(OP, IMPLS, out, base, xs, weights)
+    return out
+
+
+@_task_arithmetic.register_fake
+def _(base, xs, weights):
+    return empty_like(base)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.weights = inputs[2]
+
+
+def _backward(ctx, grad):
+    return grad * (1.0 - sum(ctx.weights)), [grad * w for w in ctx.weights], None
+
+
+_task_arithmetic.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fusion_kernels::task_arithmetic_out", mutates_args=("out",))
+def _task_arithmetic_out(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float], out: torch.Tensor) -> None:
+    run(OP, IMPLS, out, base, xs, weights)
+
+
+@_task_arithmetic_out.register_fake
+def _(base, xs, weights, out):
+    return None
+
+
+def task_arithmetic(base: torch.Tensor, xs: Sequence[torch.Tensor] | torch.Tensor,
+                    weights: Sequence[float] | torch.Tensor | float | None = None,
+                    *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out = base + Σᵢ wᵢ·(xᵢ − base) (Ilharco et al., 2023), one pass, float32 accumulation.
+
+    Args:
+        base: the pre-trained tensor ``[*shape]``.
+        xs: N fine-tuned tensors like ``base``, or one stacked ``[N, *shape]``.
+        weights: the scaling of each task vector (N floats, one float for all, or None for 1 each);
+            mergekit's ``lambda`` multiplies all of them.
+        out: optional ``[*shape]`` tensor to write into; it may be ``base`` or one of ``xs``.
+
+    Example:
+        >>> fk.task_arithmetic(pretrained, [math_ft, code_ft], 0.4)
+    """
+    op = "task_arithmetic"
+    base = _validate.check_tensor(op, "base", base)
+    _validate.check_float(op, "base", base)
+    xs = _validate.tensor_list(op, "xs", xs)
+    _validate.inputs_like(op, "xs", xs, base, "base")
+    w = _validate.weight_list(op, "weights", weights, len(xs), default=1.0)
+    if out is None:
+        return _task_arithmetic(base, xs, w)
+    _validate.check_out(op, out, base, "base", {"base": base, **{f"xs[{i}]": x for i, x in enumerate(xs)}})
+    _task_arithmetic_out(base, xs, w, out)
+    return out
