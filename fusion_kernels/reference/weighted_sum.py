@@ -13,7 +13,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def weighted_sum(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     acc_dtype = accumulation_dtype(xs[0].dtype)
-    acc = torch.zeros(xs[0].shape, dtype=acc_dtype, device=xs[0].device)
-    for x, w in zip(xs, weights):
+    acc = xs[0].to(acc_dtype) * weights[0]  # not zeros + ...: -0.0 must stay -0.0
+    for x, w in zip(xs[1:], weights[1:]):
         acc.add_(x.to(acc_dtype), alpha=w)
     return acc.to(xs[0].dtype)

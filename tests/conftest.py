@@ -1,0 +1,49 @@
+"""Test setup: Triton's interpreter without a GPU, NaN-poisoned allocations, and the backend fixture."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from helpers import BACKEND_CASES, set_isa  # noqa: E402
+
+
+def pytest_configure(config):
+    if os.environ.get("FUSION_KERNELS_REQUIRE_EXT") == "1":
+        from fusion_kernels import _native
+
+        reason = _native.unavailable_reason()
+        if reason is not None:
+            raise pytest.UsageError(f"FUSION_KERNELS_REQUIRE_EXT=1 but {reason}")
+
+
+def _poisoned(alloc):
+    def wrapper(*args, **kwargs):
+        t = alloc(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    return wrapper
+
+
+@pytest.fixture(autouse=True)
+def nan_poisoned_empty(monkeypatch):
+    """A kernel that leaves part of an output it allocated unwritten fails with NaNs."""
+    for name in ("empty", "empty_like", "empty_strided"):
+        monkeypatch.setattr(torch, name, _poisoned(getattr(torch, name)))
+
+
+@pytest.fixture(params=BACKEND_CASES, ids=lambda case: case.id)
+def backend(request):
+    """Runs the test once per backend (and per CPU ISA of the cpu backend) this machine has."""
+    case = request.param
+    if case.skip_reason:
+        pytest.skip(case.skip_reason)
+    import fusion_kernels as fk
+
+    with fk.use_backend(case.backend), set_isa(case.isa):
+        yield case.backend

@@ -1,0 +1,136 @@
+"""Backend selection, the environment variables, the missing-extension fallback and the info command."""
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fusion_kernels as fk
+from fusion_kernels import _dispatch, _native
+
+WEIGHTED_SUM = importlib.import_module("fusion_kernels.ops.weighted_sum")
+NEEDS_EXT = pytest.mark.skipif(_native.unavailable_reason() is not None,
+                               reason=f"cpu backend unavailable: {_native.unavailable_reason()}")
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=120)
+
+
+def test_public_api_is_exactly_the_documented_names():
+    public = {name for name in dir(fk) if not name.startswith("_")} - {"errors", "ops", "reference", "info"}
+    assert set(fk.__all__) - {"__version__"} == public
+    assert issubclass(fk.FusionError, ValueError)
+
+
+@NEEDS_EXT
+def test_cpu_is_chosen_automatically_for_cpu_tensors(monkeypatch):
+    chosen = []
+    monkeypatch.setitem(WEIGHTED_SUM.IMPLS, "cpu", lambda out, xs, w: chosen.append("cpu") or out.zero_())
+    fk.weighted_sum([torch.ones(3)])
+    assert chosen == ["cpu"]
+    assert fk.available_backends("cpu") == ["cpu", "torch"]
+
+
+def test_use_backend_forces_and_restores(monkeypatch):
+    chosen = []
+    monkeypatch.setitem(WEIGHTED_SUM.IMPLS, "torch", lambda out, xs, w: chosen.append("torch") or out.zero_())
+    with fk.use_backend("torch"):
+        fk.weighted_sum([torch.ones(3)])
+        assert _dispatch.requested_backend() == ("torch", "use_backend")
+    assert _dispatch.requested_backend()[0] is None
+    assert chosen == ["torch"]
+
+
+def test_unknown_backend_name():
+    with pytest.raises(fk.BackendError, match="unknown backend 'cuda-ish'.*known backends: cpu, torch"):
+        with fk.use_backend("cuda-ish"):
+            pass
+
+
+def test_env_var_selects_backend_and_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("FUSION_KERNELS_BACKEND", "torch")
+    assert _dispatch.requested_backend() == ("torch", "FUSION_KERNELS_BACKEND")
+    monkeypatch.setenv("FUSION_KERNELS_BACKEND", "auto")
+    assert _dispatch.requested_backend()[0] is None
+    monkeypatch.setenv("FUSION_KERNELS_BACKEND", "nope")
+    with pytest.raises(fk.BackendError, match="FUSION_KERNELS_BACKEND='nope'"):
+        fk.weighted_sum([torch.ones(2)])
+
+
+# Meta tensors never reach the dispatcher (the custom op's fake kernel handles them), so a
+# non-CPU device is exercised through select() directly.
+def test_requested_backend_that_cannot_run_fails_loudly():
+    with fk.use_backend("cpu"), pytest.raises(fk.BackendError, match="backend 'cpu' was requested.*got cuda"):
+        _dispatch.select("weighted_sum", WEIGHTED_SUM.IMPLS, torch.device("cuda"), torch.float32)
+
+
+def test_automatic_choice_falls_back_quietly_on_other_devices():
+    impl = _dispatch.select("weighted_sum", WEIGHTED_SUM.IMPLS, torch.device("cuda"), torch.float32)
+    assert impl is WEIGHTED_SUM.IMPLS["torch"]
+
+
+def test_meta_tensors_give_shapes_without_running_kernels():
+    x = torch.empty(3, 5, device="meta", dtype=torch.bfloat16)
+    out = fk.weighted_sum([x, x], [0.5, 0.5])
+    assert out.device.type == "meta" and out.shape == (3, 5) and out.dtype == torch.bfloat16
+
+
+def test_error_lists_every_backend_reason(monkeypatch):
+    monkeypatch.setitem(_dispatch.ORDER, "cpu", ("cpu",))
+    monkeypatch.setattr(_native, "_error", "simulated missing extension")
+    monkeypatch.setattr(_native, "_module", None)
+    with pytest.raises(fk.BackendError, match="no backend can run.*cpu: simulated missing extension"):
+        fk.weighted_sum([torch.ones(2)])
+
+
+def test_missing_extension_falls_back_to_torch_and_warns_once():
+    result = run_python("""
+        import sys, warnings
+        sys.modules["fusion_kernels._C"] = None  # makes `from . import _C` raise ImportError
+        import torch, fusion_kernels as fk
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            a = fk.weighted_sum([torch.ones(3), torch.ones(3)], [1.0, 2.0])
+            b = fk.weighted_average([torch.ones(3)])
+        assert torch.equal(a, torch.full((3,), 3.0)) and torch.equal(b, torch.ones(3))
+        messages = [str(w.message) for w in caught if "C++ extension" in str(w.message)]
+        assert len(messages) == 1, messages
+        assert fk.available_backends() == ["torch"], fk.available_backends()
+        print("ok")
+    """)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+@NEEDS_EXT
+def test_isa_env_var(monkeypatch):
+    result = run_python("""
+        import torch, fusion_kernels as fk
+        from fusion_kernels import _native
+        fk.weighted_sum([torch.ones(3)])
+        print(_native.lib().active_isa())
+    """, FUSION_KERNELS_CPU_ISA="portable")
+    assert result.stdout.strip() == "portable", result.stderr
+    bad = run_python("""
+        import torch, fusion_kernels as fk
+        try:
+            with fk.use_backend("cpu"):
+                fk.weighted_sum([torch.ones(3)])
+        except fk.BackendError as e:
+            print(e)
+    """, FUSION_KERNELS_CPU_ISA="sse9")
+    assert "FUSION_KERNELS_CPU_ISA='sse9' is invalid" in bad.stdout, bad.stdout + bad.stderr
+
+
+def test_info_command_reports_backends_and_features():
+    result = subprocess.run([sys.executable, "-m", "fusion_kernels.info"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "backends_available" in result.stdout and "torch" in result.stdout
+    if _native.unavailable_reason() is None:
+        assert "cpu_features" in result.stdout and "cpu_isa_active" in result.stdout

@@ -1,0 +1,85 @@
+"""task_arithmetic: every backend against the reference, the reference against numpy and a hand case."""
+
+import pytest
+import torch
+from helpers import DTYPES, assert_close, from_numpy64, inputs, randn, to_numpy64
+
+import fusion_kernels as fk
+from fusion_kernels import reference as ref
+
+DT_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
+SHAPES = [(), (0,), (1,), (9,), (4099,), (3, 17, 5), (127, 129)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)) or "scalar")
+def test_matches_reference_across_shapes(backend, dtype, shape):
+    base, *xs = inputs(4, shape, dtype)
+    w = [0.3, -0.7, 1.1]
+    assert_close(fk.task_arithmetic(base, xs, w), ref.task_arithmetic(base, xs, w))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("n", range(1, 9))
+def test_matches_reference_for_1_to_8_inputs(backend, dtype, n):
+    base, *xs = inputs(n + 1, (1031,), dtype, seed=10 * n)
+    w = [0.2 * (i + 1) * (-1) ** i for i in range(n)]
+    assert_close(fk.task_arithmetic(base, xs, w), ref.task_arithmetic(base, xs, w))
+
+
+def test_hand_worked_case(backend):
+    base = torch.tensor([1.0, 0.0, -2.0])
+    xs = [torch.tensor([3.0, 1.0, -2.0]), torch.tensor([-1.0, 4.0, 0.0])]
+    # 1 + 0.5*2 + 0.25*(-2) = 1.5;  0 + 0.5*1 + 0.25*4 = 1.5;  -2 + 0 + 0.25*2 = -1.5
+    assert torch.equal(fk.task_arithmetic(base, xs, [0.5, 0.25]), torch.tensor([1.5, 1.5, -1.5]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_reference_matches_numpy_float64(dtype):
+    base, *xs = inputs(4, (257,), dtype)
+    w = [0.4, 0.0, -0.6]
+    b = to_numpy64(base)
+    expected = b + sum(wi * (to_numpy64(x) - b) for wi, x in zip(w, xs))
+    assert_close(ref.task_arithmetic(base, xs, w), from_numpy64(expected, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_out_may_alias_base_or_an_input(backend, dtype):
+    base, *xs = inputs(3, (777,), dtype)
+    expected = ref.task_arithmetic(base, xs, [0.5, 0.5])
+    b, x0 = base.clone(), xs[0].clone()
+    fk.task_arithmetic(b, [x0, xs[1]], [0.5, 0.5], out=b)
+    assert_close(b, expected)
+    b = base.clone()
+    fk.task_arithmetic(b, [x0, xs[1]], [0.5, 0.5], out=x0)
+    assert_close(x0, expected)
+
+
+def test_non_contiguous(backend):
+    base, *xs = [randn((30, 50), torch.bfloat16, seed=i).t() for i in range(3)]
+    assert_close(fk.task_arithmetic(base, xs, 0.3), ref.task_arithmetic(base.contiguous(),
+                                                                          [x.contiguous() for x in xs], [0.3, 0.3]))
+
+
+@pytest.mark.slow
+def test_large_tensor_2pow24(backend):
+    base, *xs = inputs(3, ((1 << 24) + 5,), torch.bfloat16)
+    assert_close(fk.task_arithmetic(base, xs, [0.6, 0.4]), ref.task_arithmetic(base, xs, [0.6, 0.4]))
+
+
+def test_autograd():
+    base, *xs = [torch.randn(4, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    torch.autograd.gradcheck(lambda b, *t: fk.task_arithmetic(b, list(t), [0.3, 0.9]), (base, *xs))
+
+
+@pytest.mark.parametrize("op_name", ["task_arithmetic", "task_arithmetic_out"])
+def test_opcheck(op_name):
+    base, *xs = inputs(3, (4, 5), torch.float32)
+    args = (base, xs, [0.1, 0.2]) + ((torch.zeros(4, 5),) if op_name.endswith("_out") else ())
+    torch.library.opcheck(getattr(torch.ops.fusion_kernels, op_name).default, args)
+
+
+def test_torch_compile_fullgraph():
+    base, x = inputs(2, (8, 8), torch.float32)
+    fn = torch.compile(lambda b, y: fk.task_arithmetic(b, [y], 0.5), backend="aot_eager", fullgraph=True)
+    assert_close(fn(base, x), ref.task_arithmetic(base, [x], [0.5]))
