@@ -70,8 +70,9 @@ def requested_backend() -> tuple[str | None, str]:
     return None, "automatic choice"
 
 
-def decline_reason(backend: str, op: str, impls: dict[str, Callable], device: torch.device,
-                   dtype: torch.dtype) -> str | None:
+def decline_reason(
+    backend: str, op: str, impls: dict[str, Callable], device: torch.device, dtype: torch.dtype
+) -> str | None:
     b = BACKENDS[backend]
     if backend not in impls:
         return f"does not implement {op}"
@@ -104,6 +105,8 @@ def available_backends(device: str | torch.device | None = None) -> list[str]:
     """Backends usable in this process (for ``device``'s type when given), in automatic-choice order."""
     device_type = None if device is None else torch.device(device).type
     names = ORDER.get(device_type, tuple(BACKENDS)) if device_type else tuple(BACKENDS)
-    return [n for n in names
-            if BACKENDS[n].unavailable_reason() is None
-            and (device_type is None or device_type in BACKENDS[n].device_types)]
+    return [
+        n
+        for n in names
+        if BACKENDS[n].unavailable_reason() is None and (device_type is None or device_type in BACKENDS[n].device_types)
+    ]

@@ -33,8 +33,12 @@ def _load() -> None:
             from . import _C
         except ImportError as exc:
             _error = f"the C++ extension fusion_kernels._C is not available ({exc})"
-            warnings.warn(f"fusion_kernels: {_error}; CPU ops run on the slower 'torch' backend. "
-                          "Reinstall with a C++ compiler to build it.", RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"fusion_kernels: {_error}; CPU ops run on the slower 'torch' backend. "
+                "Reinstall with a C++ compiler to build it.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
         else:
             _module = _C
             isa = os.environ.get(ISA_ENV, "auto")

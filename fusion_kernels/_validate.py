@@ -17,8 +17,10 @@ def tensor_list(op: str, name: str, xs: Sequence[torch.Tensor] | torch.Tensor) -
     """A non-empty list of tensors from a sequence, or from one stacked tensor ``[N, ...]`` (unbound, no copy)."""
     if isinstance(xs, torch.Tensor):
         if xs.dim() == 0:
-            raise ShapeError(f"{op}: argument '{name}' expected a sequence of tensors or a stacked [N, ...] tensor, "
-                             "got a 0-dim tensor")
+            raise ShapeError(
+                f"{op}: argument '{name}' expected a sequence of tensors or a stacked [N, ...] tensor, "
+                "got a 0-dim tensor"
+            )
         items = list(xs.unbind(0))
     elif isinstance(xs, (list, tuple)):
         items = list(xs)
@@ -47,13 +49,15 @@ def check_float(op: str, name: str, x: torch.Tensor) -> None:
 def check_like(op: str, name: str, x: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
     """``x`` must have ``ref``'s shape, dtype and device."""
     if x.shape != ref.shape:
-        raise ShapeError(f"{op}: argument '{name}' expected shape {tuple(ref.shape)} (the shape of {ref_name}), "
-                         f"got {tuple(x.shape)}")
+        raise ShapeError(
+            f"{op}: argument '{name}' expected shape {tuple(ref.shape)} (the shape of {ref_name}), got {tuple(x.shape)}"
+        )
     if x.dtype != ref.dtype:
         raise DTypeError(f"{op}: argument '{name}' expected dtype {ref.dtype} (the dtype of {ref_name}), got {x.dtype}")
     if x.device != ref.device:
-        raise DeviceError(f"{op}: argument '{name}' expected device {ref.device} (the device of {ref_name}), "
-                          f"got {x.device}")
+        raise DeviceError(
+            f"{op}: argument '{name}' expected device {ref.device} (the device of {ref_name}), got {x.device}"
+        )
 
 
 def inputs_like(op: str, name: str, xs: list[torch.Tensor], ref: torch.Tensor, ref_name: str) -> None:
@@ -67,8 +71,9 @@ def weight_list(op: str, name: str, weights: object, n: int, default: float) -> 
         return [default] * n
     if isinstance(weights, torch.Tensor):
         if weights.dim() > 1:
-            raise ShapeError(f"{op}: argument '{name}' expected a 1-D tensor of {n} weights, "
-                             f"got shape {tuple(weights.shape)}")
+            raise ShapeError(
+                f"{op}: argument '{name}' expected a 1-D tensor of {n} weights, got shape {tuple(weights.shape)}"
+            )
         if weights.is_complex() or weights.dtype == torch.bool:
             raise DTypeError(f"{op}: argument '{name}' expected real weights, got dtype {weights.dtype}")
         values = weights.tolist()
@@ -78,8 +83,10 @@ def weight_list(op: str, name: str, weights: object, n: int, default: float) -> 
     elif isinstance(weights, Sequence) and not isinstance(weights, (str, bytes)):
         values = list(weights)
     else:
-        raise ArgumentTypeError(f"{op}: argument '{name}' expected a float, a sequence of floats or a 1-D tensor, "
-                                f"got {type(weights).__name__}")
+        raise ArgumentTypeError(
+            f"{op}: argument '{name}' expected a float, a sequence of floats or a 1-D tensor, "
+            f"got {type(weights).__name__}"
+        )
     if len(values) != n:
         raise WeightError(f"{op}: argument '{name}' expected {n} weights (one per input), got {len(values)}")
     out = []
@@ -102,8 +109,11 @@ def normalized(op: str, name: str, weights: list[float]) -> list[float]:
 def _byte_span(x: torch.Tensor) -> tuple[int, int]:
     if x.numel() == 0:
         return (0, 0)
-    start = x.data_ptr() + sum(min(0, (size - 1) * st) for size, st in zip(x.shape, x.stride())) * x.element_size()
-    last = sum(max(0, (size - 1) * st) for size, st in zip(x.shape, x.stride()))
+    start = (
+        x.data_ptr()
+        + sum(min(0, (size - 1) * st) for size, st in zip(x.shape, x.stride(), strict=True)) * x.element_size()
+    )
+    last = sum(max(0, (size - 1) * st) for size, st in zip(x.shape, x.stride(), strict=True))
     return (start, x.data_ptr() + (last + 1) * x.element_size())
 
 
@@ -111,13 +121,17 @@ def check_out(op: str, out: object, ref: torch.Tensor, ref_name: str, inputs: di
     """``out`` must look like ``ref``, have no self-overlapping elements, and alias inputs only exactly."""
     out = check_tensor(op, "out", out)
     check_like(op, "out", out, ref, ref_name)
-    if any(st == 0 and size > 1 for size, st in zip(out.shape, out.stride())):
-        raise AliasError(f"{op}: argument 'out' has elements that share memory (stride {tuple(out.stride())}); "
-                         "pass a tensor with distinct elements")
+    if any(st == 0 and size > 1 for size, st in zip(out.shape, out.stride(), strict=True)):
+        raise AliasError(
+            f"{op}: argument 'out' has elements that share memory (stride {tuple(out.stride())}); "
+            "pass a tensor with distinct elements"
+        )
     lo, hi = _byte_span(out)
     for name, x in inputs.items():
         x_lo, x_hi = _byte_span(x)
         if lo < x_hi and x_lo < hi and not (x.data_ptr() == out.data_ptr() and x.stride() == out.stride()):
-            raise AliasError(f"{op}: argument 'out' partially overlaps argument '{name}'; out may be the very "
-                             "same tensor as an input, or disjoint from it")
+            raise AliasError(
+                f"{op}: argument 'out' partially overlaps argument '{name}'; out may be the very "
+                "same tensor as an input, or disjoint from it"
+            )
     return out

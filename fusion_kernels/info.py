@@ -30,14 +30,16 @@ def collect() -> dict[str, object]:
     reason = _native.unavailable_reason()
     if reason is None:
         lib = _native.lib()
-        facts.update({
-            "cpu_extension": "built",
-            "cpu_features": dict(lib.cpu_features()),
-            "cpu_isas": list(lib.supported_isas()),
-            "cpu_isa_active": lib.active_isa(),
-            "openmp": lib.openmp,
-            "compiler": lib.compiler,
-        })
+        facts.update(
+            {
+                "cpu_extension": "built",
+                "cpu_features": dict(lib.cpu_features()),
+                "cpu_isas": list(lib.supported_isas()),
+                "cpu_isa_active": lib.active_isa(),
+                "openmp": lib.openmp,
+                "compiler": lib.compiler,
+            }
+        )
     else:
         facts["cpu_extension"] = f"missing: {reason}"
     return facts

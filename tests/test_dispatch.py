@@ -13,13 +13,19 @@ import fusion_kernels as fk
 from fusion_kernels import _dispatch, _native
 
 WEIGHTED_SUM = importlib.import_module("fusion_kernels.ops.weighted_sum")
-NEEDS_EXT = pytest.mark.skipif(_native.unavailable_reason() is not None,
-                               reason=f"cpu backend unavailable: {_native.unavailable_reason()}")
+NEEDS_EXT = pytest.mark.skipif(
+    _native.unavailable_reason() is not None, reason=f"cpu backend unavailable: {_native.unavailable_reason()}"
+)
 
 
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
 
 
 def test_public_api_is_exactly_the_documented_names():
@@ -48,9 +54,11 @@ def test_use_backend_forces_and_restores(monkeypatch):
 
 
 def test_unknown_backend_name():
-    with pytest.raises(fk.BackendError, match="unknown backend 'cuda-ish'.*known backends: cpu, torch"):
-        with fk.use_backend("cuda-ish"):
-            pass
+    with (
+        pytest.raises(fk.BackendError, match="unknown backend 'cuda-ish'.*known backends: cpu, torch"),
+        fk.use_backend("cuda-ish"),
+    ):
+        pass
 
 
 def test_env_var_selects_backend_and_rejects_unknown(monkeypatch):
@@ -109,27 +117,32 @@ def test_missing_extension_falls_back_to_torch_and_warns_once():
 
 @NEEDS_EXT
 def test_isa_env_var(monkeypatch):
-    result = run_python("""
+    result = run_python(
+        """
         import torch, fusion_kernels as fk
         from fusion_kernels import _native
         fk.weighted_sum([torch.ones(3)])
         print(_native.lib().active_isa())
-    """, FUSION_KERNELS_CPU_ISA="portable")
+    """,
+        FUSION_KERNELS_CPU_ISA="portable",
+    )
     assert result.stdout.strip() == "portable", result.stderr
-    bad = run_python("""
+    bad = run_python(
+        """
         import torch, fusion_kernels as fk
         try:
             with fk.use_backend("cpu"):
                 fk.weighted_sum([torch.ones(3)])
         except fk.BackendError as e:
             print(e)
-    """, FUSION_KERNELS_CPU_ISA="sse9")
+    """,
+        FUSION_KERNELS_CPU_ISA="sse9",
+    )
     assert "FUSION_KERNELS_CPU_ISA='sse9' is invalid" in bad.stdout, bad.stdout + bad.stderr
 
 
 def test_info_command_reports_backends_and_features():
-    result = subprocess.run([sys.executable, "-m", "fusion_kernels.info"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-m", "fusion_kernels.info"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "backends_available" in result.stdout and "torch" in result.stdout
     if _native.unavailable_reason() is None:

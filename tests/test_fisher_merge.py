@@ -89,6 +89,7 @@ def test_opcheck(op_name):
 
 def test_torch_compile_fullgraph():
     xs, fs = inputs(2, (8, 8), torch.float32), fishers(2, (8, 8), torch.float32)
-    fn = torch.compile(lambda a, b, fa, fb: fk.fisher_merge([a, b], [fa, fb], eps=1e-6), backend="aot_eager",
-                       fullgraph=True)
+    fn = torch.compile(
+        lambda a, b, fa, fb: fk.fisher_merge([a, b], [fa, fb], eps=1e-6), backend="aot_eager", fullgraph=True
+    )
     assert_close(fn(*xs, *fs), ref.fisher_merge(xs, fs, [1.0, 1.0], 1e-6))

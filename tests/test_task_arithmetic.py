@@ -39,7 +39,7 @@ def test_reference_matches_numpy_float64(dtype):
     base, *xs = inputs(4, (257,), dtype)
     w = [0.4, 0.0, -0.6]
     b = to_numpy64(base)
-    expected = b + sum(wi * (to_numpy64(x) - b) for wi, x in zip(w, xs))
+    expected = b + sum(wi * (to_numpy64(x) - b) for wi, x in zip(w, xs, strict=True))
     assert_close(ref.task_arithmetic(base, xs, w), from_numpy64(expected, dtype))
 
 
@@ -57,8 +57,10 @@ def test_out_may_alias_base_or_an_input(backend, dtype):
 
 def test_non_contiguous(backend):
     base, *xs = [randn((30, 50), torch.bfloat16, seed=i).t() for i in range(3)]
-    assert_close(fk.task_arithmetic(base, xs, 0.3), ref.task_arithmetic(base.contiguous(),
-                                                                          [x.contiguous() for x in xs], [0.3, 0.3]))
+    assert_close(
+        fk.task_arithmetic(base, xs, 0.3),
+        ref.task_arithmetic(base.contiguous(), [x.contiguous() for x in xs], [0.3, 0.3]),
+    )
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ def test_matches_reference_for_1_to_8_inputs(backend, dtype, n):
 def test_reference_matches_numpy_float64(dtype):
     xs = inputs(4, (257,), dtype)
     w = [0.1, 0.7, -0.3, 0.0]
-    expected = sum(wi * to_numpy64(x) for wi, x in zip(w, xs))
+    expected = sum(wi * to_numpy64(x) for wi, x in zip(w, xs, strict=True))
     assert_close(ref.weighted_sum(xs, w), from_numpy64(expected, dtype))
 
 
@@ -44,7 +44,7 @@ def test_reference_matches_numpy_float64(dtype):
 def test_weighted_average_normalises(backend, dtype):
     xs = inputs(3, (65,), dtype)
     got = fk.weighted_average(xs, [1.0, 2.0, 5.0])
-    expected = sum(w / 8.0 * to_numpy64(x) for w, x in zip([1.0, 2.0, 5.0], xs))
+    expected = sum(w / 8.0 * to_numpy64(x) for w, x in zip([1.0, 2.0, 5.0], xs, strict=True))
     assert_close(got, from_numpy64(expected, dtype))
     uniform = fk.weighted_average(xs)
     assert_close(uniform, from_numpy64(np.mean([to_numpy64(x) for x in xs], axis=0), dtype))
@@ -52,8 +52,13 @@ def test_weighted_average_normalises(backend, dtype):
 
 @pytest.mark.parametrize(
     "weights, expected",
-    [(None, [1.0, 1.0, 1.0]), (0.5, [0.5, 0.5, 0.5]), (torch.tensor(2.0), [2.0, 2.0, 2.0]),
-     (torch.tensor([0.0, -1.0, 3.0]), [0.0, -1.0, 3.0]), ((1, 2, 3), [1.0, 2.0, 3.0])],
+    [
+        (None, [1.0, 1.0, 1.0]),
+        (0.5, [0.5, 0.5, 0.5]),
+        (torch.tensor(2.0), [2.0, 2.0, 2.0]),
+        (torch.tensor([0.0, -1.0, 3.0]), [0.0, -1.0, 3.0]),
+        ((1, 2, 3), [1.0, 2.0, 3.0]),
+    ],
     ids=["none", "float-broadcast", "0d-tensor-broadcast", "tensor-zero-negative", "int-tuple"],
 )
 def test_weight_forms(backend, weights, expected):
@@ -90,7 +95,7 @@ def test_out_and_in_place(backend, dtype):
     out = torch.empty_like(xs[0])
     assert fk.weighted_sum(xs, w, out=out) is out
     assert_close(out, expected)
-    for x, x0 in zip(xs, originals):
+    for x, x0 in zip(xs, originals, strict=True):
         assert torch.equal(x, x0), "an input was modified"
     fk.weighted_sum(xs, w, out=xs[0])  # out aliases the first input exactly
     assert_close(xs[0], expected)
@@ -100,8 +105,23 @@ def test_out_and_in_place(backend, dtype):
 def test_rounding_is_bit_exact(backend, dtype):
     """x + y is exact in float32 for these inputs, so the result tests only the final rounding."""
     info = torch.finfo(dtype)
-    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), info.max, -info.max,
-                             info.tiny, info.tiny / 4, info.eps, 1.0, -1.0], dtype=torch.float32).to(dtype)
+    specials = torch.tensor(
+        [
+            0.0,
+            -0.0,
+            float("inf"),
+            float("-inf"),
+            float("nan"),
+            info.max,
+            -info.max,
+            info.tiny,
+            info.tiny / 4,
+            info.eps,
+            1.0,
+            -1.0,
+        ],
+        dtype=torch.float32,
+    ).to(dtype)
     x = torch.cat([randn((1001,), dtype, seed=1), specials, specials])
     y = torch.cat([randn((1001,), dtype, seed=2), specials, specials.flip(0)])
     got = fk.weighted_sum([x, y], [1.0, 1.0])

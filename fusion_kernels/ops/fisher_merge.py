@@ -18,8 +18,16 @@ def _torch_impl(out, xs: list[torch.Tensor], fisher: list[torch.Tensor], weights
 
 
 def _cpu_impl(out, xs: list[torch.Tensor], fisher: list[torch.Tensor], weights: list[float], eps: float) -> None:
-    _native.lib().fisher_merge(out.data_ptr(), _native.pointers(xs), _native.pointers(fisher), weights, eps,
-                               out.numel(), _native.dtype_code(out.dtype), _native.threads())
+    _native.lib().fisher_merge(
+        out.data_ptr(),
+        _native.pointers(xs),
+        _native.pointers(fisher),
+        weights,
+        eps,
+        out.numel(),
+        _native.dtype_code(out.dtype),
+        _native.threads(),
+    )
 
 
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
@@ -38,8 +46,9 @@ def _(xs, fisher, weights, eps):
 
 
 @torch.library.custom_op("fusion_kernels::fisher_merge_out", mutates_args=("out",))
-def _fisher_merge_out(xs: list[torch.Tensor], fisher: list[torch.Tensor], weights: list[float], eps: float,
-                      out: torch.Tensor) -> None:
+def _fisher_merge_out(
+    xs: list[torch.Tensor], fisher: list[torch.Tensor], weights: list[float], eps: float, out: torch.Tensor
+) -> None:
     run(OP, IMPLS, out, xs, fisher, weights, eps)
 
 
@@ -48,9 +57,14 @@ def _(xs, fisher, weights, eps, out):
     return None
 
 
-def fisher_merge(xs: Sequence[torch.Tensor] | torch.Tensor, fisher: Sequence[torch.Tensor] | torch.Tensor,
-                 weights: Sequence[float] | torch.Tensor | float | None = None, *, eps: float = 0.0,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+def fisher_merge(
+    xs: Sequence[torch.Tensor] | torch.Tensor,
+    fisher: Sequence[torch.Tensor] | torch.Tensor,
+    weights: Sequence[float] | torch.Tensor | float | None = None,
+    *,
+    eps: float = 0.0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Per-element Fisher-weighted average of N models, accumulated in float32::
 
         out = Σᵢ wᵢ·Fᵢ·xᵢ / (Σᵢ wᵢ·Fᵢ + eps)    where Σᵢ wᵢ·Fᵢ ≠ 0
@@ -72,8 +86,9 @@ def fisher_merge(xs: Sequence[torch.Tensor] | torch.Tensor, fisher: Sequence[tor
     _validate.inputs_like(op, "xs", xs, xs[0], "xs[0]")
     fisher = _validate.tensor_list(op, "fisher", fisher)
     if len(fisher) != len(xs):
-        raise _validate.ShapeError(f"{op}: argument 'fisher' expected {len(xs)} tensors (one per input), "
-                                   f"got {len(fisher)}")
+        raise _validate.ShapeError(
+            f"{op}: argument 'fisher' expected {len(xs)} tensors (one per input), got {len(fisher)}"
+        )
     _validate.inputs_like(op, "fisher", fisher, xs[0], "xs[0]")
     w = _validate.weight_list(op, "weights", weights, len(xs), default=1.0)
     for i, v in enumerate(w):

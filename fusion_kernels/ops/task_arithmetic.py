@@ -16,8 +16,15 @@ def _torch_impl(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], w
 
 
 def _cpu_impl(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> None:
-    _native.lib().task_arithmetic(out.data_ptr(), base.data_ptr(), _native.pointers(xs), weights, out.numel(),
-                                  _native.dtype_code(out.dtype), _native.threads())
+    _native.lib().task_arithmetic(
+        out.data_ptr(),
+        base.data_ptr(),
+        _native.pointers(xs),
+        weights,
+        out.numel(),
+        _native.dtype_code(out.dtype),
+        _native.threads(),
+    )
 
 
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
@@ -56,9 +63,13 @@ def _(base, xs, weights, out):
     return None
 
 
-def task_arithmetic(base: torch.Tensor, xs: Sequence[torch.Tensor] | torch.Tensor,
-                    weights: Sequence[float] | torch.Tensor | float | None = None,
-                    *, out: torch.Tensor | None = None) -> torch.Tensor:
+def task_arithmetic(
+    base: torch.Tensor,
+    xs: Sequence[torch.Tensor] | torch.Tensor,
+    weights: Sequence[float] | torch.Tensor | float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """out = base + Σᵢ wᵢ·(xᵢ − base) (Ilharco et al., 2023), one pass, float32 accumulation.
 
     Args:

@@ -16,8 +16,9 @@ def _torch_impl(out: torch.Tensor, xs: list[torch.Tensor], weights: list[float])
 
 
 def _cpu_impl(out: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> None:
-    _native.lib().weighted_sum(out.data_ptr(), _native.pointers(xs), weights, out.numel(),
-                               _native.dtype_code(out.dtype), _native.threads())
+    _native.lib().weighted_sum(
+        out.data_ptr(), _native.pointers(xs), weights, out.numel(), _native.dtype_code(out.dtype), _native.threads()
+    )
 
 
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
@@ -71,8 +72,12 @@ def _inputs(op: str, xs) -> list[torch.Tensor]:
     return xs
 
 
-def weighted_sum(xs: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[float] | torch.Tensor | float | None = None,
-                 *, out: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_sum(
+    xs: Sequence[torch.Tensor] | torch.Tensor,
+    weights: Sequence[float] | torch.Tensor | float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """out = Σᵢ wᵢ·xᵢ, read once, accumulated in float32 (float64 for float64), rounded once to the dtype.
 
     Args:
@@ -88,9 +93,12 @@ def weighted_sum(xs: Sequence[torch.Tensor] | torch.Tensor, weights: Sequence[fl
     return _call("weighted_sum", xs, w, out)
 
 
-def weighted_average(xs: Sequence[torch.Tensor] | torch.Tensor,
-                     weights: Sequence[float] | torch.Tensor | float | None = None,
-                     *, out: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_average(
+    xs: Sequence[torch.Tensor] | torch.Tensor,
+    weights: Sequence[float] | torch.Tensor | float | None = None,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """out = Σᵢ wᵢ·xᵢ / Σⱼ wⱼ: :func:`weighted_sum` with normalised weights (None: the plain mean).
 
     Weights must have a non-zero sum. A model soup of N checkpoints is ``weighted_average(xs)``.

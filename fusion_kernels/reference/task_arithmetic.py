@@ -13,6 +13,6 @@ def task_arithmetic(base: torch.Tensor, xs: Sequence[torch.Tensor], weights: Seq
     acc_dtype = accumulation_dtype(base.dtype)
     b = base.to(acc_dtype)
     acc = b.clone()
-    for x, w in zip(xs, weights):
+    for x, w in zip(xs, weights, strict=True):
         acc.add_(x.to(acc_dtype) - b, alpha=w)
     return acc.to(base.dtype)

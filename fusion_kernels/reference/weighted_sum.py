@@ -14,6 +14,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def weighted_sum(xs: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     acc_dtype = accumulation_dtype(xs[0].dtype)
     acc = xs[0].to(acc_dtype) * weights[0]  # not zeros + ...: -0.0 must stay -0.0
-    for x, w in zip(xs[1:], weights[1:]):
+    for x, w in zip(xs[1:], weights[1:], strict=True):
         acc.add_(x.to(acc_dtype), alpha=w)
     return acc.to(xs[0].dtype)
