@@ -100,6 +100,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("active_isa", &fk::active_isa);
   m.def("set_isa", &fk::set_isa, py::arg("name"));
   m.def("max_threads", &fk::max_threads);
+  m.def(
+      "advise_hugepages",
+      [](uintptr_t ptr, int64_t nbytes) { return fk::advise_hugepages(reinterpret_cast<void*>(ptr), nbytes); },
+      py::arg("ptr"), py::arg("nbytes"));
 #ifdef _OPENMP
   m.attr("openmp") = _OPENMP;
 #else

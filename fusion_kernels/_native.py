@@ -17,6 +17,8 @@ from .errors import BackendError
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 ISA_ENV = "FUSION_KERNELS_CPU_ISA"
+HUGEPAGES_ENV = "FUSION_KERNELS_HUGEPAGES"
+HUGEPAGE_MIN_BYTES = 4 << 20
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -67,6 +69,14 @@ def lib() -> ModuleType:
 def threads() -> int:
     """Threads for one op: torch's setting, so ``torch.set_num_threads`` governs both."""
     return torch.get_num_threads()
+
+
+def advise_hugepages(t: torch.Tensor) -> None:
+    """Back a large, untouched CPU output with transparent huge pages (see runtime.cpp)."""
+    if t.device.type != "cpu" or t.nbytes < HUGEPAGE_MIN_BYTES or os.environ.get(HUGEPAGES_ENV) == "0":
+        return
+    if unavailable_reason() is None:
+        _module.advise_hugepages(t.data_ptr(), t.nbytes)
 
 
 def dtype_code(dtype: torch.dtype) -> int:

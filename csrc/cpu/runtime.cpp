@@ -7,6 +7,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 namespace fk {
 
@@ -66,6 +69,22 @@ int max_threads() {
   return omp_get_max_threads();
 #else
   return 1;
+#endif
+}
+
+bool advise_hugepages(void* ptr, int64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  // A freshly mmapped output faults in 4 KiB pages one at a time; on VMs that alone runs at a
+  // few GB/s. Huge pages cut the faults 512-fold. Only the 2 MiB-aligned interior is advised.
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + static_cast<uintptr_t>(nbytes)) & ~(kHuge - 1);
+  if (end <= begin) return false;
+  return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
+#else
+  (void)ptr;
+  (void)nbytes;
+  return false;
 #endif
 }
 

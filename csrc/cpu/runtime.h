@@ -21,4 +21,8 @@ const KernelTable& active_kernels();
 void parallel_run(RangeFn fn, const MergeArgs& a, int threads);
 int max_threads();
 
+// Asks the OS to back [ptr, ptr + nbytes) with transparent huge pages before it is first touched
+// (Linux madvise; a no-op elsewhere). Returns whether any range was advised.
+bool advise_hugepages(void* ptr, int64_t nbytes);
+
 }  // namespace fk

@@ -8,7 +8,7 @@ import torch
 from .. import _native, _validate
 from .. import reference as ref
 from ..errors import WeightError
-from ._engine import empty_like, run
+from ._engine import empty_like, fake_like, run
 
 OP = "fisher_merge"
 
@@ -42,7 +42,7 @@ def _fisher_merge(xs: list[torch.Tensor], fisher: list[torch.Tensor], weights: l
 
 @_fisher_merge.register_fake
 def _(xs, fisher, weights, eps):
-    return empty_like(xs[0])
+    return fake_like(xs[0])
 
 
 @torch.library.custom_op("fusion_kernels::fisher_merge_out", mutates_args=("out",))

@@ -6,7 +6,7 @@ import torch
 
 from .. import _native, _validate
 from .. import reference as ref
-from ._engine import empty_like, run
+from ._engine import empty_like, fake_like, run
 
 OP = "task_arithmetic"
 
@@ -39,7 +39,7 @@ def _task_arithmetic(base: torch.Tensor, xs: list[torch.Tensor], weights: list[f
 
 @_task_arithmetic.register_fake
 def _(base, xs, weights):
-    return empty_like(base)
+    return fake_like(base)
 
 
 def _setup_context(ctx, inputs, output):

@@ -6,7 +6,7 @@ import torch
 
 from .. import _native, _validate
 from .. import reference as ref
-from ._engine import empty_like, run
+from ._engine import empty_like, fake_like, run
 
 OP = "weighted_sum"
 
@@ -33,7 +33,7 @@ def _weighted_sum(xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
 
 @_weighted_sum.register_fake
 def _(xs, weights):
-    return empty_like(xs[0])
+    return fake_like(xs[0])
 
 
 def _setup_context(ctx, inputs, output):
