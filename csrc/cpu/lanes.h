@@ -8,44 +8,37 @@
 namespace fk {
 namespace {
 
-struct ScalarLane {
-  using R = float;
-  using Elem = float;
+// Arithmetic shared by the one-element lanes, in float (ScalarLane) or double (DoubleLane).
+template <class F>
+struct OneElementLane {
+  using R = F;
+  using Elem = F;
   static constexpr int width = 1;
+  static R set1(Elem x) { return x; }
+  static R zero() { return R(0); }
+  static R add(R a, R b) { return a + b; }
+  static R sub(R a, R b) { return a - b; }
+  static R mul(R a, R b) { return a * b; }
+  static R div(R a, R b) { return a / b; }
+  static R fma(R a, R b, R c) { return a * b + c; }
+  static R select_nonzero(R cond, R a, R b) { return cond != R(0) ? a : b; }
+};
+
+struct ScalarLane : OneElementLane<float> {
   static R load(const float* p) { return *p; }
   static R load(const f16* p) { return f16_to_float(p->bits); }
   static R load(const bf16* p) { return bf16_to_float(p->bits); }
   static void store(float* p, R v) { *p = v; }
   static void store(f16* p, R v) { p->bits = float_to_f16(v); }
   static void store(bf16* p, R v) { p->bits = float_to_bf16(v); }
-  static R set1(Elem x) { return x; }
-  static R zero() { return 0.f; }
-  static R add(R a, R b) { return a + b; }
-  static R sub(R a, R b) { return a - b; }
-  static R mul(R a, R b) { return a * b; }
-  static R div(R a, R b) { return a / b; }
 #ifdef __FMA__  // the tail of a vector loop must round exactly like its body
   static R fma(R a, R b, R c) { return __builtin_fmaf(a, b, c); }
-#else
-  static R fma(R a, R b, R c) { return a * b + c; }
 #endif
-  static R select_nonzero(R cond, R a, R b) { return cond != 0.f ? a : b; }
 };
 
-struct DoubleLane {
-  using R = double;
-  using Elem = double;
-  static constexpr int width = 1;
+struct DoubleLane : OneElementLane<double> {
   static R load(const double* p) { return *p; }
   static void store(double* p, R v) { *p = v; }
-  static R set1(Elem x) { return x; }
-  static R zero() { return 0.0; }
-  static R add(R a, R b) { return a + b; }
-  static R sub(R a, R b) { return a - b; }
-  static R mul(R a, R b) { return a * b; }
-  static R div(R a, R b) { return a / b; }
-  static R fma(R a, R b, R c) { return a * b + c; }
-  static R select_nonzero(R cond, R a, R b) { return cond != 0.0 ? a : b; }
 };
 
 template <class Elem> const Elem* weights(const MergeArgs& a);
