@@ -16,7 +16,19 @@ from .errors import (
     ShapeError,
     WeightError,
 )
-from .ops import fisher_merge, task_arithmetic, weighted_average, weighted_sum
+from .ops import (
+    breadcrumbs_merge,
+    dare_merge,
+    della_merge,
+    fisher_merge,
+    magnitude_prune,
+    magnitude_threshold,
+    sparse_merge,
+    task_arithmetic,
+    ties_merge,
+    weighted_average,
+    weighted_sum,
+)
 
 __version__ = "0.1.0"
 
@@ -31,8 +43,15 @@ __all__ = [
     "WeightError",
     "__version__",
     "available_backends",
+    "breadcrumbs_merge",
+    "dare_merge",
+    "della_merge",
     "fisher_merge",
+    "magnitude_prune",
+    "magnitude_threshold",
+    "sparse_merge",
     "task_arithmetic",
+    "ties_merge",
     "use_backend",
     "weighted_average",
     "weighted_sum",

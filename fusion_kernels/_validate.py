@@ -135,3 +135,30 @@ def check_out(op: str, out: object, ref: torch.Tensor, ref_name: str, inputs: di
                 "same tensor as an input, or disjoint from it"
             )
     return out
+
+
+def per_model(op: str, name: str, value: object, n: int, lo: float, hi: float) -> list[float]:
+    """One float in [lo, hi] per model, from a float (broadcast) or a sequence of n."""
+    values = weight_list(op, name, value, n, default=hi)
+    for i, v in enumerate(values):
+        if not lo <= v <= hi:
+            raise WeightError(f"{op}: argument '{name}[{i}]' expected a value in [{lo}, {hi}], got {v}")
+    return values
+
+
+def choice(op: str, name: str, value: object, allowed: tuple) -> object:
+    if value not in allowed:
+        raise ArgumentTypeError(f"{op}: argument '{name}' expected one of {allowed}, got {value!r}")
+    return value
+
+
+def finite_float(op: str, name: str, value: object) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise WeightError(f"{op}: argument '{name}' expected a finite float, got {value!r}")
+    return float(value)
+
+
+def seed(op: str, value: object) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not 0 <= value < 2**63:
+        raise ArgumentTypeError(f"{op}: argument 'seed' expected an int in [0, 2**63), got {value!r}")
+    return int(value)

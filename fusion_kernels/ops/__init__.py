@@ -1,7 +1,21 @@
 """Public ops: validation at the boundary, a custom_op per op, dispatch to a backend."""
 
 from .fisher_merge import fisher_merge
+from .magnitude_prune import magnitude_prune, magnitude_threshold
+from .sparse_merge import breadcrumbs_merge, dare_merge, della_merge, sparse_merge, ties_merge
 from .task_arithmetic import task_arithmetic
 from .weighted_sum import weighted_average, weighted_sum
 
-__all__ = ["fisher_merge", "task_arithmetic", "weighted_average", "weighted_sum"]
+__all__ = [
+    "breadcrumbs_merge",
+    "dare_merge",
+    "della_merge",
+    "fisher_merge",
+    "magnitude_prune",
+    "magnitude_threshold",
+    "sparse_merge",
+    "task_arithmetic",
+    "ties_merge",
+    "weighted_average",
+    "weighted_sum",
+]

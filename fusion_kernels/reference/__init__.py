@@ -4,7 +4,19 @@ They take already-validated arguments (weights as Python floats) and import only
 """
 
 from .fisher_merge import fisher_merge
+from .magnitude_prune import magnitude_prune, magnitude_threshold, top_k_mask
+from .random_mask import random_keep_mask
+from .sparse_merge import sparse_merge
 from .task_arithmetic import task_arithmetic
 from .weighted_sum import weighted_sum
 
-__all__ = ["fisher_merge", "task_arithmetic", "weighted_sum"]
+__all__ = [
+    "fisher_merge",
+    "magnitude_prune",
+    "magnitude_threshold",
+    "random_keep_mask",
+    "sparse_merge",
+    "task_arithmetic",
+    "top_k_mask",
+    "weighted_sum",
+]
