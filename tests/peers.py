@@ -1,0 +1,35 @@
+"""Load the peer libraries' merge code for parity tests, or skip with the install command.
+
+Both are installed with ``--no-deps`` (their pins would pull another torch). PEFT's ``merge_utils``
+needs only torch, so it is loaded from its file without running ``peft/__init__`` (which imports
+transformers); mergekit's merge methods import only torch and pydantic.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+PEFT_VERSION, MERGEKIT_VERSION = "0.21.2", "0.1.5"
+INSTALL = f"pip install --no-deps peft=={PEFT_VERSION} mergekit=={MERGEKIT_VERSION}"
+
+
+def peft_merge_utils():
+    spec = importlib.util.find_spec("peft")
+    if spec is None:
+        pytest.skip(f"peft is not installed: {INSTALL}")
+    path = Path(spec.submodule_search_locations[0]) / "utils" / "merge_utils.py"
+    module_spec = importlib.util.spec_from_file_location("_peft_merge_utils", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def mergekit_gta():
+    if importlib.util.find_spec("mergekit") is None:
+        pytest.skip(f"mergekit is not installed: {INSTALL}")
+    from mergekit.merge_methods import generalized_task_arithmetic as gta
+    from mergekit.merge_methods.base import TensorGroup
+    from mergekit.sparsify import SparsificationMethod
+
+    return gta, TensorGroup, SparsificationMethod
