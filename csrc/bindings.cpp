@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/runtime.h"
+#include "cpu/sparse.h"
 
 namespace py = pybind11;
 
@@ -75,6 +76,79 @@ void fisher_merge(uintptr_t out, const Ptrs& xs, const Ptrs& fs, const std::vect
   parallel_run(active_kernels().fisher_merge[dtype], h.args, threads);
 }
 
+TaskSource task_source(uintptr_t base, const Ptrs& xs, int dtype, int64_t numel) {
+  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
+    throw std::invalid_argument("sparse kernels take float32, float16 or bfloat16, got dtype code " +
+                                std::to_string(dtype));
+  if (xs.empty()) throw std::invalid_argument("need at least one input");
+  TaskSource s;
+  s.dtype = dtype;
+  s.numel = numel;
+  s.base = reinterpret_cast<const void*>(base);
+  for (auto p : xs) s.xs.push_back(reinterpret_cast<const void*>(p));
+  return s;
+}
+
+// One KeepRule per model from parallel lists (see fusion_kernels/ops/sparse_merge.py).
+std::vector<KeepRule> keep_rules(const std::vector<int>& modes, const std::vector<int64_t>& topk,
+                                 const std::vector<uint32_t>& hash, const Ptrs& masks) {
+  const size_t n = modes.size();
+  if (topk.size() != 4 * n || hash.size() != 3 * n || masks.size() != n)
+    throw std::invalid_argument("keep rule lists have inconsistent lengths");
+  std::vector<KeepRule> rules(n);
+  for (size_t i = 0; i < n; ++i) {
+    rules[i].mode = modes[i];
+    rules[i].hi = TopK{topk[4 * i], topk[4 * i + 1]};
+    rules[i].lo = TopK{topk[4 * i + 2], topk[4 * i + 3]};
+    rules[i].s1 = hash[3 * i];
+    rules[i].s2 = hash[3 * i + 1];
+    rules[i].p24 = hash[3 * i + 2];
+    rules[i].mask = reinterpret_cast<const uint8_t*>(masks[i]);
+  }
+  return rules;
+}
+
+std::vector<int64_t> magnitude_select_flat(uintptr_t base, const Ptrs& xs, int dtype, int64_t numel,
+                                           const std::vector<int>& models, const std::vector<int64_t>& ks,
+                                           int threads) {
+  const TaskSource s = task_source(base, xs, dtype, numel);
+  if (models.size() != ks.size()) throw std::invalid_argument("one k per query is required");
+  for (int m : models)
+    if (m < 0 || m >= static_cast<int>(xs.size())) throw std::invalid_argument("query model out of range");
+  std::vector<int64_t> flat;
+  for (const TopK& r : magnitude_select(s, models, ks, threads)) {
+    flat.push_back(r.t);
+    flat.push_back(r.cut);
+  }
+  return flat;
+}
+
+void sparse_merge_flat(uintptr_t out, uintptr_t base, const Ptrs& xs, int dtype, int64_t numel,
+                       const std::vector<int>& modes, const std::vector<int64_t>& topk,
+                       const std::vector<uint32_t>& hash, const Ptrs& masks, const std::vector<double>& weights,
+                       const std::vector<double>& scales, bool divide, int consensus, bool elect_weighted, int combine,
+                       double weight_total, double lam, int threads) {
+  const TaskSource s = task_source(base, xs, dtype, numel);
+  if (weights.size() != xs.size() || scales.size() != xs.size() || modes.size() != xs.size())
+    throw std::invalid_argument("one weight, scale and keep rule per input is required");
+  SparseMergeOptions o;
+  o.weights.assign(weights.begin(), weights.end());
+  o.scales.assign(scales.begin(), scales.end());
+  o.divide = divide;
+  o.consensus = consensus;
+  o.elect_weighted = elect_weighted;
+  o.combine = combine;
+  o.weight_total = static_cast<float>(weight_total);
+  o.lam = static_cast<float>(lam);
+  sparse_merge(reinterpret_cast<void*>(out), s, keep_rules(modes, topk, hash, masks), o, threads);
+}
+
+std::vector<double> kept_l1_norms_flat(uintptr_t base, const Ptrs& xs, int dtype, int64_t numel,
+                                       const std::vector<int>& modes, const std::vector<int64_t>& topk,
+                                       const std::vector<uint32_t>& hash, const Ptrs& masks, int threads) {
+  return kept_l1_norms(task_source(base, xs, dtype, numel), keep_rules(modes, topk, hash, masks), threads);
+}
+
 }  // namespace
 }  // namespace fk
 
@@ -87,6 +161,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
   m.def("fisher_merge", &fk::fisher_merge, py::arg("out"), py::arg("xs"), py::arg("fisher"), py::arg("weights"),
         py::arg("eps"), py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
+  m.def("magnitude_select", &fk::magnitude_select_flat, py::arg("base"), py::arg("xs"), py::arg("dtype"),
+        py::arg("numel"), py::arg("models"), py::arg("ks"), py::arg("threads"), nogil);
+  m.def("kept_l1_norms", &fk::kept_l1_norms_flat, py::arg("base"), py::arg("xs"), py::arg("dtype"), py::arg("numel"),
+        py::arg("modes"), py::arg("topk"), py::arg("hash"), py::arg("masks"), py::arg("threads"), nogil);
+  m.def("sparse_merge", &fk::sparse_merge_flat, py::arg("out"), py::arg("base"), py::arg("xs"), py::arg("dtype"),
+        py::arg("numel"), py::arg("modes"), py::arg("topk"), py::arg("hash"), py::arg("masks"), py::arg("weights"),
+        py::arg("scales"), py::arg("divide"), py::arg("consensus"), py::arg("elect_weighted"), py::arg("combine"),
+        py::arg("weight_total"), py::arg("lam"), py::arg("threads"), nogil);
   m.def("cpu_features", [] {
     const fk::CpuFeatures f = fk::cpu_features();
     py::dict d;

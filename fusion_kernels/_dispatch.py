@@ -71,8 +71,10 @@ def requested_backend() -> tuple[str | None, str]:
 
 
 def decline_reason(
-    backend: str, op: str, impls: dict[str, Callable], device: torch.device, dtype: torch.dtype
+    backend: str, op: str, impls: dict[str, Callable], device: torch.device, dtype: torch.dtype, args: tuple = ()
 ) -> str | None:
+    """Why ``backend`` cannot run ``op`` on these tensors (None if it can). An implementation may
+    carry a ``declines(*args)`` function for limits that depend on the call's options."""
     b = BACKENDS[backend]
     if backend not in impls:
         return f"does not implement {op}"
@@ -80,21 +82,23 @@ def decline_reason(
         return f"runs on {'/'.join(b.device_types)} tensors, got {device.type}"
     if dtype not in b.dtypes:
         return f"does not support dtype {dtype}"
-    return b.unavailable_reason()
+    reason = b.unavailable_reason()
+    declines = getattr(impls[backend], "declines", None)
+    return reason if reason is not None or declines is None else declines(*args)
 
 
-def select(op: str, impls: dict[str, Callable], device: torch.device, dtype: torch.dtype) -> Callable:
-    """The implementation of ``op`` to run on tensors of ``device`` and ``dtype``."""
+def select(op: str, impls: dict[str, Callable], device: torch.device, dtype: torch.dtype, args: tuple = ()) -> Callable:
+    """The implementation of ``op`` to run on tensors of ``device`` and ``dtype`` with ``args``."""
     name, source = requested_backend()
     if name is not None:
-        reason = decline_reason(name, op, impls, device, dtype)
+        reason = decline_reason(name, op, impls, device, dtype, args)
         if reason is not None:
             raise BackendError(f"{op}: backend {name!r} was requested ({source}) but cannot run it: {reason}")
         return impls[name]
     candidates = ORDER.get(device.type, ("torch",))
     reasons = []
     for candidate in candidates:
-        reason = decline_reason(candidate, op, impls, device, dtype)
+        reason = decline_reason(candidate, op, impls, device, dtype, args)
         if reason is None:
             return impls[candidate]
         reasons.append(f"{candidate}: {reason}")

@@ -30,8 +30,7 @@ def test_peft_ties(backend, method, consensus, density):
     peft = peft_merge_utils()
     ts, w = tasks(), [0.7, 1.3, -0.4]
     expected = peft.ties(ts, torch.tensor(w), density, majority_sign_method=method)
-    got = fk.ties_merge(None, ts, w, density=density, consensus=consensus, elect_on="unweighted",
-                        combine="mean_count")
+    got = fk.ties_merge(None, ts, w, density=density, consensus=consensus, elect_on="unweighted", combine="mean_count")
     assert_close(got, expected)
 
 
@@ -49,11 +48,20 @@ def test_peft_dare_with_its_own_masks(backend, consensus):
     peft = peft_merge_utils()
     ts, w, density = tasks(), [0.6, 0.9, 1.1], 0.4
     torch.manual_seed(11)
-    expected = (peft.dare_ties(ts, torch.tensor(w), density) if consensus else
-                peft.dare_linear(ts, torch.tensor(w), density))
+    expected = (
+        peft.dare_ties(ts, torch.tensor(w), density) if consensus else peft.dare_linear(ts, torch.tensor(w), density)
+    )
     masks = bernoulli_masks(ts, density, 11)
-    got = fk.dare_merge(None, ts, w, density=density, consensus=consensus, elect_on="unweighted",
-                        combine="mean_count" if consensus else "sum", masks=masks)
+    got = fk.dare_merge(
+        None,
+        ts,
+        w,
+        density=density,
+        consensus=consensus,
+        elect_on="unweighted",
+        combine="mean_count" if consensus else "sum",
+        masks=masks,
+    )
     assert_close(got, expected)
 
 
@@ -77,11 +85,22 @@ def mergekit_merge(method_name, base, xs, weights, density, rescale, normalize, 
     consensus, sparsification = presets[method_name]
     method = gta.GeneralizedTaskArithmeticMerge(
         consensus_method=gta.ConsensusMethod(consensus) if consensus else None,
-        sparsification_method=sparsification, default_normalize=normalize, default_rescale=rescale,
-        method_name=method_name, method_pretty_name=None, method_reference_url=None)
+        sparsification_method=sparsification,
+        default_normalize=normalize,
+        default_rescale=rescale,
+        method_name=method_name,
+        method_pretty_name=None,
+        method_reference_url=None,
+    )
     group = TensorGroup.from_tensors([base, *xs], base_index=0)
-    params = {"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": lam,
-              "weight": {i + 1: w for i, w in enumerate(weights)}, "density": {i + 1: density for i in range(len(xs))}}
+    params = {
+        "int8_mask": False,
+        "normalize": normalize,
+        "rescale": rescale,
+        "lambda": lam,
+        "weight": {i + 1: w for i, w in enumerate(weights)},
+        "density": {i + 1: density for i in range(len(xs))},
+    }
     if gamma is not None:
         params["gamma"] = {i + 1: gamma for i in range(len(xs))}
     return method.merge_group(group, **params)
@@ -105,8 +124,9 @@ def test_mergekit_dare_with_its_own_masks(backend, method, consensus, rescale):
     torch.manual_seed(3)
     expected = mergekit_merge(method, base, xs, w, density, rescale=rescale, normalize=False)
     masks = bernoulli_masks([x - base for x in xs], density, 3)
-    got = fk.dare_merge(base, xs, w, density=density, consensus=consensus, rescale="l1" if rescale else None,
-                        masks=masks)
+    got = fk.dare_merge(
+        base, xs, w, density=density, consensus=consensus, rescale="l1" if rescale else None, masks=masks
+    )
     assert_close(got, expected)
 
 

@@ -88,27 +88,16 @@ bool advise_hugepages(void* ptr, int64_t nbytes) {
 #endif
 }
 
-void parallel_run(RangeFn fn, const MergeArgs& a, int threads) {
+int plan_threads(int64_t n, int threads) {
   // Below this many elements per thread, waking threads costs more than it saves.
   constexpr int64_t kMinPerThread = int64_t(1) << 16;
-  const int64_t n = a.numel;
-  const int64_t t = std::max<int64_t>(1, std::min<int64_t>(threads, n / kMinPerThread));
-  if (t <= 1) {
-    fn(a, 0, n);
-    return;
-  }
-#ifdef _OPENMP
-#pragma omp parallel num_threads(static_cast<int>(t))
-  {
-    const int64_t nt = omp_get_num_threads(), id = omp_get_thread_num();
-    // Pieces are multiples of 64 elements so threads never share a cache line of output.
-    const int64_t per = ((n + nt - 1) / nt + 63) / 64 * 64;
-    const int64_t begin = std::min(n, id * per), end = std::min(n, begin + per);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, n / kMinPerThread)));
+}
+
+void parallel_run(RangeFn fn, const MergeArgs& a, int threads) {
+  parallel_pieces(a.numel, plan_threads(a.numel, threads), [&](int, int64_t begin, int64_t end) {
     if (begin < end) fn(a, begin, end);
-  }
-#else
-  fn(a, 0, n);
-#endif
+  });
 }
 
 }  // namespace fk

@@ -1,5 +1,7 @@
 // CPU feature detection, ISA choice and the OpenMP driver shared by every op.
 #pragma once
+#include <algorithm>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -16,6 +18,27 @@ std::vector<std::string> supported_isas();  // best first; "portable" always las
 std::string active_isa();
 void set_isa(const std::string& name);      // throws std::invalid_argument if unsupported
 const KernelTable& active_kernels();
+
+// Threads worth using for n elements (1 below kMinPerThread elements per thread).
+int plan_threads(int64_t n, int threads);
+
+// Runs f(thread_id, begin, end) on `t` contiguous pieces of [0, n), each a multiple of 64 elements
+// except the last. With t == 1, runs f(0, 0, n) on the calling thread.
+template <class F>
+void parallel_pieces(int64_t n, int t, F&& f) {
+  if (t <= 1) {
+    f(0, int64_t(0), n);
+    return;
+  }
+  const int64_t per = ((n + t - 1) / t + 63) / 64 * 64;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(t) schedule(static, 1)
+#endif
+  for (int id = 0; id < t; ++id) {
+    const int64_t begin = std::min(n, id * per), end = std::min(n, begin + per);
+    f(id, begin, end);
+  }
+}
 
 // Splits [0, a.numel) into one contiguous piece per thread and runs fn on each.
 void parallel_run(RangeFn fn, const MergeArgs& a, int threads);

@@ -21,7 +21,7 @@ def _contiguous(arg):
 
 def run(op: str, impls: dict[str, Callable], out: torch.Tensor, *args) -> None:
     """Run ``impls[backend](target, *args)`` where ``target`` is ``out`` or a contiguous stand-in for it."""
-    impl = select(op, impls, out.device, out.dtype)
+    impl = select(op, impls, out.device, out.dtype, args)
     args = tuple(_contiguous(a) for a in args)
     target = out if out.is_contiguous() else empty_like(out)
     impl(target, *args)

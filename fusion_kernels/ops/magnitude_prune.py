@@ -2,7 +2,7 @@
 
 import torch
 
-from .. import _validate
+from .. import _sparse_native, _validate
 from .. import reference as ref
 from ..errors import WeightError
 from ._engine import empty_like, fake_like, run
@@ -14,7 +14,28 @@ def _torch_prune(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
     out.copy_(ref.magnitude_prune(x, k))
 
 
-IMPLS = {"torch": _torch_prune}
+def _cpu_prune(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
+    _sparse_native.sparse_merge(
+        out, None, [x], [1.0], "magnitude", None, None, "weighted", "sum", [1.0], [0.0], 1.0, 0, [], ks=[k]
+    )
+
+
+def _cpu_declines(x, k):
+    return _sparse_native.sparse_declines([x], "magnitude")
+
+
+def _torch_threshold(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
+    out.copy_(ref.magnitude_threshold(x, k))
+
+
+def _cpu_threshold(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
+    out.copy_(_sparse_native.threshold_value(x, k))
+
+
+_cpu_prune.declines = _cpu_threshold.declines = _cpu_declines
+
+IMPLS = {"torch": _torch_prune, "cpu": _cpu_prune}
+THRESHOLD_IMPLS = {"torch": _torch_threshold, "cpu": _cpu_threshold}
 
 
 @torch.library.custom_op("fusion_kernels::magnitude_prune", mutates_args=())
@@ -27,6 +48,18 @@ def _magnitude_prune(x: torch.Tensor, k: int) -> torch.Tensor:
 @_magnitude_prune.register_fake
 def _(x, k):
     return fake_like(x)
+
+
+@torch.library.custom_op("fusion_kernels::magnitude_threshold", mutates_args=())
+def _magnitude_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
+    out = torch.empty((), dtype=x.dtype, device=x.device)
+    run("magnitude_threshold", THRESHOLD_IMPLS, out, x, k)
+    return out
+
+
+@_magnitude_threshold.register_fake
+def _(x, k):
+    return x.new_empty(())
 
 
 def _k(op: str, x: torch.Tensor, density: float | None, k: int | None) -> int:
@@ -62,4 +95,4 @@ def magnitude_threshold(x: torch.Tensor, density: float | None = None, *, k: int
     k = _k("magnitude_threshold", x, density, k)
     if k < 1:
         raise WeightError(f"magnitude_threshold: needs k >= 1 (a non-empty x and density >= 1/numel), got k={k}")
-    return ref.magnitude_threshold(x, k)
+    return _magnitude_threshold(x, k)

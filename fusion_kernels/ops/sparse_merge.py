@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _validate
+from .. import _sparse_native, _validate
 from .. import reference as ref
 from ..errors import ShapeError, WeightError
 from ._engine import empty_like, fake_like, run
@@ -42,7 +42,29 @@ def _torch_impl(out, base, xs, weights, sparsify, rescale, consensus, elect_on, 
     )
 
 
-IMPLS = {"torch": _torch_impl}
+def _cpu_impl(out, base, xs, weights, sparsify, rescale, consensus, elect_on, combine, floats, seed, masks):
+    n = len(xs)
+    _sparse_native.sparse_merge(
+        out,
+        base,
+        xs,
+        weights,
+        sparsify or None,
+        rescale or None,
+        consensus or None,
+        elect_on,
+        combine,
+        floats[:n],
+        floats[n : 2 * n],
+        floats[3 * n],
+        seed,
+        masks,
+    )
+
+
+_cpu_impl.declines = lambda base, xs, weights, sparsify, *rest: _sparse_native.sparse_declines(xs, sparsify)
+
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
 
 
 # Schema limits: "" stands for None in the string options and [] for no masks;
