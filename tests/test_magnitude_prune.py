@@ -1,0 +1,98 @@
+"""magnitude_prune / magnitude_threshold: exact top-k with the tie rule, every backend."""
+
+import pytest
+import torch
+from helpers import randn
+
+import fusion_kernels as fk
+from fusion_kernels import reference as ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_IDS = ["float32", "float16", "bfloat16"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(1,), (7,), (4099,), (3, 17, 5), (300, 301)], ids=str)
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.1, 0.5, 0.999, 1.0])
+def test_prune_matches_reference_exactly(backend, dtype, shape, density):
+    x = randn(shape, dtype, seed=sum(shape))
+    k = int(density * x.numel())
+    got = fk.magnitude_prune(x, density)
+    assert torch.equal(got, ref.magnitude_prune(x, k))
+    assert int((got != 0).sum()) == k
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_ties_keep_lowest_index_first(backend, dtype):
+    # 1000 copies of 0.5 and 10 larger values: the cut-off falls inside the run of equal values.
+    x = torch.full((5000,), 0.5, dtype=dtype)
+    x[::7] = 0.25
+    x[[3, 999, 4000]] = torch.tensor([2.0, -3.0, 4.0], dtype=dtype)
+    for k in (1, 3, 4, 17, 1000, 4283, 4284, 4285, 5000):
+        got = fk.magnitude_prune(x, k=k)
+        expected = ref.magnitude_prune(x, k)
+        assert torch.equal(got, expected), k
+    kept = fk.magnitude_prune(x, k=20) != 0
+    assert kept[[3, 999, 4000]].all() and int(kept.sum()) == 20
+    # the 17 other survivors are the first 0.5s: indices that are not multiples of 7 (those hold 0.25)
+    survivors = [j for j in range(21) if j % 7 and j != 3][:17]
+    assert kept.nonzero().flatten().tolist() == sorted([*survivors, 3, 999, 4000])
+
+
+def test_zeros_nan_and_inf(backend):
+    x = torch.tensor([0.0, float("nan"), -float("inf"), 1.0, -0.0, 2.0, 0.0])
+    assert torch.equal(fk.magnitude_prune(x, k=1).isnan(), x.isnan())
+    got = fk.magnitude_prune(x, k=2)
+    assert got.isnan()[1] and got[2] == -float("inf") and int((got[~got.isnan()] != 0).sum()) == 1
+    assert torch.equal(fk.magnitude_prune(x, k=6) != 0, torch.tensor([False, True, True, True, False, True, False]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("k", [1, 2, 100, 999, 1000])
+def test_threshold_matches_sorting(backend, dtype, k):
+    x = randn((1000,), dtype, seed=k)
+    expected = x.abs().float().sort(descending=True).values[k - 1].to(dtype)
+    assert torch.equal(fk.magnitude_threshold(x, k=k), expected)
+
+
+def test_large_tensor_threads_do_not_change_result():
+    x = randn((1 << 20,), torch.float32, seed=1).round(decimals=2)  # many ties
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(fk.magnitude_prune(x, 0.3))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    assert torch.equal(results[0], ref.magnitude_prune(x, int(0.3 * x.numel())))
+
+
+@pytest.mark.parametrize(
+    "call, error, argument",
+    [
+        (lambda x: fk.magnitude_prune(x, 1.5), fk.WeightError, "'density[0]'"),
+        (lambda x: fk.magnitude_prune(x, -0.1), fk.WeightError, "'density[0]'"),
+        (lambda x: fk.magnitude_prune(x), fk.WeightError, "'density' and 'k'"),
+        (lambda x: fk.magnitude_prune(x, 0.5, k=3), fk.WeightError, "'density' and 'k'"),
+        (lambda x: fk.magnitude_prune(x, k=11), fk.WeightError, "'k'"),
+        (lambda x: fk.magnitude_prune(x.int(), 0.5), fk.DTypeError, "'x'"),
+        (lambda x: fk.magnitude_prune([1.0], 0.5), fk.ArgumentTypeError, "'x'"),
+        (lambda x: fk.magnitude_threshold(x, k=0), fk.WeightError, "k >= 1"),
+    ],
+    ids=["density>1", "density<0", "neither", "both", "k>n", "int", "list", "threshold-k0"],
+)
+def test_bad_input(call, error, argument):
+    x = torch.randn(10)
+    before = x.clone()
+    with pytest.raises(error) as info:
+        call(x)
+    assert argument in str(info.value)
+    assert torch.equal(x, before)
+
+
+def test_opcheck():
+    x = torch.randn(33, 7)
+    torch.library.opcheck(torch.ops.fusion_kernels.magnitude_prune.default, (x, 50))
+    torch.library.opcheck(torch.ops.fusion_kernels.magnitude_threshold.default, (x, 50))

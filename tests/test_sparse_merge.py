@@ -1,0 +1,208 @@
+"""sparse_merge and its presets: every backend against the reference over the option matrix,
+exact counter-based masks, and bad input."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from helpers import assert_close, inputs, randn
+
+import fusion_kernels as fk
+from fusion_kernels import reference as ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DT_IDS = ["float32", "float16", "bfloat16"]
+SPARSIFY = [None, "magnitude", "random", "magnitude_outliers", "della"]
+CONSENSUS = [None, "sum", "count"]
+COMBINE = ["sum", "mean_count", "mean_weight"]
+RESCALE = [None, "inverse_density", "l1"]
+
+
+def reference(base, xs, w, **kw):
+    n = len(xs)
+    per_model = {"density": ("densities", 1.0), "gamma": ("gammas", 0.01), "epsilon": ("epsilons", 0.15)}
+    lists = {}
+    for key, (plural, default) in per_model.items():
+        value = kw.pop(key, default)
+        lists[plural] = list(value) if isinstance(value, list) else [value] * n
+    opts = {
+        "sparsify": "magnitude",
+        "rescale": None,
+        "consensus": "sum",
+        "elect_on": "weighted",
+        "combine": "mean_weight",
+        "lam": 1.0,
+        "seed": 0,
+        **kw,
+    }
+    return ref.sparse_merge(base, xs, w, **lists, **opts)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("with_base", [True, False], ids=["base", "no-base"])
+@pytest.mark.parametrize("sparsify, consensus, combine", list(itertools.product(SPARSIFY, CONSENSUS, COMBINE)))
+def test_option_matrix_matches_reference(backend, dtype, with_base, sparsify, consensus, combine):
+    if sparsify == "della" and backend == "cpu":
+        pytest.skip("della has no C++ kernel yet; automatic dispatch runs it on torch (tested below)")
+    base, *xs = inputs(4, (33, 65), dtype, seed=hash((sparsify, consensus, combine)) % 1000)
+    base = base if with_base else None
+    w = [0.6, -0.3, 1.2]
+    rescale = RESCALE[(SPARSIFY.index(sparsify) + COMBINE.index(combine)) % 3]
+    elect_on = "unweighted" if consensus == "count" else "weighted"
+    kw = dict(
+        sparsify=sparsify,
+        density=0.4,
+        gamma=0.1,
+        epsilon=0.2,
+        rescale=rescale,
+        consensus=consensus,
+        elect_on=elect_on,
+        combine=combine,
+        lam=0.9,
+        seed=7,
+    )
+    assert_close(fk.sparse_merge(base, xs, w, **kw), reference(base, xs, w, **kw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("n", range(1, 9))
+def test_ties_and_dare_for_1_to_8_models(backend, dtype, n):
+    base, *xs = inputs(n + 1, (1031,), dtype, seed=n)
+    w = [0.5 + 0.1 * i for i in range(n)]
+    assert_close(fk.ties_merge(base, xs, w, density=0.3), reference(base, xs, w, density=0.3))
+    assert_close(
+        fk.dare_merge(base, xs, w, density=0.3, seed=n, consensus="sum"),
+        reference(base, xs, w, sparsify="random", density=0.3, seed=n, rescale="inverse_density", combine="sum"),
+    )
+
+
+@pytest.mark.parametrize("density", [0.0, 1.0 / 997, 0.5, 1.0])
+def test_density_edges_and_per_model_density(backend, density):
+    base, *xs = inputs(3, (997,), torch.float32, seed=3)
+    assert_close(fk.ties_merge(base, xs, density=density), reference(base, xs, [1.0, 1.0], density=density))
+    assert_close(
+        fk.ties_merge(base, xs, density=[density, 0.25]), reference(base, xs, [1.0, 1.0], density=[density, 0.25])
+    )
+
+
+def test_dare_mask_is_the_counter_hash(backend):
+    (x,) = inputs(1, (300_007,), torch.float32)
+    got = fk.dare_merge(None, [x], density=0.3, seed=123)  # rescale: 1/density
+    assert torch.equal(got != 0, ref.random_keep_mask(x.shape, 0.3, seed=123, model=0))
+    rate = float((got != 0).double().mean())
+    sd = math.sqrt(0.3 * 0.7 / x.numel())
+    assert abs(rate - 0.3) < 5 * sd, rate
+    kept = got != 0
+    assert torch.equal(got[kept], (x[kept] / 0.3)), "kept values are rescaled by 1/density"
+
+
+def test_dare_masks_do_not_depend_on_threads():
+    base, *xs = inputs(3, (400_001,), torch.bfloat16)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(fk.dare_merge(base, xs, density=0.2, seed=5, consensus="sum", rescale="l1"))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+def test_explicit_masks(backend):
+    base, *xs = inputs(3, (50, 20), torch.float32)
+    masks = [torch.rand(50, 20) < 0.5 for _ in xs]
+    got = fk.dare_merge(base, xs, density=0.5, masks=masks)
+    expected = base + sum(torch.where(m, (x - base) / 0.5, 0.0) for m, x in zip(masks, xs, strict=True))
+    assert_close(got, expected)
+
+
+def test_hand_worked_ties(backend):
+    base = torch.zeros(4)
+    xs = [torch.tensor([1.0, -2.0, 3.0, 0.1]), torch.tensor([-1.0, -1.0, 2.0, -0.2])]
+    # density 0.75 keeps 3 of 4 per model: model 0 drops 0.1, model 1 drops -0.2
+    got = fk.ties_merge(base, xs, density=0.75, elect_on="unweighted", combine="mean_count")
+    # elem0: 1 vs -1 -> sum 0 -> elected +: only 1 agrees -> 1; elem1: -2, -1 -> -1.5; elem2: 2.5; elem3: 0
+    assert_close(got, torch.tensor([1.0, -1.5, 2.5, 0.0]))
+    # ties at the threshold: [2, 1, 1, 1] at density 0.5 keeps 2 and the first 1
+    tied = fk.ties_merge(None, [torch.tensor([2.0, 1.0, 1.0, 1.0])], density=0.5)
+    assert torch.equal(tied, torch.tensor([2.0, 1.0, 0.0, 0.0]))
+
+
+def test_della_falls_back_to_torch_automatically_and_cpu_declines_by_name():
+    base, *xs = inputs(3, (10, 10), torch.float32)
+    fk.della_merge(base, xs, density=0.5, epsilon=0.1)  # automatic: torch runs it
+    if "cpu" in fk.available_backends():
+        with fk.use_backend("cpu"), pytest.raises(fk.BackendError, match="della"):
+            fk.della_merge(base, xs, density=0.5, epsilon=0.1)
+
+
+@pytest.mark.parametrize("op_name", ["sparse_merge", "sparse_merge_out"])
+def test_opcheck(op_name):
+    base, *xs = inputs(3, (6, 7), torch.float32)
+    args = (
+        base,
+        xs,
+        [1.0, 0.5],
+        "magnitude",
+        "",
+        "sum",
+        "weighted",
+        "mean_weight",
+        [0.5, 0.5, 0.0, 0.0, 0.1, 0.1, 1.0],
+        0,
+        [],
+    )
+    args += (torch.zeros(6, 7),) if op_name.endswith("_out") else ()
+    torch.library.opcheck(getattr(torch.ops.fusion_kernels, op_name).default, args)
+
+
+X = [randn((4, 5), torch.float32, seed=i) for i in range(3)]
+
+
+@pytest.mark.parametrize(
+    "call, error, argument",
+    [
+        (lambda o: fk.sparse_merge(X[0], X[1:], sparsify="topk", out=o), fk.ArgumentTypeError, "'sparsify'"),
+        (lambda o: fk.sparse_merge(X[0], X[1:], consensus="vote", out=o), fk.ArgumentTypeError, "'consensus'"),
+        (lambda o: fk.sparse_merge(X[0], X[1:], combine="avg", out=o), fk.ArgumentTypeError, "'combine'"),
+        (lambda o: fk.ties_merge(X[0], X[1:], density=1.5, out=o), fk.WeightError, "'density[0]'"),
+        (lambda o: fk.ties_merge(X[0], X[1:], density=[0.5], out=o), fk.WeightError, "'density'"),
+        (lambda o: fk.della_merge(X[0], X[1:], density=0.1, epsilon=0.2, out=o), fk.WeightError, "'epsilon[0]'"),
+        (lambda o: fk.dare_merge(X[0], X[1:], density=0.0, out=o), fk.WeightError, "'density'"),
+        (lambda o: fk.dare_merge(X[0], X[1:], density=0.5, seed=-1, out=o), fk.ArgumentTypeError, "'seed'"),
+        (lambda o: fk.ties_merge(X[0], X[1:], density=0.5, lam=float("nan"), out=o), fk.WeightError, "'lam'"),
+        (lambda o: fk.ties_merge(X[0].half(), X[1:], density=0.5, out=o), fk.DTypeError, "'xs[0]'"),
+        (
+            lambda o: fk.dare_merge(X[0], X[1:], density=0.5, masks=[torch.ones(4, 5)] * 2, out=o),
+            fk.ShapeError,
+            "'masks[0]'",
+        ),
+        (
+            lambda o: fk.dare_merge(X[0], X[1:], density=0.5, masks=[torch.ones(4, 5, dtype=torch.bool)], out=o),
+            fk.ShapeError,
+            "'masks'",
+        ),
+    ],
+    ids=[
+        "sparsify",
+        "consensus",
+        "combine",
+        "density>1",
+        "density-count",
+        "della-eps",
+        "dare-d0",
+        "seed",
+        "lam-nan",
+        "dtype",
+        "mask-dtype",
+        "mask-count",
+    ],
+)
+def test_bad_input_raises_before_writing(call, error, argument):
+    out = torch.full((4, 5), 7.0)
+    with pytest.raises(error) as info:
+        call(out)
+    assert argument in str(info.value), str(info.value)
+    assert torch.all(out == 7.0)
