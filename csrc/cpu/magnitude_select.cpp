@@ -29,16 +29,19 @@ void refine(const TaskSource& s, std::vector<Query>& qs, int shift, bool last, i
   const int t = plan_threads(n, threads);
   const size_t nq = qs.size();
   std::vector<uint32_t> hist(size_t(t) * nq * kBins, 0);
-  parallel_pieces(n, t, [&](int tid, int64_t begin, int64_t end) {
-    uint32_t* h = hist.data() + size_t(tid) * nq * kBins;
-    for (int64_t j = begin; j < end; ++j) {
-      for (size_t q = 0; q < nq; ++q) {
-        if (qs[q].done) continue;
-        const uint32_t key = magnitude_key(s, qs[q].model, j, task_value(s, qs[q].model, j));
-        const uint32_t high = shift + 16 >= 32 ? 0 : key >> (shift + 16);
-        if (high == qs[q].prefix) ++h[q * kBins + ((key >> shift) & 0xffffu)];
+  with_typed(s, [&](const auto& v) {
+    parallel_pieces(n, t, [&](int tid, int64_t begin, int64_t end) {
+      uint32_t* h = hist.data() + size_t(tid) * nq * kBins;
+      for (int64_t j = begin; j < end; ++j) {
+        for (size_t q = 0; q < nq; ++q) {
+          if (qs[q].done) continue;
+          const int m = qs[q].model;
+          const uint32_t key = v.key(m, j, v.value(m, j));
+          const uint32_t high = shift + 16 >= 32 ? 0 : key >> (shift + 16);
+          if (high == qs[q].prefix) ++h[q * kBins + ((key >> shift) & 0xffffu)];
+        }
       }
-    }
+    });
   });
   for (size_t q = 0; q < nq; ++q) {
     Query& qu = qs[q];
@@ -68,21 +71,21 @@ void cut(const TaskSource& s, std::vector<Query>& qs, int threads) {
     const int t = plan_threads(n, threads);
     const int64_t per = ((n + t - 1) / t + 63) / 64 * 64;
     std::vector<int64_t> equal(t, 0);
-    const auto matches = [&](int64_t j) {
-      return magnitude_key(s, qu.model, j, task_value(s, qu.model, j)) == uint32_t(qu.result.t);
-    };
-    parallel_pieces(n, t, [&](int tid, int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) equal[tid] += matches(j);
-    });
-    int64_t need = qu.k - qu.above;
-    int piece = 0;
-    while (need > equal[piece]) need -= equal[piece++];
-    for (int64_t j = std::min(n, piece * per);; ++j) {
-      if (matches(j) && --need == 0) {
-        qu.result.cut = j + 1;
-        break;
+    with_typed(s, [&](const auto& v) {
+      const auto matches = [&](int64_t j) { return v.key(qu.model, j, v.value(qu.model, j)) == uint32_t(qu.result.t); };
+      parallel_pieces(n, t, [&](int tid, int64_t begin, int64_t end) {
+        for (int64_t j = begin; j < end; ++j) equal[tid] += matches(j);
+      });
+      int64_t need = qu.k - qu.above;
+      int piece = 0;
+      while (need > equal[piece]) need -= equal[piece++];
+      for (int64_t j = std::min(n, piece * per);; ++j) {
+        if (matches(j) && --need == 0) {
+          qu.result.cut = j + 1;
+          break;
+        }
       }
-    }
+    });
   }
 }
 

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "common.h"
+#include "lanes.h"
 
 namespace fk {
 
@@ -37,23 +38,39 @@ struct KeepRule {
 
 namespace {
 
-inline float load_float(const void* p, int dtype, int64_t j) {
-  switch (dtype) {
-    case kFloat16: return f16_to_float(static_cast<const uint16_t*>(p)[j]);
-    case kBFloat16: return bf16_to_float(static_cast<const uint16_t*>(p)[j]);
-    default: return static_cast<const float*>(p)[j];
+// A TaskSource with its storage type T and key width fixed at compile time, so the hot loops
+// carry no per-element dtype switch. Keys16: keys are T's own 16-bit magnitude bits.
+template <class T, bool Keys16>
+struct TypedSource {
+  const T* base;
+  std::vector<const T*> xs;
+
+  explicit TypedSource(const TaskSource& s) : base(static_cast<const T*>(s.base)) {
+    for (const void* p : s.xs) xs.push_back(static_cast<const T*>(p));
   }
-}
+  float value(int i, int64_t j) const {
+    const float x = ScalarLane::load(xs[i] + j);
+    return base ? x - ScalarLane::load(base + j) : x;
+  }
+  uint32_t key(int i, int64_t j, float tau) const {
+    if constexpr (Keys16) return reinterpret_cast<const uint16_t*>(xs[i])[j] & 0x7fffu;
+    return float_to_bits(tau) & 0x7fffffffu;
+  }
+};
 
-// tau of model i at j, in float32.
-inline float task_value(const TaskSource& s, int i, int64_t j) {
-  const float x = load_float(s.xs[i], s.dtype, j);
-  return s.base ? x - load_float(s.base, s.dtype, j) : x;
-}
-
-inline uint32_t magnitude_key(const TaskSource& s, int i, int64_t j, float tau) {
-  if (s.key16()) return static_cast<const uint16_t*>(s.xs[i])[j] & 0x7fffu;
-  return float_to_bits(tau) & 0x7fffffffu;
+// Calls f(typed_view) with the TypedSource matching s (float32, float16 or bfloat16 storage).
+template <class F>
+void with_typed(const TaskSource& s, F&& f) {
+  switch (s.dtype) {
+    case kFloat16:
+      if (s.key16()) return f(TypedSource<f16, true>(s));
+      return f(TypedSource<f16, false>(s));
+    case kBFloat16:
+      if (s.key16()) return f(TypedSource<bf16, true>(s));
+      return f(TypedSource<bf16, false>(s));
+    default:
+      return f(TypedSource<float, false>(s));
+  }
 }
 
 inline uint32_t mix32(uint32_t x) {
@@ -64,15 +81,45 @@ inline uint32_t mix32(uint32_t x) {
   return x ^ (x >> 16);
 }
 
-inline bool keeps(const KeepRule& r, int64_t j, uint32_t key) {
+constexpr int kBlock = 256;  // elements per block in the sparse kernels' inner loops
+
+// keep[j] for j in [0, m) of the block starting at j0, given the block's keys (top-k modes) and
+// element values. Branches once per block, not per element, so the loops vectorise.
+inline void keep_block(const KeepRule& r, int64_t j0, int m, const uint32_t* keys, uint8_t* keep) {
   switch (r.mode) {
-    case kKeepTopK: return r.hi.contains(key, j) && !r.lo.contains(key, j);
-    case kKeepRandom: {
-      const uint32_t h = mix32(mix32(uint32_t(j) ^ r.s1) ^ uint32_t(uint64_t(j) >> 32) ^ r.s2);
-      return (h >> 8) < r.p24;
+    case kKeepTopK: {
+      const auto in = [&](const TopK& s, int j) -> bool {
+        if (s.t < 0) return true;
+        if (s.t > 0x7fffffff) return false;
+        const uint32_t t = uint32_t(s.t);
+        return keys[j] > t || (keys[j] == t && j0 + j < s.cut);
+      };
+      const bool no_ties_here = r.hi.cut <= j0 || r.hi.cut >= j0 + m;
+      if (no_ties_here && r.lo.t > 0x7fffffff && r.hi.t >= 0 && r.hi.t <= 0x7fffffff) {
+        const uint32_t t = uint32_t(r.hi.t);
+        if (r.hi.cut >= j0 + m) {
+          for (int j = 0; j < m; ++j) keep[j] = keys[j] >= t;
+        } else {
+          for (int j = 0; j < m; ++j) keep[j] = keys[j] > t;
+        }
+      } else {
+        for (int j = 0; j < m; ++j) keep[j] = in(r.hi, j) && !in(r.lo, j);
+      }
+      break;
     }
-    case kKeepMask: return r.mask[j] != 0;
-    default: return true;
+    case kKeepRandom: {
+      const uint32_t hi = uint32_t(uint64_t(j0) >> 32), lo0 = uint32_t(j0);
+      for (int j = 0; j < m; ++j) {  // a block never crosses a 2^32 boundary (see sparse_merge.cpp)
+        const uint32_t h = mix32(mix32((lo0 + uint32_t(j)) ^ r.s1) ^ hi ^ r.s2);
+        keep[j] = (h >> 8) < r.p24;
+      }
+      break;
+    }
+    case kKeepMask:
+      for (int j = 0; j < m; ++j) keep[j] = r.mask[j0 + j] != 0;
+      break;
+    default:
+      for (int j = 0; j < m; ++j) keep[j] = 1;
   }
 }
 
