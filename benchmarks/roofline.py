@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sparse_workloads import OPS as SPARSE_OPS  # noqa: E402
+from sparse_workloads import SHAPES as SPARSE_SHAPES  # noqa: E402
+from sparse_workloads import implementations, make_inputs, streamed_bytes  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 import fusion_kernels as fk  # noqa: E402
@@ -60,6 +63,79 @@ def copy_bandwidth(nbytes: int, device: str, repeat: int) -> float:
     return 2 * src.nbytes / timeit(lambda: dst.copy_(src), repeat, device) / 1e9
 
 
+def peak_extra_bytes(fn) -> int | None:
+    """Resident-memory high-water mark above the starting RSS while fn runs (Linux), or None."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        start = _status_kib("VmRSS")
+        fn()
+        return (_status_kib("VmHWM") - start) * 1024
+    except OSError:
+        return None
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise OSError(field)
+
+
+def sparse_suite(args, copy_gbs: float) -> list[dict]:
+    """Our sparse ops beside PEFT and mergekit: seconds, GB/s, peak extra memory, speedup."""
+    print(
+        "| op | shape | dtype | impl | seconds | GB/s (min traffic) | GB/s (our passes) | % of copy "
+        "| peak extra / one input | our speedup |"
+    )
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rows = []
+    for shape_name in args.shapes:
+        shape = SPARSE_SHAPES[shape_name]
+        numel = shape[0] * shape[1]
+        for dname in args.sparse_dtypes:
+            dtype = DTYPES[dname]
+            inputs = make_inputs(args.models, shape, dtype)
+            one_input = numel * dtype.itemsize
+            for op in args.sparse_ops:
+                minimum, ours_bytes = streamed_bytes(op, args.models, numel, dtype)
+                times = {}
+                for impl, fn in implementations(op).items():
+                    if fn is None:
+                        continue
+                    repeat = args.repeat if impl == "fusion_kernels" else 1
+                    seconds = timeit(lambda fn=fn, a=inputs: fn(a), repeat, args.device)
+                    peak = peak_extra_bytes(lambda fn=fn, a=inputs: fn(a))
+                    times[impl] = seconds
+                    row = {
+                        "suite": "sparse",
+                        "op": op,
+                        "shape": shape_name,
+                        "dtype": dname,
+                        "impl": impl,
+                        "models": args.models,
+                        "seconds": seconds,
+                        "min_gbps": minimum / seconds / 1e9,
+                        "peak_extra_bytes": peak,
+                        "peak_extra_inputs": None if peak is None else peak / one_input,
+                    }
+                    if impl == "fusion_kernels":
+                        row["passes_gbps"] = ours_bytes / seconds / 1e9
+                        row["fraction_of_copy"] = row["passes_gbps"] / copy_gbs
+                    rows.append(row)
+                for row in rows[-len(times) :]:
+                    row["our_speedup"] = row["seconds"] / times["fusion_kernels"]
+                    passes = f"{row['passes_gbps']:.2f}" if "passes_gbps" in row else ""
+                    frac = f"{100 * row['fraction_of_copy']:.0f}%" if "fraction_of_copy" in row else ""
+                    peak = "" if row["peak_extra_inputs"] is None else f"{row['peak_extra_inputs']:.2f}x"
+                    print(
+                        f"| {op} | {shape_name} | {dname} | {row['impl']} | {row['seconds']:.3f} "
+                        f"| {row['min_gbps']:.2f} | {passes} | {frac} | {peak} | {row['our_speedup']:.1f}x |",
+                        flush=True,
+                    )
+            del inputs
+    return rows
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -85,25 +161,8 @@ def machine(device: str) -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--numel", type=int, default=64 * 2**20, help="elements per model tensor (default 64M)")
-    p.add_argument("--models", type=int, default=4, help="number of models N (default 4)")
-    p.add_argument("--ops", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
-    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--repeat", type=int, default=5, help="timed calls of our ops (median reported)")
-    p.add_argument("--eager-repeat", type=int, default=3, help="timed calls of each eager formulation")
-    p.add_argument("--json", type=Path, default=None, help="where to write results (default benchmarks/results/)")
-    args = p.parse_args(argv)
-
-    copy_gbs = copy_bandwidth(max(args.numel * 4, 256 * 2**20), args.device, 10)
-    print(f"# fusion_kernels roofline on {machine(args.device)}")
-    print(f"# torch {torch.__version__}, backend chosen automatically from {fk.available_backends(args.device)}")
-    print(
-        f"# measured copy bandwidth (read + write): {copy_gbs:.1f} GB/s; N = {args.models}, "
-        f"{args.numel:,} elements per tensor\n"
-    )
+def dense_suite(args, copy_gbs: float) -> list[dict]:
+    """The averaging ops beside the two eager formulations."""
     print(
         "| op | dtype | ours GB/s (new out) | % of copy | ours GB/s (out=) | % of copy | eager stack GB/s "
         "| eager loop GB/s | speedup vs stack | speedup vs loop |"
@@ -153,6 +212,39 @@ def main(argv: list[str] | None = None) -> dict:
                 flush=True,
             )
             del inputs, out
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--numel", type=int, default=64 * 2**20, help="elements per model tensor (default 64M)")
+    p.add_argument("--models", type=int, default=4, help="number of models N (default 4)")
+    p.add_argument("--ops", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeat", type=int, default=5, help="timed calls of our ops (median reported)")
+    p.add_argument("--eager-repeat", type=int, default=3, help="timed calls of each eager formulation")
+    p.add_argument("--json", type=Path, default=None, help="where to write results (default benchmarks/results/)")
+    p.add_argument(
+        "--suite",
+        choices=("dense", "sparse"),
+        default="dense",
+        help="dense: the averaging ops (default); sparse: TIES/DARE/prune beside PEFT and mergekit",
+    )
+    p.add_argument("--shapes", nargs="+", default=list(SPARSE_SHAPES), choices=list(SPARSE_SHAPES))
+    p.add_argument("--sparse-ops", nargs="+", default=list(SPARSE_OPS), choices=list(SPARSE_OPS))
+    p.add_argument("--sparse-dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    args = p.parse_args(argv)
+
+    copy_gbs = copy_bandwidth(max(args.numel * 4, 256 * 2**20), args.device, 10)
+    print(f"# fusion_kernels roofline on {machine(args.device)}")
+    print(f"# torch {torch.__version__}, backend chosen automatically from {fk.available_backends(args.device)}")
+    print(
+        f"# measured copy bandwidth (read + write): {copy_gbs:.1f} GB/s; N = {args.models}"
+        + (f", {args.numel:,} elements per tensor" if args.suite == "dense" else "")
+        + "\n"
+    )
+    rows = sparse_suite(args, copy_gbs) if args.suite == "sparse" else dense_suite(args, copy_gbs)
 
     result = {
         "benchmark": "roofline",
@@ -164,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": info.collect(),
         "rows": rows,
     }
-    path = args.json or Path(__file__).parent / "results" / f"roofline-{args.device}.json"
+    suffix = "-sparse" if args.suite == "sparse" else ""
+    path = args.json or Path(__file__).parent / "results" / f"roofline-{args.device}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\nwrote {path}")
