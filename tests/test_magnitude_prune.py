@@ -96,3 +96,14 @@ def test_opcheck():
     x = torch.randn(33, 7)
     torch.library.opcheck(torch.ops.fusion_kernels.magnitude_prune.default, (x, 50))
     torch.library.opcheck(torch.ops.fusion_kernels.magnitude_threshold.default, (x, 50))
+
+
+@pytest.mark.slow
+def test_radix_fallback_on_mostly_equal_values():
+    """4M zeros and a few values: the sampled bracket overflows, so the radix path must answer."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(4_000_000)
+    x[torch.randint(0, x.numel(), (3000,), generator=g)] = torch.randn(3000, generator=g).round(decimals=1)
+    for k in (1, 1000, 2500, 5000, 4_000_000 - 1):
+        assert torch.equal(fk.magnitude_prune(x, k=k), ref.magnitude_prune(x, k)), k
+        assert torch.equal(fk.magnitude_prune(x.bfloat16(), k=k), ref.magnitude_prune(x.bfloat16(), k)), k

@@ -1,8 +1,14 @@
-// Exact top-k by magnitude without sorting: radix select over the bit patterns of |tau| with
-// 16-bit digits (one histogram pass for 16-bit keys, two for float32 keys), then, only when the
-// threshold value occurs more often than needed, a count pass to place the index cut-off.
+// Exact top-k by magnitude without sorting the data.
+// Fast path (one pass): a fixed strided sample brackets the k-th largest key; one pass counts the
+// keys above the bracket and collects the few inside it; an exact nth_element on those gives the
+// threshold, and their index order gives the tie cut-off.
+// Fallback (bracket missed, or too many candidates, e.g. a tensor of mostly equal values): radix
+// select over the key bits with 16-bit digits (one histogram pass for 16-bit keys, two for
+// float32), then, only when the threshold value occurs more often than needed, a count pass.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "runtime.h"
@@ -89,6 +95,102 @@ void cut(const TaskSource& s, std::vector<Query>& qs, int threads) {
   }
 }
 
+constexpr int64_t kSample = int64_t(1) << 16;
+
+struct Bracket {
+  uint32_t lo = 0, hi = 0;  // candidates: lo <= key <= hi; "above": key > hi
+  int64_t above = 0;
+  std::vector<std::pair<uint32_t, int64_t>> candidates;  // (key, index), in index order
+  bool usable = false;
+};
+
+// Sample keys at fixed strided positions and pick a bracket around the k-th largest that holds it
+// with overwhelming probability (± 4 binomial standard deviations + slack).
+template <class V>
+void choose_bracket(const V& v, const Query& q, int64_t n, Bracket& b) {
+  const int64_t samples = std::min(n, kSample);
+  std::vector<uint32_t> keys(samples);
+  for (int64_t i = 0; i < samples; ++i) {
+    const int64_t j = i * n / samples;
+    keys[i] = v.key(q.model, j, v.value(q.model, j));
+  }
+  std::sort(keys.begin(), keys.end(), [](uint32_t a, uint32_t c) { return a > c; });
+  const double r = double(q.k) / double(n);
+  const double pos = r * double(samples);
+  const double spread = 4.0 * std::sqrt(double(samples) * r * (1.0 - r)) + 16.0;
+  const int64_t top = std::max<int64_t>(0, int64_t(pos - spread));
+  const int64_t bottom = std::min<int64_t>(samples - 1, int64_t(pos + spread));
+  b.hi = top == 0 ? 0xffffffffu : keys[top];
+  b.lo = bottom >= samples - 1 ? 0u : keys[bottom];
+}
+
+// One pass for all queries: count keys above each bracket and collect the keys inside it.
+template <class V>
+void bracket_pass(const V& v, const std::vector<Query>& qs, std::vector<Bracket>& bs, int64_t n, int threads) {
+  const int t = plan_threads(n, threads);
+  const size_t nq = qs.size();
+  const int64_t cap = std::max<int64_t>(int64_t(1) << 20, n / 16) / t;  // per thread and query
+  std::vector<std::vector<std::vector<std::pair<uint32_t, int64_t>>>> found(t, std::vector<
+      std::vector<std::pair<uint32_t, int64_t>>>(nq));
+  std::vector<int64_t> above(size_t(t) * nq, 0);
+  std::vector<uint8_t> overflow(size_t(t) * nq, 0);
+  parallel_pieces(n, t, [&](int tid, int64_t begin, int64_t end) {
+    uint32_t keys[kBlock];
+    float b[kBlock], tau[kBlock];
+    for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
+      const int m = static_cast<int>(std::min<int64_t>(kBlock, end - j0));
+      base_block(v, j0, m, b);
+      for (size_t q = 0; q < nq; ++q) {
+        if (qs[q].done || !bs[q].usable) continue;
+        task_block(v, qs[q].model, j0, m, b, tau, keys);
+        const uint32_t lo = bs[q].lo, hi = bs[q].hi;
+        int64_t count = 0;
+        for (int j = 0; j < m; ++j) count += keys[j] > hi;
+        above[size_t(tid) * nq + q] += count;
+        auto& mine = found[tid][q];
+        for (int j = 0; j < m; ++j) {
+          if (keys[j] >= lo && keys[j] <= hi) mine.emplace_back(keys[j], j0 + j);
+        }
+        if (int64_t(mine.size()) > cap) {
+          overflow[size_t(tid) * nq + q] = 1;
+          mine.clear();
+        }
+      }
+    }
+  });
+  for (size_t q = 0; q < nq; ++q) {
+    if (qs[q].done || !bs[q].usable) continue;
+    Bracket& b = bs[q];
+    for (int tid = 0; tid < t; ++tid) {
+      b.usable = b.usable && !overflow[size_t(tid) * nq + q];
+      b.above += above[size_t(tid) * nq + q];
+      b.candidates.insert(b.candidates.end(), found[tid][q].begin(), found[tid][q].end());
+    }
+    const int64_t k = qs[q].k;
+    b.usable = b.usable && b.above < k && k <= b.above + int64_t(b.candidates.size());
+  }
+}
+
+// The exact TopK from a usable bracket.
+TopK finish_bracket(const Bracket& b, int64_t k) {
+  const int64_t rank = k - b.above;  // 1-based, largest first, among the candidates
+  std::vector<uint32_t> keys(b.candidates.size());
+  for (size_t i = 0; i < keys.size(); ++i) keys[i] = b.candidates[i].first;
+  std::nth_element(keys.begin(), keys.begin() + (rank - 1), keys.end(), [](uint32_t a, uint32_t c) { return a > c; });
+  const uint32_t t = keys[rank - 1];
+  int64_t need = rank;
+  for (const auto& c : b.candidates) need -= c.first > t;
+  TopK r;
+  r.t = t;
+  for (const auto& c : b.candidates) {  // index order: the need-th equal key is the last one kept
+    if (c.first == t && --need == 0) {
+      r.cut = c.second + 1;
+      break;
+    }
+  }
+  return r;
+}
+
 }  // namespace
 
 std::vector<TopK> magnitude_select(const TaskSource& s, const std::vector<int>& models,
@@ -104,13 +206,33 @@ std::vector<TopK> magnitude_select(const TaskSource& s, const std::vector<int>& 
     }
     qs.push_back(qu);
   }
-  if (s.key16()) {
-    refine(s, qs, 0, true, threads);
-  } else {
-    refine(s, qs, 16, false, threads);
-    refine(s, qs, 0, true, threads);
+  std::vector<Bracket> bs(qs.size());
+  with_typed(s, [&](const auto& v) {
+    for (size_t q = 0; q < qs.size(); ++q) {
+      bs[q].usable = !qs[q].done;
+      if (bs[q].usable) choose_bracket(v, qs[q], s.numel, bs[q]);
+    }
+    bracket_pass(v, qs, bs, s.numel, threads);
+  });
+  bool radix_needed = false;
+  for (size_t q = 0; q < qs.size(); ++q) {
+    if (qs[q].done) continue;
+    if (bs[q].usable) {
+      qs[q].result = finish_bracket(bs[q], qs[q].k);
+      qs[q].done = true;
+    } else {
+      radix_needed = true;
+    }
   }
-  cut(s, qs, threads);
+  if (radix_needed) {
+    if (s.key16()) {
+      refine(s, qs, 0, true, threads);
+    } else {
+      refine(s, qs, 16, false, threads);
+      refine(s, qs, 0, true, threads);
+    }
+    cut(s, qs, threads);
+  }
   std::vector<TopK> out;
   for (const Query& qu : qs) out.push_back(qu.result);
   return out;

@@ -123,6 +123,19 @@ inline void keep_block(const KeepRule& r, int64_t j0, int m, const uint32_t* key
   }
 }
 
+// tau[j] and keys[j] of model i over one block; b holds the block's base values (0 without base).
+template <class V>
+inline void task_block(const V& v, int i, int64_t j0, int m, const float* b, float* tau, uint32_t* keys) {
+  const auto* x = v.xs[i] + j0;
+  for (int j = 0; j < m; ++j) tau[j] = ScalarLane::load(x + j) - b[j];
+  for (int j = 0; j < m; ++j) keys[j] = v.key(i, j0 + j, tau[j]);
+}
+
+template <class V>
+inline void base_block(const V& v, int64_t j0, int m, float* b) {
+  for (int j = 0; j < m; ++j) b[j] = v.base ? ScalarLane::load(v.base + j0 + j) : 0.f;
+}
+
 }  // namespace
 
 // One TopK per (model, k) query: the k largest |tau| of that model (ties: lowest index first).

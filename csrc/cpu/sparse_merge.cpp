@@ -22,19 +22,6 @@ inline int block_length(int64_t j0, int64_t end) {
   return static_cast<int>(std::min<int64_t>({int64_t(kBlock), end - j0, to_boundary}));
 }
 
-// tau[j] and keys[j] of model i over one block; b holds the block's base values (0 without base).
-template <class V>
-inline void task_block(const V& v, int i, int64_t j0, int m, const float* b, float* tau, uint32_t* keys) {
-  const auto* x = v.xs[i] + j0;
-  for (int j = 0; j < m; ++j) tau[j] = ScalarLane::load(x + j) - b[j];
-  for (int j = 0; j < m; ++j) keys[j] = v.key(i, j0 + j, tau[j]);
-}
-
-template <class V>
-inline void base_block(const V& v, int64_t j0, int m, float* b) {
-  for (int j = 0; j < m; ++j) b[j] = v.base ? ScalarLane::load(v.base + j0 + j) : 0.f;
-}
-
 }  // namespace
 
 std::vector<double> kept_l1_norms(const TaskSource& s, const std::vector<KeepRule>& rules, int threads) {
