@@ -235,6 +235,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sparse-ops", nargs="+", default=list(SPARSE_OPS), choices=list(SPARSE_OPS))
     p.add_argument("--sparse-dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     args = p.parse_args(argv)
+    if args.suite == "sparse" and argv is None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # Peak memory is read from the RSS high-water mark. glibc would serve large buffers from
+        # freed heap chunks (its mmap threshold adapts upward), hiding new allocations; a fixed
+        # threshold maps every large buffer afresh, for every implementation alike.
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"})
 
     copy_gbs = copy_bandwidth(max(args.numel * 4, 256 * 2**20), args.device, 10)
     print(f"# fusion_kernels roofline on {machine(args.device)}")

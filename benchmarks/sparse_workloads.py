@@ -118,11 +118,12 @@ def implementations(op: str) -> dict[str, Callable | None]:
 def streamed_bytes(op: str, models: int, numel: int, dtype: torch.dtype) -> tuple[int, int]:
     """(minimum bytes any fused implementation moves, bytes our passes move)."""
     b = numel * dtype.itemsize
+    # Selection is one pass over its inputs (sampled bracket), then the merge pass. The radix
+    # fallback (mostly-equal values) adds one or two passes; these inputs never take it.
     if op == "magnitude_prune":
-        select_passes = 1 if dtype != torch.float32 else 2  # 16-bit keys: one histogram pass
-        return 2 * b, (select_passes + 2) * b
+        return 2 * b, 3 * b
     minimum = (models + 2) * b  # base + N inputs read, one output written
-    select = 2 * (models + 1) * b if op == "ties_merge" else 0  # two radix passes over base + inputs
+    select = (models + 1) * b if op == "ties_merge" else 0
     return minimum, minimum + select
 
 

@@ -95,12 +95,17 @@ void cut(const TaskSource& s, std::vector<Query>& qs, int threads) {
   }
 }
 
-constexpr int64_t kSample = int64_t(1) << 16;
+constexpr int64_t kSample = int64_t(1) << 18;
+constexpr int kIndexBits = 33;  // candidates pack (key, index) into 64 bits: tensors below 2^33 elements
+constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
+
+// Larger packed value = ranks first: larger key, then lower index (the tie rule).
+inline uint64_t pack(uint32_t key, int64_t j) { return (uint64_t(key) << kIndexBits) | (kIndexMask - uint64_t(j)); }
 
 struct Bracket {
   uint32_t lo = 0, hi = 0;  // candidates: lo <= key <= hi; "above": key > hi
   int64_t above = 0;
-  std::vector<std::pair<uint32_t, int64_t>> candidates;  // (key, index), in index order
+  std::vector<uint64_t> candidates;  // packed (key, index)
   bool usable = false;
 };
 
@@ -114,14 +119,16 @@ void choose_bracket(const V& v, const Query& q, int64_t n, Bracket& b) {
     const int64_t j = i * n / samples;
     keys[i] = v.key(q.model, j, v.value(q.model, j));
   }
-  std::sort(keys.begin(), keys.end(), [](uint32_t a, uint32_t c) { return a > c; });
   const double r = double(q.k) / double(n);
   const double pos = r * double(samples);
   const double spread = 4.0 * std::sqrt(double(samples) * r * (1.0 - r)) + 16.0;
   const int64_t top = std::max<int64_t>(0, int64_t(pos - spread));
   const int64_t bottom = std::min<int64_t>(samples - 1, int64_t(pos + spread));
-  b.hi = top == 0 ? 0xffffffffu : keys[top];
+  const auto desc = [](uint32_t a, uint32_t c) { return a > c; };
+  std::nth_element(keys.begin(), keys.begin() + bottom, keys.end(), desc);
   b.lo = bottom >= samples - 1 ? 0u : keys[bottom];
+  std::nth_element(keys.begin(), keys.begin() + top, keys.begin() + bottom, desc);
+  b.hi = top == 0 ? 0xffffffffu : keys[top];
 }
 
 // One pass for all queries: count keys above each bracket and collect the keys inside it.
@@ -129,9 +136,8 @@ template <class V>
 void bracket_pass(const V& v, const std::vector<Query>& qs, std::vector<Bracket>& bs, int64_t n, int threads) {
   const int t = plan_threads(n, threads);
   const size_t nq = qs.size();
-  const int64_t cap = std::max<int64_t>(int64_t(1) << 20, n / 16) / t;  // per thread and query
-  std::vector<std::vector<std::vector<std::pair<uint32_t, int64_t>>>> found(t, std::vector<
-      std::vector<std::pair<uint32_t, int64_t>>>(nq));
+  const int64_t cap = std::max<int64_t>(int64_t(1) << 20, n / 32) / t;  // per thread and query
+  std::vector<std::vector<uint64_t>> found(size_t(t) * nq);
   std::vector<int64_t> above(size_t(t) * nq, 0);
   std::vector<uint8_t> overflow(size_t(t) * nq, 0);
   parallel_pieces(n, t, [&](int tid, int64_t begin, int64_t end) {
@@ -141,19 +147,20 @@ void bracket_pass(const V& v, const std::vector<Query>& qs, std::vector<Bracket>
       const int m = static_cast<int>(std::min<int64_t>(kBlock, end - j0));
       base_block(v, j0, m, b);
       for (size_t q = 0; q < nq; ++q) {
-        if (qs[q].done || !bs[q].usable) continue;
+        const size_t slot = size_t(tid) * nq + q;
+        if (qs[q].done || !bs[q].usable || overflow[slot]) continue;
         task_block(v, qs[q].model, j0, m, b, tau, keys);
         const uint32_t lo = bs[q].lo, hi = bs[q].hi;
         int64_t count = 0;
         for (int j = 0; j < m; ++j) count += keys[j] > hi;
-        above[size_t(tid) * nq + q] += count;
-        auto& mine = found[tid][q];
+        above[slot] += count;
+        auto& mine = found[slot];
         for (int j = 0; j < m; ++j) {
-          if (keys[j] >= lo && keys[j] <= hi) mine.emplace_back(keys[j], j0 + j);
+          if (keys[j] >= lo && keys[j] <= hi) mine.push_back(pack(keys[j], j0 + j));
         }
         if (int64_t(mine.size()) > cap) {
-          overflow[size_t(tid) * nq + q] = 1;
-          mine.clear();
+          overflow[slot] = 1;
+          std::vector<uint64_t>().swap(mine);
         }
       }
     }
@@ -161,33 +168,32 @@ void bracket_pass(const V& v, const std::vector<Query>& qs, std::vector<Bracket>
   for (size_t q = 0; q < nq; ++q) {
     if (qs[q].done || !bs[q].usable) continue;
     Bracket& b = bs[q];
+    size_t total = 0;
+    for (int tid = 0; tid < t; ++tid) total += found[size_t(tid) * nq + q].size();
+    b.candidates.reserve(total);
     for (int tid = 0; tid < t; ++tid) {
+      auto& mine = found[size_t(tid) * nq + q];
       b.usable = b.usable && !overflow[size_t(tid) * nq + q];
       b.above += above[size_t(tid) * nq + q];
-      b.candidates.insert(b.candidates.end(), found[tid][q].begin(), found[tid][q].end());
+      b.candidates.insert(b.candidates.end(), mine.begin(), mine.end());
+      std::vector<uint64_t>().swap(mine);
     }
     const int64_t k = qs[q].k;
     b.usable = b.usable && b.above < k && k <= b.above + int64_t(b.candidates.size());
   }
 }
 
-// The exact TopK from a usable bracket.
-TopK finish_bracket(const Bracket& b, int64_t k) {
-  const int64_t rank = k - b.above;  // 1-based, largest first, among the candidates
-  std::vector<uint32_t> keys(b.candidates.size());
-  for (size_t i = 0; i < keys.size(); ++i) keys[i] = b.candidates[i].first;
-  std::nth_element(keys.begin(), keys.begin() + (rank - 1), keys.end(), [](uint32_t a, uint32_t c) { return a > c; });
-  const uint32_t t = keys[rank - 1];
-  int64_t need = rank;
-  for (const auto& c : b.candidates) need -= c.first > t;
+// The exact TopK from a usable bracket: the (k - above)-th largest packed candidate is the last
+// element kept, so it gives both the threshold key and the index cut-off.
+TopK finish_bracket(Bracket& b, int64_t k) {
+  const int64_t rank = k - b.above;
+  std::nth_element(b.candidates.begin(), b.candidates.begin() + (rank - 1), b.candidates.end(),
+                   [](uint64_t a, uint64_t c) { return a > c; });
+  const uint64_t last = b.candidates[rank - 1];
   TopK r;
-  r.t = t;
-  for (const auto& c : b.candidates) {  // index order: the need-th equal key is the last one kept
-    if (c.first == t && --need == 0) {
-      r.cut = c.second + 1;
-      break;
-    }
-  }
+  r.t = int64_t(last >> kIndexBits);
+  r.cut = int64_t(kIndexMask - (last & kIndexMask)) + 1;
+  std::vector<uint64_t>().swap(b.candidates);
   return r;
 }
 
@@ -209,7 +215,7 @@ std::vector<TopK> magnitude_select(const TaskSource& s, const std::vector<int>& 
   std::vector<Bracket> bs(qs.size());
   with_typed(s, [&](const auto& v) {
     for (size_t q = 0; q < qs.size(); ++q) {
-      bs[q].usable = !qs[q].done;
+      bs[q].usable = !qs[q].done && s.numel < (int64_t(1) << kIndexBits);
       if (bs[q].usable) choose_bracket(v, qs[q], s.numel, bs[q]);
     }
     bracket_pass(v, qs, bs, s.numel, threads);
