@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/runtime.h"
+#include "cpu/slerp.h"
 #include "cpu/sparse.h"
 
 namespace py = pybind11;
@@ -169,6 +170,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("numel"), py::arg("modes"), py::arg("topk"), py::arg("hash"), py::arg("masks"), py::arg("weights"),
         py::arg("scales"), py::arg("divide"), py::arg("consensus"), py::arg("elect_weighted"), py::arg("combine"),
         py::arg("weight_total"), py::arg("lam"), py::arg("threads"), nogil);
+  m.def(
+      "slerp",
+      [](uintptr_t out, uintptr_t a, uintptr_t b, int dtype, int64_t rows, int64_t cols, const std::vector<double>& t,
+         double dot_threshold, double eps, int threads) {
+        if (dtype != fk::kFloat32 && dtype != fk::kFloat16 && dtype != fk::kBFloat16)
+          throw std::invalid_argument("slerp takes float32, float16 or bfloat16");
+        if (t.size() != 1 && int64_t(t.size()) != rows) throw std::invalid_argument("t: one factor or one per row");
+        fk::slerp(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b),
+                  dtype, rows, cols, t, dot_threshold, eps, threads);
+      },
+      py::arg("out"), py::arg("a"), py::arg("b"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("t"),
+      py::arg("dot_threshold"), py::arg("eps"), py::arg("threads"), nogil);
   m.def("cpu_features", [] {
     const fk::CpuFeatures f = fk::cpu_features();
     py::dict d;

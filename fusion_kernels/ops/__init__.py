@@ -2,6 +2,7 @@
 
 from .fisher_merge import fisher_merge
 from .magnitude_prune import magnitude_prune, magnitude_threshold
+from .slerp import slerp
 from .sparse_merge import breadcrumbs_merge, dare_merge, della_merge, sparse_merge, ties_merge
 from .task_arithmetic import task_arithmetic
 from .weighted_sum import weighted_average, weighted_sum
@@ -13,6 +14,7 @@ __all__ = [
     "fisher_merge",
     "magnitude_prune",
     "magnitude_threshold",
+    "slerp",
     "sparse_merge",
     "task_arithmetic",
     "ties_merge",

@@ -6,6 +6,7 @@ They take already-validated arguments (weights as Python floats) and import only
 from .fisher_merge import fisher_merge
 from .magnitude_prune import magnitude_prune, magnitude_threshold, top_k_mask
 from .random_mask import random_keep_mask
+from .slerp import slerp
 from .sparse_merge import sparse_merge
 from .task_arithmetic import task_arithmetic
 from .weighted_sum import weighted_sum
@@ -15,6 +16,7 @@ __all__ = [
     "magnitude_prune",
     "magnitude_threshold",
     "random_keep_mask",
+    "slerp",
     "sparse_merge",
     "task_arithmetic",
     "top_k_mask",
