@@ -16,20 +16,8 @@ from .errors import (
     ShapeError,
     WeightError,
 )
-from .ops import (
-    breadcrumbs_merge,
-    dare_merge,
-    della_merge,
-    fisher_merge,
-    magnitude_prune,
-    magnitude_threshold,
-    slerp,
-    sparse_merge,
-    task_arithmetic,
-    ties_merge,
-    weighted_average,
-    weighted_sum,
-)
+from .ops import *  # noqa: F403  (the public ops; their list is ops.__all__)
+from .ops import __all__ as _ops_all
 
 __version__ = "0.1.0"
 
@@ -44,17 +32,6 @@ __all__ = [
     "WeightError",
     "__version__",
     "available_backends",
-    "breadcrumbs_merge",
-    "dare_merge",
-    "della_merge",
-    "fisher_merge",
-    "magnitude_prune",
-    "magnitude_threshold",
-    "slerp",
-    "sparse_merge",
-    "task_arithmetic",
-    "ties_merge",
     "use_backend",
-    "weighted_average",
-    "weighted_sum",
+    *_ops_all,
 ]

@@ -20,8 +20,8 @@ namespace {
 constexpr int kBins = 1 << 16;
 
 struct Query {
-  int model;
-  int64_t k;
+  int model = 0;
+  int64_t k = 0;
   uint32_t prefix = 0;  // digits fixed so far
   int64_t above = 0;    // elements with a larger key than any matching the prefix
   TopK result;
@@ -203,7 +203,9 @@ std::vector<TopK> magnitude_select(const TaskSource& s, const std::vector<int>& 
                                    const std::vector<int64_t>& ks, int threads) {
   std::vector<Query> qs;
   for (size_t q = 0; q < models.size(); ++q) {
-    Query qu{models[q], ks[q]};
+    Query qu;
+    qu.model = models[q];
+    qu.k = ks[q];
     if (ks[q] <= 0) {
       qu.done = true;  // empty set: the TopK default
     } else if (ks[q] >= s.numel) {
