@@ -66,7 +66,13 @@ def _extensions():
 
 
 setup(
-    packages=["fusion_kernels", "fusion_kernels.ops", "fusion_kernels.reference", "modelfusion"],
+    packages=[
+        "fusion_kernels",
+        "fusion_kernels.ops",
+        "fusion_kernels.reference",
+        "fusion_kernels.compat",
+        "modelfusion",
+    ],
     package_dir={"modelfusion": "python/modelfusion"},
     package_data={"fusion_kernels": ["py.typed"]},
     ext_modules=_extensions(),

@@ -145,3 +145,48 @@ def test_mergekit_task_arithmetic(backend):
     w = [0.3, 0.3, 0.4]
     expected = mergekit_merge("task_arithmetic", base, xs, w, 1.0, rescale=False, normalize=False)
     assert_close(fk.task_arithmetic(base, xs, w), expected)
+
+
+# fusion_kernels.compat.peft: PEFT's own signatures, dtypes and random streams -----------------------
+@pytest.mark.filterwarnings("ignore:The density")
+@pytest.mark.parametrize("name", ["task_arithmetic", "magnitude_prune", "ties", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_compat_peft_is_a_drop_in(name, dtype, density):
+    from fusion_kernels.compat import peft as ours
+
+    peft = peft_merge_utils()
+    ts = [t.to(dtype) for t in tasks()]
+    weights = torch.tensor([0.7, 1.3, 0.4])  # float32: PEFT promotes bf16 tasks to float32
+    args = (ts, weights) if name == "task_arithmetic" else (ts, weights, density)
+    torch.manual_seed(21)
+    expected = getattr(peft, name)(*args)
+    torch.manual_seed(21)
+    got = getattr(ours, name)(*args)
+    assert got.dtype == expected.dtype == torch.float32
+    # bf16 values: PEFT trims bf16 tensors, where equal magnitudes are common and topk breaks ties
+    # arbitrarily, and rescales DARE in bf16 before promoting; so only the promoted dtype is
+    # compared there, except for the tie-free task_arithmetic.
+    if dtype == torch.float32 or name == "task_arithmetic":
+        assert_close(got, expected)
+
+
+@pytest.mark.filterwarnings("ignore:The density")
+def test_compat_peft_prune_rules():
+    from fusion_kernels.compat import peft as ours
+
+    peft = peft_merge_utils()
+    (t,) = tasks(1)
+    assert ours.prune(t, 1.5, "magnitude") is t
+    with pytest.raises(ValueError, match="Density should be >= 0"):
+        ours.prune(t, -0.1, "magnitude")
+    assert torch.equal(ours.prune(t, 0.4, "magnitude"), peft.prune(t, 0.4, "magnitude"))
+    torch.manual_seed(3)
+    expected = peft.prune(t, 0.4, "random", rescale=True)
+    torch.manual_seed(3)
+    assert_close(ours.prune(t, 0.4, "random", rescale=True), expected)
+    stacked = torch.stack(tasks())
+    for method in ("total", "frequency"):
+        mask = ours.calculate_majority_sign_mask(stacked, method)
+        assert torch.equal(mask, peft.calculate_majority_sign_mask(stacked, method))
+        assert_close(ours.disjoint_merge(stacked, mask), peft.disjoint_merge(stacked, mask))
