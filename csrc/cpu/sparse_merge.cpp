@@ -87,23 +87,39 @@ void sparse_merge(void* out, const TaskSource& s, const std::vector<KeepRule>& r
           } else {
             for (int j = 0; j < m; ++j) k[j] = keep[j] ? tau[j] * scale : 0.f;
           }
-          for (int j = 0; j < m; ++j) vote[j] = o.elect_weighted ? k[j] * w : k[j];
+          if (o.consensus == 0) continue;  // no election: votes are not needed
+          if (o.elect_weighted) {
+            for (int j = 0; j < m; ++j) vote[j] = k[j] * w;
+          } else {
+            for (int j = 0; j < m; ++j) vote[j] = k[j];
+          }
           if (o.consensus == 2) {
-            for (int j = 0; j < m; ++j) tally[j] += sign_of(vote[j]);
+            for (int j = 0; j < m; ++j) tally[j] += float(vote[j] > 0.f) - float(vote[j] < 0.f);
           } else {
             for (int j = 0; j < m; ++j) tally[j] += vote[j];
           }
         }
         for (int j = 0; j < m; ++j) merged[j] = agreeing[j] = agreeing_w[j] = 0.f;
-        for (int i = 0; i < n_models; ++i) {
-          const float* k = kept.data() + size_t(i) * kBlock;
-          const float* vote = votes.data() + size_t(i) * kBlock;
-          const float w = o.weights[i];
-          for (int j = 0; j < m; ++j) {
-            const bool agree = o.consensus == 0 || sign_of(vote[j]) == (tally[j] >= 0.f ? 1.f : -1.f);
-            merged[j] += agree ? k[j] * w : 0.f;
-            agreeing[j] += agree ? 1.f : 0.f;
-            agreeing_w[j] += agree ? w : 0.f;
+        if (o.consensus == 0) {
+          for (int i = 0; i < n_models; ++i) {
+            const float* k = kept.data() + size_t(i) * kBlock;
+            const float w = o.weights[i];
+            for (int j = 0; j < m; ++j) merged[j] += k[j] * w;
+          }
+          for (int j = 0; j < m; ++j) agreeing[j] = float(n_models);
+        } else {
+          for (int j = 0; j < m; ++j) tally[j] = tally[j] >= 0.f ? 1.f : -1.f;  // the elected sign
+          for (int i = 0; i < n_models; ++i) {
+            const float* k = kept.data() + size_t(i) * kBlock;
+            const float* vote = votes.data() + size_t(i) * kBlock;
+            const float w = o.weights[i];
+            for (int j = 0; j < m; ++j) {
+              // vote and elected sign agree iff their product is positive (a zero vote never agrees)
+              const bool agree = vote[j] * tally[j] > 0.f;
+              merged[j] += agree ? k[j] * w : 0.f;
+              agreeing[j] += agree ? 1.f : 0.f;
+              agreeing_w[j] += agree ? w : 0.f;
+            }
           }
         }
         for (int j = 0; j < m; ++j) {
