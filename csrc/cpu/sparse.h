@@ -88,12 +88,6 @@ constexpr int kBlock = 256;  // elements per block in the sparse kernels' inner 
 inline void keep_block(const KeepRule& r, int64_t j0, int m, const uint32_t* keys, uint8_t* keep) {
   switch (r.mode) {
     case kKeepTopK: {
-      const auto in = [&](const TopK& s, int j) -> bool {
-        if (s.t < 0) return true;
-        if (s.t > 0x7fffffff) return false;
-        const uint32_t t = uint32_t(s.t);
-        return keys[j] > t || (keys[j] == t && j0 + j < s.cut);
-      };
       const bool no_ties_here = r.hi.cut <= j0 || r.hi.cut >= j0 + m;
       if (no_ties_here && r.lo.t > 0x7fffffff && r.hi.t >= 0 && r.hi.t <= 0x7fffffff) {
         const uint32_t t = uint32_t(r.hi.t);
@@ -103,7 +97,7 @@ inline void keep_block(const KeepRule& r, int64_t j0, int m, const uint32_t* key
           for (int j = 0; j < m; ++j) keep[j] = keys[j] > t;
         }
       } else {
-        for (int j = 0; j < m; ++j) keep[j] = in(r.hi, j) && !in(r.lo, j);
+        for (int j = 0; j < m; ++j) keep[j] = r.hi.contains(keys[j], j0 + j) && !r.lo.contains(keys[j], j0 + j);
       }
       break;
     }

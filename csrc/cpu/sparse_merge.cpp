@@ -14,8 +14,6 @@ namespace {
 
 constexpr int64_t kNormBlock = int64_t(1) << 16;
 
-inline float sign_of(float v) { return v > 0.f ? 1.f : (v < 0.f ? -1.f : 0.f); }
-
 // Length of the block starting at j0 (never crossing a 2^32 index boundary: the hash splits j there).
 inline int block_length(int64_t j0, int64_t end) {
   const int64_t to_boundary = (int64_t(1) << 32) - (j0 & 0xffffffffLL);

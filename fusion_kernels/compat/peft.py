@@ -44,13 +44,15 @@ def random_pruning(tensor: torch.Tensor, density: float, rescale: bool) -> torch
     return pruned / density if rescale else pruned
 
 
+def _warn_no_pruning(density: float) -> None:
+    warnings.warn(f"The density {density} is greater than or equal to 1, no pruning will be performed.", stacklevel=3)
+
+
 def prune(
     tensor: torch.Tensor, density: float, method: Literal["magnitude", "random"], rescale: bool = False
 ) -> torch.Tensor:
     if density >= 1:
-        warnings.warn(
-            f"The density {density} is greater than or equal to 1, no pruning will be performed.", stacklevel=2
-        )
+        _warn_no_pruning(density)
         return tensor
     if density < 0:
         raise ValueError(f"Density should be >= 0, got {density}")
@@ -91,9 +93,7 @@ def task_arithmetic(task_tensors: list[torch.Tensor], weights: torch.Tensor) -> 
 def _sparse(task_tensors, weights, density, sparsify, consensus, combine, rescale=None, masks=None):
     tensors, w = _promoted(task_tensors, weights)
     if density >= 1:  # PEFT's prune: warn, prune nothing
-        warnings.warn(
-            f"The density {density} is greater than or equal to 1, no pruning will be performed.", stacklevel=3
-        )
+        _warn_no_pruning(density)
         sparsify, density, masks = None, 1.0, None
     return _sparse_merge(
         None,
@@ -122,9 +122,13 @@ def ties(
     return _sparse(task_tensors, weights, density, "magnitude", _CONSENSUS[majority_sign_method], "mean_count")
 
 
+def _dare(task_tensors, weights, density, consensus, combine) -> torch.Tensor:
+    masks = _bernoulli_masks(task_tensors, density) if density < 1 else None  # PEFT's draw order
+    return _sparse(task_tensors, weights, density, "random", consensus, combine, "inverse_density", masks)
+
+
 def dare_linear(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
-    masks = _bernoulli_masks(task_tensors, density) if density < 1 else None
-    return _sparse(task_tensors, weights, density, "random", None, "sum", "inverse_density", masks)
+    return _dare(task_tensors, weights, density, None, "sum")
 
 
 def dare_ties(
@@ -133,14 +137,4 @@ def dare_ties(
     density: float,
     majority_sign_method: Literal["total", "frequency"] = "total",
 ) -> torch.Tensor:
-    masks = _bernoulli_masks(task_tensors, density) if density < 1 else None
-    return _sparse(
-        task_tensors,
-        weights,
-        density,
-        "random",
-        _CONSENSUS[majority_sign_method],
-        "mean_count",
-        "inverse_density",
-        masks,
-    )
+    return _dare(task_tensors, weights, density, _CONSENSUS[majority_sign_method], "mean_count")
