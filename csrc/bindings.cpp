@@ -12,6 +12,7 @@
 #include "cpu/runtime.h"
 #include "cpu/slerp.h"
 #include "cpu/sparse.h"
+#include "cpu/sparse_kernels.h"
 
 namespace py = pybind11;
 
@@ -101,10 +102,16 @@ std::vector<KeepRule> keep_rules(const std::vector<int>& modes, const std::vecto
     rules[i].mode = modes[i];
     rules[i].hi = TopK{topk[4 * i], topk[4 * i + 1]};
     rules[i].lo = TopK{topk[4 * i + 2], topk[4 * i + 3]};
+    rules[i].hi_key = key_threshold(rules[i].hi.t);
+    rules[i].lo_key = key_threshold(rules[i].lo.t);
+    const bool lo_empty = rules[i].lo.t > 0x7fffffff || (rules[i].lo.t == 0x7fffffff && rules[i].lo.cut <= 0);
+    if (rules[i].mode < kKeepAll || rules[i].mode > kKeepMask) throw std::invalid_argument("unknown keep mode");
+    if (rules[i].mode == kKeepTopK && !lo_empty) rules[i].mode = kKeepBand;
     rules[i].s1 = hash[3 * i];
     rules[i].s2 = hash[3 * i + 1];
     rules[i].p24 = hash[3 * i + 2];
     rules[i].mask = reinterpret_cast<const uint8_t*>(masks[i]);
+    rules[i].key0 = rules[i].s1 ^ uint32_t(mix32<ScalarLane>(static_cast<int32_t>(rules[i].s2)));
   }
   return rules;
 }

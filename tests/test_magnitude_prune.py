@@ -98,9 +98,36 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fusion_kernels.magnitude_threshold.default, (x, 50))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_quantised_values_shared_by_many_elements(dtype):
+    """Task vectors of 16-bit fine-tunes take few distinct values, each shared by thousands of
+    elements: the k-th value is a bracket end (counted per block) or inside it (collected)."""
+    g = torch.Generator().manual_seed(3)
+    n = 300_007  # more than one thread's share, several 64K blocks
+    base = (torch.randn(n, generator=g) * 4).round().to(dtype)
+    x = (base.float() + torch.randint(-40, 41, (n,), generator=g).float() / 8).to(dtype)
+    tau = x.float() - base.float()
+    for density in (0.013, 0.05, 0.2, 0.31, 0.5, 0.77, 0.9):
+        k = int(density * n)
+        assert torch.equal(fk.ties_merge(base, [x], density=density, lam=1.0), base + ref.magnitude_prune(tau, k).to(dtype))
+        assert torch.equal(fk.magnitude_prune(x, density), ref.magnitude_prune(x, k)), density
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_radix_fallback_when_the_sample_misses(dtype):
+    """Zeros at every strided sample position and data elsewhere: the sampled bracket is wrong, so
+    the radix select must answer."""
+    n = 1_000_003
+    x = randn((n,), torch.float32, seed=4)
+    x[torch.arange(1 << 18, dtype=torch.int64) * n // (1 << 18)] = 0.0
+    x = x.to(dtype)
+    for k in (1, 1000, 500_000, n - 300_000):
+        assert torch.equal(fk.magnitude_prune(x, k=k), ref.magnitude_prune(x, k)), k
+
+
 @pytest.mark.slow
 def test_radix_fallback_on_mostly_equal_values():
-    """4M zeros and a few values: the sampled bracket overflows, so the radix path must answer."""
+    """4M zeros and a few values: the k-th key is zero (counted per block) or among the few."""
     g = torch.Generator().manual_seed(0)
     x = torch.zeros(4_000_000)
     x[torch.randint(0, x.numel(), (3000,), generator=g)] = torch.randn(3000, generator=g).round(decimals=1)

@@ -3,6 +3,7 @@ exact counter-based masks, and bad input."""
 
 import itertools
 import math
+import zlib
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def reference(base, xs, w, **kw):
 def test_option_matrix_matches_reference(backend, dtype, with_base, sparsify, consensus, combine):
     if sparsify == "della" and backend == "cpu":
         pytest.skip("della has no C++ kernel yet; automatic dispatch runs it on torch (tested below)")
-    base, *xs = inputs(4, (33, 65), dtype, seed=hash((sparsify, consensus, combine)) % 1000)
+    base, *xs = inputs(4, (33, 65), dtype, seed=zlib.crc32(repr((sparsify, consensus, combine)).encode()) % 1000)
     base = base if with_base else None
     w = [0.6, -0.3, 1.2]
     rescale = RESCALE[(SPARSIFY.index(sparsify) + COMBINE.index(combine)) % 3]
@@ -95,6 +96,19 @@ def test_dare_mask_is_the_counter_hash(backend):
     assert abs(rate - 0.3) < 5 * sd, rate
     kept = got != 0
     assert torch.equal(got[kept], (x[kept] / 0.3)), "kept values are rescaled by 1/density"
+
+
+def test_dare_masks_of_models_and_seeds_are_independent():
+    n, p = 400_000, 0.3
+    masks = [ref.random_keep_mask((n,), p, seed=s, model=m) for s, m in [(0, 0), (0, 1), (0, 2), (1, 0)]]
+    sd = math.sqrt(p * p * (1 - p * p) / n)
+    for a in range(len(masks)):
+        for b in range(a + 1, len(masks)):
+            both = float((masks[a] & masks[b]).double().mean())
+            assert abs(both - p * p) < 5 * sd, (a, b, both)
+    # neighbouring elements are not correlated either
+    m = masks[0]
+    assert abs(float((m[1:] & m[:-1]).double().mean()) - p * p) < 5 * sd
 
 
 def test_dare_masks_do_not_depend_on_threads():

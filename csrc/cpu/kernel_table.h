@@ -2,6 +2,7 @@
 #pragma once
 #include "fisher_merge.h"
 #include "kernels.h"
+#include "sparse_kernels.h"
 #include "task_arithmetic.h"
 #include "weighted_sum.h"
 
@@ -14,16 +15,26 @@ namespace {
   table.op[kBFloat16] = &op##_range<V, S, bf16>;                    \
   table.op[kFloat64] = &op##_range<DoubleLane, DoubleLane, double>;
 
+#define FK_FILL_SPARSE(table, slot, fn, V, S)   \
+  table.slot[kFloat32] = &fn<V, S, float>;      \
+  table.slot[kFloat16] = &fn<V, S, f16>;        \
+  table.slot[kBFloat16] = &fn<V, S, bf16>;      \
+  table.slot[kFloat64] = nullptr;
+
 template <class V, class S>
 KernelTable make_kernel_table() {
   KernelTable t{};
   FK_FILL_DTYPES(t, weighted_sum, V, S)
   FK_FILL_DTYPES(t, task_arithmetic, V, S)
   FK_FILL_DTYPES(t, fisher_merge, V, S)
+  FK_FILL_SPARSE(t, sparse_merge, sparse_merge_range, V, S)
+  FK_FILL_SPARSE(t, bracket, bracket_range, V, S)
+  FK_FILL_SPARSE(t, kept_l1, kept_l1_range, V, S)
   return t;
 }
 
 #undef FK_FILL_DTYPES
+#undef FK_FILL_SPARSE
 
 }  // namespace
 }  // namespace fk

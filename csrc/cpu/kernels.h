@@ -2,6 +2,7 @@
 // run time from the CPU's features.
 #pragma once
 #include "common.h"
+#include "sparse_args.h"
 
 namespace fk {
 
@@ -9,6 +10,10 @@ struct KernelTable {
   RangeFn weighted_sum[kNumDTypes];
   RangeFn task_arithmetic[kNumDTypes];
   RangeFn fisher_merge[kNumDTypes];
+  // Sparse kernels: float32, float16 and bfloat16 only (null for float64).
+  SparseMergeFn sparse_merge[kNumDTypes];
+  BracketFn bracket[kNumDTypes];
+  L1Fn kept_l1[kNumDTypes];
 };
 
 const KernelTable& portable_kernels();

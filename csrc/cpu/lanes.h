@@ -34,6 +34,40 @@ struct ScalarLane : OneElementLane<float> {
 #ifdef __FMA__  // the tail of a vector loop must round exactly like its body
   static R fma(R a, R b, R c) { return __builtin_fmaf(a, b, c); }
 #endif
+
+  // Integer and mask operations of the sparse kernels: I holds int32 keys or uint32 hash state
+  // (wrapping arithmetic), M one truth value per element.
+  using I = int32_t;
+  using M = bool;
+  static I iset1(int32_t v) { return v; }
+  static I iota() { return 0; }
+  static I iadd(I a, I b) { return int32_t(uint32_t(a) + uint32_t(b)); }
+  static I ixor(I a, I b) { return a ^ b; }
+  static I imul(I a, I b) { return int32_t(uint32_t(a) * uint32_t(b)); }
+  template <int k>
+  static I isrl(I a) { return int32_t(uint32_t(a) >> k); }
+  static M igt(I a, I b) { return a > b; }
+  static M ieq(I a, I b) { return a == b; }
+  static M fgt(R a, R b) { return a > b; }
+  static M fge(R a, R b) { return a >= b; }
+  static M feq(R a, R b) { return a == b; }
+  static M mall() { return true; }
+  static M mand(M a, M b) { return a && b; }
+  static M mor(M a, M b) { return a || b; }
+  static M mandnot(M a, M b) { return a && !b; }
+  static int movemask(M m) { return m ? 1 : 0; }
+  static R select(M m, R a, R b) { return m ? a : b; }
+  static R one_if(M m) { return m ? 1.f : 0.f; }
+  static R max(R a, R b) { return a > b ? a : b; }
+  static float hsum(R v) { return v; }
+  static R abs(R v) { return bits_to_float(float_to_bits(v) & 0x7fffffffu); }
+  static I abs_bits(R v) { return int32_t(float_to_bits(v) & 0x7fffffffu); }
+  static I key16(const f16* p) { return p->bits & 0x7fff; }
+  static I key16(const bf16* p) { return p->bits & 0x7fff; }
+  static M load_mask8(const uint8_t* p) { return *p != 0; }
+  static void store_i(int32_t* p, I v) { *p = v; }
+  static I count_if(I counts, M m) { return counts + (m ? 1 : 0); }
+  static int64_t ihsum(I v) { return v; }
 };
 
 struct DoubleLane : OneElementLane<double> {

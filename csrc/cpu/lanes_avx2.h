@@ -44,6 +44,58 @@ struct Avx2Lane {
   static R select_nonzero(R cond, R a, R b) {
     return _mm256_blendv_ps(b, a, _mm256_cmp_ps(cond, _mm256_setzero_ps(), _CMP_NEQ_UQ));
   }
+
+  // Integer and mask operations (see ScalarLane): a mask is all-ones or all-zeros per lane.
+  using I = __m256i;
+  using M = __m256i;
+  static I iset1(int32_t v) { return _mm256_set1_epi32(v); }
+  static I iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
+  static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I ixor(I a, I b) { return _mm256_xor_si256(a, b); }
+  static I imul(I a, I b) { return _mm256_mullo_epi32(a, b); }
+  template <int k>
+  static I isrl(I a) { return _mm256_srli_epi32(a, k); }
+  static M igt(I a, I b) { return _mm256_cmpgt_epi32(a, b); }
+  static M ieq(I a, I b) { return _mm256_cmpeq_epi32(a, b); }
+  static M fgt(R a, R b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_GT_OQ)); }
+  static M fge(R a, R b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_GE_OQ)); }
+  static M feq(R a, R b) { return _mm256_castps_si256(_mm256_cmp_ps(a, b, _CMP_EQ_OQ)); }
+  static M mall() { return _mm256_set1_epi32(-1); }
+  static M mand(M a, M b) { return _mm256_and_si256(a, b); }
+  static M mor(M a, M b) { return _mm256_or_si256(a, b); }
+  static M mandnot(M a, M b) { return _mm256_andnot_si256(b, a); }
+  static int movemask(M m) { return _mm256_movemask_ps(_mm256_castsi256_ps(m)); }
+  static R select(M m, R a, R b) { return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m)); }
+  static R one_if(M m) { return _mm256_and_ps(_mm256_castsi256_ps(m), _mm256_set1_ps(1.f)); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static float hsum(R v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static R abs(R v) { return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
+  static I abs_bits(R v) { return _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff)); }
+  static I key16(const f16* p) { return key16_bits(p); }
+  static I key16(const bf16* p) { return key16_bits(p); }
+  static M load_mask8(const uint8_t* p) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_cmpgt_epi32(bytes, _mm256_setzero_si256());
+  }
+  static void store_i(int32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  static I count_if(I counts, M m) { return _mm256_sub_epi32(counts, m); }  // a true lane is -1
+  static int64_t ihsum(I v) {
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), v);
+    int64_t sum = 0;
+    for (int32_t x : lanes) sum += x;
+    return sum;
+  }
+
+ private:
+  static I key16_bits(const void* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(static_cast<const __m128i*>(p)));
+    return _mm256_and_si256(wide, _mm256_set1_epi32(0x7fff));
+  }
 };
 
 }  // namespace

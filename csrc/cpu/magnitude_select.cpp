@@ -8,16 +8,33 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <utility>
 #include <vector>
 
 #include "runtime.h"
 #include "sparse.h"
+#include "sparse_kernels.h"
 
 namespace fk {
 namespace {
 
 constexpr int kBins = 1 << 16;
+
+// Calls f(key) where key(i, j) is the magnitude key of element j of model i (scalar, for the
+// sampling and the rare fallback passes; the bracket pass runs the ISA's kernel).
+template <class F>
+void with_keys(const TaskSource& s, F&& f) {
+  const TaskArgs a = s.args();
+  with_storage(s.dtype, [&](auto tag) {
+    with_task_view<decltype(tag)>(a, [&](const auto& v) {
+      using L = ScalarLane;
+      f([&v](int i, int64_t j) {
+        return uint32_t(v.template key<L>(i, j, v.template tau<L>(i, j, v.template base_at<L>(j))));
+      });
+    });
+  });
+}
 
 struct Query {
   int model = 0;
@@ -35,14 +52,13 @@ void refine(const TaskSource& s, std::vector<Query>& qs, int shift, bool last, i
   const int t = plan_threads(n, threads);
   const size_t nq = qs.size();
   std::vector<uint32_t> hist(size_t(t) * nq * kBins, 0);
-  with_typed(s, [&](const auto& v) {
+  with_keys(s, [&](const auto& key_of) {
     parallel_pieces(n, t, [&](int tid, int64_t begin, int64_t end) {
       uint32_t* h = hist.data() + size_t(tid) * nq * kBins;
       for (int64_t j = begin; j < end; ++j) {
         for (size_t q = 0; q < nq; ++q) {
           if (qs[q].done) continue;
-          const int m = qs[q].model;
-          const uint32_t key = v.key(m, j, v.value(m, j));
+          const uint32_t key = key_of(qs[q].model, j);
           const uint32_t high = shift + 16 >= 32 ? 0 : key >> (shift + 16);
           if (high == qs[q].prefix) ++h[q * kBins + ((key >> shift) & 0xffffu)];
         }
@@ -77,8 +93,8 @@ void cut(const TaskSource& s, std::vector<Query>& qs, int threads) {
     const int t = plan_threads(n, threads);
     const int64_t per = ((n + t - 1) / t + 63) / 64 * 64;
     std::vector<int64_t> equal(t, 0);
-    with_typed(s, [&](const auto& v) {
-      const auto matches = [&](int64_t j) { return v.key(qu.model, j, v.value(qu.model, j)) == uint32_t(qu.result.t); };
+    with_keys(s, [&](const auto& key_of) {
+      const auto matches = [&](int64_t j) { return key_of(qu.model, j) == uint32_t(qu.result.t); };
       parallel_pieces(n, t, [&](int tid, int64_t begin, int64_t end) {
         for (int64_t j = begin; j < end; ++j) equal[tid] += matches(j);
       });
@@ -96,29 +112,22 @@ void cut(const TaskSource& s, std::vector<Query>& qs, int threads) {
 }
 
 constexpr int64_t kSample = int64_t(1) << 18;
-constexpr int kIndexBits = 33;  // candidates pack (key, index) into 64 bits: tensors below 2^33 elements
-constexpr uint64_t kIndexMask = (uint64_t(1) << kIndexBits) - 1;
-
-// Larger packed value = ranks first: larger key, then lower index (the tie rule).
-inline uint64_t pack(uint32_t key, int64_t j) { return (uint64_t(key) << kIndexBits) | (kIndexMask - uint64_t(j)); }
 
 struct Bracket {
-  uint32_t lo = 0, hi = 0;  // candidates: lo <= key <= hi; "above": key > hi
-  int64_t above = 0;
-  std::vector<uint64_t> candidates;  // packed (key, index)
+  int32_t lo = 0, hi = 0x7fffffff;  // the bracket's end keys: candidates lie strictly between
+  int64_t above = 0, at_hi = 0, at_lo = 0;  // keys > hi, == hi, == lo (lo < hi)
+  std::vector<int64_t> hi_blocks, lo_blocks;  // keys == hi / == lo per block of 2^kEqualBlockBits
+  std::vector<uint64_t> candidates;  // packed (key, index), see kCandidateIndexBits
   bool usable = false;
 };
 
 // Sample keys at fixed strided positions and pick a bracket around the k-th largest that holds it
 // with overwhelming probability (± 4 binomial standard deviations + slack).
-template <class V>
-void choose_bracket(const V& v, const Query& q, int64_t n, Bracket& b) {
+template <class K>
+void choose_bracket(const K& key_of, const Query& q, int64_t n, Bracket& b) {
   const int64_t samples = std::min(n, kSample);
   std::vector<uint32_t> keys(samples);
-  for (int64_t i = 0; i < samples; ++i) {
-    const int64_t j = i * n / samples;
-    keys[i] = v.key(q.model, j, v.value(q.model, j));
-  }
+  for (int64_t i = 0; i < samples; ++i) keys[i] = key_of(q.model, i * n / samples);
   const double r = double(q.k) / double(n);
   const double pos = r * double(samples);
   const double spread = 4.0 * std::sqrt(double(samples) * r * (1.0 - r)) + 16.0;
@@ -126,74 +135,121 @@ void choose_bracket(const V& v, const Query& q, int64_t n, Bracket& b) {
   const int64_t bottom = std::min<int64_t>(samples - 1, int64_t(pos + spread));
   const auto desc = [](uint32_t a, uint32_t c) { return a > c; };
   std::nth_element(keys.begin(), keys.begin() + bottom, keys.end(), desc);
-  b.lo = bottom >= samples - 1 ? 0u : keys[bottom];
+  b.lo = key_threshold(bottom >= samples - 1 ? 0 : keys[bottom]);
   std::nth_element(keys.begin(), keys.begin() + top, keys.begin() + bottom, desc);
-  b.hi = top == 0 ? 0xffffffffu : keys[top];
+  b.hi = key_threshold(top == 0 ? int64_t(0x7fffffff) : keys[top]);
 }
 
-// One pass for all queries: count keys above each bracket and collect the keys inside it.
-template <class V>
-void bracket_pass(const V& v, const std::vector<Query>& qs, std::vector<Bracket>& bs, int64_t n, int threads) {
-  const int t = plan_threads(n, threads);
-  const size_t nq = qs.size();
-  const int64_t cap = std::max<int64_t>(int64_t(1) << 20, n / 32) / t;  // per thread and query
-  std::vector<std::vector<uint64_t>> found(size_t(t) * nq);
-  std::vector<int64_t> above(size_t(t) * nq, 0);
-  std::vector<uint8_t> overflow(size_t(t) * nq, 0);
-  parallel_pieces(n, t, [&](int tid, int64_t begin, int64_t end) {
-    uint32_t keys[kBlock];
-    float b[kBlock], tau[kBlock];
-    for (int64_t j0 = begin; j0 < end; j0 += kBlock) {
-      const int m = static_cast<int>(std::min<int64_t>(kBlock, end - j0));
-      base_block(v, j0, m, b);
-      for (size_t q = 0; q < nq; ++q) {
-        const size_t slot = size_t(tid) * nq + q;
-        if (qs[q].done || !bs[q].usable || overflow[slot]) continue;
-        task_block(v, qs[q].model, j0, m, b, tau, keys);
-        const uint32_t lo = bs[q].lo, hi = bs[q].hi;
-        int64_t count = 0;
-        for (int j = 0; j < m; ++j) count += keys[j] > hi;
-        above[slot] += count;
-        auto& mine = found[slot];
-        for (int j = 0; j < m; ++j) {
-          if (keys[j] >= lo && keys[j] <= hi) mine.push_back(pack(keys[j], j0 + j));
-        }
-        if (int64_t(mine.size()) > cap) {
-          overflow[slot] = 1;
-          std::vector<uint64_t>().swap(mine);
-        }
-      }
-    }
+// One pass for all usable queries (the ISA's bracket kernel): count the keys above each bracket
+// and at its ends, and collect the keys inside it into per-thread buffers of bounded size.
+void bracket_pass(const TaskSource& s, const std::vector<Query>& qs, std::vector<Bracket>& bs, int threads) {
+  std::vector<int> models, which;
+  std::vector<int32_t> lo, hi;
+  for (size_t q = 0; q < qs.size(); ++q) {
+    if (!bs[q].usable) continue;
+    which.push_back(static_cast<int>(q));
+    models.push_back(qs[q].model);
+    lo.push_back(bs[q].lo);
+    hi.push_back(bs[q].hi);
+  }
+  const size_t nq = which.size();
+  if (nq == 0) return;
+  BracketArgs a;
+  a.task = s.args();
+  a.queries = static_cast<int>(nq);
+  a.models = models.data();
+  a.lo = lo.data();
+  a.hi = hi.data();
+  const int t = plan_threads(s.numel, threads);
+  const int64_t cap = std::max<int64_t>(int64_t(1) << 20, s.numel / 32) / t;  // per thread and query
+  const int64_t blocks = (s.numel >> kEqualBlockBits) + 1;
+  // Per-thread counters a whole number of cache lines apart (the kernel updates them per vector).
+  const size_t stride = (nq + 7) / 8 * 8 + 8;
+  // Uninitialised on purpose: pages of a buffer are only touched as candidates arrive.
+  std::vector<std::unique_ptr<uint64_t[]>> buffers;
+  std::vector<uint64_t*> found;
+  for (size_t b = 0; b < size_t(t) * stride; ++b) {
+    buffers.emplace_back(b % stride < nq ? new uint64_t[cap] : nullptr);
+    found.push_back(buffers.back().get());
+  }
+  std::vector<int64_t> above(size_t(t) * stride, 0), count(size_t(t) * stride, 0);
+  std::vector<uint8_t> overflow(size_t(t) * stride * 8, 0);
+  const size_t equal_stride = nq * size_t(blocks) * 2 + 16;
+  std::vector<int32_t> equal(size_t(t) * equal_stride, 0);
+  const BracketFn fn = active_kernels().bracket[s.dtype];
+  parallel_pieces(s.numel, t, [&](int tid, int64_t begin, int64_t end) {
+    const size_t at = size_t(tid) * stride;
+    BracketOut o;
+    o.above = above.data() + at;
+    o.found = found.data() + at;
+    o.count = count.data() + at;
+    o.overflow = overflow.data() + at * 8;
+    o.cap = cap;
+    o.equal = equal.data() + size_t(tid) * equal_stride;
+    o.blocks = blocks;
+    fn(a, o, begin, end);
   });
-  for (size_t q = 0; q < nq; ++q) {
-    if (qs[q].done || !bs[q].usable) continue;
-    Bracket& b = bs[q];
+  for (size_t u = 0; u < nq; ++u) {
+    Bracket& b = bs[which[u]];
+    b.hi_blocks.assign(blocks, 0);
+    b.lo_blocks.assign(blocks, 0);
     size_t total = 0;
-    for (int tid = 0; tid < t; ++tid) total += found[size_t(tid) * nq + q].size();
+    for (int tid = 0; tid < t; ++tid) total += size_t(count[size_t(tid) * stride + u]);
     b.candidates.reserve(total);
     for (int tid = 0; tid < t; ++tid) {
-      auto& mine = found[size_t(tid) * nq + q];
-      b.usable = b.usable && !overflow[size_t(tid) * nq + q];
-      b.above += above[size_t(tid) * nq + q];
-      b.candidates.insert(b.candidates.end(), mine.begin(), mine.end());
-      std::vector<uint64_t>().swap(mine);
+      const size_t at = size_t(tid) * stride + u;
+      b.usable = b.usable && !overflow[size_t(tid) * stride * 8 + u];
+      b.above += above[at];
+      b.candidates.insert(b.candidates.end(), found[at], found[at] + count[at]);
+      const int32_t* eq = equal.data() + size_t(tid) * equal_stride + u * size_t(blocks) * 2;
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        b.hi_blocks[blk] += eq[2 * blk];
+        b.lo_blocks[blk] += eq[2 * blk + 1];
+      }
     }
-    const int64_t k = qs[q].k;
-    b.usable = b.usable && b.above < k && k <= b.above + int64_t(b.candidates.size());
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      b.at_hi += b.hi_blocks[blk];
+      b.at_lo += b.lo_blocks[blk];
+    }
+    const int64_t k = qs[which[u]].k;
+    b.usable = b.usable && b.above < k && k <= b.above + b.at_hi + int64_t(b.candidates.size()) + b.at_lo;
   }
 }
 
-// The exact TopK from a usable bracket: the (k - above)-th largest packed candidate is the last
-// element kept, so it gives both the threshold key and the index cut-off.
-TopK finish_bracket(Bracket& b, int64_t k) {
-  const int64_t rank = k - b.above;
-  std::nth_element(b.candidates.begin(), b.candidates.begin() + (rank - 1), b.candidates.end(),
-                   [](uint64_t a, uint64_t c) { return a > c; });
-  const uint64_t last = b.candidates[rank - 1];
+// The index just past the rank-th (1-based) element of `model` whose key is `key`, found from the
+// per-block counts and a scan of the one block that holds it.
+template <class K>
+int64_t cut_after(const K& key_of, int model, int32_t key, const std::vector<int64_t>& per_block, int64_t rank,
+                  int64_t n) {
+  int64_t blk = 0;
+  while (rank > per_block[blk]) rank -= per_block[blk++];
+  for (int64_t j = blk << kEqualBlockBits;; ++j) {
+    if (j >= n) return n;  // unreachable: the counts hold rank elements
+    if (int32_t(key_of(model, j)) == key && --rank == 0) return j + 1;
+  }
+}
+
+// The exact TopK from a usable bracket. Ranked from the top: keys above hi, keys equal to hi
+// (index order), the candidates (packed order: key, then index), keys equal to lo.
+template <class K>
+TopK finish_bracket(const K& key_of, Bracket& b, const Query& q, int64_t n) {
+  int64_t rank = q.k - b.above;
   TopK r;
-  r.t = int64_t(last >> kIndexBits);
-  r.cut = int64_t(kIndexMask - (last & kIndexMask)) + 1;
-  std::vector<uint64_t>().swap(b.candidates);
+  if (rank <= b.at_hi) {
+    r.t = b.hi;
+    r.cut = cut_after(key_of, q.model, b.hi, b.hi_blocks, rank, n);
+  } else if ((rank -= b.at_hi) <= int64_t(b.candidates.size())) {
+    std::nth_element(b.candidates.begin(), b.candidates.begin() + (rank - 1), b.candidates.end(),
+                     [](uint64_t x, uint64_t y) { return x > y; });
+    const uint64_t last = b.candidates[rank - 1];
+    r.t = int64_t(last >> kCandidateIndexBits);
+    r.cut = int64_t(kCandidateIndexMask - (last & kCandidateIndexMask)) + 1;
+  } else {
+    rank -= int64_t(b.candidates.size());
+    r.t = b.lo;
+    r.cut = cut_after(key_of, q.model, b.lo, b.lo_blocks, rank, n);
+  }
+  b = Bracket();
   return r;
 }
 
@@ -214,26 +270,28 @@ std::vector<TopK> magnitude_select(const TaskSource& s, const std::vector<int>& 
     }
     qs.push_back(qu);
   }
+  const int64_t nq = static_cast<int64_t>(qs.size());
+  const int t = plan_threads(s.numel, threads);
   std::vector<Bracket> bs(qs.size());
-  with_typed(s, [&](const auto& v) {
-    for (size_t q = 0; q < qs.size(); ++q) {
-      bs[q].usable = !qs[q].done && s.numel < (int64_t(1) << kIndexBits);
-      if (bs[q].usable) choose_bracket(v, qs[q], s.numel, bs[q]);
-    }
-    bracket_pass(v, qs, bs, s.numel, threads);
+  with_keys(s, [&](const auto& key_of) {
+    parallel_tasks(nq, t, [&](int64_t q) {
+      bs[q].usable = !qs[q].done && s.numel < (int64_t(1) << kCandidateIndexBits);
+      if (bs[q].usable) choose_bracket(key_of, qs[q], s.numel, bs[q]);
+    });
+  });
+  bracket_pass(s, qs, bs, threads);
+  with_keys(s, [&](const auto& key_of) {
+    parallel_tasks(nq, t, [&](int64_t q) {
+      if (!qs[q].done && bs[q].usable) {
+        qs[q].result = finish_bracket(key_of, bs[q], qs[q], s.numel);
+        qs[q].done = true;
+      }
+    });
   });
   bool radix_needed = false;
-  for (size_t q = 0; q < qs.size(); ++q) {
-    if (qs[q].done) continue;
-    if (bs[q].usable) {
-      qs[q].result = finish_bracket(bs[q], qs[q].k);
-      qs[q].done = true;
-    } else {
-      radix_needed = true;
-    }
-  }
+  for (const Query& qu : qs) radix_needed = radix_needed || !qu.done;
   if (radix_needed) {
-    if (s.key16()) {
+    if (s.args().keys16) {
       refine(s, qs, 0, true, threads);
     } else {
       refine(s, qs, 16, false, threads);

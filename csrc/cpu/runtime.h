@@ -40,6 +40,15 @@ void parallel_pieces(int64_t n, int t, F&& f) {
   }
 }
 
+// Runs f(i) for i in [0, count) on up to `t` threads, handing out one task at a time.
+template <class F>
+void parallel_tasks(int64_t count, int t, F&& f) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(std::max(1, t)) schedule(dynamic, 1) if (t > 1 && count > 1)
+#endif
+  for (int64_t i = 0; i < count; ++i) f(i);
+}
+
 // Splits [0, a.numel) into one contiguous piece per thread and runs fn on each.
 void parallel_run(RangeFn fn, const MergeArgs& a, int threads);
 int max_threads();

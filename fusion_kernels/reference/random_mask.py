@@ -3,11 +3,13 @@
 For model ``i`` and flat element index ``j``:
 
     s1, s2 = stream_keys(seed, i)                  (per-model keys, computed once)
-    h      = mix32(mix32(lo32(j) ^ s1) ^ hi32(j) ^ s2)
+    h      = mix32(lo32(j) ^ s1 ^ mix32(hi32(j) ^ s2))
     keep   = (h >> 8) < p24,   p24 = floor(p · 2^24)
 
 ``mix32`` is the "lowbias32" integer finaliser (Wellons); 24 bits give keep probabilities in steps
-of 2^-24. All arithmetic is on uint32 values held in int64 tensors.
+of 2^-24. Below 2^32 elements the inner term is one constant per model, so an element costs one
+``mix32`` (two multiplies), which keeps the DARE kernels memory-bound. All arithmetic is on uint32
+values held in int64 tensors.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def uniform24(numel: int, seed: int, model: int, device=None) -> torch.Tensor:
     """The 24-bit draw (h >> 8) of every element, int64 [numel]."""
     s1, s2 = stream_keys(seed, model)
     j = torch.arange(numel, dtype=torch.int64, device=device)
-    h = mix32(mix32((j & _MASK32) ^ s1) ^ (j >> 32) ^ s2)
+    h = mix32((j & _MASK32) ^ s1 ^ mix32((j >> 32) ^ s2))
     return h >> 8
 
 
