@@ -94,7 +94,8 @@ def test_install_swaps_and_uninstall_restores():
         assert registry.get("fk_dare_ties").spec.name == "fk_dare_ties"
         base, xs = distinct_inputs()
         params = {"weight": [1.0, 0.5, 0.25], "density": [0.4, 0.4, 0.4]}
-        torch.testing.assert_close(mergekit_group(fused, base, xs, **params), mergekit_group(original, base, xs, **params))
+        expected = mergekit_group(original, base, xs, **params)
+        torch.testing.assert_close(mergekit_group(fused, base, xs, **params), expected)
     finally:
         fkm.uninstall()
     assert registry.get("ties") is original

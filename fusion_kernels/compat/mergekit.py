@@ -28,7 +28,8 @@ from ..ops.slerp import slerp as _slerp
 from ..ops.sparse_merge import sparse_merge as _sparse_merge
 from ..ops.weighted_sum import weighted_sum as _weighted_sum
 
-# mergekit method name -> (consensus, sparsification, default normalize, default rescale), as its registry builds them
+# mergekit method name -> (consensus, sparsification, default normalize, default rescale),
+# as mergekit's registry builds them
 GTA_METHODS: dict[str, tuple[str | None, str | None, bool, bool]] = {
     "task_arithmetic": (None, None, False, False),
     "ties": ("sum", "magnitude", True, False),
@@ -113,7 +114,9 @@ def linear(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize:
     return _weighted_sum(list(tensors), weights)
 
 
-def slerp(t: float | torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8):
+def slerp(
+    t: float | torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8
+) -> torch.Tensor:
     """mergekit's ``slerp(t, v0, v1)``: spherical interpolation of each slice along dim 0."""
     return _slerp(v0, v1, t, rowwise=True, dot_threshold=dot_threshold, eps=eps)
 
@@ -139,7 +142,8 @@ def _fused_method_class():
             def per_entry(key):
                 return [float(parameters[key][e.id]) for e in entries] if key in parameters else 0.0
 
-            seed = int(torch.randint(0, 2**62, (1,)).item()) if GTA_METHODS[self.builtin_name][1] in ("random", "della") else 0
+            random = GTA_METHODS[self.builtin_name][1] in ("random", "della")
+            seed = int(torch.randint(0, 2**62, (1,)).item()) if random else 0
             return generalized_task_arithmetic(
                 self.builtin_name,
                 base,
