@@ -172,8 +172,7 @@ void bracket_pass(const TaskSource& s, const std::vector<Query>& qs, std::vector
     buffers.emplace_back(b % stride < nq ? new uint64_t[cap] : nullptr);
     found.push_back(buffers.back().get());
   }
-  std::vector<int64_t> above(size_t(t) * stride, 0), count(size_t(t) * stride, 0);
-  std::vector<uint8_t> overflow(size_t(t) * stride * 8, 0);
+  std::vector<int64_t> above(size_t(t) * stride, 0), count(size_t(t) * stride, 0), overflow(size_t(t) * stride, 0);
   const size_t equal_stride = nq * size_t(blocks) * 2 + 16;
   std::vector<int32_t> equal(size_t(t) * equal_stride, 0);
   const BracketFn fn = active_kernels().bracket[s.dtype];
@@ -183,7 +182,7 @@ void bracket_pass(const TaskSource& s, const std::vector<Query>& qs, std::vector
     o.above = above.data() + at;
     o.found = found.data() + at;
     o.count = count.data() + at;
-    o.overflow = overflow.data() + at * 8;
+    o.overflow = overflow.data() + at;
     o.cap = cap;
     o.equal = equal.data() + size_t(tid) * equal_stride;
     o.blocks = blocks;
@@ -198,7 +197,7 @@ void bracket_pass(const TaskSource& s, const std::vector<Query>& qs, std::vector
     b.candidates.reserve(total);
     for (int tid = 0; tid < t; ++tid) {
       const size_t at = size_t(tid) * stride + u;
-      b.usable = b.usable && !overflow[size_t(tid) * stride * 8 + u];
+      b.usable = b.usable && !overflow[at];
       b.above += above[at];
       b.candidates.insert(b.candidates.end(), found[at], found[at] + count[at]);
       const int32_t* eq = equal.data() + size_t(tid) * equal_stride + u * size_t(blocks) * 2;

@@ -79,7 +79,7 @@ struct BracketOut {
   int64_t* above = nullptr;
   uint64_t* const* found = nullptr;
   int64_t* count = nullptr;
-  uint8_t* overflow = nullptr;
+  int64_t* overflow = nullptr;
   int64_t cap = 0;
   int32_t* equal = nullptr;
   int64_t blocks = 0;

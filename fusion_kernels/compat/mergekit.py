@@ -139,8 +139,8 @@ def _fused_method_class():
             if not entries or base.dtype not in supported or any(e.tensor.dtype != base.dtype for e in entries):
                 return super().merge_group(group, **parameters)
 
-            def per_entry(key):
-                return [float(parameters[key][e.id]) for e in entries] if key in parameters else 0.0
+            def per_entry(key, default=None):
+                return [float(parameters[key][e.id]) for e in entries] if key in parameters else default
 
             random = GTA_METHODS[self.builtin_name][1] in ("random", "della")
             seed = int(torch.randint(0, 2**62, (1,)).item()) if random else 0
@@ -153,8 +153,8 @@ def _fused_method_class():
                 normalize=bool(parameters["normalize"]),
                 rescale=bool(parameters["rescale"]),
                 lam=float(parameters["lambda"]),
-                gamma=per_entry("gamma") if "gamma" in parameters else 0.01,
-                epsilon=per_entry("epsilon") if "epsilon" in parameters else 0.15,
+                gamma=per_entry("gamma", 0.01),
+                epsilon=per_entry("epsilon", 0.15),
                 seed=seed,
             )
 
