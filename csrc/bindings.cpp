@@ -9,7 +9,10 @@
 #include <string>
 #include <vector>
 
+#include "cpu/linear_assignment.h"
+#include "cpu/permute.h"
 #include "cpu/runtime.h"
+#include "cpu/sinkhorn.h"
 #include "cpu/slerp.h"
 #include "cpu/sparse.h"
 #include "cpu/sparse_kernels.h"
@@ -157,6 +160,24 @@ std::vector<double> kept_l1_norms_flat(uintptr_t base, const Ptrs& xs, int dtype
   return kept_l1_norms(task_source(base, xs, dtype, numel), keep_rules(modes, topk, hash, masks), threads);
 }
 
+void permute_many_flat(const Ptrs& outs, const Ptrs& ins, const std::vector<int64_t>& element_sizes,
+                       const std::vector<std::vector<int64_t>>& shapes, const std::vector<Ptrs>& perms, int threads) {
+  const size_t n = outs.size();
+  if (ins.size() != n || element_sizes.size() != n || shapes.size() != n || perms.size() != n)
+    throw std::invalid_argument("permute_many: one out, in, element size, shape and perm list per tensor");
+  std::vector<PermuteJob> jobs(n);
+  for (size_t t = 0; t < n; ++t) {
+    if (perms[t].size() != shapes[t].size()) throw std::invalid_argument("permute_many: one perm slot per dim");
+    if (element_sizes[t] <= 0) throw std::invalid_argument("permute_many: element sizes must be positive");
+    jobs[t].out = reinterpret_cast<void*>(outs[t]);
+    jobs[t].in = reinterpret_cast<const void*>(ins[t]);
+    jobs[t].element_size = element_sizes[t];
+    jobs[t].shape = shapes[t];
+    for (uintptr_t p : perms[t]) jobs[t].perms.push_back(reinterpret_cast<const int64_t*>(p));
+  }
+  permute_many(jobs, threads);
+}
+
 }  // namespace
 }  // namespace fk
 
@@ -189,6 +210,50 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("out"), py::arg("a"), py::arg("b"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("t"),
       py::arg("dot_threshold"), py::arg("eps"), py::arg("threads"), nogil);
+  m.def("permute_many", &fk::permute_many_flat, py::arg("outs"), py::arg("ins"), py::arg("element_sizes"),
+        py::arg("shapes"), py::arg("perms"), py::arg("threads"), nogil);
+  m.def(
+      "sinkhorn",
+      [](uintptr_t cost, uintptr_t log_a, uintptr_t log_b, uintptr_t plan, uintptr_t f, uintptr_t g,
+         uintptr_t iterations, uintptr_t error, int dtype, int64_t batch, int64_t n, int64_t m, double reg,
+         int64_t max_iter, double tol, int64_t check_every, bool log_plan, int threads) {
+        if (dtype != fk::kFloat32 && dtype != fk::kFloat64)
+          throw std::invalid_argument("sinkhorn takes float32 or float64");
+        if (batch < 0 || n < 1 || m < 1 || max_iter < 1 || check_every < 1 || !(reg > 0))
+          throw std::invalid_argument("sinkhorn: need batch >= 0, n, m, max_iter, check_every >= 1 and reg > 0");
+        fk::SinkhornProblem p;
+        p.cost = reinterpret_cast<const void*>(cost);
+        p.log_a = reinterpret_cast<const void*>(log_a);
+        p.log_b = reinterpret_cast<const void*>(log_b);
+        p.plan = reinterpret_cast<void*>(plan);
+        p.f = reinterpret_cast<void*>(f);
+        p.g = reinterpret_cast<void*>(g);
+        p.iterations = reinterpret_cast<int64_t*>(iterations);
+        p.error = reinterpret_cast<double*>(error);
+        p.batch = batch;
+        p.n = n;
+        p.m = m;
+        p.reg = reg;
+        p.max_iter = max_iter;
+        p.tol = tol;
+        p.check_every = check_every;
+        p.log_plan = log_plan;
+        fk::sinkhorn(p, dtype, threads);
+      },
+      py::arg("cost"), py::arg("log_a"), py::arg("log_b"), py::arg("plan"), py::arg("f"), py::arg("g"),
+      py::arg("iterations"), py::arg("error"), py::arg("dtype"), py::arg("batch"), py::arg("n"), py::arg("m"),
+      py::arg("reg"), py::arg("max_iter"), py::arg("tol"), py::arg("check_every"), py::arg("log_plan"),
+      py::arg("threads"), nogil);
+  m.def(
+      "linear_assignment",
+      [](uintptr_t cost, int64_t batch, int64_t n, int64_t m, bool warm, uintptr_t v, uintptr_t perm, int threads) {
+        if (batch < 0 || n < 0 || n > m) throw std::invalid_argument("linear_assignment: need 0 <= n <= m");
+        if (warm && n != m) throw std::invalid_argument("linear_assignment: warm starts need square costs");
+        fk::linear_assignment(reinterpret_cast<const double*>(cost), batch, n, m, warm, reinterpret_cast<double*>(v),
+                              reinterpret_cast<int64_t*>(perm), threads);
+      },
+      py::arg("cost"), py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("warm"), py::arg("v"), py::arg("perm"),
+      py::arg("threads"), nogil);
   m.def("cpu_features", [] {
     const fk::CpuFeatures f = fk::cpu_features();
     py::dict d;

@@ -74,13 +74,15 @@ def decline_reason(
     backend: str, op: str, impls: dict[str, Callable], device: torch.device, dtype: torch.dtype, args: tuple = ()
 ) -> str | None:
     """Why ``backend`` cannot run ``op`` on these tensors (None if it can). An implementation may
-    carry a ``declines(*args)`` function for limits that depend on the call's options."""
+    carry ``dtypes`` (those it takes, None for all) and a ``declines(*args)`` function for limits
+    that depend on the call's options."""
     b = BACKENDS[backend]
     if backend not in impls:
         return f"does not implement {op}"
     if device.type not in b.device_types:
         return f"runs on {'/'.join(b.device_types)} tensors, got {device.type}"
-    if dtype not in b.dtypes:
+    dtypes = getattr(impls[backend], "dtypes", b.dtypes)  # an op that moves bytes may take any dtype (None)
+    if dtypes is not None and dtype not in dtypes:
         return f"does not support dtype {dtype}"
     reason = b.unavailable_reason()
     declines = getattr(impls[backend], "declines", None)

@@ -2,6 +2,7 @@
 #pragma once
 #include "fisher_merge.h"
 #include "kernels.h"
+#include "sinkhorn_kernels.h"
 #include "sparse_kernels.h"
 #include "task_arithmetic.h"
 #include "weighted_sum.h"
@@ -30,6 +31,9 @@ KernelTable make_kernel_table() {
   FK_FILL_SPARSE(t, sparse_merge, sparse_merge_range, V, S)
   FK_FILL_SPARSE(t, bracket, bracket_range, V, S)
   FK_FILL_SPARSE(t, kept_l1, kept_l1_range, V, S)
+  t.sinkhorn32 = make_sinkhorn_kernels<V, S, float>();
+  t.sinkhorn64 = make_sinkhorn_kernels<DoubleLane, DoubleLane, double>();
+  t.lsa_relax = &lsa_relax_scalar;
   return t;
 }
 

@@ -2,6 +2,8 @@
 // run time from the CPU's features.
 #pragma once
 #include "common.h"
+#include "lsa_relax.h"
+#include "sinkhorn_args.h"
 #include "sparse_args.h"
 
 namespace fk {
@@ -14,6 +16,9 @@ struct KernelTable {
   SparseMergeFn sparse_merge[kNumDTypes];
   BracketFn bracket[kNumDTypes];
   L1Fn kept_l1[kNumDTypes];
+  SinkhornKernels<float> sinkhorn32;
+  SinkhornKernels<double> sinkhorn64;
+  LsaRelaxFn lsa_relax;
 };
 
 const KernelTable& portable_kernels();

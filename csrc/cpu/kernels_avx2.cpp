@@ -2,10 +2,15 @@
 // only ever called after runtime.cpp has checked the CPU supports them.
 #include "kernel_table.h"
 #include "lanes_avx2.h"
+#include "lsa_relax_avx2.h"
 
 namespace fk {
 const KernelTable& avx2_kernels() {
-  static const KernelTable table = make_kernel_table<Avx2Lane, ScalarLane>();
+  static const KernelTable table = [] {
+    KernelTable t = make_kernel_table<Avx2Lane, ScalarLane>();
+    t.lsa_relax = &lsa_relax_avx2;
+    return t;
+  }();
   return table;
 }
 }  // namespace fk

@@ -3,6 +3,8 @@
 // stores back with exact rounding. Kernel bodies are templates over lanes, so one body serves
 // every ISA; lanes live in an anonymous namespace so each ISA's instantiations stay separate.
 #pragma once
+#include <cmath>
+
 #include "common.h"
 
 namespace fk {
@@ -22,6 +24,10 @@ struct OneElementLane {
   static R div(R a, R b) { return a / b; }
   static R fma(R a, R b, R c) { return a * b + c; }
   static R select_nonzero(R cond, R a, R b) { return cond != R(0) ? a : b; }
+  static R max(R a, R b) { return a > b ? a : b; }
+  static F hsum(R v) { return v; }
+  static F hmax(R v) { return v; }
+  static R exp(R v) { return std::exp(v); }
 };
 
 struct ScalarLane : OneElementLane<float> {
@@ -58,8 +64,6 @@ struct ScalarLane : OneElementLane<float> {
   static int movemask(M m) { return m ? 1 : 0; }
   static R select(M m, R a, R b) { return m ? a : b; }
   static R one_if(M m) { return m ? 1.f : 0.f; }
-  static R max(R a, R b) { return a > b ? a : b; }
-  static float hsum(R v) { return v; }
   static R abs(R v) { return bits_to_float(float_to_bits(v) & 0x7fffffffu); }
   static I abs_bits(R v) { return int32_t(float_to_bits(v) & 0x7fffffffu); }
   static I key16(const f16* p) { return p->bits & 0x7fff; }

@@ -5,6 +5,8 @@
 #endif
 #include <immintrin.h>
 
+#include <cmath>
+
 #include "common.h"
 
 namespace fk {
@@ -72,6 +74,38 @@ struct Avx2Lane {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+  }
+  static float hmax(R v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+  }
+  // e^x to about 1 ulp: x = k·ln2 + r with k = round(x·log2 e) (ln2 split in two so r is exact),
+  // e^r by a degree-7 Taylor-like polynomial (Cephes expf coefficients), 2^k via the exponent bits.
+  // Below ln(FLT_MIN) the result is 0 (no subnormals); above ln(FLT_MAX), +inf.
+  static R exp(R x) {
+    const R xc = _mm256_min_ps(x, _mm256_set1_ps(88.7228391f));
+    const R k = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    R r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), xc);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    R p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    // 2^k as two factors so k = 128 (x just below ln FLT_MAX) does not overflow the exponent field.
+    const __m256i ki = _mm256_cvtps_epi32(k);
+    const __m256i half = _mm256_srai_epi32(ki, 1);
+    const R s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+    const R s2 = _mm256_castsi256_ps(
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ki, half), _mm256_set1_epi32(127)), 23));
+    const R result = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+    const R tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3365447f), _CMP_LT_OQ);
+    const R huge = _mm256_cmp_ps(x, _mm256_set1_ps(88.7228391f), _CMP_GT_OQ);
+    return _mm256_blendv_ps(_mm256_andnot_ps(tiny, result), _mm256_set1_ps(INFINITY), huge);
   }
   static R abs(R v) { return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
   static I abs_bits(R v) { return _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff)); }

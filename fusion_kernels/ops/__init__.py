@@ -1,7 +1,10 @@
 """Public ops: validation at the boundary, a custom_op per op, dispatch to a backend."""
 
 from .fisher_merge import fisher_merge
+from .linear_assignment import linear_assignment
 from .magnitude_prune import magnitude_prune, magnitude_threshold
+from .permute import permute, permute_many
+from .sinkhorn import SinkhornResult, sinkhorn
 from .slerp import slerp
 from .sparse_merge import breadcrumbs_merge, dare_merge, della_merge, sparse_merge, ties_merge
 from .task_arithmetic import task_arithmetic
@@ -12,8 +15,13 @@ __all__ = [
     "dare_merge",
     "della_merge",
     "fisher_merge",
+    "linear_assignment",
     "magnitude_prune",
     "magnitude_threshold",
+    "permute",
+    "permute_many",
+    "SinkhornResult",
+    "sinkhorn",
     "slerp",
     "sparse_merge",
     "task_arithmetic",

@@ -4,8 +4,11 @@ They take already-validated arguments (weights as Python floats) and import only
 """
 
 from .fisher_merge import fisher_merge
+from .linear_assignment import linear_assignment
 from .magnitude_prune import magnitude_prune, magnitude_threshold, top_k_mask
+from .permute import inverse_permutation, permute
 from .random_mask import random_keep_mask
+from .sinkhorn import sinkhorn
 from .slerp import slerp
 from .sparse_merge import sparse_merge
 from .task_arithmetic import task_arithmetic
@@ -13,9 +16,13 @@ from .weighted_sum import weighted_sum
 
 __all__ = [
     "fisher_merge",
+    "inverse_permutation",
+    "linear_assignment",
     "magnitude_prune",
     "magnitude_threshold",
+    "permute",
     "random_keep_mask",
+    "sinkhorn",
     "slerp",
     "sparse_merge",
     "task_arithmetic",

@@ -1,0 +1,95 @@
+"""``linear_assignment``: exact minimum-cost (or maximum) assignment of rows to columns, one matrix
+or a batch, with warm starts from the previous solve's column potentials."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _native, _validate
+from .. import reference as ref
+from .._dispatch import select
+from ..errors import ShapeError, WeightError
+
+OP = "linear_assignment"
+
+
+def _torch_impl(cost, maximize, potentials, warm):
+    return ref.linear_assignment(cost, maximize), None
+
+
+def _torch_declines(cost, maximize, potentials, warm):
+    return "SciPy's solver returns no potentials" if potentials else None
+
+
+def _cpu_impl(cost, maximize, potentials, warm):
+    batch, n, m = cost.shape
+    work = (-cost if maximize else cost).to(torch.float64).contiguous()
+    v = warm.to(torch.float64).clone().contiguous() if warm is not None else work.new_zeros(batch, m)
+    perm = torch.empty(batch, n, dtype=torch.int64)
+    _native.lib().linear_assignment(
+        work.data_ptr(), batch, n, m, warm is not None, v.data_ptr(), perm.data_ptr(), _native.threads()
+    )
+    return perm, v
+
+
+_torch_impl.declines = _torch_declines
+_torch_impl.dtypes = _cpu_impl.dtypes = _validate.FLOAT_DTYPES
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
+
+
+def linear_assignment(
+    cost: torch.Tensor,
+    maximize: bool = False,
+    *,
+    warm_start: torch.Tensor | None = None,
+    return_potentials: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """perm with perm[i] the column of row i in an assignment minimising Σᵢ cost[i, perm[i]]
+    (maximising with ``maximize``); exact, like ``scipy.optimize.linear_sum_assignment``.
+
+    The ``cpu`` backend solves by shortest augmenting paths in float64 (batch spread over
+    threads); the ``torch`` backend calls SciPy. Where several assignments are optimal, either
+    may be returned.
+
+    Args:
+        cost: ``[..., n, m]`` finite floats with n <= m; leading dims are a batch.
+        maximize: maximise the total instead.
+        warm_start: column potentials ``[..., m]`` from an earlier call with ``return_potentials``
+            on a similar square cost (coordinate descent's previous sweep): rows whose previous
+            column is still best are assigned at once, and only the rest are searched.
+        return_potentials: also return the column potentials (float64, ``[..., m]``; for the
+            minimisation of ``-cost`` when maximising) to pass as the next ``warm_start``.
+
+    Returns:
+        int64 ``[..., n]`` on cost's device, or ``(perm, potentials)``.
+
+    Example:
+        >>> perm = fk.linear_assignment(similarity, maximize=True)  # weight matching
+    """
+    cost = _validate.check_tensor(OP, "cost", cost)
+    _validate.check_float(OP, "cost", cost)
+    if cost.dim() < 2 or cost.shape[-2] > cost.shape[-1]:
+        raise ShapeError(f"{OP}: argument 'cost' expected shape [..., n, m] with n <= m, got {tuple(cost.shape)}")
+    if not bool(torch.isfinite(cost).all()):
+        raise WeightError(f"{OP}: argument 'cost' has NaN or infinite entries")
+    batch_shape, (n, m) = cost.shape[:-2], cost.shape[-2:]
+    batch = math.prod(batch_shape)
+    if warm_start is not None:
+        warm_start = _validate.check_tensor(OP, "warm_start", warm_start)
+        _validate.check_float(OP, "warm_start", warm_start)
+        if n != m:
+            raise ShapeError(f"{OP}: argument 'warm_start' needs square costs, got {tuple(cost.shape)}")
+        if warm_start.shape != (*batch_shape, m):
+            raise ShapeError(
+                f"{OP}: argument 'warm_start' expected shape {(*batch_shape, m)}, got {tuple(warm_start.shape)}"
+            )
+        if not bool(torch.isfinite(warm_start).all()):
+            raise WeightError(f"{OP}: argument 'warm_start' has NaN or infinite entries")
+        warm_start = warm_start.detach().to("cpu").reshape(batch, m)
+    flat = cost.detach().to("cpu").reshape(batch, n, m)
+    impl = select(OP, IMPLS, cost.device, cost.dtype, (flat, maximize, return_potentials, warm_start))
+    perm, v = impl(flat, bool(maximize), return_potentials, warm_start)
+    perm = perm.reshape(*batch_shape, n).to(cost.device)
+    return (perm, v.reshape(*batch_shape, m)) if return_potentials else perm

@@ -1,0 +1,253 @@
+"""``permute`` and ``permute_many``: gathers along permuted dims in one pass per tensor, a whole
+state dict per call (git re-basin's P W Qᵀ)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from .. import _native, _validate
+from .. import reference as ref
+from .._dispatch import select
+from ..errors import AliasError, ArgumentTypeError, DeviceError, ShapeError
+from ._engine import empty_like
+
+OP = "permute"
+Perm = torch.Tensor | Sequence[int]
+Spec = Mapping[int, Perm]
+
+
+def _torch_impl(outs, xs, perms, slots) -> None:
+    for out, x, dims in zip(outs, xs, _split(slots, xs), strict=True):
+        out.copy_(ref.permute(x, {d: perms[i] for d, i in enumerate(dims) if i >= 0}))
+
+
+def _cpu_impl(outs, xs, perms, slots) -> None:
+    table = [p.data_ptr() for p in perms]
+    _native.lib().permute_many(
+        [o.data_ptr() for o in outs],
+        [x.data_ptr() for x in xs],
+        [x.element_size() for x in xs],
+        [list(x.shape) for x in xs],
+        [[table[i] if i >= 0 else 0 for i in dims] for dims in _split(slots, xs)],
+        _native.threads(),
+    )
+
+
+_torch_impl.dtypes = _cpu_impl.dtypes = None  # bytes are moved, so every dtype works
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
+
+
+def _split(slots: list[int], xs: list[torch.Tensor]) -> list[list[int]]:
+    """Per tensor, per dim: the index into ``perms`` of that dim's permutation, or -1."""
+    out, at = [], 0
+    for x in xs:
+        out.append(slots[at : at + x.dim()])
+        at += x.dim()
+    return out
+
+
+def _run(outs: list[torch.Tensor], xs: list[torch.Tensor], perms: list[torch.Tensor], slots: list[int]) -> None:
+    impl = select(OP, IMPLS, xs[0].device, xs[0].dtype)
+    targets = [o if o.is_contiguous() else empty_like(o) for o in outs]
+    impl(targets, [x.contiguous() for x in xs], perms, slots)
+    for o, t in zip(outs, targets, strict=True):
+        if t is not o:
+            o.copy_(t)
+
+
+@torch.library.custom_op("fusion_kernels::permute_many", mutates_args=())
+def _permute_many(xs: list[torch.Tensor], perms: list[torch.Tensor], slots: list[int]) -> list[torch.Tensor]:
+    outs = [empty_like(x) for x in xs]
+    _run(outs, xs, perms, slots)
+    return outs
+
+
+@_permute_many.register_fake
+def _(xs, perms, slots):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.perms, ctx.slots = inputs[1], inputs[2]
+
+
+def _backward(ctx, grads):
+    # The gradient of a gather by p is the gather by p's inverse.
+    inverse = [ref.inverse_permutation(p) for p in ctx.perms]
+    present = [i for i, g in enumerate(grads) if g is not None]
+    dims = _split(ctx.slots, grads)
+    back = _permute_many([grads[i] for i in present], inverse, [s for i in present for s in dims[i]])
+    out = [None] * len(grads)
+    for i, g in zip(present, back, strict=True):
+        out[i] = g
+    return out, [None] * len(ctx.perms), None
+
+
+_permute_many.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fusion_kernels::permute_out", mutates_args=("out",))
+def _permute_out(x: torch.Tensor, perms: list[torch.Tensor], slots: list[int], out: torch.Tensor) -> None:
+    _run([out], [x], perms, slots)
+
+
+@_permute_out.register_fake
+def _(x, perms, slots, out):
+    return None
+
+
+class _Perms:
+    """Validated permutations, each checked (and inverted) once however many tensors share it."""
+
+    def __init__(self, op: str, inverse: bool):
+        self.op, self.inverse = op, inverse
+        self.tensors: list[torch.Tensor] = []
+        self._index: dict[int, int] = {}
+        self._keep: list[object] = []  # the callers' objects, so their ids stay unique
+
+    def slots(self, name: str, x: torch.Tensor, spec: Spec) -> list[int]:
+        op = self.op
+        if not isinstance(spec, Mapping):
+            raise ArgumentTypeError(
+                f"{op}: argument '{name}' expected a mapping {{dim: permutation}}, got {type(spec).__name__}"
+            )
+        slots = [-1] * x.dim()
+        for dim, perm in spec.items():
+            if not isinstance(dim, int) or isinstance(dim, bool) or not -x.dim() <= dim < x.dim():
+                raise ShapeError(
+                    f"{op}: argument '{name}' has dim {dim!r}, expected an int in [{-x.dim()}, {x.dim()}) "
+                    f"for a tensor of shape {tuple(x.shape)}"
+                )
+            d = dim % x.dim()
+            if slots[d] >= 0:
+                raise ShapeError(f"{op}: argument '{name}' names dim {d} twice")
+            slots[d] = self._add(f"{name}[{dim}]", perm, x.shape[d], x.device)
+        return slots
+
+    def _add(self, name: str, perm: Perm, size: int, device: torch.device) -> int:
+        key = id(perm)
+        if key in self._index and self.tensors[self._index[key]].numel() == size:
+            return self._index[key]
+        p = _check_permutation(self.op, name, perm, size)
+        p = ref.inverse_permutation(p) if self.inverse else p
+        self._keep.append(perm)
+        self._index[key] = len(self.tensors)
+        self.tensors.append(p.to(device))
+        return self._index[key]
+
+
+def _check_permutation(op: str, name: str, perm: Perm, size: int) -> torch.Tensor:
+    """``perm`` as a contiguous int64 CPU tensor, after checking it is a permutation of range(size)."""
+    if isinstance(perm, torch.Tensor):
+        p = perm
+    elif isinstance(perm, Sequence) and not isinstance(perm, (str, bytes)):
+        try:
+            p = torch.as_tensor(list(perm), dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ArgumentTypeError(f"{op}: argument '{name}' expected a sequence of ints ({exc})") from None
+    else:
+        raise ArgumentTypeError(f"{op}: argument '{name}' expected a 1-D integer tensor, got {type(perm).__name__}")
+    if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+        raise ArgumentTypeError(f"{op}: argument '{name}' expected an integer dtype, got {p.dtype}")
+    if p.dim() != 1 or p.numel() != size:
+        raise ShapeError(
+            f"{op}: argument '{name}' expected a 1-D permutation of length {size}, got shape {tuple(p.shape)}"
+        )
+    p = p.detach().to("cpu", torch.int64).contiguous()
+    if size == 0:
+        return p
+    lo, hi = int(p.min()), int(p.max())
+    if lo < 0 or hi >= size:
+        bad = lo if lo < 0 else hi
+        raise ShapeError(f"{op}: argument '{name}' expected indices in [0, {size}), got {bad}")
+    counts = torch.bincount(p, minlength=size)
+    if not bool((counts == 1).all()):
+        twice = int(torch.nonzero(counts > 1)[0])
+        raise ShapeError(
+            f"{op}: argument '{name}' is not a permutation: index {twice} appears {int(counts[twice])} times"
+        )
+    return p
+
+
+def permute(x: torch.Tensor, perms: Spec, *, inverse: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[i₀, …, iₖ] = x[p₀[i₀], …, pₖ[iₖ]] for ``perms = {dim: p}``, identity on other dims, in one pass.
+
+    ``x.index_select(d0, p0).index_select(d1, p1)…`` without the intermediate copies. With
+    ``inverse=True`` each p is replaced by its inverse, which undoes ``permute(x, perms)``.
+
+    Args:
+        x: a tensor of any dtype (integer buffers too) and shape, e.g. a conv weight ``(out, in, kh, kw)``.
+        perms: ``{dim: permutation}``; a permutation is a 1-D integer tensor or sequence holding each
+            of ``0 … x.shape[dim]-1`` once. Negative dims count from the end.
+        inverse: apply the inverse permutations.
+        out: optional tensor like ``x`` to write into; it must not overlap ``x``.
+
+    Differentiable: the gradient is the inverse gather. Example (git re-basin, P W Qᵀ):
+        >>> fk.permute(w, {0: p_out, 1: p_in})
+    """
+    x = _validate.check_tensor(OP, "x", x)
+    table = _Perms(OP, inverse)
+    slots = table.slots("perms", x, perms)
+    if out is None:
+        return _permute_many([x], table.tensors, slots)[0]
+    out = _validate.check_out(OP, out, x, "x", {})
+    if x.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        raise AliasError(f"{OP}: argument 'out' shares memory with 'x'; a gather cannot run in place")
+    _permute_out(x, table.tensors, slots, out)
+    return out
+
+
+def permute_many(
+    tensors: Sequence[torch.Tensor] | Mapping[str, torch.Tensor],
+    specs: Sequence[Spec | None] | Mapping[str, Spec],
+    *,
+    inverse: bool = False,
+) -> list[torch.Tensor] | dict[str, torch.Tensor]:
+    """:func:`permute` for many tensors in one call: one pass each, work spread over threads by bytes.
+
+    Args:
+        tensors: a list of tensors, or a state dict ``{name: tensor}``; all on one device.
+        specs: per tensor, ``{dim: permutation}`` (a list aligned with ``tensors``, or a dict by
+            name where missing names mean no permutation). A permutation shared by several tensors
+            (the same object) is validated once.
+        inverse: apply the inverse permutations.
+
+    Returns:
+        A list or dict like ``tensors``; tensors without permutations are returned as they are (not copied).
+    """
+    op = "permute_many"
+    if isinstance(tensors, Mapping):
+        if not isinstance(specs, Mapping):
+            raise ArgumentTypeError(f"{op}: argument 'specs' expected a mapping by name, got {type(specs).__name__}")
+        unknown = sorted(set(specs) - set(tensors))
+        if unknown:
+            raise ShapeError(f"{op}: argument 'specs' names tensors not in 'tensors': {unknown[:5]}")
+        names = list(tensors)
+        results = _permute_list(op, [tensors[n] for n in names], [specs.get(n) for n in names], names, inverse)
+        return dict(zip(names, results, strict=True))
+    if isinstance(specs, Mapping) or not isinstance(specs, Sequence):
+        raise ArgumentTypeError(f"{op}: argument 'specs' expected a sequence aligned with 'tensors'")
+    tensors = list(tensors)
+    if len(specs) != len(tensors):
+        raise ShapeError(f"{op}: argument 'specs' expected {len(tensors)} entries (one per tensor), got {len(specs)}")
+    return _permute_list(op, tensors, list(specs), [str(i) for i in range(len(tensors))], inverse)
+
+
+def _permute_list(op, tensors, specs, names, inverse) -> list[torch.Tensor]:
+    table = _Perms(op, inverse)
+    chosen, slots = [], []
+    for i, (name, x, spec) in enumerate(zip(names, tensors, specs, strict=True)):
+        x = _validate.check_tensor(op, f"tensors[{name!r}]", x)
+        if x.device != tensors[0].device:
+            raise DeviceError(f"{op}: argument 'tensors[{name!r}]' expected device {tensors[0].device}, got {x.device}")
+        s = table.slots(f"specs[{name!r}]", x, spec or {})
+        if any(v >= 0 for v in s):
+            chosen.append(i)
+            slots += s
+    results = list(tensors)
+    if chosen:
+        for i, y in zip(chosen, _permute_many([tensors[i] for i in chosen], table.tensors, slots), strict=True):
+            results[i] = y
+    return results
