@@ -136,6 +136,158 @@ def sparse_suite(args, copy_gbs: float) -> list[dict]:
     return rows
 
 
+def align_suite(args, copy_gbs: float) -> list[dict]:
+    """permute_many, sinkhorn and linear_assignment beside the tools users would reach for."""
+    import align_workloads as aw
+
+    print("| op | workload | impl | seconds | GB/s | % of copy | our speedup | check |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
+    rows = []
+    parts = {
+        "permute": _align_permute,
+        "sinkhorn": _align_sinkhorn,
+        "sinkhorn_grad": _align_sinkhorn_grad,
+        "assignment": _align_assignment,
+    }
+    for part in args.align_parts:
+        for row, check in parts[part](aw, args, copy_gbs):
+            row["suite"] = "align"
+            rows.append(row)
+            gbps = f"{row['gbps']:.1f}" if "gbps" in row else ""
+            frac = f"{100 * row['fraction_of_copy']:.0f}%" if "fraction_of_copy" in row else ""
+            print(
+                f"| {row['op']} | {row['workload']} | {row['impl']} | {row['seconds']:.3f} | {gbps} | {frac} "
+                f"| {row['our_speedup']:.1f}x | {check} |",
+                flush=True,
+            )
+    return rows
+
+
+def _align_permute(aw, args, copy_gbs):
+    for dname in args.align_dtypes:
+        tensors, specs = aw.llama_layer(DTYPES[dname], args.align_scale)
+        nbytes = 2 * sum(t.nbytes for t in tensors)  # each element read once and written once
+        impls = aw.permute_impls([torch.empty_like(t) for t in tensors])
+        times = {k: timeit(lambda f=f, t=tensors, s=specs: f(t, s), args.repeat, args.device) for k, f in impls.items()}
+        theirs = impls["index_select"](tensors, specs)
+        same = all(
+            torch.equal(a, b) and torch.equal(c, b)
+            for a, b, c in zip(
+                impls["fusion_kernels"](tensors, specs),
+                theirs,
+                impls["fusion_kernels out="](tensors, specs),
+                strict=True,
+            )
+        )
+        del theirs, tensors, impls
+        for impl, sec in times.items():
+            gbps = nbytes / sec / 1e9
+            row = {
+                "op": "permute_many",
+                "workload": f"Llama-7B layer x{args.align_scale:g}, {dname}",
+                "dtype": dname,
+                "impl": impl,
+                "seconds": sec,
+                "gbps": gbps,
+                "fraction_of_copy": gbps / copy_gbs,
+                "our_speedup": sec / times["fusion_kernels"],
+            }
+            yield row, f"equal: {same}"
+
+
+def _align_sinkhorn(aw, args, copy_gbs):
+    for name in args.sinkhorn_shapes:
+        cost = aw.sinkhorn_cost(aw.SINKHORN_SHAPES[name])
+        impls = {k: f for k, f in aw.sinkhorn_impls().items() if f is not None}
+        plans, times = {}, {}
+        for impl, fn in impls.items():
+            repeat = args.repeat if impl == "fusion_kernels" else 1
+            times[impl] = timeit(lambda fn=fn, c=cost: fn(c), repeat, args.device)
+            plans[impl] = fn(cost).double()
+        for impl, sec in times.items():
+            diff = (plans[impl] - plans["fusion_kernels"]).abs().max().item()
+            row = {
+                "op": "sinkhorn",
+                "workload": f"{name}, {aw.SINKHORN_ITERS} it, reg {aw.SINKHORN_REG}, fp32",
+                "impl": impl,
+                "seconds": sec,
+                "our_speedup": sec / times["fusion_kernels"],
+                "max_abs_diff_vs_ours": diff,
+                "plan_max": plans["fusion_kernels"].max().item(),
+            }
+            yield row, f"max abs diff to ours {diff:.1e} (max entry {row['plan_max']:.1e})"
+
+
+def _align_sinkhorn_grad(aw, args, copy_gbs):
+    """Forward + backward of a loss on the plan: implicit (a solve at the plan) vs unrolled
+    (autograd through the loop), time and peak extra memory."""
+    shape = aw.SINKHORN_GRAD_SHAPE
+    cost = aw.sinkhorn_cost(shape)
+    target = torch.rand(shape)
+    grads, times = {}, {}
+    for mode in ("implicit", "unrolled"):
+
+        def step(mode=mode):
+            c = cost.clone().requires_grad_(True)
+            plan = fk.sinkhorn(c, reg=aw.SINKHORN_REG, tol=None, max_iter=aw.SINKHORN_ITERS, backward=mode).plan
+            ((plan - target) ** 2).sum().backward()
+            return c.grad
+
+        times[mode] = timeit(step, 1, args.device)
+        peak = peak_extra_bytes(step)
+        grads[mode] = step()
+        diff = (grads[mode] - grads["implicit"]).abs().max().item() / grads["implicit"].abs().max().item()
+        row = {
+            "op": "sinkhorn backward",
+            "workload": f"{'x'.join(map(str, shape))}, {aw.SINKHORN_ITERS} it, fp32",
+            "impl": mode,
+            "seconds": times[mode],
+            "our_speedup": times[mode] / times["implicit"],
+            "peak_extra_bytes": peak,
+            "peak_extra_costs": None if peak is None else peak / cost.nbytes,
+            "grad_rel_diff_vs_implicit": diff,
+        }
+        peak_text = "" if peak is None else f"peak extra {row['peak_extra_costs']:.1f}x the cost tensor, "
+        yield row, f"{peak_text}grad rel. diff to implicit {diff:.1e}"
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def _align_assignment(aw, args, copy_gbs):
+    for n in args.assignment_sizes:
+        for kind in ("randn", "matching"):
+            cost = aw.assignment_cost(n, kind)
+            nxt = aw.nudged(cost)
+            ref, t_scipy = _timed(lambda c=cost: aw.scipy_assignment(c))
+            (ours, v), t_ours = _timed(lambda c=cost: fk.linear_assignment(c, return_potentials=True))
+            ref_next, t_scipy_next = _timed(lambda c=nxt: aw.scipy_assignment(c))
+            cold_next, t_cold_next = _timed(lambda c=nxt: fk.linear_assignment(c))
+            warm_next, t_warm = _timed(lambda c=nxt, v=v: fk.linear_assignment(c, warm_start=v))
+            rows = torch.arange(n)
+            totals = [c[rows, p].sum().item() for c, p in ((cost, ours), (cost, ref))]
+            totals_next = [nxt[rows, p].sum().item() for p in (ref_next, cold_next, warm_next)]
+            ok = totals[0] == totals[1] and len(set(totals_next)) == 1
+            for impl, workload, sec, ours_sec in (
+                ("scipy", "cold", t_scipy, t_ours),
+                ("fusion_kernels", "cold", t_ours, t_ours),
+                ("scipy", "next sweep", t_scipy_next, t_warm),
+                ("fusion_kernels", "next sweep, cold", t_cold_next, t_warm),
+                ("fusion_kernels", "next sweep, warm", t_warm, t_warm),
+            ):
+                row = {
+                    "op": "linear_assignment",
+                    "workload": f"{kind} n={n}, {workload}",
+                    "impl": impl,
+                    "seconds": sec,
+                    "our_speedup": sec / ours_sec,
+                }
+                yield row, f"optimal totals equal: {ok}"
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -227,15 +379,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, default=None, help="where to write results (default benchmarks/results/)")
     p.add_argument(
         "--suite",
-        choices=("dense", "sparse"),
+        choices=("dense", "sparse", "align"),
         default="dense",
-        help="dense: the averaging ops (default); sparse: TIES/DARE/prune beside PEFT and mergekit",
+        help="dense: the averaging ops (default); sparse: TIES/DARE/prune beside PEFT and mergekit; "
+        "align: permute_many, sinkhorn, linear_assignment",
     )
+    p.add_argument("--align-parts", nargs="+", default=["permute", "sinkhorn", "sinkhorn_grad", "assignment"])
+    p.add_argument("--align-dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    p.add_argument("--align-scale", type=float, default=1.0, help="scale of the Llama layer's dims")
+    p.add_argument("--sinkhorn-shapes", nargs="+", default=["32x512x512", "4x4096x4096"])
+    p.add_argument("--assignment-sizes", nargs="+", type=int, default=[1024, 4096, 11008])
     p.add_argument("--shapes", nargs="+", default=list(SPARSE_SHAPES), choices=list(SPARSE_SHAPES))
     p.add_argument("--sparse-ops", nargs="+", default=list(SPARSE_OPS), choices=list(SPARSE_OPS))
     p.add_argument("--sparse-dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     args = p.parse_args(argv)
-    if args.suite == "sparse" and argv is None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    if args.suite != "dense" and argv is None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # Peak memory is read from the RSS high-water mark. glibc would serve large buffers from
         # freed heap chunks (its mmap threshold adapts upward), hiding new allocations; a fixed
         # threshold maps every large buffer afresh, for every implementation alike.
@@ -249,7 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
         + (f", {args.numel:,} elements per tensor" if args.suite == "dense" else "")
         + "\n"
     )
-    rows = sparse_suite(args, copy_gbs) if args.suite == "sparse" else dense_suite(args, copy_gbs)
+    suites = {"dense": dense_suite, "sparse": sparse_suite, "align": align_suite}
+    rows = suites[args.suite](args, copy_gbs)
 
     result = {
         "benchmark": "roofline",
@@ -261,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": info.collect(),
         "rows": rows,
     }
-    suffix = "-sparse" if args.suite == "sparse" else ""
+    suffix = "" if args.suite == "dense" else f"-{args.suite}"
     path = args.json or Path(__file__).parent / "results" / f"roofline-{args.device}{suffix}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str) + "\n")

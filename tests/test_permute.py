@@ -130,6 +130,11 @@ def test_permute_many_list_and_state_dict(backend):
     assert all(torch.equal(back[k], state[k]) for k in state)
     as_list = fk.permute_many(list(state.values()), [specs.get(k) for k in state])
     assert all(torch.equal(a, b) for a, b in zip(as_list, got.values(), strict=True))
+    buffers = {k: torch.empty_like(v) for k, v in state.items() if k != "fc2.bias"}
+    into = fk.permute_many(state, specs, out=buffers)
+    for name, x in into.items():
+        assert x is (buffers[name] if name in buffers else state[name])
+        assert torch.equal(x, got[name])
 
 
 def test_gradient_is_the_inverse_gather(backend):
@@ -170,6 +175,12 @@ def test_bad_specs_and_out():
         fk.permute(x, [[0, 1, 2, 3]])
     with pytest.raises(fk.AliasError, match="in place"):
         fk.permute(x, {0: [1, 0, 2, 3]}, out=x)
+    with pytest.raises(fk.AliasError, match="in place"):
+        fk.permute_many([x, x.clone()], [{0: [1, 0, 2, 3]}, None], out=[torch.zeros(4, 3), x])
+    with pytest.raises(fk.ShapeError, match="no buffer for the permuted tensor '0'"):
+        fk.permute_many([x], [{0: [1, 0, 2, 3]}], out=[None])
+    with pytest.raises(fk.ArgumentTypeError, match="'out' expected a mapping"):
+        fk.permute_many({"a": x}, {"a": {0: [1, 0, 2, 3]}}, out=[x])
     with pytest.raises(fk.ShapeError, match="expected shape"):
         fk.permute(x, {0: [1, 0, 2, 3]}, out=torch.zeros(3, 4))
     with pytest.raises(fk.ShapeError, match="2 entries"):

@@ -88,14 +88,28 @@ def _backward(ctx, grads):
 _permute_many.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("fusion_kernels::permute_out", mutates_args=("out",))
-def _permute_out(x: torch.Tensor, perms: list[torch.Tensor], slots: list[int], out: torch.Tensor) -> None:
-    _run([out], [x], perms, slots)
+@torch.library.custom_op("fusion_kernels::permute_many_out", mutates_args=("outs",))
+def _permute_many_out(
+    xs: list[torch.Tensor], perms: list[torch.Tensor], slots: list[int], outs: list[torch.Tensor]
+) -> None:
+    _run(outs, xs, perms, slots)
 
 
-@_permute_out.register_fake
-def _(x, perms, slots, out):
+@_permute_many_out.register_fake
+def _(xs, perms, slots, outs):
     return None
+
+
+def _check_out(op: str, name: str, out, x: torch.Tensor, x_name: str, inputs: list[torch.Tensor]) -> torch.Tensor:
+    """``out`` must look like ``x`` and share no storage with any input (a gather cannot run in place)."""
+    out = _validate.check_out(op, out, x, x_name, {})
+    if out.numel() and any(t.numel() and _same_storage(out, t) for t in inputs):
+        raise AliasError(f"{op}: argument '{name}' shares memory with an input; a gather cannot run in place")
+    return out
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class _Perms:
@@ -192,10 +206,8 @@ def permute(x: torch.Tensor, perms: Spec, *, inverse: bool = False, out: torch.T
     slots = table.slots("perms", x, perms)
     if out is None:
         return _permute_many([x], table.tensors, slots)[0]
-    out = _validate.check_out(OP, out, x, "x", {})
-    if x.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
-        raise AliasError(f"{OP}: argument 'out' shares memory with 'x'; a gather cannot run in place")
-    _permute_out(x, table.tensors, slots, out)
+    out = _check_out(OP, "out", out, x, "x", [x])
+    _permute_many_out([x], table.tensors, slots, [out])
     return out
 
 
@@ -204,6 +216,7 @@ def permute_many(
     specs: Sequence[Spec | None] | Mapping[str, Spec],
     *,
     inverse: bool = False,
+    out: Sequence[torch.Tensor | None] | Mapping[str, torch.Tensor] | None = None,
 ) -> list[torch.Tensor] | dict[str, torch.Tensor]:
     """:func:`permute` for many tensors in one call: one pass each, work spread over threads by bytes.
 
@@ -213,9 +226,13 @@ def permute_many(
             name where missing names mean no permutation). A permutation shared by several tensors
             (the same object) is validated once.
         inverse: apply the inverse permutations.
+        out: optional buffers to write into, aligned with ``tensors`` like ``specs`` (reuse them
+            across calls to skip allocating and page-faulting new outputs). Every permuted tensor
+            needs one; an unpermuted tensor with a buffer is copied into it.
 
     Returns:
-        A list or dict like ``tensors``; tensors without permutations are returned as they are (not copied).
+        A list or dict like ``tensors``, holding the ``out`` buffers where given; tensors without
+        permutations or buffers are returned as they are (not copied).
     """
     op = "permute_many"
     if isinstance(tensors, Mapping):
@@ -224,18 +241,27 @@ def permute_many(
         unknown = sorted(set(specs) - set(tensors))
         if unknown:
             raise ShapeError(f"{op}: argument 'specs' names tensors not in 'tensors': {unknown[:5]}")
+        if out is not None and not isinstance(out, Mapping):
+            raise ArgumentTypeError(f"{op}: argument 'out' expected a mapping by name, got {type(out).__name__}")
         names = list(tensors)
-        results = _permute_list(op, [tensors[n] for n in names], [specs.get(n) for n in names], names, inverse)
+        outs = None if out is None else [out.get(n) for n in names]
+        results = _permute_list(op, [tensors[n] for n in names], [specs.get(n) for n in names], names, inverse, outs)
         return dict(zip(names, results, strict=True))
-    if isinstance(specs, Mapping) or not isinstance(specs, Sequence):
-        raise ArgumentTypeError(f"{op}: argument 'specs' expected a sequence aligned with 'tensors'")
     tensors = list(tensors)
-    if len(specs) != len(tensors):
-        raise ShapeError(f"{op}: argument 'specs' expected {len(tensors)} entries (one per tensor), got {len(specs)}")
-    return _permute_list(op, tensors, list(specs), [str(i) for i in range(len(tensors))], inverse)
+    for name, value in (("specs", specs), ("out", out)):
+        if value is None and name == "out":
+            continue
+        if isinstance(value, Mapping) or not isinstance(value, Sequence):
+            raise ArgumentTypeError(f"{op}: argument '{name}' expected a sequence aligned with 'tensors'")
+        if len(value) != len(tensors):
+            raise ShapeError(
+                f"{op}: argument '{name}' expected {len(tensors)} entries (one per tensor), got {len(value)}"
+            )
+    names = [str(i) for i in range(len(tensors))]
+    return _permute_list(op, tensors, list(specs), names, inverse, None if out is None else list(out))
 
 
-def _permute_list(op, tensors, specs, names, inverse) -> list[torch.Tensor]:
+def _permute_list(op, tensors, specs, names, inverse, outs) -> list[torch.Tensor]:
     table = _Perms(op, inverse)
     chosen, slots = [], []
     for i, (name, x, spec) in enumerate(zip(names, tensors, specs, strict=True)):
@@ -247,7 +273,17 @@ def _permute_list(op, tensors, specs, names, inverse) -> list[torch.Tensor]:
             chosen.append(i)
             slots += s
     results = list(tensors)
-    if chosen:
+    if outs is not None:
+        for i, (name, x, buffer) in enumerate(zip(names, tensors, outs, strict=True)):
+            if buffer is None and i in chosen:
+                raise ShapeError(f"{op}: argument 'out' has no buffer for the permuted tensor {name!r}")
+            if buffer is not None:
+                results[i] = _check_out(op, f"out[{name!r}]", buffer, x, f"tensors[{name!r}]", tensors)
+                if i not in chosen:
+                    results[i].copy_(x)
+        if chosen:
+            _permute_many_out([tensors[i] for i in chosen], table.tensors, slots, [results[i] for i in chosen])
+    elif chosen:
         for i, y in zip(chosen, _permute_many([tensors[i] for i in chosen], table.tensors, slots), strict=True):
             results[i] = y
     return results

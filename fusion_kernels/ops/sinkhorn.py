@@ -106,30 +106,32 @@ def implicit_grad(p: torch.Tensor, q: torch.Tensor, grad_f: torch.Tensor, grad_g
 
     With Q = (dL/dP)∘P/ε, r = [Q·1 + dL/df; Qᵀ·1 + dL/dg] and H = [[diag(P1), P], [Pᵀ, diag(Pᵀ1)]],
     solve H [u; v] = r (H is singular along (1, −1), the potentials' shift; r is projected off it)
-    and dL/dC_ij = P_ij·(u_i + v_j) − Q_ij. The smaller side is solved by its Schur complement.
+    and dL/dC_ij = P_ij·(u_i + v_j) − Q_ij. The smaller side is solved by its Schur complement, in
+    float64; the [n, m] products stay in P's dtype.
     """
-    dtype = p.dtype
-    p, q = p.double(), q.double()
-    r1, r2 = q.sum(-1) + grad_f.double(), q.sum(-2) + grad_g.double()
+    r1 = q.sum(-1, dtype=torch.float64) + grad_f.double()
+    r2 = q.sum(-2, dtype=torch.float64) + grad_g.double()
     n, m = p.shape[-2], p.shape[-1]
     shift = (r1.sum(-1, keepdim=True) - r2.sum(-1, keepdim=True)) / (n + m)
     r1, r2 = r1 - shift, r2 + shift
     if m > n:  # eliminate v instead: the same equations with P transposed
-        u, v = _schur_solve(p.transpose(-1, -2), r2, r1)[::-1]
+        v, u = _schur_solve(p.transpose(-1, -2), r2, r1)
     else:
         u, v = _schur_solve(p, r1, r2)
-    return (p * (u.unsqueeze(-1) + v.unsqueeze(-2)) - q).to(dtype)
+    return p * (u.unsqueeze(-1) + v.unsqueeze(-2)).to(p.dtype) - q
 
 
 def _schur_solve(p, r1, r2):
     """Solves [[diag(a), P], [Pᵀ, diag(b)]] [u; v] = [r1; r2] (a, b: P's row and column sums) via the
     m×m Schur complement S = diag(b) − Pᵀ diag(1/a) P, made definite by adding 11ᵀ (S1 = 0 and the
     right side sums to zero, so the solution is unchanged)."""
-    a, b = p.sum(-1), p.sum(-2)
-    pa = p / a.unsqueeze(-1)
-    s = torch.diag_embed(b) - p.transpose(-1, -2) @ pa + 1.0
-    v = torch.linalg.solve(s, (r2 - (pa.transpose(-1, -2) @ r1.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)).squeeze(-1)
-    u = (r1 - (p @ v.unsqueeze(-1)).squeeze(-1)) / a
+    a, b = p.sum(-1, dtype=torch.float64), p.sum(-2, dtype=torch.float64)
+    pa = p / a.unsqueeze(-1).to(p.dtype)
+    s = torch.diag_embed(b) - (p.transpose(-1, -2) @ pa).double() + 1.0
+    rhs = r2 - (pa.transpose(-1, -2) @ r1.to(p.dtype).unsqueeze(-1)).squeeze(-1).double()
+    del pa
+    v = torch.linalg.solve(s, rhs.unsqueeze(-1)).squeeze(-1)
+    u = (r1 - (p @ v.to(p.dtype).unsqueeze(-1)).squeeze(-1).double()) / a
     return u, v
 
 
