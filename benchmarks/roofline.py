@@ -14,6 +14,8 @@ Prints a markdown table and writes JSON (machine, versions, git sha, every timin
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime
 import json
 import os
@@ -72,6 +74,13 @@ def peak_extra_bytes(fn) -> int | None:
         return (_status_kib("VmHWM") - start) * 1024
     except OSError:
         return None
+
+
+def pin_mmap_threshold() -> None:
+    """From now on, serve every buffer of 1 MiB or more by a fresh mmap (glibc ``mallopt``), so the
+    RSS high-water mark sees every large allocation; the sparse suite sets it at start-up instead."""
+    with contextlib.suppress(OSError):  # not glibc: readings may then miss reused heap memory
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def _status_kib(field: str) -> int:
@@ -221,6 +230,7 @@ def _align_sinkhorn(aw, args, copy_gbs):
 def _align_sinkhorn_grad(aw, args, copy_gbs):
     """Forward + backward of a loss on the plan: implicit (a solve at the plan) vs unrolled
     (autograd through the loop), time and peak extra memory."""
+    pin_mmap_threshold()
     shape = aw.SINKHORN_GRAD_SHAPE
     cost = aw.sinkhorn_cost(shape)
     target = torch.rand(shape)
@@ -384,7 +394,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="dense: the averaging ops (default); sparse: TIES/DARE/prune beside PEFT and mergekit; "
         "align: permute_many, sinkhorn, linear_assignment",
     )
-    p.add_argument("--align-parts", nargs="+", default=["permute", "sinkhorn", "sinkhorn_grad", "assignment"])
+    # sinkhorn_grad last: it pins glibc's mmap threshold for its memory readings
+    p.add_argument("--align-parts", nargs="+", default=["permute", "sinkhorn", "assignment", "sinkhorn_grad"])
     p.add_argument("--align-dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     p.add_argument("--align-scale", type=float, default=1.0, help="scale of the Llama layer's dims")
     p.add_argument("--sinkhorn-shapes", nargs="+", default=["32x512x512", "4x4096x4096"])
@@ -393,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sparse-ops", nargs="+", default=list(SPARSE_OPS), choices=list(SPARSE_OPS))
     p.add_argument("--sparse-dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     args = p.parse_args(argv)
-    if args.suite != "dense" and argv is None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+    if args.suite == "sparse" and argv is None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # Peak memory is read from the RSS high-water mark. glibc would serve large buffers from
         # freed heap chunks (its mmap threshold adapts upward), hiding new allocations; a fixed
         # threshold maps every large buffer afresh, for every implementation alike.

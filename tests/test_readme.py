@@ -16,3 +16,16 @@ def test_quick_start_runs():
     models = scope["models"]
     torch.testing.assert_close(scope["reference"], scope["mix"], rtol=1.6e-2, atol=1e-5)
     assert scope["soup"].shape == models[0].shape and scope["fisher"].dtype == torch.bfloat16
+
+
+def test_alignment_example_runs():
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if "fk.permute(" in b]
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    w, p_out, p_in = scope["w"], scope["p_out"], scope["p_in"]
+    assert torch.equal(scope["w2"], w[p_out][:, p_in])
+    assert torch.equal(scope["state2"]["fc2.weight"], scope["state"]["fc2.weight"][:, p_out])
+    assert sorted(scope["perm_next"].tolist()) == list(range(64))
+    torch.testing.assert_close(scope["soft"].sum(0), torch.ones(64), rtol=1e-4, atol=1e-4)
+    assert bool((scope["res"].error <= 1e-6).all())
