@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/della.h"
 #include "cpu/linear_assignment.h"
 #include "cpu/permute.h"
 #include "cpu/runtime.h"
@@ -160,6 +161,23 @@ std::vector<double> kept_l1_norms_flat(uintptr_t base, const Ptrs& xs, int dtype
   return kept_l1_norms(task_source(base, xs, dtype, numel), keep_rules(modes, topk, hash, masks), threads);
 }
 
+void della_masks_flat(uintptr_t masks, uintptr_t base, const Ptrs& xs, int dtype, int64_t rows, int64_t cols,
+                      const std::vector<float>& low, const std::vector<float>& spread, const std::vector<uint32_t>& s1,
+                      const std::vector<uint32_t>& s2, int threads) {
+  const size_t n = xs.size();
+  if (low.size() != n || spread.size() != n || s1.size() != n || s2.size() != n)
+    throw std::invalid_argument("della_masks: one low, spread, s1 and s2 per model");
+  if (rows < 0 || cols < 0) throw std::invalid_argument("della_masks: rows and cols must be >= 0");
+  DellaArgs a;
+  a.rows = rows;
+  a.cols = cols;
+  a.low = low;
+  a.spread = spread;
+  a.s1 = s1;
+  a.s2 = s2;
+  della_masks(task_source(base, xs, dtype, rows * cols), a, reinterpret_cast<uint8_t*>(masks), threads);
+}
+
 void permute_many_flat(const Ptrs& outs, const Ptrs& ins, const std::vector<int64_t>& element_sizes,
                        const std::vector<std::vector<int64_t>>& shapes, const std::vector<Ptrs>& perms, int threads) {
   const size_t n = outs.size();
@@ -210,6 +228,9 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("out"), py::arg("a"), py::arg("b"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("t"),
       py::arg("dot_threshold"), py::arg("eps"), py::arg("threads"), nogil);
+  m.def("della_masks", &fk::della_masks_flat, py::arg("masks"), py::arg("base"), py::arg("xs"), py::arg("dtype"),
+        py::arg("rows"), py::arg("cols"), py::arg("low"), py::arg("spread"), py::arg("s1"), py::arg("s2"),
+        py::arg("threads"), nogil);
   m.def("permute_many", &fk::permute_many_flat, py::arg("outs"), py::arg("ins"), py::arg("element_sizes"),
         py::arg("shapes"), py::arg("perms"), py::arg("threads"), nogil);
   m.def(

@@ -71,6 +71,7 @@ def sparse_merge(
     combine,
     densities,
     gammas,
+    epsilons,
     lam,
     seed,
     masks,
@@ -78,6 +79,8 @@ def sparse_merge(
 ) -> None:
     lib, n = _native.lib(), len(xs)
     code, numel, ptrs = _native.dtype_code(xs[0].dtype), xs[0].numel(), _native.pointers(xs)
+    if sparsify == "della" and not masks:
+        masks = della_masks(base, xs, densities, epsilons, seed)
     rules = keep_rules(base, xs, sparsify, densities, gammas, seed, masks, ks)
     scales, divide = [1.0] * n, False
     if rescale == "inverse_density" and (sparsify is not None or masks):
@@ -118,9 +121,35 @@ def threshold_value(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor([t], dtype=torch.int16).view(x.dtype)[0]
 
 
-def sparse_declines(xs, sparsify) -> str | None:
+def della_masks(base, xs, densities, epsilons, seed) -> list[torch.Tensor]:
+    """Each model's DELLA keep mask (bool, like xs[0]), ranked along rows (a 1-D tensor is one row)."""
+    n, shape = len(xs), xs[0].shape
+    rows, cols = (1, shape[0]) if len(shape) == 1 else shape
+    f32 = [torch.tensor([d - e, 2 * e], dtype=torch.float32).tolist() for d, e in zip(densities, epsilons, strict=True)]
+    keys = [stream_keys(seed, i) for i in range(n)]
+    masks = torch.empty((n, *shape), dtype=torch.bool)
+    _native.lib().della_masks(
+        masks.data_ptr(),
+        _ptr(base),
+        _native.pointers(xs),
+        _native.dtype_code(xs[0].dtype),
+        rows,
+        cols,
+        [lo for lo, _ in f32],
+        [spread for _, spread in f32],
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        _native.threads(),
+    )
+    return list(masks.unbind(0))
+
+
+def sparse_declines(xs, sparsify, rescale, masks) -> str | None:
     if xs[0].dtype == torch.float64:
         return "the C++ sparse kernels take float32, float16 and bfloat16 (float64 runs on 'torch')"
-    if sparsify == "della":
-        return "della's per-row ranking has no C++ kernel yet (runs on 'torch')"
+    if sparsify == "della" and not masks:
+        if rescale == "inverse_density":
+            return "della with rescale='inverse_density' divides by per-element probabilities (runs on 'torch')"
+        if xs[0].dim() not in (1, 2):
+            return "della's C++ ranking takes 1-D and 2-D tensors (others run on 'torch')"
     return None

@@ -11,6 +11,7 @@ from helpers import assert_close, inputs, randn
 
 import fusion_kernels as fk
 from fusion_kernels import reference as ref
+from fusion_kernels.reference.sparse_merge import keep_mask_and_probability
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DT_IDS = ["float32", "float16", "bfloat16"]
@@ -44,8 +45,6 @@ def reference(base, xs, w, **kw):
 @pytest.mark.parametrize("with_base", [True, False], ids=["base", "no-base"])
 @pytest.mark.parametrize("sparsify, consensus, combine", list(itertools.product(SPARSIFY, CONSENSUS, COMBINE)))
 def test_option_matrix_matches_reference(backend, dtype, with_base, sparsify, consensus, combine):
-    if sparsify == "della" and backend == "cpu":
-        pytest.skip("della has no C++ kernel yet; automatic dispatch runs it on torch (tested below)")
     base, *xs = inputs(4, (33, 65), dtype, seed=zlib.crc32(repr((sparsify, consensus, combine)).encode()) % 1000)
     base = base if with_base else None
     w = [0.6, -0.3, 1.2]
@@ -63,6 +62,10 @@ def test_option_matrix_matches_reference(backend, dtype, with_base, sparsify, co
         lam=0.9,
         seed=7,
     )
+    if sparsify == "della" and rescale == "inverse_density" and backend == "cpu":
+        with pytest.raises(fk.BackendError, match="della"):  # per-element 1/p: the torch backend's
+            fk.sparse_merge(base, xs, w, **kw)
+        return
     assert_close(fk.sparse_merge(base, xs, w, **kw), reference(base, xs, w, **kw))
 
 
@@ -144,12 +147,33 @@ def test_hand_worked_ties(backend):
     assert torch.equal(tied, torch.tensor([2.0, 1.0, 0.0, 0.0]))
 
 
-def test_della_falls_back_to_torch_automatically_and_cpu_declines_by_name():
-    base, *xs = inputs(3, (10, 10), torch.float32)
-    fk.della_merge(base, xs, density=0.5, epsilon=0.1)  # automatic: torch runs it
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (257,), (1, 1), (37, 1), (9, 300)], ids=str)
+def test_della_masks_equal_the_reference_bit_for_bit(dtype, shape):
+    if "cpu" not in fk.available_backends():
+        pytest.skip("the C++ extension is not available")
+    from fusion_kernels import _sparse_native
+
+    base, *xs = inputs(4, shape, dtype, seed=sum(shape))
+    xs[1] = (xs[1] * 4).round() / 4  # many equal magnitudes: ties are ranked by index
+    for b in (base, None):
+        masks = _sparse_native.della_masks(b, xs, [0.3, 0.5, 0.7], [0.1, 0.2, 0.3], 11)
+        for i, (x, d, e) in enumerate(zip(xs, [0.3, 0.5, 0.7], [0.1, 0.2, 0.3], strict=True)):
+            tau = x.float() - b.float() if b is not None else x
+            expected, _ = keep_mask_and_probability(tau, i, "della", d, 0.0, e, 11)
+            assert torch.equal(masks[i], expected), (i, b is None)
+
+
+def test_della_cpu_declines_what_it_cannot_rank_and_automatic_dispatch_falls_back():
+    base, *xs = inputs(3, (4, 5, 6), torch.float32)
+    expected = reference(base, xs, [1.0, 1.0], sparsify="della", density=0.5, epsilon=0.1, rescale="l1")
+    got = fk.della_merge(base, xs, density=0.5, epsilon=0.1)  # automatic: a 3-D tensor runs on torch
+    assert_close(got, expected)
     if "cpu" in fk.available_backends():
-        with fk.use_backend("cpu"), pytest.raises(fk.BackendError, match="della"):
+        with fk.use_backend("cpu"), pytest.raises(fk.BackendError, match="1-D and 2-D"):
             fk.della_merge(base, xs, density=0.5, epsilon=0.1)
+        with fk.use_backend("cpu"), pytest.raises(fk.BackendError, match="inverse_density"):
+            fk.della_merge(base[0], [x[0] for x in xs], density=0.5, epsilon=0.1, rescale="inverse_density")
 
 
 @pytest.mark.parametrize("op_name", ["sparse_merge", "sparse_merge_out"])

@@ -16,12 +16,12 @@ def _torch_prune(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
 
 def _cpu_prune(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
     _sparse_native.sparse_merge(
-        out, None, [x], [1.0], "magnitude", None, None, "weighted", "sum", [1.0], [0.0], 1.0, 0, [], ks=[k]
+        out, None, [x], [1.0], "magnitude", None, None, "weighted", "sum", [1.0], [0.0], [0.0], 1.0, 0, [], ks=[k]
     )
 
 
 def _cpu_declines(x, k):
-    return _sparse_native.sparse_declines([x], "magnitude")
+    return _sparse_native.sparse_declines([x], "magnitude", None, [])
 
 
 def _torch_threshold(out: torch.Tensor, x: torch.Tensor, k: int) -> None:

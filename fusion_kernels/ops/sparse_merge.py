@@ -56,13 +56,18 @@ def _cpu_impl(out, base, xs, weights, sparsify, rescale, consensus, elect_on, co
         combine,
         floats[:n],
         floats[n : 2 * n],
+        floats[2 * n : 3 * n],
         floats[3 * n],
         seed,
         masks,
     )
 
 
-_cpu_impl.declines = lambda base, xs, weights, sparsify, *rest: _sparse_native.sparse_declines(xs, sparsify)
+def _cpu_declines(base, xs, weights, sparsify, rescale, consensus, elect_on, combine, floats, seed, masks):
+    return _sparse_native.sparse_declines(xs, sparsify, rescale, masks)
+
+
+_cpu_impl.declines = _cpu_declines
 
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
 
@@ -321,7 +326,10 @@ def della_merge(
 ) -> torch.Tensor:
     """DELLA (Deep et al., 2024): keep probabilities rising with magnitude rank, then TIES-style merge.
 
-    Defaults are mergekit's ``della``; ``della_linear`` is ``consensus=None, combine="sum"``.
+    Defaults are mergekit's ``della``; ``della_linear`` is ``consensus=None, combine="sum"``. The
+    ``cpu`` backend ranks 1-D and 2-D tensors (radix sort per row) into one byte of mask per element
+    and model, then merges in one pass; ``rescale="inverse_density"`` (per-element 1/p) and other
+    ranks run on ``torch``.
     """
     return sparse_merge(
         base,
