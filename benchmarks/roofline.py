@@ -231,7 +231,7 @@ def _align_sinkhorn_grad(aw, args, copy_gbs):
     """Forward + backward of a loss on the plan: implicit (a solve at the plan) vs unrolled
     (autograd through the loop), time and peak extra memory."""
     pin_mmap_threshold()
-    shape = aw.SINKHORN_GRAD_SHAPE
+    shape = aw.SINKHORN_SHAPES[args.sinkhorn_grad_shape]
     cost = aw.sinkhorn_cost(shape)
     target = torch.rand(shape)
     grads, times = {}, {}
@@ -398,7 +398,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--align-parts", nargs="+", default=["permute", "sinkhorn", "assignment", "sinkhorn_grad"])
     p.add_argument("--align-dtypes", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
     p.add_argument("--align-scale", type=float, default=1.0, help="scale of the Llama layer's dims")
-    p.add_argument("--sinkhorn-shapes", nargs="+", default=["32x512x512", "4x4096x4096"])
+    p.add_argument(
+        "--sinkhorn-shapes", nargs="+", default=["32x512x512", "4x4096x4096"], help="also 2x64x64 (a smoke test)"
+    )
+    p.add_argument("--sinkhorn-grad-shape", default="8x512x512")
     p.add_argument("--assignment-sizes", nargs="+", type=int, default=[1024, 4096, 11008])
     p.add_argument("--shapes", nargs="+", default=list(SPARSE_SHAPES), choices=list(SPARSE_SHAPES))
     p.add_argument("--sparse-ops", nargs="+", default=list(SPARSE_OPS), choices=list(SPARSE_OPS))
