@@ -168,13 +168,7 @@ void della_masks_flat(uintptr_t masks, uintptr_t base, const Ptrs& xs, int dtype
   if (low.size() != n || spread.size() != n || s1.size() != n || s2.size() != n)
     throw std::invalid_argument("della_masks: one low, spread, s1 and s2 per model");
   if (rows < 0 || cols < 0) throw std::invalid_argument("della_masks: rows and cols must be >= 0");
-  DellaArgs a;
-  a.rows = rows;
-  a.cols = cols;
-  a.low = low;
-  a.spread = spread;
-  a.s1 = s1;
-  a.s2 = s2;
+  const DellaArgs a{rows, cols, low, spread, s1, s2};
   della_masks(task_source(base, xs, dtype, rows * cols), a, reinterpret_cast<uint8_t*>(masks), threads);
 }
 

@@ -38,12 +38,9 @@ inline int64_t lsa_relax_avx2(const double* ci, const double* v, const double* b
   int64_t pick = -1;
   for (int k = 0; k < 4; ++k)
     if (bests[k] >= 0 && (lows[k] < lo || (lows[k] == lo && bests[k] < pick))) lo = lows[k], pick = bests[k];
-  for (; j < m; ++j) {
-    const double r = base + ci[j] - v[j] + blocked[j];
-    if (r < shortest[j]) shortest[j] = r, path[j] = row;
-    const double key = shortest[j] + blocked[j];
-    if (key < lo) lo = key, pick = j;
-  }
+  double tail_low;  // the last m % 4 columns; on equal keys the lower index (the vector part's) stays
+  const int64_t tail = lsa_relax_scalar(ci + j, v + j, blocked + j, base, shortest + j, path + j, row, m - j, &tail_low);
+  if (tail >= 0 && tail_low < lo) lo = tail_low, pick = j + tail;
   *lowest = lo;
   return pick;
 }
