@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _native
+from . import triton as _triton
 from .errors import BackendError
 
 BACKEND_ENV = "FUSION_KERNELS_BACKEND"
@@ -28,15 +29,24 @@ class Backend:
     device_types: tuple[str, ...]
     dtypes: tuple[torch.dtype, ...]
     unavailable_reason: Callable[[], str | None]
+    device_reason: Callable[[torch.device], str | None] = lambda device: None
 
 
 _ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 BACKENDS = {
     "cpu": Backend("cpu", ("cpu",), _ALL_FLOATS, _native.unavailable_reason),
     "torch": Backend("torch", ("cpu", "cuda", "mps", "xpu", "meta"), _ALL_FLOATS, lambda: None),
+    # CPU tensors only under Triton's interpreter (tests), never by automatic choice.
+    "triton": Backend(
+        "triton",
+        ("cuda", "cpu"),
+        (torch.float32, torch.float16, torch.bfloat16),
+        _triton.unavailable_reason,
+        _triton.device_reason,
+    ),
 }
 # Automatic choice, best first, per device type; "torch" runs anywhere torch does.
-ORDER = {"cpu": ("cpu", "torch")}
+ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}
 
 _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusion_kernels_backend", default=None)
 
@@ -81,6 +91,8 @@ def decline_reason(
         return f"does not implement {op}"
     if device.type not in b.device_types:
         return f"runs on {'/'.join(b.device_types)} tensors, got {device.type}"
+    if (reason := b.device_reason(device)) is not None:
+        return reason
     dtypes = getattr(impls[backend], "dtypes", b.dtypes)  # an op that moves bytes may take any dtype (None)
     if dtypes is not None and dtype not in dtypes:
         return f"does not support dtype {dtype}"

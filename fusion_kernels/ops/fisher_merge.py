@@ -7,6 +7,7 @@ import torch
 
 from .. import _native, _validate
 from .. import reference as ref
+from .. import triton as _triton
 from ..errors import WeightError
 from ._engine import empty_like, fake_like, run
 
@@ -30,7 +31,7 @@ def _cpu_impl(out, xs: list[torch.Tensor], fisher: list[torch.Tensor], weights: 
     )
 
 
-IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("fisher_merge")}
 
 
 @torch.library.custom_op("fusion_kernels::fisher_merge", mutates_args=())

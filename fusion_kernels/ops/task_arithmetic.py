@@ -6,6 +6,7 @@ import torch
 
 from .. import _native, _validate
 from .. import reference as ref
+from .. import triton as _triton
 from ._engine import empty_like, fake_like, run
 
 OP = "task_arithmetic"
@@ -27,7 +28,7 @@ def _cpu_impl(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], wei
     )
 
 
-IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("task_arithmetic")}
 
 
 @torch.library.custom_op("fusion_kernels::task_arithmetic", mutates_args=())

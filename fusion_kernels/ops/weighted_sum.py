@@ -6,6 +6,7 @@ import torch
 
 from .. import _native, _validate
 from .. import reference as ref
+from .. import triton as _triton
 from ._engine import empty_like, fake_like, run
 
 OP = "weighted_sum"
@@ -21,7 +22,7 @@ def _cpu_impl(out: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -
     )
 
 
-IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("weighted_sum")}
 
 
 @torch.library.custom_op("fusion_kernels::weighted_sum", mutates_args=())

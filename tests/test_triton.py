@@ -1,0 +1,87 @@
+"""The Triton backend against the reference: every Triton kernel on every dtype, odd and empty
+shapes, N = 1…8 inputs, strided inputs and ``out=``. Without a GPU the kernels run on CPU tensors
+under Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
+
+import pytest
+import torch
+from helpers import assert_close, inputs
+
+import fusion_kernels as fk
+from fusion_kernels import reference as ref
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(), (1,), (1031,), (33, 65), (0, 7)]
+
+
+def _on_device(xs):
+    return [x.to(DEVICE) for x in xs]
+
+
+def _ops(xs, weights):
+    """(name, our call, reference result) for each elementwise op, given the inputs."""
+    fisher = [x.abs() + 0.5 for x in xs]
+    fisher[0] = torch.zeros_like(fisher[0])  # one model without Fisher mass
+    return [
+        ("weighted_sum", lambda out=None: fk.weighted_sum(xs, weights, out=out), ref.weighted_sum(xs, weights)),
+        (
+            "task_arithmetic",
+            lambda out=None: fk.task_arithmetic(xs[0], xs[1:] or xs, weights[1:] or weights, out=out),
+            ref.task_arithmetic(xs[0], xs[1:] or xs, weights[1:] or weights),
+        ),
+        (
+            "fisher_merge",
+            lambda out=None: fk.fisher_merge(xs, fisher, weights, eps=1e-6, out=out),
+            ref.fisher_merge(xs, fisher, weights, eps=1e-6),
+        ),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("n", range(1, 9))
+def test_elementwise_ops_match_reference(dtype, shape, n):
+    xs = _on_device(inputs(n, shape, dtype, seed=n))
+    weights = [0.3 + 0.2 * i for i in range(n)]
+    with fk.use_backend("triton"):
+        for name, call, expected in _ops(xs, weights):
+            got = call()
+            assert got.device == xs[0].device, name
+            assert_close(got, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_strided_inputs_and_out(dtype):
+    xs = [x.t() for x in _on_device(inputs(3, (40, 24), dtype, seed=5))]  # (24, 40), not contiguous
+    weights = [0.5, 1.25, 2.0]
+    with fk.use_backend("triton"):
+        for name, call, expected in _ops(xs, weights):
+            out = torch.zeros(40, 24, dtype=dtype, device=DEVICE).t()
+            assert call(out=out) is out, name
+            assert_close(out, expected)
+
+
+def test_bfloat16_rounds_to_nearest_even_like_tensor_to():
+    # 1 + 3·2⁻⁸ lies halfway between two bfloat16 values: to nearest even it goes up, truncation
+    # (the interpreter's own conversion) would go down. The others sit just beside such ties.
+    a = torch.tensor([1.0, -1.0, 1.0, 1.0], dtype=torch.bfloat16, device=DEVICE)
+    b = torch.tensor([3 * 2**-8, -3 * 2**-8, 2**-8, 3 * 2**-8 + 2**-14], dtype=torch.bfloat16, device=DEVICE)
+    with fk.use_backend("triton"):
+        got = fk.weighted_sum([a, b], [1.0, 1.0])
+    expected = (a.float() + b.float()).to(torch.bfloat16)
+    assert torch.equal(got, expected), (got, expected)
+    assert got[0].item() == 1.0 + 2**-6
+
+
+def test_float64_and_unknown_ops_decline_with_reasons():
+    x = torch.ones(4, dtype=torch.float64, device=DEVICE)
+    with fk.use_backend("triton"), pytest.raises(fk.BackendError, match="dtype torch.float64"):
+        fk.weighted_sum([x, x])
+    with fk.use_backend("triton"), pytest.raises(fk.BackendError, match="does not implement"):
+        fk.magnitude_prune(x.float(), 0.5)
+
+
+def test_cpu_tensors_are_never_sent_to_triton_automatically():
+    assert "triton" not in fk.available_backends("cpu")
