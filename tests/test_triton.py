@@ -80,8 +80,87 @@ def test_float64_and_unknown_ops_decline_with_reasons():
     with fk.use_backend("triton"), pytest.raises(fk.BackendError, match="dtype torch.float64"):
         fk.weighted_sum([x, x])
     with fk.use_backend("triton"), pytest.raises(fk.BackendError, match="does not implement"):
-        fk.magnitude_prune(x.float(), 0.5)
+        fk.slerp(x.float(), x.float(), 0.5)
 
 
 def test_cpu_tensors_are_never_sent_to_triton_automatically():
     assert "triton" not in fk.available_backends("cpu")
+
+
+SPARSIFY = [None, "magnitude", "random", "magnitude_outliers"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("sparsify", SPARSIFY, ids=str)
+@pytest.mark.parametrize("consensus", [None, "sum", "count"], ids=str)
+@pytest.mark.parametrize("combine", ["sum", "mean_count", "mean_weight"])
+def test_sparse_merge_matches_reference(dtype, sparsify, consensus, combine):
+    from test_sparse_merge import reference
+
+    base, *xs = _on_device(inputs(4, (33, 65), dtype, seed=len(str((sparsify, consensus, combine)))))
+    w = [0.6, -0.3, 1.2]
+    rescale = [None, "inverse_density", "l1"][(SPARSIFY.index(sparsify) + len(combine)) % 3]
+    kw = dict(
+        sparsify=sparsify,
+        density=0.4,
+        gamma=0.1,
+        rescale=rescale,
+        consensus=consensus,
+        elect_on="unweighted" if consensus == "count" else "weighted",
+        combine=combine,
+        lam=0.9,
+        seed=7,
+    )
+    for b in (base, None):
+        with fk.use_backend("triton"):
+            got = fk.sparse_merge(b, xs, w, **kw)
+        assert_close(got, reference(b, xs, w, **kw))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", range(1, 9))
+def test_ties_and_dare_for_1_to_8_models(dtype, n):
+    from test_sparse_merge import reference
+
+    base, *xs = _on_device(inputs(n + 1, (1031,), dtype, seed=n))
+    w = [0.5 + 0.1 * i for i in range(n)]
+    with fk.use_backend("triton"):
+        ties = fk.ties_merge(base, xs, w, density=0.3)
+        dare = fk.dare_merge(base, xs, w, density=0.3, seed=n, consensus="sum")
+    assert_close(ties, reference(base, xs, w, density=0.3))
+    expected = reference(base, xs, w, sparsify="random", density=0.3, seed=n, rescale="inverse_density", combine="sum")
+    assert_close(dare, expected)
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**40 + 7])
+def test_dare_masks_are_the_counter_based_hash_bit_for_bit(seed):
+    x = torch.randn(5000, device=DEVICE) + 3.0  # no zeros: every kept value shows
+    with fk.use_backend("triton"):
+        kept = fk.sparse_merge(
+            None, [x], [1.0], sparsify="random", density=0.37, consensus=None, combine="sum", seed=seed
+        )
+    expected = ref.random_keep_mask(x.shape, 0.37, seed, 0, device=x.device)
+    assert torch.equal(kept != 0, expected)
+    assert torch.equal(kept[expected], x[expected])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_magnitude_prune_and_threshold_with_ties_across_blocks(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randint(-6, 7, (70_001,), generator=g) / 4).to(dtype).to(DEVICE)  # 13 values, ~70 blocks
+    for k in (0, 1, 1000, 35_000, 69_999, 70_001):
+        with fk.use_backend("triton"):
+            pruned = fk.magnitude_prune(x, k=k)
+        assert torch.equal(pruned, ref.magnitude_prune(x, k)), k
+        if k:
+            with fk.use_backend("triton"):
+                t = fk.magnitude_threshold(x, k=k)
+            assert torch.equal(t, ref.magnitude_threshold(x, k)), k
+    with fk.use_backend("triton"):
+        assert fk.magnitude_prune(torch.empty(0, 3, dtype=dtype, device=DEVICE), 0.5).shape == (0, 3)
+
+
+def test_della_declines_on_triton():
+    x = torch.ones(4, 4, device=DEVICE)
+    with fk.use_backend("triton"), pytest.raises(fk.BackendError, match="della"):
+        fk.della_merge(x, [x, x], density=0.5)

@@ -4,6 +4,7 @@ import torch
 
 from .. import _sparse_native, _validate
 from .. import reference as ref
+from .. import triton as _triton
 from ..errors import WeightError
 from ._engine import empty_like, fake_like, run
 
@@ -34,8 +35,12 @@ def _cpu_threshold(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
 
 _cpu_prune.declines = _cpu_threshold.declines = _cpu_declines
 
-IMPLS = {"torch": _torch_prune, "cpu": _cpu_prune}
-THRESHOLD_IMPLS = {"torch": _torch_threshold, "cpu": _cpu_threshold}
+IMPLS = {"torch": _torch_prune, "cpu": _cpu_prune, "triton": _triton.lazy("sparse_merge", "magnitude_prune")}
+THRESHOLD_IMPLS = {
+    "torch": _torch_threshold,
+    "cpu": _cpu_threshold,
+    "triton": _triton.lazy("sparse_merge", "magnitude_threshold"),
+}
 
 
 @torch.library.custom_op("fusion_kernels::magnitude_prune", mutates_args=())

@@ -9,6 +9,7 @@ import torch
 
 from .. import _sparse_native, _validate
 from .. import reference as ref
+from .. import triton as _triton
 from ..errors import ShapeError, WeightError
 from ._engine import empty_like, fake_like, run
 
@@ -69,7 +70,14 @@ def _cpu_declines(base, xs, weights, sparsify, rescale, consensus, elect_on, com
 
 _cpu_impl.declines = _cpu_declines
 
-IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
+
+def _triton_declines(base, xs, weights, sparsify, *rest):
+    return "della's per-row ranking has no Triton kernel yet" if sparsify == "della" else None
+
+
+_triton_impl = _triton.lazy("sparse_merge")
+_triton_impl.declines = _triton_declines
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton_impl}
 
 
 # Schema limits: "" stands for None in the string options and [] for no masks;

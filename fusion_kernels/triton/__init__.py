@@ -40,12 +40,13 @@ def device_reason(device: torch.device) -> str | None:
     return None
 
 
-def lazy(stem: str):
-    """The launcher ``fusion_kernels.triton.<stem>.<stem>``, imported (with Triton) on first call."""
+def lazy(stem: str, name: str | None = None):
+    """The launcher ``fusion_kernels.triton.<stem>.<name or stem>``, imported (with Triton) on first call."""
+    name = name or stem
 
     def launch(*args):
         module = importlib.import_module(f"{__name__}.{stem}")
-        return getattr(module, stem)(*args)
+        return getattr(module, name)(*args)
 
-    launch.__name__ = f"triton_{stem}"
+    launch.__name__ = f"triton_{name}"
     return launch

@@ -1,0 +1,299 @@
+"""Triton ``sparse_merge`` (TIES, DARE, breadcrumbs) and ``magnitude_prune``.
+
+Selection: an element's key is the bit pattern of |τ| in float32 (τ = x − base, or x), which
+orders magnitudes like the reference (NaN above +inf). The k-th largest key comes from two
+histogram passes (the high 16 bits, then the low 16 bits inside the chosen bucket); ties at it are
+kept lowest flat index first, by ranking equal keys with a per-block count, its prefix sum and a
+cumulative sum inside the block. The merge is one launch over all models. Semantics:
+:mod:`fusion_kernels.reference.sparse_merge`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.random_mask import keep_threshold, stream_keys
+from ..reference.sparse_merge import L1_RESCALE_EPS
+from ._launch import BLOCK, grid, offsets, store_rounded
+
+KEEP_ALL, KEEP_TOPK, KEEP_RANDOM, KEEP_MASK, KEEP_BAND = 0, 1, 2, 3, 4
+NO_KEY = 1 << 31  # above every key: keeps nothing
+ALL_KEYS = -1  # below every key: keeps everything
+
+
+@triton.jit
+def _tau(x, base, offs, mask, HAS_BASE: tl.constexpr):
+    t = tl.load(x + offs, mask=mask, other=0).to(tl.float32)
+    if HAS_BASE:
+        t = t - tl.load(base + offs, mask=mask, other=0).to(tl.float32)
+    return t
+
+
+@triton.jit
+def _key(t):
+    return t.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _histogram_kernel(x, base, hist, numel, prefix, HIGH: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
+    """HIGH: count keys by their high 16 bits; else count the low 16 bits of keys whose high bits are ``prefix``."""
+    offs, mask = offsets(numel, BLOCK)
+    key = _key(_tau(x, base, offs, mask, HAS_BASE))
+    if HIGH:
+        tl.atomic_add(hist + (key >> 16), 1, mask=mask)
+    else:
+        tl.atomic_add(hist + (key & 0xFFFF), 1, mask=mask & ((key >> 16) == prefix))
+
+
+@triton.jit
+def _equal_count_kernel(x, base, counts, numel, t, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask = offsets(numel, BLOCK)
+    equal = mask & (_key(_tau(x, base, offs, mask, HAS_BASE)) == t)
+    tl.store(counts + tl.program_id(0), tl.sum(equal.to(tl.int64), axis=0))
+
+
+def _bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """(b, above): the bucket holding the k-th largest key and the count of keys in higher buckets."""
+    above = torch.flip(torch.cumsum(torch.flip(hist, [0]), 0), [0]) - hist  # keys in buckets > b
+    b = int(torch.nonzero((above < k) & (above + hist >= k))[0])
+    return b, int(above[b])
+
+
+def select(base: torch.Tensor | None, x: torch.Tensor, k: int) -> tuple[int, int]:
+    """(t, cut): keep keys > t and the first ``cut`` (by flat index) equal to t: the k largest |τ|."""
+    n = x.numel()
+    if k <= 0:
+        return NO_KEY, 0
+    if k >= n:
+        return ALL_KEYS, 0
+    has_base = base is not None
+    hist = torch.zeros(1 << 16, dtype=torch.int32, device=x.device)
+    _histogram_kernel[grid(n)](x, base if has_base else x, hist, n, 0, HIGH=True, HAS_BASE=has_base, BLOCK=BLOCK)
+    high, above_high = _bucket(hist.long(), k)
+    hist.zero_()
+    _histogram_kernel[grid(n)](x, base if has_base else x, hist, n, high, HIGH=False, HAS_BASE=has_base, BLOCK=BLOCK)
+    low, above_low = _bucket(hist.long(), k - above_high)
+    return (high << 16) | low, k - above_high - above_low
+
+
+def _equal_prefix(base, x, t: int, cut: int) -> torch.Tensor:
+    """Per block, how many keys equal to t come before it (only needed when some are kept)."""
+    blocks = grid(x.numel())[0]
+    counts = torch.zeros(blocks, dtype=torch.int64, device=x.device)
+    if cut > 0:
+        has_base = base is not None
+        _equal_count_kernel[(blocks,)](x, base if has_base else x, counts, x.numel(), t, HAS_BASE=has_base, BLOCK=BLOCK)
+    return torch.cumsum(counts, 0) - counts
+
+
+@triton.jit
+def _in_top(key, t, cut, prefix, offs, mask):
+    equal = mask & (key == t)
+    rank = tl.load(prefix + tl.program_id(0)) + tl.cumsum(equal.to(tl.int64), axis=0) - 1
+    return (key > t) | (equal & (rank < cut))
+
+
+@triton.jit
+def _mix32(h):
+    """lowbias32 on uint32 values held in int64 (products are taken mod 2^32)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & 0xFFFFFFFF
+    h = h ^ (h >> 15)
+    h = (h * 0x846CA68B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _keep(t, offs, mask, i, MODE: tl.constexpr, rules):
+    """Which elements model i keeps. rules: (hi_t, hi_cut, hi_prefix, lo_t, lo_cut, lo_prefix, s1, s2, p24, masks)."""
+    if MODE == 1:  # top-k
+        return _in_top(_key(t), rules[0][i], rules[1][i], rules[2][i], offs, mask)
+    elif MODE == 4:  # band: in the top (drop + keep) but not in the top drop
+        key = _key(t)
+        top = _in_top(key, rules[0][i], rules[1][i], rules[2][i], offs, mask)
+        return top & ~_in_top(key, rules[3][i], rules[4][i], rules[5][i], offs, mask)
+    elif MODE == 2:  # random: the counter-based hash of (seed, model, element)
+        inner = _mix32((offs >> 32) ^ rules[7][i])
+        h = _mix32((offs & 0xFFFFFFFF) ^ rules[6][i] ^ inner)
+        return (h >> 8) < rules[8][i]
+    elif MODE == 3:  # explicit masks
+        return tl.load(rules[9][i] + offs, mask=mask, other=0) != 0
+    else:
+        return offs >= 0
+
+
+@triton.jit
+def _kept(x, base, offs, mask, i, scale, DIVIDE: tl.constexpr, HAS_BASE: tl.constexpr, MODE: tl.constexpr, rules):
+    """(kept and rescaled τ, τ, keep) of model i."""
+    t = _tau(x, base, offs, mask, HAS_BASE)
+    keep = _keep(t, offs, mask, i, MODE, rules)
+    scaled = t / scale if DIVIDE else t * scale
+    return tl.where(keep, scaled, 0.0), t, keep
+
+
+@triton.jit
+def _sparse_merge_kernel(
+    out,
+    base,
+    xs,
+    ws,
+    scales,
+    rules,
+    weight_total,
+    lam,
+    numel,
+    N: tl.constexpr,
+    MODE: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    DIVIDE: tl.constexpr,
+    CONSENSUS: tl.constexpr,  # 0 none, 1 sum, 2 count
+    WEIGHTED: tl.constexpr,  # elect on weighted votes
+    COMBINE: tl.constexpr,  # 0 sum, 1 mean_count, 2 mean_weight
+    BLOCK: tl.constexpr,
+):
+    offs, mask = offsets(numel, BLOCK)
+    merged = tl.zeros((BLOCK,), dtype=tl.float32)
+    tally = tl.zeros((BLOCK,), dtype=tl.float32)
+    agreeing = tl.zeros((BLOCK,), dtype=tl.float32) + N
+    agreeing_w = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in tl.static_range(N):
+        k, _, _ = _kept(xs[i], base, offs, mask, i, scales[i], DIVIDE, HAS_BASE, MODE, rules)
+        if CONSENSUS == 0:
+            merged += k * ws[i]
+        else:
+            vote = k * ws[i] if WEIGHTED else k
+            if CONSENSUS == 2:
+                tally += tl.where(vote > 0, 1.0, 0.0) - tl.where(vote < 0, 1.0, 0.0)
+            else:
+                tally += vote
+    if CONSENSUS != 0:  # second pass: the models agreeing with the elected sign (a zero never agrees)
+        elected = tl.where(tally >= 0, 1.0, -1.0)
+        agreeing = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in tl.static_range(N):
+            k, _, _ = _kept(xs[i], base, offs, mask, i, scales[i], DIVIDE, HAS_BASE, MODE, rules)
+            vote = k * ws[i] if WEIGHTED else k
+            agree = vote * elected > 0
+            merged += tl.where(agree, k * ws[i], 0.0)
+            agreeing += tl.where(agree, 1.0, 0.0)
+            agreeing_w += tl.where(agree, ws[i], 0.0)
+    if COMBINE == 1:
+        merged = merged / tl.maximum(agreeing, 1.0)
+    elif COMBINE == 2:
+        divisor = agreeing_w if CONSENSUS != 0 else tl.zeros((BLOCK,), dtype=tl.float32) + weight_total
+        merged = merged / tl.where(divisor == 0, 1.0, divisor)
+    merged = merged * lam
+    if HAS_BASE:
+        merged = tl.load(base + offs, mask=mask, other=0).to(tl.float32) + merged
+    store_rounded(out, offs, merged, mask)
+
+
+@triton.jit
+def _l1_kernel(x, base, sums, rules, numel, i, MODE: tl.constexpr, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
+    """Per block: Σ|τ| and Σ over kept elements of |τ| (summed in float64 on the host, in block order)."""
+    offs, mask = offsets(numel, BLOCK)
+    _, t, keep = _kept(x, base, offs, mask, i, 1.0, False, HAS_BASE, MODE, rules)
+    a = tl.where(mask, tl.abs(t), 0.0)
+    pid = tl.program_id(0)
+    tl.store(sums + 2 * pid, tl.sum(a, axis=0))
+    tl.store(sums + 2 * pid + 1, tl.sum(tl.where(keep & mask, a, 0.0), axis=0))
+
+
+def _rules(base, xs, sparsify, densities, gammas, seed, masks, ks):
+    """(mode, rules tuple) of the merge kernel for every model."""
+    n, numel = len(xs), xs[0].numel()
+    hi, lo = [(ALL_KEYS, 0)] * n, [(NO_KEY, 0)] * n
+    keys, p24 = [(0, 0)] * n, [0] * n
+    if masks:
+        mode = KEEP_MASK
+    elif sparsify in ("magnitude", "magnitude_outliers"):
+        keep = list(ks) if ks is not None else [int(d * numel) for d in densities]
+        drop = [0] * n
+        if sparsify == "magnitude_outliers":
+            drop = [min(int(g * numel), numel - k) for g, k in zip(gammas, keep, strict=True)]
+        hi = [select(base, x, d + k) for x, d, k in zip(xs, drop, keep, strict=True)]
+        lo = [select(base, x, d) for x, d in zip(xs, drop, strict=True)]
+        mode = KEEP_BAND if sparsify == "magnitude_outliers" else KEEP_TOPK
+    elif sparsify == "random":
+        mode = KEEP_RANDOM
+        keys = [stream_keys(seed, i) for i in range(n)]
+        p24 = [keep_threshold(d) for d in densities]
+    else:
+        mode = KEEP_ALL
+    prefix = [_equal_prefix(base, x, t, cut) for x, (t, cut) in zip(xs, hi, strict=True)]
+    lo_prefix = [_equal_prefix(base, x, t, cut) for x, (t, cut) in zip(xs, lo, strict=True)]
+    rules = (
+        tuple(t for t, _ in hi),
+        tuple(c for _, c in hi),
+        tuple(prefix),
+        tuple(t for t, _ in lo),
+        tuple(c for _, c in lo),
+        tuple(lo_prefix),
+        tuple(k[0] for k in keys),
+        tuple(k[1] for k in keys),
+        tuple(p24),
+        tuple(masks) if masks else tuple(xs),
+    )
+    return mode, rules
+
+
+def _l1_scales(base, xs, mode, rules) -> list[float]:
+    """mergekit's L1 rescale per model: ‖τ‖₁ / ‖kept τ‖₁ (1 where either is below 1e-7)."""
+    has_base, numel = base is not None, xs[0].numel()
+    scales = []
+    for i, x in enumerate(xs):
+        sums = torch.zeros(grid(numel)[0], 2, dtype=torch.float32, device=x.device)
+        if numel:
+            _l1_kernel[grid(numel)](
+                x, base if has_base else x, sums, rules, numel, i, MODE=mode, HAS_BASE=has_base, BLOCK=BLOCK
+            )
+        before, after = sums.double().sum(0).tolist()
+        scales.append(before / after if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS else 1.0)
+    return scales
+
+
+def sparse_merge(out, base, xs, weights, sparsify, rescale, consensus, elect_on, combine, floats, seed, masks, ks=None):
+    """The ops-layer implementation (same arguments as the cpu backend's; "" stands for None)."""
+    n, numel = len(xs), out.numel()
+    densities, gammas, lam = floats[:n], floats[n : 2 * n], floats[3 * n]
+    mode, rules = _rules(base, xs, sparsify or None, densities, gammas, seed, masks, ks)
+    scales, divide = [1.0] * n, False
+    if rescale == "inverse_density" and (sparsify or masks):
+        scales, divide = list(densities), True
+    elif rescale == "l1":
+        scales = _l1_scales(base, xs, mode, rules)
+    total = sum(weights)
+    if numel:
+        _sparse_merge_kernel[grid(numel)](
+            out,
+            base if base is not None else xs[0],
+            tuple(xs),
+            tuple(weights),
+            tuple(scales),
+            rules,
+            total if abs(total) >= 1e-8 else 1.0,
+            lam,
+            numel,
+            N=n,
+            MODE=mode,
+            HAS_BASE=base is not None,
+            DIVIDE=divide,
+            CONSENSUS={"": 0, "sum": 1, "count": 2}[consensus or ""],
+            WEIGHTED=elect_on == "weighted",
+            COMBINE={"sum": 0, "mean_count": 1, "mean_weight": 2}[combine],
+            BLOCK=BLOCK,
+        )
+
+
+def magnitude_prune(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
+    sparse_merge(out, None, [x], [1.0], "magnitude", "", "", "weighted", "sum", [1.0, 0.0, 0.0, 1.0], 0, [], ks=[k])
+
+
+def magnitude_threshold(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
+    """The k-th largest |x| (1 <= k <= numel): the selected key read back as float32, exact in x's dtype."""
+    if k < x.numel():
+        key = torch.tensor([select(None, x, k)[0]], dtype=torch.int32)
+    else:  # the smallest key (a NaN key is the largest, so NaNs elsewhere do not leak in)
+        key = x.float().abs().reshape(-1).view(torch.int32).amin().reshape(1)
+    out.copy_(key.view(torch.float32)[0])
