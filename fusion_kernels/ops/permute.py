@@ -9,6 +9,7 @@ import torch
 
 from .. import _native, _validate
 from .. import reference as ref
+from .. import triton as _triton
 from .._dispatch import select
 from ..errors import AliasError, ArgumentTypeError, DeviceError, ShapeError
 from ._engine import empty_like
@@ -36,7 +37,10 @@ def _cpu_impl(outs, xs, perms, slots) -> None:
 
 
 _torch_impl.dtypes = _cpu_impl.dtypes = None  # bytes are moved, so every dtype works
-IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
+_triton_impl = _triton.lazy("permute", "permute_many")
+_triton_impl.dtypes = None
+_triton_impl.declines = lambda xs: "Triton has no complex dtypes" if any(x.is_complex() for x in xs) else None
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton_impl}
 
 
 def _split(slots: list[int], xs: list[torch.Tensor]) -> list[list[int]]:
@@ -49,7 +53,7 @@ def _split(slots: list[int], xs: list[torch.Tensor]) -> list[list[int]]:
 
 
 def _run(outs: list[torch.Tensor], xs: list[torch.Tensor], perms: list[torch.Tensor], slots: list[int]) -> None:
-    impl = select(OP, IMPLS, xs[0].device, xs[0].dtype)
+    impl = select(OP, IMPLS, xs[0].device, xs[0].dtype, (xs,))
     targets = [o if o.is_contiguous() else empty_like(o) for o in outs]
     impl(targets, [x.contiguous() for x in xs], perms, slots)
     for o, t in zip(outs, targets, strict=True):

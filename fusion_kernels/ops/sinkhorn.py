@@ -11,6 +11,7 @@ import torch
 
 from .. import _native, _validate
 from .. import reference as ref
+from .. import triton as _triton
 from .._dispatch import select
 from ..errors import ArgumentTypeError, ShapeError, WeightError
 
@@ -52,8 +53,10 @@ def _cpu_impl(cost, log_a, log_b, reg, max_iter, tol, check_every, log_plan):
     return plan, f, g, iterations, error
 
 
+_triton_impl = _triton.lazy("sinkhorn")
 _torch_impl.dtypes = _cpu_impl.dtypes = (torch.float32, torch.float64)
-IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
+_triton_impl.dtypes = (torch.float32,)
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton_impl}
 
 
 @torch.library.custom_op("fusion_kernels::sinkhorn", mutates_args=())

@@ -6,6 +6,7 @@ import torch
 
 from .. import _native, _validate
 from .. import reference as ref
+from .. import triton as _triton
 from ..errors import ShapeError, WeightError
 from ._engine import empty_like, fake_like, run
 
@@ -39,7 +40,7 @@ def _cpu_declines(a, *rest):
 
 _cpu_impl.declines = _cpu_declines
 
-IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("slerp")}
 
 
 @torch.library.custom_op("fusion_kernels::slerp", mutates_args=())

@@ -25,6 +25,24 @@ def sinkhorn(
     log_plan: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (plan or log-plan [B, n, m], f [B, n], g [B, m], iterations [B] int64, error [B] float64)."""
+    f, g, iterations, error = iterate(
+        cost,
+        log_a,
+        log_b,
+        reg,
+        max_iter,
+        tol,
+        check_every,
+        lse_rows=lambda c, g: torch.logsumexp((g.unsqueeze(1) - c) / reg, dim=2),
+        lse_cols=lambda c, f: torch.logsumexp((f.unsqueeze(2) - c) / reg, dim=1),
+    )
+    log_p = (f.unsqueeze(2) + g.unsqueeze(1) - cost) / reg
+    return (log_p if log_plan else log_p.exp()), f, g, iterations, error
+
+
+def iterate(cost, log_a, log_b, reg, max_iter, tol, check_every, lse_rows, lse_cols):
+    """The loop of the module docstring, given the two log-sum-exps: lse_rows(C, g)[b, i] =
+    LSE_j((g_j − C_ij)/reg) and lse_cols(C, f)[b, j] = LSE_i((f_i − C_ij)/reg). Returns (f, g, iterations, error)."""
     batch, n, m = cost.shape
     f = cost.new_zeros(batch, n)
     g = cost.new_zeros(batch, m)
@@ -33,7 +51,7 @@ def sinkhorn(
     error = torch.zeros(batch, dtype=torch.float64, device=cost.device)
     it = 0
     while bool(active.any()):
-        f_next = reg * (log_a - torch.logsumexp((g.unsqueeze(1) - cost) / reg, dim=2))
+        f_next = reg * (log_a - lse_rows(cost, g))
         if it > 0 and (it % check_every == 0 or it == max_iter):
             err = (log_a.double().exp() * torch.expm1((f - f_next).double() / reg).abs()).sum(1)
             done = active & ((err <= tol) | (it == max_iter))
@@ -41,8 +59,7 @@ def sinkhorn(
             iterations = torch.where(done, it, iterations)
             active = active & ~done
         f = torch.where(active.unsqueeze(1), f_next, f)
-        g_next = reg * (log_b - torch.logsumexp((f.unsqueeze(2) - cost) / reg, dim=1))
+        g_next = reg * (log_b - lse_cols(cost, f))
         g = torch.where(active.unsqueeze(1), g_next, g)
         it += 1
-    log_p = (f.unsqueeze(2) + g.unsqueeze(1) - cost) / reg
-    return (log_p if log_plan else log_p.exp()), f, g, iterations, error
+    return f, g, iterations, error
