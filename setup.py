@@ -3,10 +3,16 @@
 Per-ISA sources (``*_avx2.cpp``) get their own ``-m`` flags; everything else is portable, so the
 wheel runs on any CPU of its architecture and picks the fastest kernels at run time.
 Set ``FUSION_KERNELS_NO_EXT=1`` to skip the extension (the package then runs on the torch backend).
+
+``fusion_kernels._C_cuda`` (``csrc/cuda``, nvcc, sm_80 and sm_90 plus PTX) is built when nvcc is
+found and either torch here is a CUDA build or ``FUSION_KERNELS_CUDA=1`` (needed under pip's build
+isolation, which hides torch); ``FUSION_KERNELS_CUDA=0`` never builds it.
 """
 
 import os
 import platform
+import shutil
+import subprocess
 import sys
 
 from pybind11.setup_helpers import Pybind11Extension
@@ -24,10 +30,69 @@ def _sources() -> list[str]:
     return ["csrc/bindings.cpp", *cpu]
 
 
+CUDA_ARCHS = ("80", "90")
+
+
+def _nvcc() -> str | None:
+    return shutil.which("nvcc") or (
+        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if os.environ.get("CUDA_HOME") else None
+    )
+
+
+def _want_cuda() -> bool:
+    """Build _C_cuda with nvcc present and FUSION_KERNELS_CUDA=1, or a CUDA build of torch visible here."""
+    flag = os.environ.get("FUSION_KERNELS_CUDA", "auto")
+    if flag == "0" or _nvcc() is None:
+        return False
+    if flag == "1":
+        return True
+    try:
+        import torch
+    except ImportError:  # an isolated build environment: set FUSION_KERNELS_CUDA=1 to build anyway
+        return False
+    return torch.version.cuda is not None
+
+
+def _cuda_lib(nvcc: str) -> str:
+    """The toolkit's lib64: from CUDA_HOME, next to nvcc, or /usr/local/cuda (nvcc may be a wrapper)."""
+    roots = [
+        os.environ.get("CUDA_HOME", ""),
+        os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+        "/usr/local/cuda",
+    ]
+    for root in roots:
+        if root and os.path.exists(os.path.join(root, "lib64", "libcudart.so")):
+            return os.path.join(root, "lib64")
+    raise RuntimeError(f"no libcudart.so found under {roots}; set CUDA_HOME")
+
+
 class BuildExt(build_ext):
-    """Adds per-file ISA flags and compiles sources in parallel."""
+    """Adds per-file ISA flags, compiles .cu sources with nvcc, and compiles sources in parallel."""
 
     def build_extension(self, ext):
+        if ext.name.endswith("_C_cuda"):
+            return self._build_cuda(ext)
+        self._build_cpu(ext)
+
+    def _build_cuda(self, ext):
+        nvcc = _nvcc()
+        cu = [src for src in ext.sources if src.endswith(".cu")]
+        ext.sources = [src for src in ext.sources if not src.endswith(".cu")]
+        os.makedirs(self.build_temp, exist_ok=True)
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in CUDA_ARCHS]
+        gencode.append(f"-gencode=arch=compute_{CUDA_ARCHS[-1]},code=compute_{CUDA_ARCHS[-1]}")  # PTX: newer GPUs
+        for src in cu:
+            obj = os.path.join(self.build_temp, os.path.basename(src) + ".o")
+            cmd = [nvcc, "-std=c++17", "-O3", "-Icsrc", "-Xcompiler", "-fPIC", *gencode, "-c", src, "-o", obj]
+            subprocess.check_call(cmd)
+            ext.extra_objects.append(obj)
+        cuda_lib = _cuda_lib(nvcc)
+        ext.library_dirs.append(cuda_lib)
+        ext.runtime_library_dirs.append(cuda_lib)
+        ext.libraries.append("cudart")
+        super().build_extension(ext)
+
+    def _build_cpu(self, ext):
         compile_one = self.compiler._compile
 
         def _compile(obj, src, ext_, cc_args, extra_postargs, pp_opts):
@@ -44,9 +109,26 @@ class BuildExt(build_ext):
             del self.compiler._compile
 
 
+def _cuda_extension():
+    cuda = sorted(os.path.join("csrc", "cuda", f) for f in os.listdir(os.path.join("csrc", "cuda")))
+    return Pybind11Extension(
+        "fusion_kernels._C_cuda",
+        [f for f in cuda if f.endswith((".cu", ".cpp"))],
+        include_dirs=["csrc"],
+        cxx_std=17,
+        extra_compile_args=["-O3"],
+    )
+
+
 def _extensions():
     if os.environ.get("FUSION_KERNELS_NO_EXT") == "1":
         return []
+    if _want_cuda():
+        return [*_cpu_extensions(), _cuda_extension()]
+    return _cpu_extensions()
+
+
+def _cpu_extensions():
     if sys.platform == "darwin":
         omp_compile, omp_link = ["-Xpreprocessor", "-fopenmp"], ["-lomp"]
     else:
@@ -72,6 +154,7 @@ setup(
         "fusion_kernels.ops",
         "fusion_kernels.reference",
         "fusion_kernels.compat",
+        "fusion_kernels.triton",
         "modelfusion",
     ],
     package_dir={"modelfusion": "python/modelfusion"},

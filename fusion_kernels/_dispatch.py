@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _native
+from . import _cuda_native, _native
 from . import triton as _triton
 from .errors import BackendError
 
@@ -36,6 +36,7 @@ _ALL_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 BACKENDS = {
     "cpu": Backend("cpu", ("cpu",), _ALL_FLOATS, _native.unavailable_reason),
     "torch": Backend("torch", ("cpu", "cuda", "mps", "xpu", "meta"), _ALL_FLOATS, lambda: None),
+    "cuda": Backend("cuda", ("cuda",), (torch.float32, torch.float16, torch.bfloat16), _cuda_native.unavailable_reason),
     # CPU tensors only under Triton's interpreter (tests), never by automatic choice.
     "triton": Backend(
         "triton",
@@ -46,7 +47,7 @@ BACKENDS = {
     ),
 }
 # Automatic choice, best first, per device type; "torch" runs anywhere torch does.
-ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")}
+ORDER = {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")}
 
 _requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusion_kernels_backend", default=None)
 

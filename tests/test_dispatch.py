@@ -56,7 +56,7 @@ def test_use_backend_forces_and_restores(monkeypatch):
 
 def test_unknown_backend_name():
     with (
-        pytest.raises(fk.BackendError, match="unknown backend 'cuda-ish'.*known backends: cpu, torch, triton"),
+        pytest.raises(fk.BackendError, match="unknown backend 'cuda-ish'.*known backends: cpu, torch, cuda, triton"),
         fk.use_backend("cuda-ish"),
     ):
         pass

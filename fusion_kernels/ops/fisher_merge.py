@@ -5,7 +5,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _native, _validate
+from .. import _cuda_native, _native, _validate
 from .. import reference as ref
 from .. import triton as _triton
 from ..errors import WeightError
@@ -31,7 +31,21 @@ def _cpu_impl(out, xs: list[torch.Tensor], fisher: list[torch.Tensor], weights: 
     )
 
 
-IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("fisher_merge")}
+def _cuda_impl(out, xs: list[torch.Tensor], fisher: list[torch.Tensor], weights: list[float], eps: float) -> None:
+    _cuda_native.lib().fisher_merge(
+        out.data_ptr(),
+        _native.pointers(xs),
+        _native.pointers(fisher),
+        weights,
+        eps,
+        out.numel(),
+        _native.dtype_code(out.dtype),
+        _cuda_native.stream(out),
+    )
+
+
+_cuda_impl.declines = lambda xs, fisher, weights, eps: _cuda_native.too_many(len(xs))
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("fisher_merge"), "cuda": _cuda_impl}
 
 
 @torch.library.custom_op("fusion_kernels::fisher_merge", mutates_args=())

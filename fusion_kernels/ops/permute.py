@@ -7,10 +7,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .. import _native, _validate
+from .. import _cuda_native, _native, _validate
 from .. import reference as ref
 from .. import triton as _triton
 from .._dispatch import select
+from .._layout import merged_dims
 from ..errors import AliasError, ArgumentTypeError, DeviceError, ShapeError
 from ._engine import empty_like
 
@@ -40,7 +41,28 @@ _torch_impl.dtypes = _cpu_impl.dtypes = None  # bytes are moved, so every dtype 
 _triton_impl = _triton.lazy("permute", "permute_many")
 _triton_impl.dtypes = None
 _triton_impl.declines = lambda xs: "Triton has no complex dtypes" if any(x.is_complex() for x in xs) else None
-IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton_impl}
+
+
+def _cuda_impl(outs, xs, perms, slots) -> None:
+    lib, tensors = _cuda_native.lib(), []
+    for out, x, dims in zip(outs, xs, _split(slots, xs), strict=True):
+        sizes, strides, tables = merged_dims(list(x.shape), dims, perms)
+        tables = [0 if t is None else t.data_ptr() for t in tables]
+        tensors.append(lib.PermuteTensor(out.data_ptr(), x.data_ptr(), x.element_size(), sizes, strides, tables))
+    lib.permute_many(tensors, _cuda_native.stream(xs[0]))
+
+
+def _cuda_declines(xs):
+    if any(x.element_size() not in (1, 2, 4, 8) for x in xs):
+        return "moves elements of 1, 2, 4 or 8 bytes (complex128 runs on 'torch')"
+    if any(x.dim() > 8 for x in xs):
+        return "takes tensors of at most 8 dims"
+    return None
+
+
+_cuda_impl.dtypes = None
+_cuda_impl.declines = _cuda_declines
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton_impl, "cuda": _cuda_impl}
 
 
 def _split(slots: list[int], xs: list[torch.Tensor]) -> list[list[int]]:

@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _native, _validate
+from .. import _cuda_native, _native, _validate
 from .. import reference as ref
 from .. import triton as _triton
 from ._engine import empty_like, fake_like, run
@@ -28,7 +28,20 @@ def _cpu_impl(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], wei
     )
 
 
-IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("task_arithmetic")}
+def _cuda_impl(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> None:
+    _cuda_native.lib().task_arithmetic(
+        out.data_ptr(),
+        base.data_ptr(),
+        _native.pointers(xs),
+        weights,
+        out.numel(),
+        _native.dtype_code(out.dtype),
+        _cuda_native.stream(out),
+    )
+
+
+_cuda_impl.declines = lambda base, xs, weights: _cuda_native.too_many(len(xs))
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("task_arithmetic"), "cuda": _cuda_impl}
 
 
 @torch.library.custom_op("fusion_kernels::task_arithmetic", mutates_args=())

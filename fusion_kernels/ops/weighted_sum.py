@@ -4,7 +4,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _native, _validate
+from .. import _cuda_native, _native, _validate
 from .. import reference as ref
 from .. import triton as _triton
 from ._engine import empty_like, fake_like, run
@@ -22,7 +22,19 @@ def _cpu_impl(out: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -
     )
 
 
-IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("weighted_sum")}
+def _cuda_impl(out: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> None:
+    _cuda_native.lib().weighted_sum(
+        out.data_ptr(),
+        _native.pointers(xs),
+        weights,
+        out.numel(),
+        _native.dtype_code(out.dtype),
+        _cuda_native.stream(out),
+    )
+
+
+_cuda_impl.declines = lambda xs, weights: _cuda_native.too_many(len(xs))
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("weighted_sum"), "cuda": _cuda_impl}
 
 
 @torch.library.custom_op("fusion_kernels::weighted_sum", mutates_args=())

@@ -3,10 +3,10 @@ so an element's source offset is a sum over at most (permuted dims + their gaps)
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
+from .._layout import merged_dims
 from ._launch import BLOCK, grid, offsets
 
 
@@ -26,28 +26,13 @@ def _gather_kernel(out, x, sizes, strides, perms, numel, D: tl.constexpr, PERMUT
     tl.store(out + offs, tl.load(x + source, mask=mask), mask=mask)
 
 
-def _collapse(shape: list[int], dims: list[int], perms: list[torch.Tensor]):
-    """(sizes, permutation or None) per dim after merging neighbouring unpermuted dims."""
-    sizes, tables = [], []
-    for size, slot in zip(shape, dims, strict=True):
-        if slot < 0 and tables and tables[-1] is None:
-            sizes[-1] *= size
-        else:
-            sizes.append(size)
-            tables.append(None if slot < 0 else perms[slot])
-    return sizes, tables
-
-
 def permute_many(outs, xs, perms, slots) -> None:
     at = 0
     for out, x in zip(outs, xs, strict=True):
         dims, at = slots[at : at + x.dim()], at + x.dim()
         if x.numel() == 0:
             continue
-        sizes, tables = _collapse(list(x.shape), dims, perms)
-        strides = [1] * len(sizes)
-        for d in range(len(sizes) - 2, -1, -1):
-            strides[d] = strides[d + 1] * sizes[d + 1]
+        sizes, strides, tables = merged_dims(list(x.shape), dims, perms)
         permuted = sum(1 << d for d, t in enumerate(tables) if t is not None)
         _gather_kernel[grid(x.numel())](
             out,
