@@ -89,7 +89,7 @@ def test_cpu_tensors_are_never_sent_to_triton_automatically():
     assert "triton" not in fk.available_backends("cpu")
 
 
-SPARSIFY = [None, "magnitude", "random", "magnitude_outliers"]
+SPARSIFY = [None, "magnitude", "random", "magnitude_outliers"]  # della: its own tests (the interpreter sorts slowly)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -162,10 +162,36 @@ def test_magnitude_prune_and_threshold_with_ties_across_blocks(dtype):
         assert fk.magnitude_prune(torch.empty(0, 3, dtype=dtype, device=DEVICE), 0.5).shape == (0, 3)
 
 
-def test_della_declines_on_triton():
-    x = torch.ones(4, 4, device=DEVICE)
-    with fk.use_backend("triton"), pytest.raises(fk.BackendError, match="della"):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1,), (37,), (5, 1), (6, 21)], ids=str)
+@pytest.mark.parametrize("tile", [4096, 32], ids=lambda t: f"tile{t}")
+def test_della_masks_and_merge_match_the_reference(dtype, shape, tile, monkeypatch):
+    from test_sparse_merge import reference
+
+    from fusion_kernels.reference.sparse_merge import keep_mask_and_probability
+    from fusion_kernels.triton.sparse_merge import della_masks
+
+    monkeypatch.setattr("fusion_kernels.triton.sparse_merge.DELLA_TILE", tile)
+    base, *xs = _on_device(inputs(4, shape, dtype, seed=sum(shape)))
+    xs[1] = (xs[1] * 4).round() / 4  # ties, ranked by index
+    for b in (base, None):
+        masks = della_masks(b, xs, [0.3, 0.5, 0.7], [0.1, 0.2, 0.3], 11)
+        for i, (x, d, e) in enumerate(zip(xs, [0.3, 0.5, 0.7], [0.1, 0.2, 0.3], strict=True)):
+            tau = x.float() - b.float() if b is not None else x
+            assert torch.equal(masks[i], keep_mask_and_probability(tau, i, "della", d, 0.0, e, 11)[0])
+    for consensus, combine in [("sum", "mean_count"), (None, "sum"), ("count", "mean_weight")]:
+        kw = dict(sparsify="della", density=0.4, epsilon=0.2, seed=3, consensus=consensus, combine=combine)
+        with fk.use_backend("triton"):
+            got = fk.sparse_merge(base, xs, [0.5, 1.0, 0.7], rescale="l1", **kw)
+        assert_close(got, reference(base, xs, [0.5, 1.0, 0.7], rescale="l1", **kw))
+
+
+def test_della_declines_what_triton_cannot_rank():
+    x = torch.ones(2, 3, 4, device=DEVICE)
+    with fk.use_backend("triton"), pytest.raises(fk.BackendError, match="1-D and 2-D"):
         fk.della_merge(x, [x, x], density=0.5)
+    with fk.use_backend("triton"), pytest.raises(fk.BackendError, match="inverse_density"):
+        fk.della_merge(x[0], [x[0], x[0]], density=0.5, rescale="inverse_density")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -225,3 +251,21 @@ def test_sinkhorn_matches_reference(shape):
     assert bool(torch.isfinite(log.plan).all())
     with fk.use_backend("triton"), pytest.raises(fk.BackendError, match="float64"):
         fk.sinkhorn(cost.double(), reg=0.1)
+
+
+def test_permute_many_groups_a_mixed_state_dict():
+    from test_permute import _chain, _perm, _tensor
+
+    p = _perm(64, 1)
+    state = {
+        "w": _tensor((64, 32), torch.float32).to(DEVICE),
+        "b": _tensor((64,), torch.bfloat16).to(DEVICE),
+        "count": torch.arange(64, device=DEVICE),
+        "mask": (_tensor((10, 64), torch.float32) > 0).to(DEVICE),
+        "empty": torch.empty(0, 64, device=DEVICE),
+    }
+    specs = {"w": {0: p}, "b": {0: p}, "count": {0: p}, "mask": {1: p}, "empty": {1: p}}
+    with fk.use_backend("triton"):
+        got = fk.permute_many(state, specs)
+    for name, x in state.items():
+        assert torch.equal(got[name], _chain(x.cpu(), specs[name]).to(DEVICE)), name

@@ -40,7 +40,7 @@ def _cpu_impl(outs, xs, perms, slots) -> None:
 _torch_impl.dtypes = _cpu_impl.dtypes = None  # bytes are moved, so every dtype works
 _triton_impl = _triton.lazy("permute", "permute_many")
 _triton_impl.dtypes = None
-_triton_impl.declines = lambda xs: "Triton has no complex dtypes" if any(x.is_complex() for x in xs) else None
+_triton_impl.declines = _triton.lazy("permute", "declines")
 
 
 def _cuda_impl(outs, xs, perms, slots) -> None:

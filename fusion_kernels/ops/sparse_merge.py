@@ -71,12 +71,8 @@ def _cpu_declines(base, xs, weights, sparsify, rescale, consensus, elect_on, com
 _cpu_impl.declines = _cpu_declines
 
 
-def _triton_declines(base, xs, weights, sparsify, *rest):
-    return "della's per-row ranking has no Triton kernel yet" if sparsify == "della" else None
-
-
 _triton_impl = _triton.lazy("sparse_merge")
-_triton_impl.declines = _triton_declines
+_triton_impl.declines = _triton.lazy("sparse_merge", "declines")
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton_impl}
 
 

@@ -200,6 +200,72 @@ def _l1_kernel(x, base, sums, rules, numel, i, MODE: tl.constexpr, HAS_BASE: tl.
     tl.store(sums + 2 * pid + 1, tl.sum(tl.where(keep & mask, a, 0.0), axis=0))
 
 
+MAX_DELLA_COLS = 1 << 16
+DELLA_TILE = 4096  # elements one program ranks: short rows are ranked several to a program
+
+
+@triton.jit
+def _della_kernel(
+    xs, base, masks, low, spread, s1, s2, rows, cols, HAS_BASE: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
+):
+    """ROWS rows of model i: rank |τ| along each row (ascending, ties by index) with one sort of
+    (key << 32 | column), then keep rank r with probability low + spread·r/(cols − 1) by the hash."""
+    i = tl.program_id(1)
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)[:, None]
+    col = tl.arange(0, BLOCK).to(tl.int64)[None, :]
+    inside = (row < rows) & (col < cols)
+    t = _tau(xs[i], base, row * cols + col, inside, HAS_BASE)
+    packed = tl.where(inside, (_key(t).to(tl.int64) << 32) | col, 0x7FFFFFFFFFFFFFFF)
+    order = tl.sort(packed, dim=1)  # position along the row = rank
+    j = row * cols + (order & 0xFFFFFFFF)
+    last = tl.maximum(cols - 1, 1).to(tl.float32)
+    rank_norm = tl.where(cols > 1, tl.math.div_rn(col.to(tl.float32), last), 0.0)
+    p = low[i] + rank_norm * spread[i]
+    inner = _mix32((j >> 32) ^ s2[i])
+    h = _mix32((j & 0xFFFFFFFF) ^ s1[i] ^ inner)
+    keep = (h >> 8).to(tl.float32) < tl.floor(p * 16777216.0)
+    tl.store(masks + i.to(tl.int64) * (rows * cols) + j, keep.to(tl.int8), mask=inside)
+
+
+def della_masks(base, xs, densities, epsilons, seed) -> list[torch.Tensor]:
+    """Each model's DELLA keep mask (bool like xs[0]), ranked along rows (a 1-D tensor is one row)."""
+    n, shape = len(xs), xs[0].shape
+    rows, cols = (1, shape[0]) if len(shape) == 1 else shape
+    masks = torch.zeros((n, *shape), dtype=torch.bool, device=xs[0].device)
+    if masks.numel():
+        f32 = [
+            torch.tensor([d - e, 2 * e], dtype=torch.float32).tolist() for d, e in zip(densities, epsilons, strict=True)
+        ]
+        keys = [stream_keys(seed, i) for i in range(n)]
+        block = triton.next_power_of_2(cols)
+        tile_rows = min(triton.next_power_of_2(rows), max(1, DELLA_TILE // block))
+        _della_kernel[(triton.cdiv(rows, tile_rows), n)](
+            tuple(xs),
+            base if base is not None else xs[0],
+            masks.view(torch.int8),
+            tuple(lo for lo, _ in f32),
+            tuple(sp for _, sp in f32),
+            tuple(k[0] for k in keys),
+            tuple(k[1] for k in keys),
+            rows,
+            cols,
+            HAS_BASE=base is not None,
+            ROWS=tile_rows,
+            BLOCK=block,
+        )
+    return list(masks.unbind(0))
+
+
+def declines(base, xs, weights, sparsify, rescale, consensus, elect_on, combine, floats, seed, masks) -> str | None:
+    if sparsify != "della" or masks:
+        return None
+    if rescale == "inverse_density":
+        return "della with rescale='inverse_density' divides by per-element probabilities (runs on 'torch')"
+    if xs[0].dim() not in (1, 2) or xs[0].shape[-1] > MAX_DELLA_COLS:
+        return f"della's Triton ranking takes 1-D and 2-D tensors of at most {MAX_DELLA_COLS} columns"
+    return None
+
+
 def _rules(base, xs, sparsify, densities, gammas, seed, masks, ks):
     """(mode, rules tuple) of the merge kernel for every model."""
     n, numel = len(xs), xs[0].numel()
@@ -257,6 +323,8 @@ def sparse_merge(out, base, xs, weights, sparsify, rescale, consensus, elect_on,
     """The ops-layer implementation (same arguments as the cpu backend's; "" stands for None)."""
     n, numel = len(xs), out.numel()
     densities, gammas, lam = floats[:n], floats[n : 2 * n], floats[3 * n]
+    if sparsify == "della" and not masks:
+        masks = della_masks(base, xs, densities, floats[2 * n : 3 * n], seed)
     mode, rules = _rules(base, xs, sparsify or None, densities, gammas, seed, masks, ks)
     scales, divide = [1.0] * n, False
     if rescale == "inverse_density" and (sparsify or masks):
