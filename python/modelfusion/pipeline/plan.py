@@ -1,0 +1,208 @@
+"""A merge plan: every output tensor with its inputs, resolved parameters, shard and memory cost,
+checked against the models before any file is written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import RecipeError
+from ..io.checkpoint import Checkpoint, TensorInfo
+from ..io.writer import OutputTensor, plan_shards, shard_name
+from .recipe import LAYER, REQUIRED, Recipe, layer_position, model_params, resolve, shared_params
+
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class TensorTask:
+    """One output tensor: ``inputs[k]`` is read from checkpoint ``k`` (None where not needed)."""
+
+    out: OutputTensor
+    inputs: list[TensorInfo | None]
+    compute_dtype: torch.dtype
+    params: dict = field(default_factory=dict)
+    seed: int = 0
+    passthrough: bool = False  # copied from the base model (non-float tensors)
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(i.nbytes for i in self.inputs if i is not None)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Resident bytes while this tensor is merged: the inputs as read and converted, one float32
+        scratch tensor of the kernels, and the output."""
+        converted = sum(
+            i.nbytes // i.dtype.itemsize * self.compute_dtype.itemsize
+            for i in self.inputs
+            if i is not None and i.dtype != self.compute_dtype
+        )
+        scratch = 0 if self.passthrough else self.out.nbytes // self.out.dtype.itemsize * 4
+        return self.read_bytes + converted + scratch + self.out.nbytes
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    checkpoints: list[Checkpoint]
+    base_index: int | None
+    shards: list[list[TensorTask]]
+    memory_budget: int
+
+    @property
+    def tasks(self) -> list[TensorTask]:
+        return [t for shard in self.shards for t in shard]
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(t.read_bytes for t in self.tasks)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max((t.peak_bytes for t in self.tasks), default=0)
+
+    def shard_files(self) -> list[str]:
+        return [shard_name(i, len(self.shards)) for i in range(len(self.shards))]
+
+    def fingerprint(self) -> str:
+        """What an output depends on: the recipe, and every input tensor's file, place and size."""
+        h = hashlib.sha256(self.recipe.source.encode())
+        for shard in self.shards:
+            for t in shard:
+                h.update(json.dumps([t.out.name, str(t.out.dtype), t.out.shape, t.params, t.seed]).encode())
+                for i in t.inputs:
+                    h.update(repr(None if i is None else (str(i.file), i.offset, i.nbytes)).encode())
+        for c in self.checkpoints:
+            for f in sorted({i.file for i in c.tensors.values()}):
+                stat = f.stat()
+                h.update(f"{f}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return h.hexdigest()
+
+    def describe(self) -> str:
+        gib = 2**30
+        lines = [
+            f"merge_method: {self.recipe.merge_method}",
+            f"inputs: {len(self.checkpoints)} models: " + ", ".join(str(c.path) for c in self.checkpoints),
+            f"tensors: {len(self.tasks)} ({sum(t.passthrough for t in self.tasks)} copied from the base)",
+            f"read: {self.read_bytes / gib:.3f} GiB; write: {sum(t.out.nbytes for t in self.tasks) / gib:.3f} GiB "
+            f"in {len(self.shards)} shards",
+            f"estimated peak memory: {self.peak_bytes / gib:.3f} GiB for the largest tensor "
+            f"(budget {self.memory_budget / gib:.3f} GiB, which also bounds prefetching)",
+        ]
+        for file, shard in zip(self.shard_files(), self.shards, strict=True):
+            lines.append(f"  {file}: {len(shard)} tensors, {sum(t.out.nbytes for t in shard) / gib:.3f} GiB")
+        return "\n".join(lines)
+
+
+def _num_layers(reference: Checkpoint, names: list[str]) -> int:
+    config = reference.config or {}
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    indices = [int(m.group(1)) for m in map(LAYER.search, names) if m]
+    return max(indices) + 1 if indices else 1
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Each tensor's own DARE/DELLA seed, so equal-shaped tensors get different masks."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _resolve_params(recipe: Recipe, name: str, t: float) -> dict:
+    method = recipe.merge_method
+    params = {}
+    for key, spec in shared_params(method).items():
+        value = (
+            resolve(recipe.parameters[key], name, t, f"parameters.{key}", spec) if key in recipe.parameters else None
+        )
+        if value is None and spec.default is REQUIRED:
+            raise RecipeError(f"parameters.{key}: no value applies to tensor {name!r}")
+        params[key] = spec.default if value is None else value
+    entries = recipe.models if method == "linear" else recipe.non_base
+    for key, spec in model_params(method).items():
+        values = []
+        for entry in entries:
+            i = recipe.models.index(entry)
+            value = None
+            if key in entry.parameters:
+                value = resolve(entry.parameters[key], name, t, f"models[{i}].parameters.{key}", spec)
+            if value is None and key in recipe.parameters:
+                value = resolve(recipe.parameters[key], name, t, f"parameters.{key}", spec)
+            if value is None and spec.default is REQUIRED:
+                raise RecipeError(f"models[{i}].parameters.{key}: no value applies to tensor {name!r}")
+            values.append(spec.default if value is None else value)
+        params[key] = values
+    if method == "linear" and params["normalize"] and sum(params["weight"]) == 0:
+        raise RecipeError(f"weight: the weights of tensor {name!r} sum to 0 and normalize is true")
+    return params
+
+
+def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False) -> Plan:
+    """Open every model, match tensors by name, resolve parameters and cut shards. Raises
+    CheckpointError or RecipeError, each naming the model, tensor or recipe key at fault."""
+    paths = recipe.inputs
+    checkpoints = [Checkpoint(p, allow_pickle=allow_pickle) for p in paths]
+    base_index = paths.index(recipe.base_model) if recipe.base_model is not None else None
+    reference = checkpoints[base_index if base_index is not None else 0]
+    names = list(reference.tensors)
+    for c in checkpoints:
+        missing = [n for n in names if n not in c.tensors]
+        extra = [n for n in c.tensors if n not in reference.tensors]
+        if missing or extra:
+            what = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which {reference.path} lacks"
+            raise RecipeError(
+                f"model {c.path}: {what} ({len(missing)} missing, {len(extra)} extra tensors against {reference.path})"
+            )
+    num_layers = _num_layers(reference, names)
+    if recipe.layer_range is not None and tuple(recipe.layer_range) != (0, num_layers):
+        raise RecipeError(f"slices: layer_range {list(recipe.layer_range)} must cover all {num_layers} layers")
+    merged_models = [
+        paths.index(m.path) for m in (recipe.models if recipe.merge_method == "linear" else recipe.non_base)
+    ]
+    tasks = []
+    for name in names:
+        ref = reference.tensors[name]
+        for c in checkpoints:
+            if c.tensors[name].shape != ref.shape:
+                raise RecipeError(
+                    f"tensor {name!r}: shape {c.tensors[name].shape} in {c.path}, {ref.shape} in {reference.path}"
+                )
+        floating = all(c.tensors[name].dtype in FLOATS for c in checkpoints)
+        compute = recipe.dtype or ref.dtype
+        if not floating:
+            inputs = [ref if c is reference else None for c in checkpoints]
+            out = OutputTensor(name, ref.dtype, ref.shape)
+            tasks.append(TensorTask(out, inputs, ref.dtype, passthrough=True))
+            continue
+        needed = set(merged_models) | ({base_index} if base_index is not None else set())
+        inputs = [c.tensors[name] if k in needed else None for k, c in enumerate(checkpoints)]
+        out = OutputTensor(name, recipe.out_dtype or compute, ref.shape)
+        params = _resolve_params(recipe, name, layer_position(name, num_layers))
+        tasks.append(TensorTask(out, inputs, compute, params, tensor_seed(recipe.seed, name)))
+    outputs = {id(t.out): t for t in tasks}
+    shards = [[outputs[id(o)] for o in shard] for shard in plan_shards([t.out for t in tasks], recipe.max_shard_size)]
+    plan = Plan(recipe, checkpoints, base_index, shards, memory_budget)
+    largest = max(tasks, key=lambda t: t.peak_bytes, default=None)
+    if largest is not None and largest.peak_bytes > memory_budget:
+        raise RecipeError(
+            f"memory_budget: {memory_budget / 2**20:.0f} MiB is below what tensor {largest.out.name!r} needs "
+            f"({largest.peak_bytes / 2**20:.0f} MiB: its inputs, conversions, scratch and output)"
+        )
+    return plan
+
+
+def default_memory_budget() -> int:
+    """Half of the memory available now (MemAvailable), or 4 GiB where that cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return 4 * 2**30

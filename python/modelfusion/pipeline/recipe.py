@@ -1,0 +1,343 @@
+"""YAML merge recipes: mergekit's format for the methods both projects have, plus our options.
+
+    merge_method: ties
+    base_model: path/to/base
+    models:
+      - model: path/to/a
+        parameters: {weight: 0.5, density: [0.2, 0.8]}   # a gradient over the layers
+    parameters: {normalize: true, lambda: 1.0}
+    dtype: bfloat16            # inputs are converted to it; out_dtype defaults to it
+    seed: 0                    # ours: DARE/DELLA masks; memory_budget, threads, device, max_shard_size too
+
+A parameter is a scalar, a gradient (a list of numbers, interpolated over the layer index
+t = layer / (layers − 1); tensors outside layers take t = 0), or a list of ``{filter, value}``
+whose first filter contained in the tensor name applies — mergekit's rules. ``slices`` are
+accepted when they cover all layers of every model alike (as mergekit's SLERP examples write it).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..errors import RecipeError
+
+GTA_METHODS = (
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+)
+METHODS = ("linear", *GTA_METHODS, "slerp", "model_stock")
+
+
+@dataclass(frozen=True)
+class Param:
+    default: Any  # REQUIRED when there is none
+    kind: type
+    lo: float = -math.inf
+    hi: float = math.inf
+
+
+REQUIRED = object()
+
+
+def _gta_model_params(method: str) -> dict[str, Param]:
+    params = {"weight": Param(REQUIRED, float), "density": Param(1.0, float, 0.0, 1.0)}
+    if method.startswith("breadcrumbs"):
+        params["gamma"] = Param(0.01, float, 0.0, 1.0)
+    if method.startswith("della"):
+        params["epsilon"] = Param(0.15, float, 0.0, 1.0)
+    return params
+
+
+def shared_params(method: str) -> dict[str, Param]:
+    if method == "linear":
+        return {"normalize": Param(True, bool)}
+    if method == "slerp":
+        return {"t": Param(REQUIRED, float, 0.0, 1.0)}
+    if method == "model_stock":
+        return {"filter_wise": Param(False, bool)}
+    normalize = method in ("ties", "della")
+    rescale = method.startswith(("dare", "della"))
+    return {
+        "normalize": Param(normalize, bool),
+        "rescale": Param(rescale, bool),
+        "lambda": Param(1.0, float),
+        "int8_mask": Param(False, bool),  # accepted for compatibility; masks are never materialised
+    }
+
+
+def model_params(method: str) -> dict[str, Param]:
+    if method == "linear":
+        return {"weight": Param(REQUIRED, float)}
+    if method in GTA_METHODS:
+        return _gta_model_params(method)
+    return {}
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+TOP_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    # ours
+    "seed",
+    "memory_budget",
+    "threads",
+    "device",
+    "max_shard_size",
+}
+UNSUPPORTED_KEYS = {"modules", "tokenizer", "chat_template"}
+LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+@dataclass
+class ModelEntry:
+    path: Path
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    merge_method: str
+    models: list[ModelEntry]
+    base_model: Path | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype | None = None
+    out_dtype: torch.dtype | None = None
+    seed: int = 0
+    memory_budget: int | None = None
+    threads: int | None = None
+    device: str = "cpu"
+    max_shard_size: int = 5 * 10**9
+    layer_range: tuple[int, int] | None = None  # from single-slice recipes
+    source: str = ""
+
+    @property
+    def inputs(self) -> list[Path]:
+        """Every model read: the base first (when there is one), then the others, each once."""
+        paths = ([self.base_model] if self.base_model else []) + [m.path for m in self.models]
+        return list(dict.fromkeys(paths))
+
+    @property
+    def non_base(self) -> list[ModelEntry]:
+        return [m for m in self.models if m.path != self.base_model]
+
+
+def parse_size(value: Any, key: str) -> int:
+    """``4GiB``, ``500MB``, ``1.5G`` or a number of bytes."""
+    units = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20}
+    units.update({"g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40})
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in units or float(match.group(1)) <= 0:
+        raise RecipeError(f"{key}: expected a positive size such as 4GiB or 500MB, got {value!r}")
+    return int(float(match.group(1)) * units[match.group(2).lower()])
+
+
+def _model_path(value: Any, where: str) -> Path:
+    if isinstance(value, dict) and "model" in value:  # mergekit's long form {model: {path: ...}}
+        value = value["model"]
+    if isinstance(value, dict) and set(value) <= {"path", "lora"} and "path" in value:
+        if value.get("lora"):
+            raise RecipeError(f"{where}: LoRA references are not supported")
+        value = value["path"]
+    if not isinstance(value, str) or not value:
+        raise RecipeError(f"{where}: expected a model path, got {value!r}")
+    if "+" in value and not Path(value).exists():
+        raise RecipeError(f"{where}: 'model+lora' references are not supported, got {value!r}")
+    return Path(value)
+
+
+def _parameters(value: Any, where: str, allowed: dict[str, Param]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RecipeError(f"{where}: expected a mapping of parameters, got {value!r}")
+    for key in value:
+        if key not in allowed:
+            raise RecipeError(f"{where}.{key}: unknown parameter; expected one of {sorted(allowed)}")
+    return dict(value)
+
+
+def _dtype(value: Any, key: str) -> torch.dtype | None:
+    if value is None:
+        return None
+    if value not in DTYPES:
+        raise RecipeError(f"{key}: expected one of {sorted(DTYPES)}, got {value!r}")
+    return DTYPES[value]
+
+
+def _models_from_slices(slices: Any) -> tuple[list[dict], tuple]:
+    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
+        raise RecipeError("slices: only one slice covering all layers is supported (no layer-range frankenmerges)")
+    sources = slices[0].get("sources")
+    extra = set(slices[0]) - {"sources"}
+    if extra:
+        raise RecipeError(f"slices[0].{sorted(extra)[0]}: not supported")
+    if not isinstance(sources, list) or not sources:
+        raise RecipeError("slices[0].sources: expected a list of {model, layer_range}")
+    ranges = {tuple(s.get("layer_range") or ()) if isinstance(s, dict) else None for s in sources}
+    if len(ranges) != 1:
+        raise RecipeError(f"slices[0].sources: every source must take the same layer_range, got {sorted(ranges)}")
+    return [{k: v for k, v in s.items() if k != "layer_range"} for s in sources], next(iter(ranges))
+
+
+def load_recipe(text_or_path: str | Path) -> Recipe:
+    """Parse and check a recipe (YAML text, or the path of a YAML file). Raises RecipeError."""
+    text = str(text_or_path)
+    if isinstance(text_or_path, Path) or (text.endswith((".yml", ".yaml")) and "\n" not in text):
+        try:
+            text = Path(text_or_path).read_text()
+        except OSError as e:
+            raise RecipeError(f"recipe: cannot read {text_or_path}: {e}") from e
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe: expected a mapping at the top, got {type(raw).__name__}")
+    for key in raw:
+        if key in UNSUPPORTED_KEYS:
+            raise RecipeError(f"{key}: mergekit's {key!r} is not supported by modelfusion")
+        if key not in TOP_KEYS:
+            raise RecipeError(f"{key}: unknown key; expected one of {sorted(TOP_KEYS)}")
+    method = raw.get("merge_method")
+    if method not in METHODS:
+        raise RecipeError(f"merge_method: expected one of {list(METHODS)}, got {method!r}")
+    layer_range = None
+    if ("models" in raw) == ("slices" in raw):
+        raise RecipeError("models: give either 'models' or 'slices', not both and not neither")
+    entries = raw.get("models")
+    if "slices" in raw:
+        entries, layer_range = _models_from_slices(raw["slices"])
+    if not isinstance(entries, list) or not entries:
+        raise RecipeError(f"models: expected a non-empty list, got {entries!r}")
+    per_model, shared = model_params(method), shared_params(method)
+    models = []
+    for i, entry in enumerate(entries):
+        where = f"models[{i}]"
+        entry = {"model": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "model" not in entry or set(entry) - {"model", "parameters"}:
+            raise RecipeError(f"{where}: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}")
+        params = _parameters(entry.get("parameters"), f"{where}.parameters", per_model)
+        models.append(ModelEntry(_model_path(entry["model"], f"{where}.model"), params))
+    base = _model_path(raw["base_model"], "base_model") if raw.get("base_model") else None
+    recipe = Recipe(
+        merge_method=method,
+        models=models,
+        base_model=base,
+        parameters=_parameters(raw.get("parameters"), "parameters", {**shared, **per_model}),
+        dtype=_dtype(raw.get("dtype"), "dtype"),
+        out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
+        source=text,
+    )
+    _check_shape_of_recipe(recipe, raw, layer_range)
+    return recipe
+
+
+def _check_shape_of_recipe(recipe: Recipe, raw: dict, layer_range) -> None:
+    method = recipe.merge_method
+    if method != "linear" and recipe.base_model is None:
+        raise RecipeError(f"base_model: merge_method {method!r} needs a base model")
+    others = len(recipe.non_base)
+    if method == "slerp" and others != 1:
+        raise RecipeError(f"models: slerp takes the base model and exactly one other, got {others} others")
+    if method == "model_stock" and others < 2:
+        raise RecipeError(f"models: model_stock takes the base model and at least two others, got {others}")
+    if method in GTA_METHODS and others < 1:
+        raise RecipeError(f"models: {method} needs at least one model besides the base")
+    if len({m.path for m in recipe.models}) != len(recipe.models):
+        raise RecipeError("models: a model is listed twice")
+    if raw.get("tokenizer_source") not in (None, "base"):
+        raise RecipeError(f"tokenizer_source: only 'base' is supported, got {raw['tokenizer_source']!r}")
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise RecipeError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+    recipe.seed = seed
+    if raw.get("memory_budget") is not None:
+        recipe.memory_budget = parse_size(raw["memory_budget"], "memory_budget")
+    if raw.get("max_shard_size") is not None:
+        recipe.max_shard_size = parse_size(raw["max_shard_size"], "max_shard_size")
+    threads = raw.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise RecipeError(f"threads: expected a positive int, got {threads!r}")
+    recipe.threads = threads
+    device = raw.get("device", "cpu")
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise RecipeError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}")
+    recipe.device = device
+    recipe.layer_range = layer_range or None  # checked against the models' layer count by the planner
+    for key, p in shared_params(method).items():
+        if p.default is REQUIRED and key not in recipe.parameters:
+            raise RecipeError(f"parameters.{key}: required by {method}")
+    for i, m in enumerate(recipe.models):
+        if m.path == recipe.base_model:
+            continue
+        for key, p in model_params(method).items():
+            if p.default is REQUIRED and key not in m.parameters and key not in recipe.parameters:
+                raise RecipeError(f"models[{i}].parameters.{key}: required by {method}")
+
+
+def layer_position(name: str, num_layers: int) -> float:
+    """mergekit's t of a tensor: layer / (layers − 1) inside a layer (1 for a single layer), else 0."""
+    match = LAYER.search(name)
+    if match is None:
+        return 0.0
+    return int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def resolve(setting: Any, name: str, t: float, key: str, spec: Param) -> Any:
+    """The value of one parameter setting for tensor ``name`` at layer position ``t``."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list) and setting and all(isinstance(s, dict) for s in setting):
+        for cond in setting:
+            if set(cond) - {"filter", "value"} or "value" not in cond:
+                raise RecipeError(f"{key}: expected {{filter, value}} entries, got {cond!r}")
+            f = cond.get("filter")
+            if f is None or f == "*" or f in name:
+                return resolve(cond["value"], name, t, key, spec)
+        return None
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        values = [_scalar(v, key, spec) for v in setting]
+        if spec.kind is bool:
+            return values[int(t * (len(values) - 1))]
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        return _scalar((1 - (scaled - i0)) * values[i0] + (scaled - i0) * values[i1], key, spec)
+    return _scalar(setting, key, spec)
+
+
+def _scalar(value: Any, key: str, spec: Param) -> Any:
+    if spec.kind is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true or false, got {value!r}")
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise RecipeError(f"{key}: expected a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number) or not spec.lo <= number <= spec.hi:
+        raise RecipeError(f"{key}: expected a number in [{spec.lo}, {spec.hi}], got {value!r}")
+    return number
