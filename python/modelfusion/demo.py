@@ -24,16 +24,20 @@ from .io.writer import OutputTensor, ShardWriter, plan_shards, shard_name, write
 from .pipeline import merge, plan_merge
 from .pipeline.executor import _compute
 
-METHODS = {
-    "linear": "parameters: {weight: 1.0}",
-    "task_arithmetic": "parameters: {weight: 0.5}",
-    "ties": "parameters: {weight: 0.6, density: 0.3}",
-    "dare_ties": "parameters: {weight: 0.6, density: 0.3}",
-    "della": "parameters: {weight: 0.6, density: 0.4, epsilon: 0.1}",
-    "breadcrumbs_ties": "parameters: {weight: 0.6, density: 0.5, gamma: 0.02}",
+RECIPE_PARAMETERS = {
+    "linear": "{weight: 1.0}",
+    "task_arithmetic": "{weight: 0.5}",
+    "ties": "{weight: 0.6, density: 0.3}",
+    "dare_ties": "{weight: 0.6, density: 0.3}",
+    "dare_linear": "{weight: 0.6, density: 0.3}",
+    "breadcrumbs": "{weight: 0.6, density: 0.5, gamma: 0.02}",
+    "breadcrumbs_ties": "{weight: 0.6, density: 0.5, gamma: 0.02}",
+    "della": "{weight: 0.6, density: 0.4, epsilon: 0.1}",
+    "della_linear": "{weight: 0.6, density: 0.4, epsilon: 0.1}",
     "model_stock": "",
     "slerp": "",
 }
+DEMO_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs_ties", "model_stock", "slerp")
 
 
 def llama_shapes(hidden=512, layers=4, intermediate=1376, vocab=4096, kv_heads=4, heads=8) -> tuple[dict, dict]:
@@ -143,8 +147,8 @@ def recipe_text(method: str, paths: list[Path], dtype: str | None = None) -> str
         lines += [f"  - model: {base}", "    parameters: {weight: 1.0}"]
     for m in models:
         lines.append(f"  - model: {m}")
-        if METHODS[method]:
-            lines.append(f"    {METHODS[method]}")
+        if RECIPE_PARAMETERS[method]:
+            lines.append(f"    parameters: {RECIPE_PARAMETERS[method]}")
     if method == "slerp":
         lines.append("parameters: {t: [0.2, 0.8]}")
     lines.append("seed: 7")
@@ -201,7 +205,7 @@ def run_demo(
     try:
         for paths in families:
             family = family_label(paths)
-            for method in METHODS:
+            for method in DEMO_METHODS:
                 recipe = recipe_text(method, paths)
                 out = root / "merged" / f"{paths[0].parent.name}-{method}"
                 stats = merge(recipe, out, memory_budget=memory_budget, progress=False)

@@ -113,14 +113,8 @@ def _compute(plan: Plan, task: TensorTask, tensors: list, device: str) -> torch.
         return next(t for t in tensors if t is not None)
     tensors = [None if t is None else t.to(device=device, dtype=task.compute_dtype) for t in tensors]
     base = tensors[plan.base_index] if plan.base_index is not None else None
-    others = [t for k, t in enumerate(tensors) if t is not None and k != plan.base_index]
+    others = [tensors[k] for k in plan.merged]
     recipe = plan.recipe
-    if (
-        recipe.merge_method == "linear"
-        and base is not None
-        and recipe.base_model not in [m.path for m in recipe.models]
-    ):
-        base = None
     result = merge_tensor(recipe.merge_method, base, others, task.params, task.seed)
     return result.to(device="cpu", dtype=task.out.dtype)
 
@@ -169,7 +163,7 @@ def run_plan(plan: Plan, out: str | Path, *, resume: bool = False, progress: boo
         stop.set()
         bar.close()
         torch.set_num_threads(previous_threads)
-    reference = plan.checkpoints[plan.base_index or 0]
+    reference = plan.checkpoints[0]  # the base model when there is one
     if reference.path.is_dir():
         out_dtype = plan.recipe.out_dtype or plan.recipe.dtype
         key = "dtype" if "dtype" in (reference.config or {}) else "torch_dtype"

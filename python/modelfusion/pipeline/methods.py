@@ -1,7 +1,7 @@
 """One output tensor of each recipe method, on fusion_kernels (mergekit's semantics).
 
 ``merge_tensor(method, base, others, params, seed)``: ``base`` is the base model's tensor (None
-for ``linear`` without one), ``others`` the other models' tensors in recipe order, ``params`` the
+for ``linear``), ``others`` the merged models' tensors in recipe order, ``params`` the
 resolved parameters (per-model ones as lists in the order of ``others``).
 """
 
@@ -19,8 +19,7 @@ MODEL_STOCK_CHUNK = 1 << 22  # elements per step of model_stock's Gram matrix: b
 
 def merge_tensor(method: str, base, others: list[torch.Tensor], params: dict, seed: int) -> torch.Tensor:
     if method == "linear":
-        inputs = ([base] if base is not None else []) + others
-        return fkm.linear(inputs, params["weight"], normalize=params["normalize"])
+        return fkm.linear(others, params["weight"], normalize=params["normalize"])
     if method in GTA_METHODS:
         options = {k: params[k] for k in ("density", "gamma", "epsilon") if k in params}
         return fkm.generalized_task_arithmetic(
@@ -35,7 +34,7 @@ def merge_tensor(method: str, base, others: list[torch.Tensor], params: dict, se
             **options,
         )
     if method == "slerp":
-        return fkm.slerp(params["t"], base, others[0])
+        return fk.slerp(base, others[0], params["t"])  # the whole tensor, as mergekit's run_merge batches it
     if method == "model_stock":
         return model_stock(base, others, filter_wise=params["filter_wise"])
     raise ValueError(f"unknown method {method!r}")

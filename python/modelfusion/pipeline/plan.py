@@ -50,7 +50,8 @@ class TensorTask:
 class Plan:
     recipe: Recipe
     checkpoints: list[Checkpoint]
-    base_index: int | None
+    base_index: int | None  # the checkpoint of the base tensor handed to the method (None for linear)
+    merged: list[int]  # the checkpoints of the merged tensors, in the order of their parameters
     shards: list[list[TensorTask]]
     memory_budget: int
 
@@ -124,10 +125,9 @@ def _resolve_params(recipe: Recipe, name: str, t: float) -> dict:
         if value is None and spec.default is REQUIRED:
             raise RecipeError(f"parameters.{key}: no value applies to tensor {name!r}")
         params[key] = spec.default if value is None else value
-    entries = recipe.models if method == "linear" else recipe.non_base
     for key, spec in model_params(method).items():
         values = []
-        for entry in entries:
+        for entry in recipe.merged:
             i = recipe.models.index(entry)
             value = None
             if key in entry.parameters:
@@ -149,7 +149,7 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
     paths = recipe.inputs
     checkpoints = [Checkpoint(p, allow_pickle=allow_pickle) for p in paths]
     base_index = paths.index(recipe.base_model) if recipe.base_model is not None else None
-    reference = checkpoints[base_index if base_index is not None else 0]
+    reference = checkpoints[0]  # the base model when there is one
     names = list(reference.tensors)
     for c in checkpoints:
         missing = [n for n in names if n not in c.tensors]
@@ -162,9 +162,9 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
     num_layers = _num_layers(reference, names)
     if recipe.layer_range is not None and tuple(recipe.layer_range) != (0, num_layers):
         raise RecipeError(f"slices: layer_range {list(recipe.layer_range)} must cover all {num_layers} layers")
-    merged_models = [
-        paths.index(m.path) for m in (recipe.models if recipe.merge_method == "linear" else recipe.non_base)
-    ]
+    merged_models = [paths.index(m.path) for m in recipe.merged]
+    if recipe.merge_method == "linear":
+        base_index = None  # linear takes the base, when there is one, as one more merged model
     tasks = []
     for name in names:
         ref = reference.tensors[name]
@@ -187,14 +187,21 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
         tasks.append(TensorTask(out, inputs, compute, params, tensor_seed(recipe.seed, name)))
     outputs = {id(t.out): t for t in tasks}
     shards = [[outputs[id(o)] for o in shard] for shard in plan_shards([t.out for t in tasks], recipe.max_shard_size)]
-    plan = Plan(recipe, checkpoints, base_index, shards, memory_budget)
+    plan = Plan(recipe, checkpoints, base_index, merged_models, shards, memory_budget)
     largest = max(tasks, key=lambda t: t.peak_bytes, default=None)
     if largest is not None and largest.peak_bytes > memory_budget:
         raise RecipeError(
-            f"memory_budget: {memory_budget / 2**20:.0f} MiB is below what tensor {largest.out.name!r} needs "
-            f"({largest.peak_bytes / 2**20:.0f} MiB: its inputs, conversions, scratch and output)"
+            f"memory_budget: {human_bytes(memory_budget)} is below what tensor {largest.out.name!r} needs "
+            f"({human_bytes(largest.peak_bytes)}: its inputs, conversions, scratch and output)"
         )
     return plan
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def default_memory_budget() -> int:

@@ -139,6 +139,11 @@ class Recipe:
     def non_base(self) -> list[ModelEntry]:
         return [m for m in self.models if m.path != self.base_model]
 
+    @property
+    def merged(self) -> list[ModelEntry]:
+        """The models whose per-model parameters apply: all for ``linear``, else all but the base."""
+        return self.models if self.merge_method == "linear" else self.non_base
+
 
 def parse_size(value: Any, key: str) -> int:
     """``4GiB``, ``500MB``, ``1.5G`` or a number of bytes."""
@@ -249,6 +254,8 @@ def load_recipe(text_or_path: str | Path) -> Recipe:
         out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
         source=text,
     )
+    if method == "linear" and base is not None and base not in [m.path for m in models]:
+        models.insert(0, ModelEntry(base))  # mergekit's linear averages the base too: it needs a weight
     _check_shape_of_recipe(recipe, raw, layer_range)
     return recipe
 

@@ -1,0 +1,144 @@
+"""modelfusion.io: safetensors headers checked, tensors read exactly, shards written atomically."""
+
+import json
+import struct
+
+import pytest
+import torch
+from modelfusion.errors import CheckpointError, OutputError
+from modelfusion.io import Checkpoint, OutputTensor, ShardWriter, plan_shards, read_header, write_index
+from modelfusion.io.writer import shard_name
+from safetensors.torch import load_file, save_file
+
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.bool]
+
+
+def sample_tensors():
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for i, dtype in enumerate(ALL_DTYPES):
+        x = torch.randn(3, 5 + i, generator=g) * 10
+        out[f"t{i}.{str(dtype)[6:]}"] = x > 0 if dtype == torch.bool else x.to(dtype)
+    out["scalar"] = torch.tensor(2.5)
+    out["empty"] = torch.zeros(0, 4)
+    return out
+
+
+def test_reads_what_the_safetensors_library_wrote(tmp_path):
+    tensors = sample_tensors()
+    save_file(tensors, tmp_path / "m.safetensors")
+    c = Checkpoint(tmp_path / "m.safetensors")
+    assert set(c.tensors) == set(tensors)
+    for name, t in tensors.items():
+        got = c.read(name)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+
+
+def test_our_shards_load_in_the_safetensors_library(tmp_path):
+    tensors = sample_tensors()
+    outs = [OutputTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    shards = plan_shards(outs, 100)
+    assert len(shards) > 2 and all(sum(o.nbytes for o in s) <= 100 or len(s) == 1 for s in shards)
+    for i, shard in enumerate(shards):
+        w = ShardWriter(tmp_path / shard_name(i, len(shards)), shard)
+        for o in shard:
+            w.write(tensors[o.name])
+        w.commit()
+    write_index(tmp_path, shards)
+    loaded = {}
+    for i in range(len(shards)):
+        loaded.update(load_file(tmp_path / shard_name(i, len(shards))))
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in tensors.values())
+    c = Checkpoint(tmp_path)
+    assert all(torch.equal(c.read(n), t) for n, t in tensors.items())
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_writer_rejects_a_tensor_off_plan_and_aborts_cleanly(tmp_path):
+    w = ShardWriter(tmp_path / "s.safetensors", [OutputTensor("a", torch.float32, (2, 3))])
+    with pytest.raises(OutputError, match=r"'a' expected torch.float32 \(2, 3\), got torch.float16"):
+        w.write(torch.zeros(2, 3, dtype=torch.float16))
+    with pytest.raises(OutputError, match="1 planned tensors were not written"):
+        w.commit()
+    w.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_and_corrupt_files_name_the_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.ones(100), "b": torch.ones(7)}, path)
+    raw = path.read_bytes()
+    cases = {
+        "truncated": raw[:-3],
+        "no header": raw[:5],
+        "header longer than file": struct.pack("<Q", 10**6) + raw[8:],
+        "corrupt json": raw[:8] + b"{" * (len(raw) - 8),
+    }
+    for what, data in cases.items():
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=str(path)):
+            read_header(path)
+        assert what
+
+
+def test_a_hole_in_the_data_is_rejected(tmp_path):
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}).encode()
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 12)
+    with pytest.raises(CheckpointError, match="starts at byte 4 of the data, expected 0"):
+        read_header(path)
+
+
+def test_a_file_truncated_after_opening_fails_on_read(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.ones(1000)}, path)
+    c = Checkpoint(path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match="truncated while reading tensor 'a'"):
+        c.read("a")
+
+
+@pytest.mark.parametrize("target", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_index_entries_that_escape_the_directory_are_rejected(tmp_path, target):
+    model = tmp_path / "model"
+    model.mkdir()
+    save_file({"a": torch.ones(2)}, tmp_path / "outside.safetensors")
+    index = {"metadata": {}, "weight_map": {"a": target}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside the model directory"):
+        Checkpoint(model)
+
+
+def test_index_naming_a_tensor_its_file_lacks(tmp_path):
+    save_file({"a": torch.ones(2)}, tmp_path / "s.safetensors")
+    index = {"weight_map": {"a": "s.safetensors", "b": "s.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="1 tensors are not in the files"):
+        Checkpoint(tmp_path)
+
+
+def test_bin_checkpoints_need_the_opt_in_and_load_weights_only(tmp_path):
+    state = {"w": torch.randn(3, 4), "b": torch.arange(5)}
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        Checkpoint(tmp_path)
+    c = Checkpoint(tmp_path, allow_pickle=True)
+    assert all(torch.equal(c.read(n), t) for n, t in state.items())
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.bin")
+    with pytest.raises(CheckpointError, match="evil.bin"):
+        Checkpoint(tmp_path / "evil.bin", allow_pickle=True)
+
+
+def test_missing_path_and_empty_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        Checkpoint(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no model weights"):
+        Checkpoint(tmp_path)
