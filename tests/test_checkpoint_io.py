@@ -1,13 +1,14 @@
 """modelfusion.io: safetensors headers checked, tensors read exactly, shards written atomically."""
 
 import json
+import shutil
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 from modelfusion.errors import CheckpointError, OutputError
-from modelfusion.io import Checkpoint, OutputTensor, ShardWriter, plan_shards, read_header, write_index
-from modelfusion.io.writer import shard_name
+from modelfusion.io import Checkpoint, OutputTensor, ShardWriter, read_header, save_model
 from safetensors.torch import load_file, save_file
 
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int8, torch.bool]
@@ -36,18 +37,14 @@ def test_reads_what_the_safetensors_library_wrote(tmp_path):
 
 def test_our_shards_load_in_the_safetensors_library(tmp_path):
     tensors = sample_tensors()
-    outs = [OutputTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    shards = plan_shards(outs, 100)
-    assert len(shards) > 2 and all(sum(o.nbytes for o in s) <= 100 or len(s) == 1 for s in shards)
-    for i, shard in enumerate(shards):
-        w = ShardWriter(tmp_path / shard_name(i, len(shards)), shard)
-        for o in shard:
-            w.write(tensors[o.name])
-        w.commit()
-    write_index(tmp_path, shards)
+    save_model(tmp_path, tensors, {"model_type": "test"}, max_shard_size=100)
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and all(p.name.endswith(f"-of-{len(shards):05d}.safetensors") for p in shards)
     loaded = {}
-    for i in range(len(shards)):
-        loaded.update(load_file(tmp_path / shard_name(i, len(shards))))
+    for shard in shards:
+        sizes = [t.nbytes for t in read_header(shard).values()]
+        assert sum(sizes) <= 100 or len(sizes) == 1, (shard, sizes)
+        loaded.update(load_file(shard))
     assert loaded.keys() == tensors.keys()
     assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -142,3 +139,28 @@ def test_missing_path_and_empty_directory(tmp_path):
         Checkpoint(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="no model weights"):
         Checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("where", ["disk", "shm"])
+def test_staged_writes_across_many_blocks(tmp_path, monkeypatch, where):
+    """Tensors spanning several staging buffers, odd sizes, on a file system with O_DIRECT and on
+    tmpfs (which refuses it)."""
+    import os
+    import tempfile
+
+    from modelfusion.io import writer
+
+    if where == "shm" and not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    directory = Path(tempfile.mkdtemp(dir="/dev/shm")) if where == "shm" else tmp_path
+    monkeypatch.setattr(writer, "STAGE_BYTES", 3 * 4096)
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"t{i}": torch.randn(n, generator=g).to(torch.bfloat16) for i, n in enumerate([1, 10_001, 3, 40_000])}
+    try:
+        save_model(directory, tensors)
+        c = Checkpoint(directory)
+        assert all(torch.equal(c.read(n), t) and torch.equal(c.map(n), t) for n, t in tensors.items())
+        assert load_file(next(directory.glob("model-*.safetensors")))["t3"].equal(tensors["t3"])
+    finally:
+        if where == "shm":
+            shutil.rmtree(directory)

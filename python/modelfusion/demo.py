@@ -10,7 +10,6 @@ prints method, seconds, GB/s and memory.
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 import fusion_kernels as fk
 
 from .io import Checkpoint
-from .io.writer import OutputTensor, ShardWriter, plan_shards, shard_name, write_index
+from .io.writer import save_model
 from .pipeline import merge, plan_merge
 from .pipeline.executor import _compute
 
@@ -72,23 +71,6 @@ def llama_shapes(hidden=512, layers=4, intermediate=1376, vocab=4096, kv_heads=4
         "torch_dtype": "bfloat16",
     }
     return shapes, config
-
-
-def save_model(directory: Path, tensors, config: dict | None, max_shard_size: int = 2**62) -> None:
-    """Write ``tensors`` (a dict, or an iterable of (name, tensor) made on the fly) as an HF model."""
-    directory.mkdir(parents=True, exist_ok=True)
-    items = list(tensors.items()) if isinstance(tensors, dict) else list(tensors)
-    outs = [OutputTensor(n, t.dtype, tuple(t.shape)) for n, t in items]
-    shards = plan_shards(outs, max_shard_size)
-    data = dict(items)
-    for i, shard in enumerate(shards):
-        writer = ShardWriter(directory / shard_name(i, len(shards)), shard)
-        for o in shard:
-            writer.write(data[o.name])
-        writer.commit()
-    write_index(directory, shards)
-    if config is not None:
-        (directory / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def make_llama_family(

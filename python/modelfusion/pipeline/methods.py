@@ -2,7 +2,9 @@
 
 ``merge_tensor(method, base, others, params, seed)``: ``base`` is the base model's tensor (None
 for ``linear``), ``others`` the merged models' tensors in recipe order, ``params`` the
-resolved parameters (per-model ones as lists in the order of ``others``).
+resolved parameters (per-model ones as lists in the order of ``others``). ``linear`` and
+``task_arithmetic`` write into ``out`` when it is given (reused buffers: fresh memory is slow to
+touch); the other methods ignore it.
 """
 
 from __future__ import annotations
@@ -17,9 +19,15 @@ from .recipe import GTA_METHODS
 MODEL_STOCK_CHUNK = 1 << 22  # elements per step of model_stock's Gram matrix: bounds its scratch memory
 
 
-def merge_tensor(method: str, base, others: list[torch.Tensor], params: dict, seed: int) -> torch.Tensor:
+def merge_tensor(method: str, base, others: list[torch.Tensor], params: dict, seed: int, out=None) -> torch.Tensor:
     if method == "linear":
-        return fkm.linear(others, params["weight"], normalize=params["normalize"])
+        w = params["weight"]
+        scale = 1 / sum(w) if params["normalize"] else 1.0
+        return fk.weighted_sum(others, [x * scale for x in w], out=out)
+    if method == "task_arithmetic":
+        w = params["weight"]
+        total = sum(w) if params["normalize"] and abs(sum(w)) >= 1e-8 else 1.0  # mergekit's guard
+        return fk.task_arithmetic(base, others, [x * params["lambda"] / total for x in w], out=out)
     if method in GTA_METHODS:
         options = {k: params[k] for k in ("density", "gamma", "epsilon") if k in params}
         return fkm.generalized_task_arithmetic(

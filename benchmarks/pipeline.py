@@ -1,0 +1,165 @@
+"""Streaming-merge benchmark: our pipeline against mergekit on a generated Llama-shaped family.
+
+    python benchmarks/pipeline.py                      # 3 × 1.1B bf16 (base + 2 fine-tunes), all methods
+    python benchmarks/pipeline.py --layers 2 --methods linear --skip-mergekit   # a quick smoke run
+
+Generates the models (HF format, 1 GB shards) under --workdir, measures the disk bounds (every
+input byte read once through modelfusion.io from a warm page cache; the output's size written and
+fsynced), then for each method runs
+``modelfusion merge`` and mergekit's ``run_merge`` on the same recipe, each in a fresh process
+reporting its own wall time and peak RSS. Writes JSON (default benchmarks/results/pipeline-cpu.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from modelfusion.demo import make_llama_family, recipe_text
+from modelfusion.io import Checkpoint
+
+METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"]
+
+OURS = """
+import json, sys
+from modelfusion.pipeline import merge
+from modelfusion.pipeline.recipe import parse_size
+stats = merge(open(sys.argv[1]).read(), sys.argv[2], memory_budget=parse_size(sys.argv[3], "budget"), progress=False)
+print(json.dumps({"seconds": stats.seconds, "peak_rss": stats.peak_rss}))
+"""
+MERGEKIT = """
+import json, sys, time, yaml
+from modelfusion.pipeline.executor import _peak_rss
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
+start = time.perf_counter()
+run_merge(config, sys.argv[2], MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "peak_rss": _peak_rss()}))
+"""
+
+
+def run(script: str, *args) -> dict:
+    proc = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def read_bound(paths: list[Path]) -> tuple[float, int]:
+    """Seconds to read every tensor of ``paths`` once (page cache warm after a first pass), and bytes."""
+    checkpoints = [Checkpoint(p) for p in paths]
+    for _ in range(2):
+        start = time.perf_counter()
+        total = 0
+        for c in checkpoints:
+            for name in c.tensors:
+                total += c.read(name).nbytes
+        seconds = time.perf_counter() - start
+    return seconds, total
+
+
+def write_bound(directory: Path, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` to a new file in 64 MiB pieces and fsync it (the output's floor)."""
+    piece = torch.zeros(64 * 2**20, dtype=torch.uint8).numpy()
+    path = directory / "write-bound.tmp"
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for offset in range(0, nbytes, piece.nbytes):
+            f.write(piece[: min(piece.nbytes, nbytes - offset)])
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=22, help="22: TinyLlama-1.1B's shape")
+    p.add_argument("--finetunes", type=int, default=2, help="models besides the base")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--budget", default="4GiB", help="our --memory-budget for every method")
+    p.add_argument("--small-budget", default="1GiB", help="one more linear run under this budget ('' to skip)")
+    p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument("--workdir", help="default: a temporary directory, removed after")
+    p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "pipeline-cpu.json")
+    args = p.parse_args()
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="fk-pipeline-"))
+    try:
+        shape = dict(hidden=2048, layers=args.layers, intermediate=5632, vocab=32000, kv_heads=4, heads=32)
+        start = time.perf_counter()
+        paths = make_llama_family(root / "models", args.finetunes, torch.bfloat16, max_shard_size=10**9, **shape)
+        params = sum(t.nbytes // 2 for t in Checkpoint(paths[0]).tensors.values())
+        print(
+            f"# generated {len(paths)} models × {params / 1e9:.2f}B params bf16 in {time.perf_counter() - start:.0f} s"
+        )
+        bound_s, total = read_bound(paths)
+        print(f"# read bound: {total / 1e9:.2f} GB in {bound_s:.2f} s = {total / bound_s / 1e9:.2f} GB/s (page cache)")
+        out_bytes = total // len(paths)
+        wb_s = write_bound(root, out_bytes)
+        print(f"# write bound: {out_bytes / 1e9:.2f} GB in {wb_s:.2f} s = {out_bytes / wb_s / 1e9:.2f} GB/s (fsync)")
+        rows = []
+        runs = [(m, args.budget) for m in args.methods.split(",")]
+        if args.small_budget:
+            runs.append(("linear", args.small_budget))
+        for method, budget in runs:
+            recipe = root / f"{method}.yaml"
+            recipe.write_text(recipe_text(method, paths, dtype="bfloat16"))
+            ours = run(OURS, recipe, root / "out-ours", budget)
+            shutil.rmtree(root / "out-ours")
+            theirs = None
+            if not args.skip_mergekit and budget == args.budget:
+                theirs = run(MERGEKIT, recipe, root / "out-mergekit")
+                shutil.rmtree(root / "out-mergekit")
+            read = total if method != "slerp" else total * 2 // len(paths)
+            row = {
+                "method": method,
+                "budget": budget,
+                "ours_s": ours["seconds"],
+                "ours_gbs": read / ours["seconds"] / 1e9,
+                "disk_bound_s": max(bound_s * read / total, wb_s),
+                "ours_fraction_of_disk_bound": max(bound_s * read / total, wb_s) / ours["seconds"],
+                "ours_peak_rss_mib": ours["peak_rss"] / 2**20,
+                "mergekit_s": theirs and theirs["seconds"],
+                "mergekit_gbs": theirs and read / theirs["seconds"] / 1e9,
+                "mergekit_peak_rss_mib": theirs and theirs["peak_rss"] / 2**20,
+                "speedup": theirs and theirs["seconds"] / ours["seconds"],
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        result = {
+            "machine": platform.processor() or platform.machine(),
+            "cpus": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "models": len(paths),
+            "params_per_model": params,
+            "input_bytes": total,
+            "read_bound_s": bound_s,
+            "read_bound_gbs": total / bound_s / 1e9,
+            "output_bytes": out_bytes,
+            "write_bound_s": wb_s,
+            "write_bound_gbs": out_bytes / wb_s / 1e9,
+            "rows": rows,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
