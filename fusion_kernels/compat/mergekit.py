@@ -55,9 +55,11 @@ def generalized_task_arithmetic(
     gamma: float | Sequence[float] = 0.01,
     epsilon: float | Sequence[float] = 0.15,
     seed: int = 0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One tensor of mergekit's ``method`` (a key of ``GTA_METHODS``); ``normalize`` and ``rescale``
-    default to the method's own defaults, ``lam`` is mergekit's ``lambda``."""
+    default to the method's own defaults, ``lam`` is mergekit's ``lambda``; ``out`` as in
+    :func:`fusion_kernels.sparse_merge`."""
     if method not in GTA_METHODS:
         raise ValueError(f"method must be one of {sorted(GTA_METHODS)}, got {method!r}")
     consensus, sparsify, default_normalize, default_rescale = GTA_METHODS[method]
@@ -79,6 +81,7 @@ def generalized_task_arithmetic(
         combine="mean_weight" if normalize else "sum",
         lam=lam,
         seed=seed,
+        out=out,
     )
 
 

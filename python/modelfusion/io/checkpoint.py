@@ -11,7 +11,7 @@ would break the pipeline's memory budget (reading a 1 GiB file tensor by tensor 
 
 from __future__ import annotations
 
-import contextlib
+import ctypes
 import json
 import mmap
 import os
@@ -42,6 +42,15 @@ MAX_HEADER_BYTES = 100 * 2**20
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python names it from 3.13
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def _populate(address: int, length: int) -> None:
+    """Map a file range's page-cache pages in now (``madvise(MADV_POPULATE_READ)``), through ctypes,
+    which releases the GIL: ``mmap.madvise`` would hold it for the whole call and stall the merge.
+    Before Linux 5.14 the call fails and pages fault in on first use instead."""
+    _LIBC.madvise(address, length, MADV_POPULATE_READ)
 
 
 @dataclass(frozen=True)
@@ -206,9 +215,8 @@ class Checkpoint:
                 os.close(fd)
         except OSError as e:
             raise CheckpointError(f"{info.file}: cannot map tensor {name!r}: {e}") from e
-        with contextlib.suppress(OSError, ValueError):  # before Linux 5.14 pages fault in on first use instead
-            mapped.madvise(MADV_POPULATE_READ)
         flat = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.offset - start)
+        _populate(flat.data_ptr() - (info.offset - start), info.offset + info.nbytes - start)
         return flat.view(info.dtype).view(info.shape)
 
     def read(self, name: str) -> torch.Tensor:

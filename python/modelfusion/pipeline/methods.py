@@ -2,9 +2,9 @@
 
 ``merge_tensor(method, base, others, params, seed)``: ``base`` is the base model's tensor (None
 for ``linear``), ``others`` the merged models' tensors in recipe order, ``params`` the
-resolved parameters (per-model ones as lists in the order of ``others``). ``linear`` and
-``task_arithmetic`` write into ``out`` when it is given (reused buffers: fresh memory is slow to
-touch); the other methods ignore it.
+resolved parameters (per-model ones as lists in the order of ``others``). All but
+``slerp`` and ``model_stock`` write into ``out`` when it is given (reused buffers: fresh memory is
+slow to touch); those two ignore it.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def merge_tensor(method: str, base, others: list[torch.Tensor], params: dict, se
             rescale=params["rescale"],
             lam=params["lambda"],
             seed=seed,
+            out=out,
             **options,
         )
     if method == "slerp":
