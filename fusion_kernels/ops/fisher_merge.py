@@ -18,30 +18,27 @@ def _torch_impl(out, xs: list[torch.Tensor], fisher: list[torch.Tensor], weights
     out.copy_(ref.fisher_merge(xs, fisher, weights, eps))
 
 
-def _cpu_impl(out, xs: list[torch.Tensor], fisher: list[torch.Tensor], weights: list[float], eps: float) -> None:
-    _native.lib().fisher_merge(
-        out.data_ptr(),
-        _native.pointers(xs),
-        _native.pointers(fisher),
-        weights,
-        eps,
-        out.numel(),
-        _native.dtype_code(out.dtype),
-        _native.threads(),
-    )
+def _native_impl(module, last_arg):
+    """The C++ kernel of ``module`` (``_native`` for cpu, ``_cuda_native`` for cuda), whose last
+    argument is ``last_arg(out)``: the thread count or the stream."""
+
+    def impl(out, xs: list[torch.Tensor], fisher: list[torch.Tensor], weights: list[float], eps: float) -> None:
+        module.lib().fisher_merge(
+            out.data_ptr(),
+            _native.pointers(xs),
+            _native.pointers(fisher),
+            weights,
+            eps,
+            out.numel(),
+            _native.dtype_code(out.dtype),
+            last_arg(out),
+        )
+
+    return impl
 
 
-def _cuda_impl(out, xs: list[torch.Tensor], fisher: list[torch.Tensor], weights: list[float], eps: float) -> None:
-    _cuda_native.lib().fisher_merge(
-        out.data_ptr(),
-        _native.pointers(xs),
-        _native.pointers(fisher),
-        weights,
-        eps,
-        out.numel(),
-        _native.dtype_code(out.dtype),
-        _cuda_native.stream(out),
-    )
+_cpu_impl = _native_impl(_native, lambda out: _native.threads())
+_cuda_impl = _native_impl(_cuda_native, _cuda_native.stream)
 
 
 _cuda_impl.declines = lambda xs, fisher, weights, eps: _cuda_native.too_many(len(xs))

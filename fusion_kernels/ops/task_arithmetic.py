@@ -16,30 +16,26 @@ def _torch_impl(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], w
     out.copy_(ref.task_arithmetic(base, xs, weights))
 
 
-def _cpu_impl(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> None:
-    _native.lib().task_arithmetic(
-        out.data_ptr(),
-        base.data_ptr(),
-        _native.pointers(xs),
-        weights,
-        out.numel(),
-        _native.dtype_code(out.dtype),
-        _native.threads(),
-    )
+def _native_impl(module, last_arg):
+    """The C++ kernel of ``module`` (``_native`` for cpu, ``_cuda_native`` for cuda), whose last
+    argument is ``last_arg(out)``: the thread count or the stream."""
+
+    def impl(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> None:
+        module.lib().task_arithmetic(
+            out.data_ptr(),
+            base.data_ptr(),
+            _native.pointers(xs),
+            weights,
+            out.numel(),
+            _native.dtype_code(out.dtype),
+            last_arg(out),
+        )
+
+    return impl
 
 
-def _cuda_impl(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> None:
-    _cuda_native.lib().task_arithmetic(
-        out.data_ptr(),
-        base.data_ptr(),
-        _native.pointers(xs),
-        weights,
-        out.numel(),
-        _native.dtype_code(out.dtype),
-        _cuda_native.stream(out),
-    )
-
-
+_cpu_impl = _native_impl(_native, lambda out: _native.threads())
+_cuda_impl = _native_impl(_cuda_native, _cuda_native.stream)
 _cuda_impl.declines = lambda base, xs, weights: _cuda_native.too_many(len(xs))
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("task_arithmetic"), "cuda": _cuda_impl}
 

@@ -110,9 +110,9 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _prepare(plan: Plan, out: Path, resume: bool) -> dict[str, int]:
-    """Create ``out`` (or check it for resume); returns the finished shards {file: size}."""
-    fingerprint = plan.fingerprint()
+def _prepare(out: Path, resume: bool, fingerprint: str) -> dict[str, int]:
+    """Create ``out`` (or check it for resume against the plan's ``fingerprint``); returns the
+    finished shards {file: size}."""
     journal_path = out / JOURNAL
     if (out / SAFETENSORS_INDEX).exists():
         raise OutputError(f"{out}: already holds a complete merged model ({SAFETENSORS_INDEX} exists)")
@@ -227,13 +227,14 @@ def run_plan(plan: Plan, out: str | Path, *, resume: bool = False, progress: boo
     streams results to disk; the memory budget bounds the bytes of all tensors they hold."""
     out = Path(out)
     start = time.perf_counter()
-    done = _prepare(plan, out, resume)
+    fingerprint = plan.fingerprint()
+    done = _prepare(out, resume, fingerprint)
     files = plan.shard_files()
     todo = [(f, s) for f, s in zip(files, plan.shards, strict=True) if f not in done]
     tasks = [t for _, shard in todo for t in shard]
     budget, results, stop = MemoryBudget(plan.memory_budget), queue.Queue(), threading.Event()
     ready = queue.Queue(maxsize=PREFETCH)
-    journal, failure = {"fingerprint": plan.fingerprint(), "shards": dict(done)}, []
+    journal, failure = {"fingerprint": fingerprint, "shards": dict(done)}, []
     reader = threading.Thread(target=_reader, args=(plan, tasks, budget, ready, stop), daemon=True)
     writer = threading.Thread(target=_writer, args=(out, todo, budget, results, journal, failure), daemon=True)
     previous_threads = torch.get_num_threads()
