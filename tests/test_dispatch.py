@@ -154,3 +154,57 @@ def test_info_command_reports_backends_and_features():
     assert "backends_available" in result.stdout and "torch" in result.stdout
     if _native.unavailable_reason() is None:
         assert "cpu_features" in result.stdout and "cpu_isa_active" in result.stdout
+
+
+def test_plain_eager_calls_skip_the_dispatcher_and_its_dynamo_import():
+    proc = run_python(
+        """
+        import sys, torch, fusion_kernels as fk
+        xs = [torch.randn(64, 33) for _ in range(3)]
+        fk.weighted_sum(xs); fk.task_arithmetic(xs[0], xs[1:]); fk.dare_merge(xs[0], xs[1:], density=0.5)
+        fk.ties_merge(xs[0], xs[1:], density=0.3); fk.fisher_merge(xs, [x.abs() for x in xs]); fk.slerp(*xs[:2], 0.3)
+        fk.magnitude_prune(xs[0], 0.5); fk.permute(xs[0], {0: torch.randperm(64)})
+        print("torch._dynamo" in sys.modules)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
+
+
+def test_out_argument_gets_its_version_bumped_like_a_dispatched_mutation():
+    xs = [torch.randn(5, 7) for _ in range(2)]
+    out = torch.empty(5, 7)
+    before = out._version
+    fk.weighted_sum(xs, out=out)
+    assert out._version > before
+    torch.testing.assert_close(out, xs[0] + xs[1])
+
+
+def test_modes_and_autograd_still_go_through_the_dispatcher():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    xs = [torch.randn(4, 3) for _ in range(2)]
+    with Record():
+        out = fk.weighted_sum(xs, [0.5, 2.0])
+    assert any("fusion_kernels.weighted_sum" in name for name in seen)
+    torch.testing.assert_close(out, 0.5 * xs[0] + 2.0 * xs[1])
+
+    leaf = torch.randn(4, 3, requires_grad=True)
+    fk.weighted_sum([leaf, xs[1]], [3.0, 1.0]).sum().backward()
+    torch.testing.assert_close(leaf.grad, torch.full((4, 3), 3.0))
+
+
+def test_fake_tensors_get_shapes_without_running_a_kernel():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        xs = [torch.empty(8, 6, dtype=torch.bfloat16) for _ in range(3)]
+        out = fk.ties_merge(xs[0], xs[1:], density=0.5)
+    assert out.shape == (8, 6) and out.dtype == torch.bfloat16 and type(out) is not torch.Tensor

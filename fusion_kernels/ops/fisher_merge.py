@@ -9,7 +9,7 @@ from .. import _cuda_native, _native, _validate
 from .. import reference as ref
 from .. import triton as _triton
 from ..errors import WeightError
-from ._engine import empty_like, fake_like, run
+from ._engine import custom_op, empty_like, fake_like, run
 
 OP = "fisher_merge"
 
@@ -45,7 +45,7 @@ _cuda_impl.declines = lambda xs, fisher, weights, eps: _cuda_native.too_many(len
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("fisher_merge"), "cuda": _cuda_impl}
 
 
-@torch.library.custom_op("fusion_kernels::fisher_merge", mutates_args=())
+@custom_op("fusion_kernels::fisher_merge", mutates_args=())
 def _fisher_merge(xs: list[torch.Tensor], fisher: list[torch.Tensor], weights: list[float], eps: float) -> torch.Tensor:
     out = empty_like(xs[0])
     run(OP, IMPLS, out, xs, fisher, weights, eps)
@@ -57,7 +57,7 @@ def _(xs, fisher, weights, eps):
     return fake_like(xs[0])
 
 
-@torch.library.custom_op("fusion_kernels::fisher_merge_out", mutates_args=("out",))
+@custom_op("fusion_kernels::fisher_merge_out", mutates_args=("out",))
 def _fisher_merge_out(
     xs: list[torch.Tensor], fisher: list[torch.Tensor], weights: list[float], eps: float, out: torch.Tensor
 ) -> None:

@@ -6,7 +6,7 @@ from .. import _sparse_native, _validate
 from .. import reference as ref
 from .. import triton as _triton
 from ..errors import WeightError
-from ._engine import empty_like, fake_like, run
+from ._engine import custom_op, empty_like, fake_like, run
 
 OP = "magnitude_prune"
 
@@ -43,7 +43,7 @@ THRESHOLD_IMPLS = {
 }
 
 
-@torch.library.custom_op("fusion_kernels::magnitude_prune", mutates_args=())
+@custom_op("fusion_kernels::magnitude_prune", mutates_args=())
 def _magnitude_prune(x: torch.Tensor, k: int) -> torch.Tensor:
     out = empty_like(x)
     run(OP, IMPLS, out, x, k)
@@ -55,7 +55,7 @@ def _(x, k):
     return fake_like(x)
 
 
-@torch.library.custom_op("fusion_kernels::magnitude_threshold", mutates_args=())
+@custom_op("fusion_kernels::magnitude_threshold", mutates_args=())
 def _magnitude_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
     out = torch.empty((), dtype=x.dtype, device=x.device)
     run("magnitude_threshold", THRESHOLD_IMPLS, out, x, k)

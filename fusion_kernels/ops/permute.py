@@ -13,7 +13,7 @@ from .. import triton as _triton
 from .._dispatch import select
 from .._layout import merged_dims
 from ..errors import AliasError, ArgumentTypeError, DeviceError, ShapeError
-from ._engine import empty_like
+from ._engine import custom_op, empty_like
 
 OP = "permute"
 Perm = torch.Tensor | Sequence[int]
@@ -83,7 +83,7 @@ def _run(outs: list[torch.Tensor], xs: list[torch.Tensor], perms: list[torch.Ten
             o.copy_(t)
 
 
-@torch.library.custom_op("fusion_kernels::permute_many", mutates_args=())
+@custom_op("fusion_kernels::permute_many", mutates_args=())
 def _permute_many(xs: list[torch.Tensor], perms: list[torch.Tensor], slots: list[int]) -> list[torch.Tensor]:
     outs = [empty_like(x) for x in xs]
     _run(outs, xs, perms, slots)
@@ -114,7 +114,7 @@ def _backward(ctx, grads):
 _permute_many.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("fusion_kernels::permute_many_out", mutates_args=("outs",))
+@custom_op("fusion_kernels::permute_many_out", mutates_args=("outs",))
 def _permute_many_out(
     xs: list[torch.Tensor], perms: list[torch.Tensor], slots: list[int], outs: list[torch.Tensor]
 ) -> None:

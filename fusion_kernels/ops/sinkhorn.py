@@ -14,6 +14,7 @@ from .. import reference as ref
 from .. import triton as _triton
 from .._dispatch import select
 from ..errors import ArgumentTypeError, ShapeError, WeightError
+from ._engine import custom_op
 
 OP = "sinkhorn"
 
@@ -59,7 +60,7 @@ _triton_impl.dtypes = (torch.float32,)
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton_impl}
 
 
-@torch.library.custom_op("fusion_kernels::sinkhorn", mutates_args=())
+@custom_op("fusion_kernels::sinkhorn", mutates_args=())
 def _sinkhorn(
     cost: torch.Tensor,
     log_a: torch.Tensor,

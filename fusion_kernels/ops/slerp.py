@@ -8,7 +8,7 @@ from .. import _native, _validate
 from .. import reference as ref
 from .. import triton as _triton
 from ..errors import ShapeError, WeightError
-from ._engine import empty_like, fake_like, run
+from ._engine import custom_op, empty_like, fake_like, run
 
 OP = "slerp"
 
@@ -43,7 +43,7 @@ _cpu_impl.declines = _cpu_declines
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("slerp")}
 
 
-@torch.library.custom_op("fusion_kernels::slerp", mutates_args=())
+@custom_op("fusion_kernels::slerp", mutates_args=())
 def _slerp(
     a: torch.Tensor, b: torch.Tensor, t: list[float], rowwise: bool, dot_threshold: float, eps: float
 ) -> torch.Tensor:

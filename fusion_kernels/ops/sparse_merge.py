@@ -11,7 +11,7 @@ from .. import _sparse_native, _validate
 from .. import reference as ref
 from .. import triton as _triton
 from ..errors import ShapeError, WeightError
-from ._engine import empty_like, fake_like, run
+from ._engine import custom_op, empty_like, fake_like, run
 
 OP = "sparse_merge"
 SPARSIFY = (None, "magnitude", "random", "magnitude_outliers", "della")
@@ -78,7 +78,7 @@ IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton_impl}
 
 # Schema limits: "" stands for None in the string options and [] for no masks;
 # floats = densities + gammas + epsilons + [lambda].
-@torch.library.custom_op("fusion_kernels::sparse_merge", mutates_args=())
+@custom_op("fusion_kernels::sparse_merge", mutates_args=())
 def _sparse_merge(
     base: torch.Tensor | None,
     xs: list[torch.Tensor],
@@ -102,7 +102,7 @@ def _(base, xs, weights, sparsify, rescale, consensus, elect_on, combine, floats
     return fake_like(xs[0])
 
 
-@torch.library.custom_op("fusion_kernels::sparse_merge_out", mutates_args=("out",))
+@custom_op("fusion_kernels::sparse_merge_out", mutates_args=("out",))
 def _sparse_merge_out(
     base: torch.Tensor | None,
     xs: list[torch.Tensor],

@@ -7,7 +7,7 @@ import torch
 from .. import _cuda_native, _native, _validate
 from .. import reference as ref
 from .. import triton as _triton
-from ._engine import empty_like, fake_like, run
+from ._engine import custom_op, empty_like, fake_like, run
 
 OP = "task_arithmetic"
 
@@ -40,7 +40,7 @@ _cuda_impl.declines = lambda base, xs, weights: _cuda_native.too_many(len(xs))
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("task_arithmetic"), "cuda": _cuda_impl}
 
 
-@torch.library.custom_op("fusion_kernels::task_arithmetic", mutates_args=())
+@custom_op("fusion_kernels::task_arithmetic", mutates_args=())
 def _task_arithmetic(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     out = empty_like(base)
     run(OP, IMPLS, out, base, xs, weights)
@@ -63,7 +63,7 @@ def _backward(ctx, grad):
 _task_arithmetic.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("fusion_kernels::task_arithmetic_out", mutates_args=("out",))
+@custom_op("fusion_kernels::task_arithmetic_out", mutates_args=("out",))
 def _task_arithmetic_out(base: torch.Tensor, xs: list[torch.Tensor], weights: list[float], out: torch.Tensor) -> None:
     run(OP, IMPLS, out, base, xs, weights)
 

@@ -7,7 +7,7 @@ import torch
 from .. import _cuda_native, _native, _validate
 from .. import reference as ref
 from .. import triton as _triton
-from ._engine import empty_like, fake_like, run
+from ._engine import custom_op, empty_like, fake_like, run
 
 OP = "weighted_sum"
 
@@ -37,7 +37,7 @@ _cuda_impl.declines = lambda xs, weights: _cuda_native.too_many(len(xs))
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("weighted_sum"), "cuda": _cuda_impl}
 
 
-@torch.library.custom_op("fusion_kernels::weighted_sum", mutates_args=())
+@custom_op("fusion_kernels::weighted_sum", mutates_args=())
 def _weighted_sum(xs: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     out = empty_like(xs[0])
     run(OP, IMPLS, out, xs, weights)
@@ -60,7 +60,7 @@ def _backward(ctx, grad):
 _weighted_sum.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.library.custom_op("fusion_kernels::weighted_sum_out", mutates_args=("out",))
+@custom_op("fusion_kernels::weighted_sum_out", mutates_args=("out",))
 def _weighted_sum_out(xs: list[torch.Tensor], weights: list[float], out: torch.Tensor) -> None:
     run(OP, IMPLS, out, xs, weights)
 
