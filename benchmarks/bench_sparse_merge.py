@@ -1,4 +1,4 @@
-"""pytest-benchmark: ties_merge, dare_merge and magnitude_prune beside PEFT and mergekit (1024x1024)."""
+"""pytest-benchmark: ties_merge, dare_ties, dare_linear and magnitude_prune beside PEFT and mergekit (1024x1024)."""
 
 import pytest
 import torch

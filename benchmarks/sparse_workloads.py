@@ -41,9 +41,10 @@ def mergekit_method(name: str):
     consensus, sparsification, normalize, rescale = {
         "ties": ("sum", SparsificationMethod.magnitude, True, False),
         "dare_ties": ("sum", SparsificationMethod.random, False, True),
+        "dare_linear": (None, SparsificationMethod.random, False, True),
     }[name]
     method = gta.GeneralizedTaskArithmeticMerge(
-        consensus_method=gta.ConsensusMethod(consensus),
+        consensus_method=consensus and gta.ConsensusMethod(consensus),
         sparsification_method=sparsification,
         default_normalize=normalize,
         default_rescale=rescale,
@@ -72,7 +73,8 @@ def make_inputs(models: int, shape: tuple[int, ...], dtype: torch.dtype) -> dict
     g = torch.Generator().manual_seed(0)
     base = torch.randn(shape, generator=g)
     xs = [(base + 0.01 * torch.randn(shape, generator=g)).to(dtype) for _ in range(models)]
-    return {"base": base.to(dtype), "xs": xs, "w": [1.0 / models] * models}
+    base = base.to(dtype)
+    return {"base": base, "xs": xs, "w": [1.0 / models] * models, "out": torch.empty_like(base)}
 
 
 def _peft(fn_name: str) -> Callable | None:
@@ -91,20 +93,29 @@ def _peft(fn_name: str) -> Callable | None:
 
 
 def implementations(op: str) -> dict[str, Callable | None]:
-    """name -> callable(inputs) for one op; None where the library is not installed."""
+    """name -> callable(inputs) for one op; None where the library is not installed.
+
+    "fusion_kernels out=" writes into a reused output, as the streaming pipeline does and as the
+    copy that measures the bandwidth roof does; "fusion_kernels" returns a new tensor.
+    """
     if op == "ties_merge":
+        ties = lambda a, **out: fk.ties_merge(a["base"], a["xs"], a["w"], density=DENSITY, **out)  # noqa: E731
         return {
-            "fusion_kernels": lambda a: fk.ties_merge(a["base"], a["xs"], a["w"], density=DENSITY),
+            "fusion_kernels": ties,
+            "fusion_kernels out=": lambda a: ties(a, out=a["out"]),
             "peft": _peft("ties"),
             "mergekit": mergekit_method("ties"),
         }
-    if op == "dare_merge":
+    if op in ("dare_ties", "dare_linear"):
+        consensus = "sum" if op == "dare_ties" else None
+        dare = lambda a, **out: fk.dare_merge(  # noqa: E731
+            a["base"], a["xs"], a["w"], density=DENSITY, seed=SEED, consensus=consensus, **out
+        )
         return {
-            "fusion_kernels": lambda a: fk.dare_merge(
-                a["base"], a["xs"], a["w"], density=DENSITY, seed=SEED, consensus="sum"
-            ),
-            "peft": _peft("dare_ties"),
-            "mergekit": mergekit_method("dare_ties"),
+            "fusion_kernels": dare,
+            "fusion_kernels out=": lambda a: dare(a, out=a["out"]),
+            "peft": _peft(op),
+            "mergekit": mergekit_method(op),
         }
     if op == "magnitude_prune":
         return {
@@ -128,4 +139,4 @@ def streamed_bytes(op: str, models: int, numel: int, dtype: torch.dtype) -> tupl
 
 
 SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096)}
-OPS = ("ties_merge", "dare_merge", "magnitude_prune")
+OPS = ("ties_merge", "dare_ties", "dare_linear", "magnitude_prune")

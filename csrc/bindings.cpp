@@ -116,6 +116,8 @@ std::vector<KeepRule> keep_rules(const std::vector<int>& modes, const std::vecto
     rules[i].p24 = hash[3 * i + 2];
     rules[i].mask = reinterpret_cast<const uint8_t*>(masks[i]);
     rules[i].key0 = rules[i].s1 ^ uint32_t(mix32<ScalarLane>(static_cast<int32_t>(rules[i].s2)));
+    if (rules[i].mode == kKeepRandom && rules[i].p24 >= (uint32_t(1) << 24)) rules[i].mode = kKeepAll;
+    rules[i].hash_cut = static_cast<int32_t>((rules[i].p24 << 8) ^ 0x80000000u);
   }
   return rules;
 }

@@ -69,6 +69,7 @@ struct ScalarLane : OneElementLane<float> {
   static I key16(const f16* p) { return p->bits & 0x7fff; }
   static I key16(const bf16* p) { return p->bits & 0x7fff; }
   static M load_mask8(const uint8_t* p) { return *p != 0; }
+  static I load_i(const int32_t* p) { return *p; }
   static void store_i(int32_t* p, I v) { *p = v; }
   static I count_if(I counts, M m) { return counts + (m ? 1 : 0); }
   static int64_t ihsum(I v) { return v; }

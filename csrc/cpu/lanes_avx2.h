@@ -115,6 +115,7 @@ struct Avx2Lane {
     const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     return _mm256_cmpgt_epi32(bytes, _mm256_setzero_si256());
   }
+  static I load_i(const int32_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
   static void store_i(int32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
   static I count_if(I counts, M m) { return _mm256_sub_epi32(counts, m); }  // a true lane is -1
   static int64_t ihsum(I v) {

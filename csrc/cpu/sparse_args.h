@@ -23,6 +23,8 @@ struct KeepRule {
   int32_t hi_key = -1, lo_key = 0x7fffffff;  // hi.t and lo.t clamped to int32 (keys are < 2^31)
   uint32_t s1 = 0, s2 = 0, p24 = 0;
   uint32_t key0 = 0;  // s1 ^ mix32(s2): the hash key of indices below 2^32
+  // (h >> 8) < p24 as one signed compare: (h ^ 2^31) < (p24·2^8 ^ 2^31); p24 = 2^24 is kKeepAll.
+  int32_t hash_cut = 0;
   const uint8_t* mask = nullptr;
 };
 

@@ -86,14 +86,34 @@ FK_ALWAYS_INLINE typename L::M in_topk(typename L::I key, int32_t t, int64_t cut
   return L::mor(L::igt(key, tv), L::mand(L::ieq(key, tv), L::igt(L::iset1(int32_t(room)), L::iota())));
 }
 
+constexpr uint32_t kMixA = 0x7feb352du, kMixB = 0x846ca68bu;
+
+// mix32 after its first product: x ^= x >> 15; x *= B; x ^= x >> 16.
+template <class L>
+FK_ALWAYS_INLINE typename L::I mix32_tail(typename L::I x) {
+  x = L::ixor(x, L::template isrl<15>(x));
+  x = L::imul(x, L::iset1(static_cast<int32_t>(kMixB)));
+  return L::ixor(x, L::template isrl<16>(x));
+}
+
 template <class L>
 FK_ALWAYS_INLINE typename L::I mix32(typename L::I x) {
   x = L::ixor(x, L::template isrl<16>(x));
-  x = L::imul(x, L::iset1(static_cast<int32_t>(0x7feb352du)));
-  x = L::ixor(x, L::template isrl<15>(x));
-  x = L::imul(x, L::iset1(static_cast<int32_t>(0x846ca68bu)));
-  return L::ixor(x, L::template isrl<16>(x));
+  return mix32_tail<L>(L::imul(x, L::iset1(static_cast<int32_t>(kMixA))));
 }
+
+// Row c holds (c ^ lane)·A for each lane: the first product of mix32 over one register, up to
+// a broadcast term (see keep_mask).
+struct LaneProducts {
+  alignas(32) int32_t row[kMaxLaneWidth][kMaxLaneWidth];
+};
+constexpr LaneProducts make_lane_products() {
+  LaneProducts p{};
+  for (uint32_t c = 0; c < kMaxLaneWidth; ++c)
+    for (uint32_t lane = 0; lane < kMaxLaneWidth; ++lane) p.row[c][lane] = static_cast<int32_t>((c ^ lane) * kMixA);
+  return p;
+}
+constexpr LaneProducts kLaneProducts = make_lane_products();
 
 // Which of elements j .. j+width-1 model rule r keeps, for r.mode == Mode. j is a multiple of
 // the lane width (every range starts at a multiple of 64), so a vector never straddles the hash's
@@ -107,9 +127,15 @@ FK_ALWAYS_INLINE typename L::M keep_mask(const KeepRule& r, int64_t j, typename 
   } else if constexpr (Mode == kKeepRandom) {
     const uint32_t high = uint32_t(uint64_t(j) >> 32);
     const uint32_t k = high == 0 ? r.key0 : r.s1 ^ uint32_t(mix32<ScalarLane>(static_cast<int32_t>(high ^ r.s2)));
-    const auto low = L::iadd(L::iset1(static_cast<int32_t>(uint32_t(j))), L::iota());
-    const auto h = mix32<L>(L::ixor(low, L::iset1(static_cast<int32_t>(k))));
-    return L::igt(L::iset1(static_cast<int32_t>(r.p24)), L::template isrl<8>(h));
+    // mix32((j + lane) ^ k) with its first xor-shift and product done once per register: j's low
+    // bits are 0, so the input is x ^ lane with x = j ^ k; its high half, hence s = x ^ (x >> 16)
+    // up to the lane, is the same in every lane; and s ^ lane = (s - c) + (c ^ lane), c = s's low bits.
+    const uint32_t x = uint32_t(j) ^ k;
+    const uint32_t s = x ^ (x >> 16);
+    const uint32_t c = s & uint32_t(L::width - 1);
+    const auto first = L::iadd(L::iset1(static_cast<int32_t>((s - c) * kMixA)), L::load_i(kLaneProducts.row[c]));
+    const auto h = mix32_tail<L>(first);
+    return L::igt(L::iset1(r.hash_cut), L::ixor(h, L::iset1(static_cast<int32_t>(0x80000000u))));
   } else if constexpr (Mode == kKeepMask) {
     return L::load_mask8(r.mask + j);
   } else {
