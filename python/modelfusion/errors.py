@@ -16,3 +16,11 @@ class RecipeError(FusionError):
 
 class OutputError(FusionError):
     """The output directory cannot be written: not empty, full disk, or a resume that does not match."""
+
+
+class StateDictError(FusionError):
+    """Models to merge do not line up: missing or extra keys, other shapes, or unusable statistics."""
+
+
+class ParameterError(FusionError):
+    """A merge parameter is missing, of the wrong kind, or out of its range."""

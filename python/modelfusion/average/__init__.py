@@ -1,0 +1,41 @@
+"""The weight-average family of model fusion, on state dicts and ``nn.Module``s.
+
+- soups: :func:`uniform_soup`, :func:`weighted_soup`, :func:`greedy_soup`, :func:`wise_ft`
+- task vectors: :func:`merge` (task_arithmetic, ties, dare_*, breadcrumbs*, della*, slerp,
+  model_stock; the pipeline recipes' parameters)
+- data-dependent: :func:`estimate_fisher` + :func:`fisher_merge`; :func:`collect_grams` +
+  :func:`regmean_merge`
+- along a training run: :func:`ema_update_`, :func:`swa_update_`, :func:`averaged_model`,
+  :func:`update_bn`
+
+Every merge returns a new state dict (see :mod:`.state` for the key, dtype and tied-weight
+policy); :func:`load_merged` puts one into a copy of a template module.
+"""
+
+from .fisher import estimate_fisher, fisher_merge
+from .regmean import collect_grams, regmean_merge
+from .soups import GreedySoup, greedy_soup, uniform_soup, weighted_soup, wise_ft
+from .state import load_merged, state_of
+from .swa import averaged_model, ema_multi_avg_fn, ema_update_, swa_multi_avg_fn, swa_update_, update_bn
+from .task_vectors import merge
+
+__all__ = [
+    "GreedySoup",
+    "averaged_model",
+    "collect_grams",
+    "ema_multi_avg_fn",
+    "ema_update_",
+    "estimate_fisher",
+    "fisher_merge",
+    "greedy_soup",
+    "load_merged",
+    "merge",
+    "regmean_merge",
+    "state_of",
+    "swa_multi_avg_fn",
+    "swa_update_",
+    "uniform_soup",
+    "update_bn",
+    "weighted_soup",
+    "wise_ft",
+]

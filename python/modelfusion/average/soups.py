@@ -1,0 +1,72 @@
+"""Model soups (Wortsman et al., 2022) and WiSE-FT: plain and greedy weight averages."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import fusion_kernels as fk
+
+from ..errors import ParameterError
+from .state import State, StateLike, aligned, merge_states
+
+
+def _names(n: int) -> list[str]:
+    return [f"models[{i}]" for i in range(n)]
+
+
+def weighted_soup(models: Sequence[StateLike], weights: Sequence[float] | None = None, *, normalize=True) -> State:
+    """θ = Σᵢ wᵢ·θᵢ, divided by Σᵢ wᵢ when ``normalize`` (default weights: all 1)."""
+    n = len(models)
+    w = [1.0] * n if weights is None else [float(x) for x in weights]
+    if len(w) != n or not all(math.isfinite(x) for x in w):
+        raise ParameterError(f"weights: expected {n} finite numbers (one per model), got {weights!r}")
+    if normalize:
+        total = sum(w)
+        if abs(total) < 1e-12:
+            raise ParameterError(f"weights: expected a nonzero sum to normalize by, got {w}")
+        w = [x / total for x in w]
+    return merge_states(aligned(models, _names(n)), lambda _, xs: fk.weighted_sum(xs, w))
+
+
+def uniform_soup(models: Sequence[StateLike]) -> State:
+    """θ = (1/N)·Σᵢ θᵢ."""
+    return weighted_soup(models)
+
+
+def wise_ft(zero_shot: StateLike, fine_tuned: StateLike, alpha: float = 0.5) -> State:
+    """WiSE-FT (Wortsman et al., 2022): θ = (1 − α)·θ_zero-shot + α·θ_fine-tuned, α in [0, 1]."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ParameterError(f"alpha: expected a number in [0, 1], got {alpha!r}")
+    states = aligned([zero_shot, fine_tuned], ["zero_shot", "fine_tuned"])
+    return merge_states(states, lambda _, xs: fk.weighted_sum(xs, [1.0 - alpha, alpha]))
+
+
+@dataclass
+class GreedySoup:
+    state: State
+    ingredients: list[int]  # indices into the models, in the order they were added
+    score: float  # the soup's validation score
+    scores: list[float]  # each model's own validation score
+
+
+def greedy_soup(
+    models: Sequence[StateLike], evaluate: Callable[[State], float], scores: Sequence[float] | None = None
+) -> GreedySoup:
+    """Greedy soup: models sorted by their validation score (``evaluate``, higher is better, or the
+    given ``scores``); starting from the best, each next model is added to the uniform soup only
+    if the soup's score does not drop. Never worse on the validation set than the best model."""
+    states = aligned(models, _names(len(models)))
+    own = [float(evaluate(s)) for s in states] if scores is None else [float(s) for s in scores]
+    if len(own) != len(states):
+        raise ParameterError(f"scores: expected {len(states)} numbers (one per model), got {len(own)}")
+    order = sorted(range(len(states)), key=lambda i: -own[i])
+    chosen, best = [order[0]], own[order[0]]
+    soup = uniform_soup([states[order[0]]])  # a copy: results never share the callers' tensors
+    for i in order[1:]:
+        candidate = uniform_soup([states[j] for j in chosen + [i]])
+        score = float(evaluate(candidate))
+        if score >= best:
+            chosen, best, soup = chosen + [i], score, candidate
+    return GreedySoup(state=soup, ingredients=chosen, score=best, scores=own)
