@@ -201,6 +201,30 @@ def test_fisher_estimate_equals_the_per_example_loop():
         estimate_fisher(model, [])
 
 
+class TwiceShared(nn.Module):
+    """One linear layer applied twice: its per-example gradient is not one outer product."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.inner, self.head = nn.Linear(6, 6), nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 5)), TwiceShared]
+)
+def test_fisher_estimate_of_other_layers_and_shared_weights_equals_the_loop(make):
+    model = make()
+    x, y = data(2, n=20)
+    fisher = estimate_fisher(model, [(x, y)])
+    expected = loop_fisher(model, x, y)
+    for k in expected:
+        close(fisher[k], expected[k], tol=1e-5)
+
+
 def test_fisher_merge_equal_fishers_average_and_a_dominant_fisher_wins():
     models = [mlp(i) for i in range(3)]
     ones = {k: torch.ones_like(p) for k, p in models[0].named_parameters()}

@@ -4,8 +4,10 @@
     θ*  = Σᵢ wᵢ·Fᵢ·θᵢ / (Σᵢ wᵢ·Fᵢ + eps)              (fusion_kernels.fisher_merge)
 
 ``empirical``: y is the example's label; ``sampled``: y ~ p(· | x; θ), the true Fisher's estimate.
-Per-example gradients come from ``torch.func`` (``vmap`` over ``grad``): one batched backward per
-batch instead of one backward per example.
+No backward per example. When every trainable parameter belongs to an ``nn.Linear`` that sees one
+row per example, the per-example gradient of W is δₙ·xₙᵀ (δₙ: the gradient at the layer's output),
+so Σₙ gₙ² = (δ²)ᵀ·(x²): one batched backward and one matrix product per layer. Otherwise
+per-example gradients come from ``torch.func`` (``vmap`` over ``grad``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def estimate_fisher(
         return torch.log_softmax(logits.float(), dim=-1)[0].gather(0, y.unsqueeze(0))[0]
 
     per_example = vmap(grad(log_likelihood), in_dims=(None, 0, 0), chunk_size=chunk_size)
+    linears = _linear_layers(model, params)
     fisher = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in params.items()}
     generator = torch.Generator(device="cpu").manual_seed(seed)
     examples = 0
@@ -69,15 +72,60 @@ def estimate_fisher(
                 with torch.no_grad():
                     probs = torch.softmax(model(x).float(), dim=-1).cpu()
                 y = torch.multinomial(probs, 1, generator=generator)[:, 0].to(x.device)
-            grads = per_example(params, x, y.long())
-            for k, g in grads.items():
-                fisher[k] += g.float().pow(2).sum(0)
+            if linears is None or not _add_linear_fisher(model, linears, x, y.long(), fisher):
+                for k, g in per_example(params, x, y.long()).items():
+                    fisher[k] += g.float().pow(2).sum(0)
             examples += x.shape[0]
     finally:
         model.train(was_training)
     if examples == 0:
         raise ParameterError("data: expected at least one batch of examples, got none")
     return {k: (f / examples).to(params[k].dtype) for k, f in fisher.items()}
+
+
+def _linear_layers(model: nn.Module, params: dict) -> dict[str, nn.Linear] | None:
+    """The model's ``nn.Linear``s by name when they own every trainable parameter, else None."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    owned = {f"{name}.{p}" if name else p for name, m in linears.items() for p, _ in m.named_parameters()}
+    return linears if set(params) <= owned else None
+
+
+def _add_linear_fisher(model, linears: dict[str, nn.Linear], x, y, fisher) -> bool:
+    """Adds this batch's Σₙ gₙ² of every linear parameter; False (nothing added) when a layer did
+    not see exactly one 2-D input with one row per example."""
+    seen: dict[str, tuple] = {}
+    calls = {"ok": True}
+
+    def record(name):
+        def hook(_module, args, output):
+            if name in seen or args[0].dim() != 2 or args[0].shape[0] != x.shape[0]:
+                calls["ok"] = False
+            seen[name] = (args[0].detach(), output)
+
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in linears.items()]
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            used = [name for name in linears if name in seen]
+            if not calls["ok"] or not used:
+                return False
+            total = torch.log_softmax(logits.float(), dim=-1).gather(1, y[:, None]).sum()
+            deltas = torch.autograd.grad(total, [seen[name][1] for name in used], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, delta in zip(used, deltas, strict=True):
+        if delta is None:
+            continue
+        prefix = f"{name}." if name else ""
+        d2, x2 = delta.float().pow(2), seen[name][0].float().pow(2)
+        if prefix + "weight" in fisher:
+            fisher[prefix + "weight"] += d2.T @ x2
+        if prefix + "bias" in fisher:
+            fisher[prefix + "bias"] += d2.sum(0)
+    return True
 
 
 def fisher_merge(

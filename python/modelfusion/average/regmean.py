@@ -22,6 +22,8 @@ import fusion_kernels as fk
 from ..errors import ParameterError, StateDictError
 from .state import State, StateLike, aligned, merge_states
 
+FLUSH_ROWS = 1 << 14  # rows summed in the input's precision before they join the float64 total
+
 
 def _inputs_of(batch):
     return batch[0] if isinstance(batch, (list, tuple)) else batch
@@ -31,22 +33,32 @@ def collect_grams(
     model: nn.Module, data: Iterable, *, modules: Sequence[str] | None = None, max_batches: int | None = None
 ) -> dict[str, torch.Tensor]:
     """Σ over ``data``'s examples of xᵀx at the input of every ``nn.Linear`` (or the named ``modules``),
-    in one pass with forward hooks: ``{module name: [in, in] float64}``. Each batch's product is
-    computed in float32 (float64 for float64 inputs) and added to a float64 sum, so long runs do
-    not lose small contributions. ``data`` yields input batches or ``(inputs, labels)``; the
-    model runs in eval mode, without grad."""
+    in one pass with forward hooks: ``{module name: [in, in] float64}``. Products are
+    summed in float32 (float64 for float64 inputs) over at most ``FLUSH_ROWS`` rows, then added to
+    a float64 total, so long runs do not lose small contributions. ``data`` yields input batches
+    or ``(inputs, labels)``; the model runs in eval mode, without grad."""
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     names = list(linears) if modules is None else list(modules)
     for name in names:
         if name not in linears:
             raise StateDictError(f"modules: {name!r} is not an nn.Linear of the model (have {sorted(linears)})")
     grams = {n: torch.zeros(linears[n].in_features, linears[n].in_features, dtype=torch.float64) for n in names}
+    partial: dict[str, list] = {}  # name -> [running product in the input's precision, rows in it]
+
+    def flush(name):
+        acc, _ = partial.pop(name)
+        grams[name] += acc.to(device="cpu", dtype=torch.float64)
 
     def hook(name):
         def accumulate(_module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
             x = x.to(torch.promote_types(x.dtype, torch.float32))
-            grams[name] += (x.T @ x).to(device="cpu", dtype=torch.float64)
+            if name not in partial:
+                partial[name] = [torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype, device=x.device), 0]
+            partial[name][0].addmm_(x.T, x)
+            partial[name][1] += x.shape[0]
+            if partial[name][1] >= FLUSH_ROWS:
+                flush(name)
 
         return accumulate
 
@@ -65,6 +77,8 @@ def collect_grams(
         for h in handles:
             h.remove()
         model.train(was_training)
+        for name in list(partial):
+            flush(name)
     if batches == 0:
         raise ParameterError("data: expected at least one batch, got none")
     return grams
