@@ -55,6 +55,8 @@ def _demo(args) -> int:
     ok = True
     if args.suite in ("all", "average"):
         ok = _demo_average() and ok
+    if args.suite in ("all", "align"):
+        ok = _demo_align(args) and ok
     if args.suite in ("all", "pipeline"):
         ok = _demo_pipeline(args) and ok
     return 0 if ok else 1
@@ -72,6 +74,24 @@ def _demo_average() -> bool:
     )
     rows = {r["method"]: r["average"] for r in result["rows"]}
     return max(v for k, v in rows.items() if k != "pre-trained base") > rows["pre-trained base"]
+
+
+def _demo_align(args) -> bool:
+    from .demo_align import format_table, run_align_demo
+
+    print("== alignment and mode connectivity: two digit MLPs trained from different initialisations")
+    plot = Path(args.workdir) / "align-paths.png" if args.workdir else None
+    if plot is not None:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+    result = run_align_demo(plot=plot)
+    print(format_table(result))
+    print(
+        f"test set; barriers over t = 0, 0.1, …, 1; {result['permutations']} permutations traced with torch.fx, "
+        f"weight matching converged in {result['sweeps']} sweeps. Plot: {result['plot']}. "
+        f"All {result['seconds']:.1f} s.\n"
+    )
+    rows = {r["path"]: r["loss_barrier"] for r in result["rows"]}
+    return rows["weight matching"] < rows["naive"]
 
 
 def _demo_pipeline(args) -> bool:
@@ -111,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("--allow-pickle", action="store_true")
     i.set_defaults(run=_inspect)
     d = sub.add_parser("demo", help="merge built-in examples with every method: accuracy table, pipeline runs, checks")
-    d.add_argument("--suite", choices=("all", "average", "pipeline"), default="all")
+    d.add_argument("--suite", choices=("all", "average", "align", "pipeline"), default="all")
     d.add_argument("--workdir", help="where to build (default: a temporary directory, removed after)")
     d.add_argument("--memory-budget")
     d.add_argument("--keep", action="store_true", help="keep the generated models")
