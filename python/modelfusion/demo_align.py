@@ -2,9 +2,10 @@
 
 Two MLPs (64-128-128-10) are trained on scikit-learn's digits from different random
 initialisations. Their straight-line midpoint is poor; the demo measures loss and accuracy along
-the naive path, after weight matching and after activation matching (specs traced with
-``torch.fx``), after weight matching with REPAIR at every point, and along a Bezier curve trained
-between the unaligned endpoints; prints the barrier table and saves the plot.
+the naive path; after weight matching, activation matching, Sinkhorn re-basin (midpoint
+objective), the straight-through estimator and exact OT transport (specs traced with ``torch.fx``);
+after weight matching with REPAIR at every point; and along a Bezier curve trained between the
+unaligned endpoints. Prints the barrier table and saves the plot.
 """
 
 from __future__ import annotations
@@ -51,6 +52,22 @@ def run_align_demo(seeds: tuple[int, int] = (1, 2), plot: str | Path | None = No
     am = timed("activation matching", lambda: align.activation_matching(spec, a, b, train_batches))
     b_am = align.apply_perms(spec, am, state_of(b))
     results["activation matching"] = connect.evaluate_path(a, connect.linear_path(a, b_am), test, TS)
+    sink = timed(
+        "Sinkhorn re-basin (midpoint)",
+        lambda: align.sinkhorn_rebasin(
+            spec, state_of(a), state_of(b), objective="midpoint", template=a, data=train_batches, steps=40
+        ),
+    )
+    b_sink = align.apply_perms(spec, sink, state_of(b))
+    results["Sinkhorn re-basin (midpoint)"] = connect.evaluate_path(a, connect.linear_path(a, b_sink), test, TS)
+    ste = timed(
+        "straight-through estimator",
+        lambda: align.ste_matching(spec, a, state_of(a), state_of(b), train_batches, steps=30),
+    )
+    b_ste = align.apply_perms(spec, ste, state_of(b))
+    results["straight-through estimator"] = connect.evaluate_path(a, connect.linear_path(a, b_ste), test, TS)
+    b_ot = timed("OT fusion (exact transport)", lambda: align.ot_transport(spec, state_of(a), state_of(b)))
+    results["OT fusion (exact transport)"] = connect.evaluate_path(a, connect.linear_path(a, b_ot), test, TS)
     b_model = load_merged(a, b_wm)
 
     def repaired(model, t):

@@ -8,6 +8,7 @@ units by the correlation of their activations on data (one assignment per permut
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,17 +32,95 @@ def _unit_matrix(w: torch.Tensor, axis: int) -> torch.Tensor:
     return w.movedim(axis, 0).reshape(w.shape[axis], -1)
 
 
-def _cost(spec: PermutationSpec, p: str, a: Mapping, b: Mapping, perms: Perms, table) -> torch.Tensor:
-    """S[i, j] = Σ over p's tensors of ⟨unit i of A, unit j of B⟩, B's other axes already aligned."""
-    n = a[spec.axes[p][0][0]].shape[spec.axes[p][0][1]]
-    cost = torch.zeros(n, n, dtype=torch.float64)
-    for key, axis in spec.axes[p]:
-        wb = b[key]
+def _rows(spec, name, a, b, perms, table) -> tuple[torch.Tensor, torch.Tensor]:
+    """A's and B's unit vectors of permutation ``name`` (B's other axes aligned), tensors side by side."""
+    rows_a, rows_b = [], []
+    for key, axis in spec.axes[name]:
         others = {ax: perms[q] for ax, q in table[key].items() if ax != axis}
-        if others:
-            wb = fk.permute(wb, others)
-        cost += (_unit_matrix(a[key].float(), axis) @ _unit_matrix(wb.float(), axis).T).double()
+        wb = fk.permute(b[key], others) if others else b[key]
+        rows_a.append(_unit_matrix(a[key].float(), axis))
+        rows_b.append(_unit_matrix(wb.float(), axis))
+    return torch.cat(rows_a, 1), torch.cat(rows_b, 1)
+
+
+class _Clock:
+    """Seconds per phase (gather, gemm, assignment) into ``profile`` when one is given."""
+
+    def __init__(self, profile: dict | None):
+        self.profile = profile
+
+    def __call__(self, phase: str, fn, *args):
+        if self.profile is None:
+            return fn(*args)
+        start = time.perf_counter()
+        out = fn(*args)
+        self.profile[phase] = self.profile.get(phase, 0.0) + time.perf_counter() - start
+        return out
+
+
+def _cost(spec, p, a, b, perms, table, clock: _Clock) -> torch.Tensor:
+    """S[i, j] = Σ over p's tensors of ⟨unit i of A, unit j of B⟩ (B's other axes aligned), one
+    tensor at a time so that no concatenation of all of them is ever held."""
+    cost = None
+    for key, axis in spec.axes[p]:
+        others = {ax: perms[q] for ax, q in table[key].items() if ax != axis}
+        wb = clock("gather", fk.permute, b[key], others) if others else b[key]
+        ra, rb = _unit_matrix(a[key].float(), axis), _unit_matrix(wb.float(), axis)
+        part = clock("gemm", torch.matmul, ra, rb.T)
+        cost = part.double() if cost is None else cost.add_(part)
     return cost
+
+
+def _assign(sim: torch.Tensor) -> torch.Tensor:
+    return fk.linear_assignment(sim.double(), maximize=True)
+
+
+def _match_heads(spec, group, a, b, perms, table) -> Perms:
+    """One coordinate step of an attention layer: KV heads, then query heads within each group,
+    then dimensions within heads (Q/K ones fixed under rotary embeddings)."""
+    from .transformers import HeadChoice, expand
+
+    kv, d = group.kv_heads, group.head_dim
+    g = group.heads // kv
+    (qa, qb), (ka, kb), (va, vb), (oa, ob) = (_rows(spec, getattr(group, t), a, b, perms, table) for t in "qkvo")
+    qa, qb, oa, ob = (x.reshape(kv, g, d, -1) for x in (qa, qb, oa, ob))
+    ka, kb, va, vb = (x.reshape(kv, d, -1) for x in (ka, kb, va, vb))
+
+    def dims_sim(x_a, x_b):  # [kv, d, c] x [kv, d, c] -> [kv_a, kv_b, d, d]
+        return torch.einsum("sic,tjc->stij", x_a, x_b)
+
+    qk = dims_sim(ka, kb) + dims_sim(qa.sum(1), qb.sum(1))  # query heads pooled: their order is not chosen yet
+    vo = dims_sim(va, vb) + dims_sim(oa.sum(1), ob.sum(1))
+    eye = torch.arange(d).expand(kv, kv, d)
+    qk_dims = eye if group.rope else _assign(qk.reshape(-1, d, d)).reshape(kv, kv, d)
+    vo_dims = _assign(vo.reshape(-1, d, d)).reshape(kv, kv, d)
+
+    def value(sim, dims):
+        return sim.gather(-1, dims.unsqueeze(-1)).squeeze(-1).sum(-1)  # [kv_a, kv_b]
+
+    heads = _assign(value(qk, qk_dims) + value(vo, vo_dims))
+    slots = torch.arange(kv)
+    qk_d, vo_d = qk_dims[slots, heads], vo_dims[slots, heads]  # [kv, d]
+    qb_m, ob_m = qb[heads], ob[heads]  # B's groups in A's slot order: [kv, g, d, c]
+    qb_m = torch.stack([qb_m[s][:, qk_d[s]] for s in range(kv)])
+    ob_m = torch.stack([ob_m[s][:, vo_d[s]] for s in range(kv)])
+    sim = torch.einsum("sric,sqic->srq", qa, qb_m) + torch.einsum("sric,sqic->srq", oa, ob_m)
+    query = _assign(sim)  # [kv, g]
+    q_sel = torch.stack([qb[heads[s]][query[s]] for s in range(kv)])  # [kv, g, d, c]
+    o_sel = torch.stack([ob[heads[s]][query[s]] for s in range(kv)])
+    if not group.rope:
+        qk_d = _assign(torch.einsum("sic,sjc->sij", ka, kb[heads]) + torch.einsum("sric,srjc->sij", qa, q_sel))
+    vo_d = _assign(torch.einsum("sic,sjc->sij", va, vb[heads]) + torch.einsum("sric,srjc->sij", oa, o_sel))
+    return expand(group, HeadChoice(heads, query, qk_d, vo_d))
+
+
+def _score(spec, names, a, b, perms, table) -> float:
+    """Σ over the tensors of ``names`` of ⟨A, B aligned by ``perms``⟩ along those permutations."""
+    total = 0.0
+    for name in names:
+        ra, rb = _rows(spec, name, a, b, perms, table)
+        total += float((ra.double() * rb[perms[name]].double()).sum())
+    return total
 
 
 def weight_matching(
@@ -52,29 +131,45 @@ def weight_matching(
     max_sweeps: int = 100,
     seed: int = 0,
     init: Perms | None = None,
+    profile: dict | None = None,
 ) -> MatchResult:
     """Coordinate descent over the spec's permutations (random order each sweep, from ``seed``),
-    from ``init`` (a warm start, e.g. an earlier result) or the identity."""
+    from ``init`` (a warm start, e.g. an earlier result) or the identity. ``profile``: a dict that
+    receives the seconds spent in gathers, cost-matrix GEMMs and assignments."""
+    clock = _Clock(profile)
     spec.check(state_a)
     spec.check(state_b)
     perms = dict(init) if init is not None else identity_perms(spec, state_a)
     table = spec.by_tensor()
     g = torch.Generator().manual_seed(seed)
-    names = list(spec.axes)
+    members = spec.head_members()
+    units = [p for p in spec.axes if p not in members] + [("heads", h) for h in spec.heads]
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):  # noqa: B007 (reported after the loop)
         changed = False
-        for i in torch.randperm(len(names), generator=g).tolist():
-            p = names[i]
-            cost = _cost(spec, p, state_a, state_b, perms, table)
+        for i in torch.randperm(len(units), generator=g).tolist():
+            if isinstance(units[i], tuple):
+                group = spec.heads[units[i][1]]
+                new = _match_heads(spec, group, state_a, state_b, perms, table)
+                names = list(new)
+                before = _score(spec, names, state_a, state_b, perms, table)
+                after = _score(spec, names, state_a, state_b, {**perms, **new}, table)
+                if after > before + 1e-12 * abs(before) and any(not torch.equal(new[n], perms[n]) for n in names):
+                    perms.update(new)
+                    changed = True
+                continue
+            p = units[i]
+            cost = _cost(spec, p, state_a, state_b, perms, table, clock)
             rows = torch.arange(cost.shape[0])
-            new = fk.linear_assignment(cost, maximize=True)
+            new = clock("assignment", _assign, cost)
             if cost[rows, new].sum() > cost[rows, perms[p]].sum() + 1e-12 * cost.abs().sum():
                 perms[p], changed = new, True
         if not changed:
             break
-    aligned = apply_perms(spec, perms, state_b)
-    objective = sum(float((state_a[k].double() * aligned[k].double()).sum()) for k in table)
+    objective = 0.0
+    for key, axes in table.items():  # one aligned tensor at a time
+        aligned = fk.permute(state_b[key], {axis: perms[p] for axis, p in axes.items()})
+        objective += float(torch.sum(state_a[key].float() * aligned.float(), dtype=torch.float64))
     return MatchResult(perms, sweeps, objective)
 
 

@@ -33,6 +33,10 @@ class PermutationSpec:
     axes: dict[str, list[tuple[str, int]]]
     sites: dict[str, str] = field(default_factory=dict)
     pre_sites: dict[str, str] = field(default_factory=dict)
+    heads: dict = field(default_factory=dict)  # name -> transformers.HeadGroup: q/k/v/o perms chosen together
+
+    def head_members(self) -> set[str]:
+        return {getattr(g, t) for g in self.heads.values() for t in "qkvo"}
 
     def sizes(self, state: Mapping[str, torch.Tensor]) -> dict[str, int]:
         out = {}
@@ -65,8 +69,15 @@ def identity_perms(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> 
 
 
 def random_perms(spec: PermutationSpec, state: Mapping[str, torch.Tensor], seed: int = 0) -> Perms:
+    """Uniform permutations; attention layers get random structured choices (legal ones only)."""
+    from .transformers import expand, random_choice
+
     g = torch.Generator().manual_seed(seed)
-    return {p: torch.randperm(n, generator=g) for p, n in spec.sizes(state).items()}
+    members = spec.head_members()
+    perms = {p: torch.randperm(n, generator=g) for p, n in spec.sizes(state).items() if p not in members}
+    for group in spec.heads.values():
+        perms.update(expand(group, random_choice(group, g)))
+    return perms
 
 
 def apply_perms(
