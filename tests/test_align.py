@@ -126,9 +126,10 @@ def test_activation_matching_recovers_a_planted_permutation_and_align_to_referen
     spec = align.spec_from_fx(a, torch.randn(2, 10))
     planted = align.random_perms(spec, state_of(a), seed=3)
     b = load_merged(a, align.apply_perms(spec, planted, state_of(a)))
-    perms = align.activation_matching(spec, a, b, [torch.randn(64, 10) for _ in range(2)])
-    for p, perm in planted.items():
-        assert torch.equal(perms[p], torch.argsort(perm))
+    for statistic in ("correlation", "moment"):
+        perms = align.activation_matching(spec, a, b, [torch.randn(64, 10) for _ in range(2)], statistic=statistic)
+        for p, perm in planted.items():
+            assert torch.equal(perms[p], torch.argsort(perm)), (statistic, p)
     c = align.apply_perms(spec, align.random_perms(spec, state_of(a), seed=4), state_of(a))
     aligned = align.align_to_reference(spec, [state_of(a), state_of(b), c])
     for s in aligned:

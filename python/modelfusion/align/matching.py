@@ -66,8 +66,9 @@ def _cost(spec, p, a, b, perms, table, clock: _Clock) -> torch.Tensor:
         others = {ax: perms[q] for ax, q in table[key].items() if ax != axis}
         wb = clock("gather", fk.permute, b[key], others) if others else b[key]
         ra, rb = _unit_matrix(a[key].float(), axis), _unit_matrix(wb.float(), axis)
-        part = clock("gemm", torch.matmul, ra, rb.T)
-        cost = part.double() if cost is None else cost.add_(part)
+        if cost is None:
+            cost = torch.zeros(ra.shape[0], rb.shape[0], dtype=torch.float32, device=ra.device)
+        clock("gemm", cost.addmm_, ra, rb.T)  # accumulated in place: no n×n temporaries
     return cost
 
 
@@ -199,9 +200,17 @@ def _activations(model: nn.Module, sites: dict[str, str], data: Iterable) -> dic
     return {p: torch.cat(c, dim=1) for p, c in chunks.items()}
 
 
-def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, data: Iterable) -> Perms:
-    """Each permutation is the assignment maximising the summed correlation of matched units'
-    activations at the spec's site (statistics gathered with forward hooks in one pass each)."""
+STATISTICS = ("correlation", "moment")
+
+
+def activation_matching(
+    spec: PermutationSpec, model_a: nn.Module, model_b: nn.Module, data: Iterable, *, statistic: str = "correlation"
+) -> Perms:
+    """Each permutation is the assignment maximising Σ over matched units of a similarity of their
+    activations at the spec's site: their ``"correlation"`` or their cross moment E[a·b]
+    (``"moment"``). Statistics are gathered with forward hooks, one pass over ``data`` per model."""
+    if statistic not in STATISTICS:
+        raise ParameterError(f"statistic: expected one of {STATISTICS}, got {statistic!r}")
     missing = set(spec.axes) - set(spec.sites)
     if missing:
         raise ParameterError(f"spec: permutations {sorted(missing)} have no activation site")
@@ -210,8 +219,9 @@ def activation_matching(spec: PermutationSpec, model_a: nn.Module, model_b: nn.M
     perms = {}
     for p in spec.axes:
         a, b = acts_a[p], acts_b[p]
-        a = (a - a.mean(1, keepdim=True)) / (a.std(1, keepdim=True) + 1e-8)
-        b = (b - b.mean(1, keepdim=True)) / (b.std(1, keepdim=True) + 1e-8)
+        if statistic == "correlation":
+            a = (a - a.mean(1, keepdim=True)) / (a.std(1, keepdim=True) + 1e-8)
+            b = (b - b.mean(1, keepdim=True)) / (b.std(1, keepdim=True) + 1e-8)
         perms[p] = fk.linear_assignment((a @ b.T / a.shape[1]).double(), maximize=True)
     return perms
 
