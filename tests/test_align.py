@@ -186,37 +186,28 @@ def test_weight_matching_cuts_the_digits_barrier_tenfold(seeds):
     assert matched.loss_barrier * 10 <= naive.loss_barrier, (naive.loss_barrier, matched.loss_barrier)
 
 
+TINY = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=2,
+    max_position_embeddings=64,
+    attn_implementation="eager",
+)
+
+
 def small_llama(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**TINY, num_attention_heads=6, num_key_value_heads=2)).eval()
 
 
 def small_bert(seed=0):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=97,
-        hidden_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=80,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    return BertModel(config).eval()
+    return BertModel(BertConfig(**TINY, num_attention_heads=4)).eval()
 
 
 def test_llama_spec_is_function_preserving_with_rotary_and_grouped_query_attention():

@@ -4,8 +4,11 @@ and their use inside ``torch.optim.swa_utils.AveragedModel``.
     EMA:  a ← decay·a + (1 − decay)·c
     SWA:  a ← a + (c − a)/(n + 1) = (n·a + c)/(n + 1)      (n: models averaged so far)
 
-Floating-point tensors are updated in place with one ``fusion_kernels.weighted_sum`` each (one
-read of a and c, one write of a); other tensors (integer buffers) take the current value.
+Floating-point tensors are updated in place by ``torch._foreach_lerp_`` (the multi-tensor kernel
+``torch.optim`` uses), one call per device and dtype; other tensors (integer buffers) take the
+current value. One ``fusion_kernels.weighted_sum`` per tensor measured 2.2× slower here (50
+ResNet-sized tensors, 13M params: 5.4 ms against 2.5 ms): the tensors are small enough that
+per-call overhead, not memory traffic, decides.
 """
 
 from __future__ import annotations
@@ -15,8 +18,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from torch.optim import swa_utils
-
-import fusion_kernels as fk
 
 from ..errors import ParameterError, StateDictError
 
@@ -39,21 +40,27 @@ def _pairs(averaged, current) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 @torch.no_grad()
-def _update(averaged, current, keep: float) -> None:
+def _update(averaged, current, weight: float) -> None:
+    """a ← a + weight·(c − a) for float pairs, one multi-tensor call per (device, dtype) group."""
+    groups: dict[tuple, tuple[list, list]] = {}
     for a, c in _pairs(averaged, current):
         a = a.detach()
         c = c.detach().to(dtype=a.dtype, device=a.device)
         if a.is_floating_point():
-            fk.weighted_sum([a, c], [keep, 1.0 - keep], out=a)
+            avg, cur = groups.setdefault((a.device, a.dtype), ([], []))
+            avg.append(a)
+            cur.append(c)
         else:
             a.copy_(c)
+    for avg, cur in groups.values():
+        torch._foreach_lerp_(avg, cur, weight)
 
 
 def ema_update_(averaged, current, decay: float) -> None:
     """In place: a ← decay·a + (1 − decay)·c for each pair (modules: parameters, then buffers)."""
     if not 0.0 <= decay <= 1.0:
         raise ParameterError(f"decay: expected a number in [0, 1], got {decay!r}")
-    _update(averaged, current, float(decay))
+    _update(averaged, current, 1.0 - float(decay))
 
 
 def swa_update_(averaged, current, num_averaged: int) -> None:
@@ -61,7 +68,7 @@ def swa_update_(averaged, current, num_averaged: int) -> None:
     n = int(num_averaged)
     if n < 0:
         raise ParameterError(f"num_averaged: expected an integer >= 0, got {num_averaged!r}")
-    _update(averaged, current, n / (n + 1))
+    _update(averaged, current, 1.0 / (n + 1))
 
 
 def ema_multi_avg_fn(decay: float = 0.999) -> Callable:
