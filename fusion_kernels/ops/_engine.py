@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .. import _native
+from .. import _cuda_native, _native
 from .._dispatch import select
 
 
@@ -28,6 +28,20 @@ def run(op: str, impls: dict[str, Callable], out: torch.Tensor, *args) -> None:
     impl(target, *args)
     if target is not out:
         out.copy_(target)
+
+
+def native_kernels(name: str, kernel_args: Callable) -> tuple[Callable, Callable]:
+    """The ``cpu`` and ``cuda`` impls of the averaging kernel ``name``, which both bindings take as
+    ``(out, *kernel_args(*inputs), numel, dtype code, threads | stream)``."""
+
+    def make(module, last_arg):
+        def impl(out: torch.Tensor, *inputs) -> None:
+            kernel = getattr(module.lib(), name)
+            kernel(out.data_ptr(), *kernel_args(*inputs), out.numel(), _native.dtype_code(out.dtype), last_arg(out))
+
+        return impl
+
+    return make(_native, lambda out: _native.threads()), make(_cuda_native, _cuda_native.stream)
 
 
 def fake_like(x: torch.Tensor) -> torch.Tensor:

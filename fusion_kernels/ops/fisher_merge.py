@@ -9,7 +9,7 @@ from .. import _cuda_native, _native, _validate
 from .. import reference as ref
 from .. import triton as _triton
 from ..errors import WeightError
-from ._engine import custom_op, empty_like, fake_like, run
+from ._engine import custom_op, empty_like, fake_like, native_kernels, run
 
 OP = "fisher_merge"
 
@@ -18,27 +18,10 @@ def _torch_impl(out, xs: list[torch.Tensor], fisher: list[torch.Tensor], weights
     out.copy_(ref.fisher_merge(xs, fisher, weights, eps))
 
 
-def _native_impl(module, last_arg):
-    """The C++ kernel of ``module`` (``_native`` for cpu, ``_cuda_native`` for cuda), whose last
-    argument is ``last_arg(out)``: the thread count or the stream."""
-
-    def impl(out, xs: list[torch.Tensor], fisher: list[torch.Tensor], weights: list[float], eps: float) -> None:
-        module.lib().fisher_merge(
-            out.data_ptr(),
-            _native.pointers(xs),
-            _native.pointers(fisher),
-            weights,
-            eps,
-            out.numel(),
-            _native.dtype_code(out.dtype),
-            last_arg(out),
-        )
-
-    return impl
-
-
-_cpu_impl = _native_impl(_native, lambda out: _native.threads())
-_cuda_impl = _native_impl(_cuda_native, _cuda_native.stream)
+_cpu_impl, _cuda_impl = native_kernels(
+    "fisher_merge",
+    lambda xs, fisher, weights, eps: (_native.pointers(xs), _native.pointers(fisher), weights, eps),
+)
 
 
 _cuda_impl.declines = lambda xs, fisher, weights, eps: _cuda_native.too_many(len(xs))

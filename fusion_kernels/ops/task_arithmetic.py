@@ -7,7 +7,7 @@ import torch
 from .. import _cuda_native, _native, _validate
 from .. import reference as ref
 from .. import triton as _triton
-from ._engine import custom_op, empty_like, fake_like, run
+from ._engine import custom_op, empty_like, fake_like, native_kernels, run
 
 OP = "task_arithmetic"
 
@@ -16,26 +16,9 @@ def _torch_impl(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], w
     out.copy_(ref.task_arithmetic(base, xs, weights))
 
 
-def _native_impl(module, last_arg):
-    """The C++ kernel of ``module`` (``_native`` for cpu, ``_cuda_native`` for cuda), whose last
-    argument is ``last_arg(out)``: the thread count or the stream."""
-
-    def impl(out: torch.Tensor, base: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> None:
-        module.lib().task_arithmetic(
-            out.data_ptr(),
-            base.data_ptr(),
-            _native.pointers(xs),
-            weights,
-            out.numel(),
-            _native.dtype_code(out.dtype),
-            last_arg(out),
-        )
-
-    return impl
-
-
-_cpu_impl = _native_impl(_native, lambda out: _native.threads())
-_cuda_impl = _native_impl(_cuda_native, _cuda_native.stream)
+_cpu_impl, _cuda_impl = native_kernels(
+    "task_arithmetic", lambda base, xs, weights: (base.data_ptr(), _native.pointers(xs), weights)
+)
 _cuda_impl.declines = lambda base, xs, weights: _cuda_native.too_many(len(xs))
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("task_arithmetic"), "cuda": _cuda_impl}
 

@@ -7,7 +7,7 @@ import torch
 from .. import _cuda_native, _native, _validate
 from .. import reference as ref
 from .. import triton as _triton
-from ._engine import custom_op, empty_like, fake_like, run
+from ._engine import custom_op, empty_like, fake_like, native_kernels, run
 
 OP = "weighted_sum"
 
@@ -16,23 +16,7 @@ def _torch_impl(out: torch.Tensor, xs: list[torch.Tensor], weights: list[float])
     out.copy_(ref.weighted_sum(xs, weights))
 
 
-def _cpu_impl(out: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> None:
-    _native.lib().weighted_sum(
-        out.data_ptr(), _native.pointers(xs), weights, out.numel(), _native.dtype_code(out.dtype), _native.threads()
-    )
-
-
-def _cuda_impl(out: torch.Tensor, xs: list[torch.Tensor], weights: list[float]) -> None:
-    _cuda_native.lib().weighted_sum(
-        out.data_ptr(),
-        _native.pointers(xs),
-        weights,
-        out.numel(),
-        _native.dtype_code(out.dtype),
-        _cuda_native.stream(out),
-    )
-
-
+_cpu_impl, _cuda_impl = native_kernels("weighted_sum", lambda xs, weights: (_native.pointers(xs), weights))
 _cuda_impl.declines = lambda xs, weights: _cuda_native.too_many(len(xs))
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton.lazy("weighted_sum"), "cuda": _cuda_impl}
 

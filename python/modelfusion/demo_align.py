@@ -70,8 +70,10 @@ def run_align_demo(seeds: tuple[int, int] = (1, 2), plot: str | Path | None = No
     results["OT fusion (exact transport)"] = connect.evaluate_path(a, connect.linear_path(a, b_ot), test, TS)
     b_model = load_merged(a, b_wm)
 
+    endpoints = align.endpoint_moments(a, b_model, spec, train_batches)
+
     def repaired(model, t):
-        return align.repair(model, a, b_model, spec, train_batches, alpha=t) if 0 < t < 1 else model
+        return align.repair(model, a, b_model, spec, train_batches, t, endpoints=endpoints) if 0 < t < 1 else model
 
     results["weight matching + REPAIR"] = timed(
         "weight matching + REPAIR",

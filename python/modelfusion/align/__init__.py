@@ -3,7 +3,7 @@ networks, BERT/Llama), weight and activation matching, Sinkhorn re-basin, the st
 estimator, OT fusion, REPAIR."""
 
 from .matching import MatchResult, activation_matching, align_to_reference, weight_matching
-from .repair import repair, reset_bn
+from .repair import endpoint_moments, repair, reset_bn
 from .soft import hard_round, ot_fusion, ot_transport, sinkhorn_rebasin, soft_apply, ste_matching
 from .spec import PermutationSpec, apply_perms, identity_perms, mlp_spec, random_perms, spec_from_fx
 from .transformers import HeadGroup, bert_spec, llama_spec
@@ -17,6 +17,7 @@ __all__ = [
     "apply_perms",
     "hard_round",
     "bert_spec",
+    "endpoint_moments",
     "identity_perms",
     "llama_spec",
     "mlp_spec",

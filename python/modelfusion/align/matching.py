@@ -32,14 +32,17 @@ def _unit_matrix(w: torch.Tensor, axis: int) -> torch.Tensor:
     return w.movedim(axis, 0).reshape(w.shape[axis], -1)
 
 
-def _rows(spec, name, a, b, perms, table) -> tuple[torch.Tensor, torch.Tensor]:
-    """A's and B's unit vectors of permutation ``name`` (B's other axes aligned), tensors side by side."""
-    rows_a, rows_b = [], []
+def _unit_pairs(spec, name, a, b, perms, table, clock=None):
+    """Per tensor of permutation ``name``: A's and B's unit vectors as rows (B's other axes aligned)."""
     for key, axis in spec.axes[name]:
         others = {ax: perms[q] for ax, q in table[key].items() if ax != axis}
-        wb = fk.permute(b[key], others) if others else b[key]
-        rows_a.append(_unit_matrix(a[key].float(), axis))
-        rows_b.append(_unit_matrix(wb.float(), axis))
+        wb = (clock or _Clock(None))("gather", fk.permute, b[key], others) if others else b[key]
+        yield _unit_matrix(a[key].float(), axis), _unit_matrix(wb.float(), axis)
+
+
+def _rows(spec, name, a, b, perms, table) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_unit_pairs` with the tensors side by side."""
+    rows_a, rows_b = zip(*_unit_pairs(spec, name, a, b, perms, table), strict=True)
     return torch.cat(rows_a, 1), torch.cat(rows_b, 1)
 
 
@@ -62,10 +65,7 @@ def _cost(spec, p, a, b, perms, table, clock: _Clock) -> torch.Tensor:
     """S[i, j] = Σ over p's tensors of ⟨unit i of A, unit j of B⟩ (B's other axes aligned), one
     tensor at a time so that no concatenation of all of them is ever held."""
     cost = None
-    for key, axis in spec.axes[p]:
-        others = {ax: perms[q] for ax, q in table[key].items() if ax != axis}
-        wb = clock("gather", fk.permute, b[key], others) if others else b[key]
-        ra, rb = _unit_matrix(a[key].float(), axis), _unit_matrix(wb.float(), axis)
+    for ra, rb in _unit_pairs(spec, p, a, b, perms, table, clock):
         if cost is None:
             cost = torch.zeros(ra.shape[0], rb.shape[0], dtype=torch.float32, device=ra.device)
         clock("gemm", cost.addmm_, ra, rb.T)  # accumulated in place: no n×n temporaries

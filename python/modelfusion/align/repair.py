@@ -29,17 +29,31 @@ def _moments(model: nn.Module, sites: dict[str, str], data) -> dict[str, tuple[t
     return {p: (a.mean(1), a.std(1)) for p, a in acts.items()}
 
 
+def endpoint_moments(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, data: Iterable) -> tuple:
+    """The endpoints' per-unit (mean, std) at each producing layer: REPAIR's targets for any α."""
+    data = list(data)
+    return _moments(model_a, spec.pre_sites, data), _moments(model_b, spec.pre_sites, data)
+
+
 def repair(
-    merged: nn.Module, model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec, data: Iterable, alpha: float = 0.5
+    merged: nn.Module,
+    model_a: nn.Module,
+    model_b: nn.Module,
+    spec: PermutationSpec,
+    data: Iterable,
+    alpha: float = 0.5,
+    *,
+    endpoints: tuple | None = None,
 ) -> nn.Module:
-    """Rescales ``merged`` in place (and returns it); ``model_b`` must already be aligned to A."""
+    """Rescales ``merged`` in place (and returns it); ``model_b`` must already be aligned to A.
+    ``endpoints``: :func:`endpoint_moments` computed once for many α along a path."""
     if not 0.0 <= alpha <= 1.0:
         raise ParameterError(f"alpha: expected a number in [0, 1], got {alpha!r}")
     data = list(data)
     modules = dict(merged.named_modules())
     order = [name for name, _ in merged.named_modules()]
     layers = sorted(spec.pre_sites.items(), key=lambda item: order.index(item[1]))
-    goal_a, goal_b = _moments(model_a, spec.pre_sites, data), _moments(model_b, spec.pre_sites, data)
+    goal_a, goal_b = endpoints if endpoints is not None else endpoint_moments(model_a, model_b, spec, data)
     for p, name in layers:
         layer = modules[name]
         if not isinstance(layer, (nn.Linear, nn.Conv2d)) or layer.bias is None:
