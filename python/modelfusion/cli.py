@@ -1,9 +1,10 @@
-"""The ``modelfusion`` command: ``merge``, ``inspect`` and ``demo``."""
+"""The ``modelfusion`` command: ``merge`` (in one process, or one rank of many), ``inspect`` and ``demo``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -15,22 +16,61 @@ from .pipeline.recipe import parse_size
 
 
 def _merge(args) -> int:
+    budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget else None
+    if args.distributed or (args.distributed is None and "TORCHELASTIC_RUN_ID" in os.environ):
+        return _merge_distributed(args, budget)
     recipe = load_recipe(Path(args.recipe))
     if args.device:
         recipe.device = args.device
-    budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget else None
     plan = plan_merge(recipe, memory_budget=budget, allow_pickle=args.allow_pickle)
     if args.dry_run:
         print(plan.describe())
         return 0
-    stats = run_plan(plan, args.out, resume=args.resume, progress=not args.quiet)
+    _report(args.out, run_plan(plan, args.out, resume=args.resume, progress=not args.quiet))
+    return 0
+
+
+def _merge_distributed(args, budget) -> int:
+    from .pipeline import merge
+    from .pipeline.distributed import World, assign_shards, shard_costs
+
+    world = World.from_env()
+    if args.dry_run:
+        if world.rank == 0:
+            plan = plan_merge(Path(args.recipe), memory_budget=budget, allow_pickle=args.allow_pickle)
+            print(plan.describe(assign_shards(shard_costs(plan), world.size)))
+        return 0
+    try:
+        stats = merge(
+            Path(args.recipe),
+            args.out,
+            memory_budget=budget,
+            device=args.device,
+            resume=args.resume,
+            progress=not args.quiet,
+            allow_pickle=args.allow_pickle,
+            distributed=True,
+            node_local=args.node_local,
+            timeout=args.timeout,
+        )
+    except FusionError as e:
+        print(f"modelfusion merge (rank {world.rank} of {world.size}): error: {e}", file=sys.stderr)
+        return 2
+    if world.rank == 0:
+        _report(args.out, stats)
+        if args.node_local:
+            print("--node-local: each node's OUT holds the shards of its ranks; copy them into this node's OUT")
+    return 0
+
+
+def _report(out, stats) -> None:
     resumed = f", {stats.shards_resumed} shards kept from before" if stats.shards_resumed else ""
+    ranks = f" by {stats.processes} processes" if stats.processes > 1 else ""
     print(
-        f"merged into {args.out}: {stats.shards_written} shards in {stats.seconds:.1f} s{resumed}; "
+        f"merged into {out}: {stats.shards_written} shards{ranks} in {stats.seconds:.1f} s{resumed}; "
         f"read {stats.read_bytes / 1e9:.2f} GB at {stats.read_gbs:.2f} GB/s; "
         f"peak tensors in flight {stats.budget_high_water / 2**20:.0f} MiB, peak RSS {stats.peak_rss / 2**20:.0f} MiB"
     )
-    return 0
 
 
 def _inspect(args) -> int:
@@ -124,6 +164,25 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     m.add_argument("--allow-pickle", action="store_true", help="read PyTorch .bin checkpoints (weights_only)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument(
+        "--distributed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one rank of a multi-process merge (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the "
+        "environment); on by default under torchrun",
+    )
+    m.add_argument(
+        "--node-local",
+        action="store_true",
+        help="distributed: OUT is a directory on each node's own disk (inputs at the same paths on every "
+        "node); each node keeps its ranks' shards, to be gathered after",
+    )
+    m.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="distributed: seconds a silent rank is waited for before the run fails (default 300)",
+    )
     m.set_defaults(run=_merge)
     i = sub.add_parser("inspect", help="tensors, dtypes, bytes and architecture of a model")
     i.add_argument("model")

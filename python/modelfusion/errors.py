@@ -24,3 +24,8 @@ class StateDictError(FusionError):
 
 class ParameterError(FusionError):
     """A merge parameter is missing, of the wrong kind, or out of its range."""
+
+
+class DistributedError(FusionError):
+    """A distributed run cannot start or go on: missing launcher variables, ranks that planned
+    different merges, or a rank that failed, died or went silent."""

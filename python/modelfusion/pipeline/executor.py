@@ -22,6 +22,7 @@ from .methods import merge_tensor
 from .plan import Plan, TensorTask
 
 JOURNAL = ".modelfusion-journal.json"
+JOURNAL_GLOB = ".modelfusion-journal*.json"
 # Tensors the reader loads ahead of the merge. More does not help (reading outruns merging and
 # writing) and costs fresh memory, whose first touch is slow (see MemoryBudget).
 PREFETCH = 2
@@ -92,6 +93,7 @@ class RunStats:
     shards_resumed: int
     budget_high_water: int
     peak_rss: int  # of this process since it started, bytes
+    processes: int = 1  # ranks of a distributed run: bytes and shards are their sums, peak_rss their maximum
 
     @property
     def read_gbs(self) -> float:
@@ -110,32 +112,43 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _prepare(out: Path, resume: bool, fingerprint: str) -> dict[str, int]:
-    """Create ``out`` (or check it for resume against the plan's ``fingerprint``); returns the
-    finished shards {file: size}."""
-    journal_path = out / JOURNAL
+def journal_name(rank: int | None = None) -> str:
+    """The journal of a single-process run, or of one rank of a distributed one."""
+    return JOURNAL if rank is None else f".modelfusion-journal-rank{rank:05d}.json"
+
+
+def finished_shards(out: Path, resume: bool, fingerprint: str) -> dict[str, int]:
+    """Check ``out`` without writing: it must be new or empty, or (``resume``) hold journals of this
+    plan's ``fingerprint``. Returns the shards every journal there records as finished and whose
+    files are whole, {file: size}: a run may resume another's with a different number of ranks."""
     if (out / SAFETENSORS_INDEX).exists():
         raise OutputError(f"{out}: already holds a complete merged model ({SAFETENSORS_INDEX} exists)")
-    if resume and journal_path.exists():
-        journal = json.loads(journal_path.read_text())
-        if journal.get("fingerprint") != fingerprint:
-            raise OutputError(f"{out}: the journal is of another recipe or other inputs; cannot resume")
+    journals = sorted(out.glob(JOURNAL_GLOB)) if resume and out.is_dir() else []
+    if journals:
         done = {}
-        for file, size in journal["shards"].items():
-            path = out / file
-            if path.exists() and path.stat().st_size == size:
-                done[file] = size
-        for stale in out.glob("*" + PARTIAL):
-            stale.unlink()
+        for path in journals:
+            journal = json.loads(path.read_text())
+            if journal.get("fingerprint") != fingerprint:
+                raise OutputError(f"{out}: {path.name} is of another recipe or other inputs; cannot resume")
+            for file, size in journal["shards"].items():
+                if (out / file).exists() and (out / file).stat().st_size == size:
+                    done[file] = size
         return done
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"{out}: not empty; choose an empty directory (or --resume an interrupted merge)")
+    return {}
+
+
+def start_journal(out: Path, name: str, fingerprint: str, done: dict[str, int], **extra) -> tuple[Path, dict]:
+    """Create ``out`` if needed and write the journal ``name`` recording ``done``; returns its path
+    and content (the writer adds each shard it commits)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise OutputError(f"{out}: cannot create: {e}") from e
-    if any(out.iterdir()):
-        raise OutputError(f"{out}: not empty; choose an empty directory (or --resume an interrupted merge)")
-    write_json_atomic(journal_path, {"fingerprint": fingerprint, "shards": {}})
-    return {}
+    journal = {"fingerprint": fingerprint, "shards": dict(done), **extra}
+    write_json_atomic(out / name, journal)
+    return out / name, journal
 
 
 def _reader(plan, tasks, budget, ready: queue.Queue, stop: threading.Event) -> None:
@@ -179,7 +192,9 @@ def _whole_buffer(t: torch.Tensor) -> torch.Tensor | None:
     return t.view(-1).view(torch.uint8)
 
 
-def _writer(out: Path, todo, budget: MemoryBudget, results: queue.Queue, journal: dict, failure: list) -> None:
+def _writer(
+    out: Path, todo, budget: MemoryBudget, results: queue.Queue, journal_path: Path, journal: dict, failure: list
+) -> None:
     """Writes the merged tensors in plan order, committing and journaling each shard; ``None`` in
     ``results`` means stop (the shard being written is removed)."""
     try:
@@ -200,7 +215,7 @@ def _writer(out: Path, todo, budget: MemoryBudget, results: queue.Queue, journal
                 writer.abort()
                 raise
             journal["shards"][file] = writer.commit()
-            write_json_atomic(out / JOURNAL, journal)
+            write_json_atomic(journal_path, journal)
     except BaseException as e:  # raised in the main thread
         failure.append(e)
 
@@ -218,29 +233,43 @@ def _next(ready: queue.Queue, failure: list):
         return task, tensors
 
 
-def run_plan(plan: Plan, out: str | Path, *, resume: bool = False, progress: bool = True) -> RunStats:
-    """Merge into directory ``out``: shards, then the base model's config and tokenizer files, then
-    the index (the mark of a complete output). Interrupted runs leave only finished shards and the
-    journal; ``resume=True`` continues them.
+@dataclass
+class Executed:
+    read_bytes: int
+    written_bytes: int
+    budget_high_water: int
+
+
+def execute(
+    plan: Plan,
+    out: Path,
+    todo: list[tuple[str, list[TensorTask]]],
+    journal_path: Path,
+    journal: dict,
+    *,
+    progress: bool = True,
+    on_tensor=None,
+    desc: str = "merge",
+) -> Executed:
+    """Merge and write the shards ``todo`` [(file, tasks)], journaling each one committed.
+    ``on_tensor(read_bytes)`` is called after each tensor is merged; what it raises stops the run.
 
     Three threads overlap: a reader loads the next tensors, the caller's thread merges, a writer
     streams results to disk; the memory budget bounds the bytes of all tensors they hold."""
-    out = Path(out)
-    start = time.perf_counter()
-    fingerprint = plan.fingerprint()
-    done = _prepare(out, resume, fingerprint)
-    files = plan.shard_files()
-    todo = [(f, s) for f, s in zip(files, plan.shards, strict=True) if f not in done]
+    for file, _ in todo:  # left by a run that was killed while writing it
+        (out / (file + PARTIAL)).unlink(missing_ok=True)
     tasks = [t for _, shard in todo for t in shard]
     budget, results, stop = MemoryBudget(plan.memory_budget), queue.Queue(), threading.Event()
     ready = queue.Queue(maxsize=PREFETCH)
-    journal, failure = {"fingerprint": fingerprint, "shards": dict(done)}, []
+    failure = []
     reader = threading.Thread(target=_reader, args=(plan, tasks, budget, ready, stop), daemon=True)
-    writer = threading.Thread(target=_writer, args=(out, todo, budget, results, journal, failure), daemon=True)
+    writer = threading.Thread(
+        target=_writer, args=(out, todo, budget, results, journal_path, journal, failure), daemon=True
+    )
     previous_threads = torch.get_num_threads()
     if plan.recipe.threads:
         torch.set_num_threads(plan.recipe.threads)
-    bar = tqdm(total=sum(t.read_bytes for t in tasks), unit="B", unit_scale=True, desc="merge", disable=not progress)
+    bar = tqdm(total=sum(t.read_bytes for t in tasks), unit="B", unit_scale=True, desc=desc, disable=not progress)
     reader.start()
     writer.start()
     try:
@@ -256,6 +285,8 @@ def run_plan(plan: Plan, out: str | Path, *, resume: bool = False, progress: boo
             results.put((task, result))
             del result
             bar.update(task.read_bytes)
+            if on_tensor is not None:
+                on_tensor(task.read_bytes)
         writer.join()
         if failure:
             raise failure[0]
@@ -267,7 +298,16 @@ def run_plan(plan: Plan, out: str | Path, *, resume: bool = False, progress: boo
         stop.set()
         bar.close()
         torch.set_num_threads(previous_threads)
-    written = sum(journal["shards"][f] for f, _ in todo)
+    return Executed(
+        read_bytes=sum(t.read_bytes for t in tasks),
+        written_bytes=sum(journal["shards"][f] for f, _ in todo),
+        budget_high_water=budget.high_water,
+    )
+
+
+def finalize(plan: Plan, out: Path) -> None:
+    """After every shard: the base model's config and tokenizer files, then the index (the mark of
+    a complete output); the journals go last."""
     reference = plan.checkpoints[0]  # the base model when there is one
     if reference.path.is_dir():
         out_dtype = plan.recipe.out_dtype or plan.recipe.dtype
@@ -275,13 +315,28 @@ def run_plan(plan: Plan, out: str | Path, *, resume: bool = False, progress: boo
         overrides = {key: DTYPE_NAMES[out_dtype]} if out_dtype is not None else None
         copy_model_files(reference.path, out, overrides)
     write_index(out, [[t.out for t in shard] for shard in plan.shards])
-    (out / JOURNAL).unlink(missing_ok=True)
+    for journal in out.glob(JOURNAL_GLOB):
+        journal.unlink(missing_ok=True)
+
+
+def run_plan(plan: Plan, out: str | Path, *, resume: bool = False, progress: bool = True) -> RunStats:
+    """Merge into directory ``out``: shards, then the base model's config and tokenizer files, then
+    the index. Interrupted runs leave only finished shards and the journal; ``resume=True``
+    continues them."""
+    out = Path(out)
+    start = time.perf_counter()
+    fingerprint = plan.fingerprint()
+    done = finished_shards(out, resume, fingerprint)
+    journal_path, journal = start_journal(out, JOURNAL, fingerprint, done)
+    todo = [(f, s) for f, s in zip(plan.shard_files(), plan.shards, strict=True) if f not in done]
+    executed = execute(plan, out, todo, journal_path, journal, progress=progress)
+    finalize(plan, out)
     return RunStats(
         seconds=time.perf_counter() - start,
-        read_bytes=sum(t.read_bytes for t in tasks),
-        written_bytes=written,
+        read_bytes=executed.read_bytes,
+        written_bytes=executed.written_bytes,
         shards_written=len(todo),
         shards_resumed=len(done),
-        budget_high_water=budget.high_water,
+        budget_high_water=executed.budget_high_water,
         peak_rss=_peak_rss(),
     )

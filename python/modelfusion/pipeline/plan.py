@@ -70,21 +70,23 @@ class Plan:
     def shard_files(self) -> list[str]:
         return [shard_name(i, len(self.shards)) for i in range(len(self.shards))]
 
-    def fingerprint(self) -> str:
-        """What an output depends on: the recipe, and every input tensor's file, place and size."""
+    def fingerprint(self, files: bool = True) -> str:
+        """What an output depends on: the recipe, and every input tensor's file, place and size;
+        with ``files``, also each input file's size and modification time."""
         h = hashlib.sha256(self.recipe.source.encode())
         for shard in self.shards:
             for t in shard:
                 h.update(json.dumps([t.out.name, str(t.out.dtype), t.out.shape, t.params, t.seed]).encode())
                 for i in t.inputs:
                     h.update(repr(None if i is None else (str(i.file), i.offset, i.nbytes)).encode())
-        for c in self.checkpoints:
+        for c in self.checkpoints if files else ():
             for f in sorted({i.file for i in c.tensors.values()}):
                 stat = f.stat()
                 h.update(f"{f}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         return h.hexdigest()
 
-    def describe(self) -> str:
+    def describe(self, owners: list[int] | None = None) -> str:
+        """The plan in words; ``owners``: the rank of each shard in a distributed run."""
         gib = 2**30
         lines = [
             f"merge_method: {self.recipe.merge_method}",
@@ -95,8 +97,9 @@ class Plan:
             f"estimated peak memory: {self.peak_bytes / gib:.3f} GiB for the largest tensor "
             f"(budget {self.memory_budget / gib:.3f} GiB, which also bounds prefetching)",
         ]
-        for file, shard in zip(self.shard_files(), self.shards, strict=True):
-            lines.append(f"  {file}: {len(shard)} tensors, {sum(t.out.nbytes for t in shard) / gib:.3f} GiB")
+        for i, (file, shard) in enumerate(zip(self.shard_files(), self.shards, strict=True)):
+            rank = "" if owners is None else f" (rank {owners[i]})"
+            lines.append(f"  {file}: {len(shard)} tensors, {sum(t.out.nbytes for t in shard) / gib:.3f} GiB{rank}")
         return "\n".join(lines)
 
 

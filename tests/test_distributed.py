@@ -1,0 +1,188 @@
+"""Distributed merges: 2–4 processes on loopback (our own launcher and torchrun), byte-identical to one
+process; a killed rank fails the others within the timeout and --resume completes the output;
+ranks that plan differently or do not share OUT are refused; --node-local."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from modelfusion.demo import make_llama_family, recipe_text
+from modelfusion.errors import DistributedError
+from modelfusion.pipeline import merge
+from modelfusion.pipeline.distributed import World, assign_shards
+
+INDEX = "model.safetensors.index.json"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    shape = dict(hidden=256, layers=8, intermediate=512, vocab=2048, kv_heads=2, heads=4)
+    return make_llama_family(tmp_path_factory.mktemp("models"), 2, torch.float32, max_shard_size=2**22, **shape)
+
+
+def write_recipe(path: Path, method: str, models, shard: str = "300KB") -> Path:
+    path.write_text(recipe_text(method, models) + f"max_shard_size: {shard}\nthreads: 1\n")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(ranks: int, *args, port: int | None = None, per_rank=None) -> list[subprocess.Popen]:
+    """``ranks`` processes of ``modelfusion merge ARGS --distributed``; ``per_rank(r)`` may give a rank other args."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port or free_port()), "WORLD_SIZE": str(ranks)}
+    procs = []
+    for r in range(ranks):
+        rank_args = per_rank(r) if per_rank else args
+        cmd = [sys.executable, "-m", "modelfusion", "merge", *map(str, rank_args), "--distributed", "--quiet"]
+        procs.append(subprocess.Popen(cmd, env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def finish(procs, timeout=300) -> list[tuple[int, str, str]]:
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        results.append((p.returncode, out.decode(), err.decode()))
+    return results
+
+
+def assert_same_files(actual: Path, expected: Path) -> None:
+    names = sorted(p.name for p in expected.iterdir())
+    assert sorted(p.name for p in actual.iterdir()) == names  # no journals or partial files left
+    for name in names:
+        assert (actual / name).read_bytes() == (expected / name).read_bytes(), name
+
+
+def test_shards_are_balanced_by_bytes():
+    costs = [5, 1, 1, 1, 1, 1, 4, 3, 3]
+    owners = assign_shards(costs, 3)
+    loads = [sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(3)]
+    assert loads == [7, 7, 6] and owners == assign_shards(costs, 3)
+    assert max(loads) <= sum(costs) / 3 + max(costs)
+    assert assign_shards([10, 10], 4) == [0, 1]  # more ranks than shards: the others idle
+    assert assign_shards([], 2) == []
+
+
+@pytest.mark.parametrize(("method", "ranks"), [("linear", 2), ("ties", 3), ("dare_ties", 4), ("dare_linear", 2)])
+def test_distributed_output_is_byte_identical(models, tmp_path, method, ranks):
+    recipe = write_recipe(tmp_path / "r.yaml", method, models)
+    merge(recipe, tmp_path / "single", progress=False)
+    results = finish(launch(ranks, recipe, tmp_path / "dist"))
+    for rc, _, err in results:
+        assert rc == 0, err
+    assert f"by {ranks} processes" in results[0][1]
+    assert_same_files(tmp_path / "dist", tmp_path / "single")
+
+
+def test_torchrun_runs_the_recipe_unchanged(models, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", "ties", models)
+    merge(recipe, tmp_path / "single", progress=False)
+    cmd = ["--standalone", "--nproc-per-node", "2", "-m", "modelfusion", "merge", recipe, tmp_path / "dist", "--quiet"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", *map(str, cmd)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "by 2 processes" in proc.stdout
+    assert_same_files(tmp_path / "dist", tmp_path / "single")
+
+
+def _kill_when(proc: subprocess.Popen, journal: Path, shards: int) -> None:
+    while proc.poll() is None:
+        try:
+            if len(json.loads(journal.read_text())["shards"]) >= shards:
+                proc.send_signal(signal.SIGSTOP)  # stopped at once, then killed: it can write nothing more
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.001)
+    assert proc.poll() is None, "the rank ended before it could be killed: make the test models bigger"
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_a_killed_rank_fails_the_run_within_the_timeout_and_resume_completes_it(models, tmp_path, victim):
+    recipe = write_recipe(tmp_path / "r.yaml", "dare_ties", models)
+    merge(recipe, tmp_path / "single", progress=False)
+    out, timeout = tmp_path / "dist", 4
+    procs = launch(2, recipe, out, "--timeout", timeout)
+    _kill_when(procs[victim], out / f".modelfusion-journal-rank{victim:05d}.json", 2)
+    killed = time.monotonic()
+    survivor = procs[1 - victim]
+    _, err = survivor.communicate(timeout=120)
+    waited = time.monotonic() - killed
+    assert survivor.returncode == 2, err.decode()
+    err = err.decode()
+    if victim == 1:  # rank 0 notices rank 1's silence
+        assert "rank 1 stopped beating its heartbeat for 4 s" in err, err
+        assert waited < timeout + 10
+    else:  # rank 1 loses the store rank 0 served
+        assert "lost the job's store at 127.0.0.1" in err, err
+    assert "--resume" in err
+    assert not (out / INDEX).exists()
+    results = finish(launch(2, recipe, out, "--resume"))
+    for rc, _, err in results:
+        assert rc == 0, err
+    assert "shards kept from before" in results[0][1]
+    assert_same_files(out, tmp_path / "single")
+
+
+def test_ranks_with_different_recipes_are_refused(models, tmp_path):
+    ties = write_recipe(tmp_path / "ties.yaml", "ties", models)
+    other = write_recipe(tmp_path / "other.yaml", "ties", models, shard="200KB")
+    results = finish(launch(2, port=None, per_rank=lambda r: [ties if r == 0 else other, tmp_path / "out"]))
+    for rc, _, err in results:
+        assert rc == 2 and "ranks [1] planned a different merge than rank 0" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_that_cannot_read_the_recipe_fails_every_rank_at_once(models, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", "linear", models)
+    start = time.monotonic()
+    results = finish(launch(2, per_rank=lambda r: [recipe if r == 0 else tmp_path / "missing.yaml", tmp_path / "out"]))
+    assert time.monotonic() - start < 60  # not the 300 s timeout: the error is published
+    assert "rank 1" in results[0][2] and "missing.yaml" in results[0][2], results[0][2]
+    assert results[1][0] == 2 and "missing.yaml" in results[1][2]
+
+
+def test_an_unshared_output_is_refused_and_node_local_writes_each_part(models, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", "ties", models)
+    merge(recipe, tmp_path / "single", progress=False)
+    results = finish(launch(2, per_rank=lambda r: [recipe, tmp_path / f"node{r}"]))
+    for rc, _, err in results:
+        assert rc == 2 and "not one directory shared by all ranks" in err and "--node-local" in err, err
+    for r in range(2):
+        for f in (tmp_path / f"node{r}").iterdir():
+            f.unlink()
+    results = finish(launch(2, per_rank=lambda r: [recipe, tmp_path / f"node{r}", "--node-local"]))
+    for rc, _, err in results:
+        assert rc == 0, err
+    assert (tmp_path / "node0" / INDEX).exists() and not (tmp_path / "node1" / INDEX).exists()
+    parts = {p.name: p for r in range(2) for p in (tmp_path / f"node{r}").iterdir()}
+    assert sorted(parts) == sorted(p.name for p in (tmp_path / "single").iterdir())
+    for name, path in parts.items():
+        assert path.read_bytes() == (tmp_path / "single" / name).read_bytes(), name
+
+
+def test_a_distributed_run_needs_the_launcher_variables(monkeypatch, tmp_path):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(DistributedError, match="lacks RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"):
+        World.from_env()
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    with pytest.raises(DistributedError, match=r"RANK must be in \[0, WORLD_SIZE=2\), got 2"):
+        World.from_env()
