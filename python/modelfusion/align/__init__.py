@@ -2,7 +2,7 @@
 networks, BERT/Llama), weight and activation matching, Sinkhorn re-basin, the straight-through
 estimator, OT fusion, REPAIR."""
 
-from .matching import MatchResult, activation_matching, align_to_reference, weight_matching
+from .matching import MatchResult, activation_matching, align_to_reference, local_keys, weight_matching
 from .repair import endpoint_moments, repair, reset_bn
 from .soft import hard_round, ot_fusion, ot_transport, sinkhorn_rebasin, soft_apply, ste_matching
 from .spec import PermutationSpec, apply_perms, identity_perms, mlp_spec, random_perms, spec_from_fx
@@ -20,6 +20,7 @@ __all__ = [
     "endpoint_moments",
     "identity_perms",
     "llama_spec",
+    "local_keys",
     "mlp_spec",
     "ot_fusion",
     "ot_transport",

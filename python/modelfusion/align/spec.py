@@ -84,8 +84,10 @@ def apply_perms(
     spec: PermutationSpec, perms: Perms, state: Mapping[str, torch.Tensor], *, inverse: bool = False
 ) -> dict[str, torch.Tensor]:
     """The state with unit ``i`` of each permuted axis taken from unit ``perms[p][i]`` (one
-    ``fusion_kernels.permute_many`` call); tensors outside the spec are returned as they are."""
-    specs = {key: {axis: perms[p] for axis, p in axes.items()} for key, axes in spec.by_tensor().items()}
+    ``fusion_kernels.permute_many`` call); tensors outside the spec are returned as they are, and
+    ``state`` may hold a part of the spec's tensors (a rank's share)."""
+    table = spec.by_tensor()
+    specs = {key: {axis: perms[p] for axis, p in table[key].items()} for key in state if key in table}
     return fk.permute_many(dict(state), specs, inverse=inverse)
 
 
