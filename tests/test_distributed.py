@@ -29,7 +29,7 @@ def models(tmp_path_factory):
 
 
 def write_recipe(path: Path, method: str, models, shard: str = "300KB") -> Path:
-    path.write_text(recipe_text(method, models) + f"max_shard_size: {shard}\nthreads: 1\n")
+    path.write_text(recipe_text(method, models) + f"max_shard_size: {shard}\n")  # threads: per rank, by default
     return path
 
 

@@ -250,9 +250,11 @@ def execute(
     progress: bool = True,
     on_tensor=None,
     desc: str = "merge",
+    threads: int | None = None,
 ) -> Executed:
     """Merge and write the shards ``todo`` [(file, tasks)], journaling each one committed.
     ``on_tensor(read_bytes)`` is called after each tensor is merged; what it raises stops the run.
+    ``threads``: the kernels' threads when the recipe sets none (default: torch's setting).
 
     Three threads overlap: a reader loads the next tensors, the caller's thread merges, a writer
     streams results to disk; the memory budget bounds the bytes of all tensors they hold."""
@@ -267,8 +269,8 @@ def execute(
         target=_writer, args=(out, todo, budget, results, journal_path, journal, failure), daemon=True
     )
     previous_threads = torch.get_num_threads()
-    if plan.recipe.threads:
-        torch.set_num_threads(plan.recipe.threads)
+    if plan.recipe.threads or threads:
+        torch.set_num_threads(plan.recipe.threads or threads)
     bar = tqdm(total=sum(t.read_bytes for t in tasks), unit="B", unit_scale=True, desc=desc, disable=not progress)
     reader.start()
     writer.start()
