@@ -84,3 +84,23 @@ def _backend_cases() -> list[BackendCase]:
 
 
 BACKEND_CASES = _backend_cases()
+
+
+def kill_when_journaled(proc, journal, shards: int) -> None:
+    """SIGSTOP ``proc`` once ``journal`` records ``shards`` finished shards, then SIGKILL it: stopped
+    at once, it can write nothing more. Fails if the process ended first."""
+    import json
+    import signal
+    import time
+
+    while proc.poll() is None:
+        try:
+            if len(json.loads(journal.read_text())["shards"]) >= shards:
+                proc.send_signal(signal.SIGSTOP)
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.001)
+    assert proc.poll() is None, "the merge ended before it could be killed: make the test models bigger"
+    proc.kill()
+    proc.wait()

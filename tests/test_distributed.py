@@ -3,9 +3,7 @@ process; a killed rank fails the others within the timeout and --resume complete
 ranks that plan differently or do not share OUT are refused; --node-local. Distributed weight
 matching over gloo equals the single-process result."""
 
-import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import kill_when_journaled
 from modelfusion.demo import make_llama_family, recipe_text
 from modelfusion.errors import DistributedError
 from modelfusion.pipeline import merge
@@ -98,27 +97,13 @@ def test_torchrun_runs_the_recipe_unchanged(models, tmp_path):
     assert_same_files(tmp_path / "dist", tmp_path / "single")
 
 
-def _kill_when(proc: subprocess.Popen, journal: Path, shards: int) -> None:
-    while proc.poll() is None:
-        try:
-            if len(json.loads(journal.read_text())["shards"]) >= shards:
-                proc.send_signal(signal.SIGSTOP)  # stopped at once, then killed: it can write nothing more
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.001)
-    assert proc.poll() is None, "the rank ended before it could be killed: make the test models bigger"
-    proc.kill()
-    proc.wait()
-
-
 @pytest.mark.parametrize("victim", [1, 0])
 def test_a_killed_rank_fails_the_run_within_the_timeout_and_resume_completes_it(models, tmp_path, victim):
     recipe = write_recipe(tmp_path / "r.yaml", "dare_ties", models)
     merge(recipe, tmp_path / "single", progress=False)
     out, timeout = tmp_path / "dist", 4
     procs = launch(2, recipe, out, "--timeout", timeout)
-    _kill_when(procs[victim], out / f".modelfusion-journal-rank{victim:05d}.json", 2)
+    kill_when_journaled(procs[victim], out / f".modelfusion-journal-rank{victim:05d}.json", 2)
     killed = time.monotonic()
     survivor = procs[1 - victim]
     _, err = survivor.communicate(timeout=120)

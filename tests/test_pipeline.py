@@ -5,15 +5,14 @@ import json
 import os
 import re
 import resource
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import kill_when_journaled
 from modelfusion.demo import RECIPE_PARAMETERS, make_llama_family, make_minilm_family, recipe_text, verify
 from modelfusion.errors import CheckpointError, OutputError, RecipeError
 from modelfusion.io import Checkpoint
@@ -390,17 +389,7 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path):
     out = tmp_path / "killed"
     proc = cli("merge", recipe, out, "--quiet")
     journal = out / ".modelfusion-journal.json"
-    while proc.poll() is None:
-        try:
-            if len(json.loads(journal.read_text())["shards"]) >= 3:
-                proc.send_signal(signal.SIGSTOP)
-                break
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.001)
-    assert proc.poll() is None, "the merge ended before it could be killed: make the test models bigger"
-    proc.kill()
-    proc.wait()
+    kill_when_journaled(proc, journal, 3)
     assert not (out / INDEX).exists(), "a killed merge must not look complete"
     done = json.loads(journal.read_text())["shards"]
     assert 3 <= len(done) < len(list((tmp_path / "whole").glob("model-*")))
