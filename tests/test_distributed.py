@@ -235,3 +235,15 @@ def test_distributed_weight_matching_equals_one_process(tmp_path, ranks):
             assert torch.equal(r["perms"][p], perm), p
         for k, t in r["aligned"].items():
             assert torch.equal(t, aligned[k]), k
+
+
+def test_a_distributed_dry_run_prints_each_shards_rank(models, tmp_path, monkeypatch, capsys):
+    from modelfusion.cli import main
+
+    recipe = write_recipe(tmp_path / "r.yaml", "linear", models, shard="1MB")
+    for name, value in {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["merge", str(recipe), str(tmp_path / "out"), "--distributed", "--dry-run"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if ".safetensors:" in line]
+    assert lines and {line.rsplit("(rank ", 1)[1] for line in lines} == {"0)", "1)", "2)"}
+    assert not (tmp_path / "out").exists()
