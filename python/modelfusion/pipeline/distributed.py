@@ -57,7 +57,12 @@ class World:
     rank: int
     size: int
     local_rank: int
-    address: str  # the store's host:port, for messages
+    master_addr: str
+    master_port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.master_addr}:{self.master_port}"
 
     @classmethod
     def from_env(cls) -> World:
@@ -72,14 +77,14 @@ class World:
         try:
             rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
             local_rank = int(os.environ.get("LOCAL_RANK", rank))
-            int(os.environ["MASTER_PORT"])
+            port = int(os.environ["MASTER_PORT"])
         except ValueError as e:
             raise DistributedError(
                 f"distributed run: RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be integers: {e}"
             ) from e
         if not 0 <= rank < size:
             raise DistributedError(f"distributed run: RANK must be in [0, WORLD_SIZE={size}), got {rank}")
-        return cls(rank, size, local_rank, f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}")
+        return cls(rank, size, local_rank, os.environ["MASTER_ADDR"], port)
 
 
 class Coordinator:
@@ -88,13 +93,12 @@ class Coordinator:
 
     def __init__(self, world: World, timeout: float = DEFAULT_TIMEOUT):
         self.world, self.timeout, self.host = world, timeout, socket.gethostname()
-        host, port = world.address.rsplit(":", 1)
         # Under torchrun the agent serves the store and every worker is a client; else rank 0 serves it.
         agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
         try:
             store = dist.TCPStore(
-                host,
-                int(port),
+                world.master_addr,
+                world.master_port,
                 world.size,
                 is_master=world.rank == 0 and not agent,
                 timeout=timedelta(seconds=timeout),
@@ -105,6 +109,7 @@ class Coordinator:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         self.store = dist.PrefixStore(f"modelfusion/{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}/{attempt}/", store)
         self._beats, self._stop = 0, threading.Event()
+        self.silent: set[int] = set()  # ranks found silent for the timeout: not waited for again
         self._beat()
         self._thread = threading.Thread(target=self._beat_forever, daemon=True)
         self._thread.start()
@@ -156,22 +161,24 @@ class Coordinator:
         self.wait_for(keys)
         return [json.loads(v) for v in self._call(self.store.multi_get, list(keys.values()))]
 
-    def wait_for(self, keys: dict[int, str]) -> None:
+    def wait_for(self, keys: dict[int, str], errors: bool = True) -> None:
         """Wait until the key of each rank in ``keys`` exists, raising when a rank that has not set
-        its key publishes an error or beats no heartbeat for ``timeout`` seconds."""
+        its key beats no heartbeat for ``timeout`` seconds, or (``errors``) any rank publishes an error."""
         seen: dict[int, tuple[bytes | None, float]] = {}
         pause = 0.005
         while True:
             missing = [r for r, k in keys.items() if not self._call(self.store.check, [k])]
             if not missing:
                 return
-            self.check_errors()
+            if errors:
+                self.check_errors()
             now = time.monotonic()
             for r in missing:
                 beat = self._call(self.store.get, f"beat/{r}") if self._call(self.store.check, [f"beat/{r}"]) else None
                 if r not in seen or seen[r][0] != beat:
                     seen[r] = (beat, now)
                 elif now - seen[r][1] > self.timeout:
+                    self.silent.add(r)
                     what = "sent no heartbeat" if beat is None else "stopped beating its heartbeat"
                     raise DistributedError(
                         f"rank {r} {what} for {self.timeout:.0f} s (killed, hung, or its node lost): giving up. "
@@ -186,7 +193,8 @@ class Coordinator:
         try:
             self.store.set(f"left/{self.world.rank}", "1")
             if self.world.rank == 0:
-                self.wait_for({r: f"left/{r}" for r in range(1, self.world.size)})
+                others = {r: f"left/{r}" for r in range(1, self.world.size) if r not in self.silent}
+                self.wait_for(others, errors=False)  # failed ranks leave too, once they have read the errors
         except (DistributedError, RuntimeError, OSError):
             pass  # the store is gone, or a rank died and its silence was waited out
         finally:
