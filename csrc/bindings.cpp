@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -113,11 +114,10 @@ std::vector<KeepRule> keep_rules(const std::vector<int>& modes, const std::vecto
     if (rules[i].mode == kKeepTopK && !lo_empty) rules[i].mode = kKeepBand;
     rules[i].s1 = hash[3 * i];
     rules[i].s2 = hash[3 * i + 1];
-    rules[i].p24 = hash[3 * i + 2];
+    rules[i].p16 = static_cast<int32_t>(std::min<uint32_t>(hash[3 * i + 2], uint32_t(1) << 16));
     rules[i].mask = reinterpret_cast<const uint8_t*>(masks[i]);
     rules[i].key0 = rules[i].s1 ^ uint32_t(mix32<ScalarLane>(static_cast<int32_t>(rules[i].s2)));
-    if (rules[i].mode == kKeepRandom && rules[i].p24 >= (uint32_t(1) << 24)) rules[i].mode = kKeepAll;
-    rules[i].hash_cut = static_cast<int32_t>((rules[i].p24 << 8) ^ 0x80000000u);
+    if (rules[i].mode == kKeepRandom && rules[i].p16 == (1 << 16)) rules[i].mode = kKeepAll;
   }
   return rules;
 }

@@ -1,7 +1,7 @@
 """Glue between the sparse ops and the C++ kernels: keep rules, thresholds and rescale factors.
 
 A keep rule per model is passed as parallel lists: ``modes`` (0 all, 1 top-k, 2 random, 3 mask),
-``topk`` (hi.t, hi.cut, lo.t, lo.cut), ``hash`` (s1, s2, p24) and ``masks`` (addresses or 0).
+``topk`` (hi.t, hi.cut, lo.t, lo.cut), ``hash`` (s1, s2, p16) and ``masks`` (addresses or 0).
 """
 
 from __future__ import annotations

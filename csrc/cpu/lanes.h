@@ -49,6 +49,7 @@ struct ScalarLane : OneElementLane<float> {
   static I iota() { return 0; }
   static I iadd(I a, I b) { return int32_t(uint32_t(a) + uint32_t(b)); }
   static I ixor(I a, I b) { return a ^ b; }
+  static I iand(I a, I b) { return a & b; }
   static I imul(I a, I b) { return int32_t(uint32_t(a) * uint32_t(b)); }
   template <int k>
   static I isrl(I a) { return int32_t(uint32_t(a) >> k); }
@@ -63,6 +64,7 @@ struct ScalarLane : OneElementLane<float> {
   static M mandnot(M a, M b) { return a && !b; }
   static int movemask(M m) { return m ? 1 : 0; }
   static R select(M m, R a, R b) { return m ? a : b; }
+  static R keep_if(M m, R a) { return m ? a : 0.f; }
   static R one_if(M m) { return m ? 1.f : 0.f; }
   static R abs(R v) { return bits_to_float(float_to_bits(v) & 0x7fffffffu); }
   static I abs_bits(R v) { return int32_t(float_to_bits(v) & 0x7fffffffu); }

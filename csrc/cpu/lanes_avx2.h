@@ -54,6 +54,7 @@ struct Avx2Lane {
   static I iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
   static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
   static I ixor(I a, I b) { return _mm256_xor_si256(a, b); }
+  static I iand(I a, I b) { return _mm256_and_si256(a, b); }
   static I imul(I a, I b) { return _mm256_mullo_epi32(a, b); }
   template <int k>
   static I isrl(I a) { return _mm256_srli_epi32(a, k); }
@@ -68,6 +69,7 @@ struct Avx2Lane {
   static M mandnot(M a, M b) { return _mm256_andnot_si256(b, a); }
   static int movemask(M m) { return _mm256_movemask_ps(_mm256_castsi256_ps(m)); }
   static R select(M m, R a, R b) { return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(m)); }
+  static R keep_if(M m, R a) { return _mm256_and_ps(_mm256_castsi256_ps(m), a); }  // a, or +0
   static R one_if(M m) { return _mm256_and_ps(_mm256_castsi256_ps(m), _mm256_set1_ps(1.f)); }
   static R max(R a, R b) { return _mm256_max_ps(a, b); }
   static float hsum(R v) {

@@ -16,15 +16,14 @@ struct TopK {
 // kKeepBand is set by the C++ side for a top-k rule with a non-empty lo (breadcrumbs).
 enum KeepMode : int { kKeepAll = 0, kKeepTopK = 1, kKeepRandom = 2, kKeepMask = 3, kKeepBand = 4 };
 
-// Model i keeps element j iff: all | in hi | in hi and not in lo | hash < p24 | mask[j].
+// Model i keeps element j iff: all | in hi | in hi and not in lo | draw16(j) < p16 | mask[j].
 struct KeepRule {
   int mode = kKeepAll;
   TopK hi, lo;
   int32_t hi_key = -1, lo_key = 0x7fffffff;  // hi.t and lo.t clamped to int32 (keys are < 2^31)
-  uint32_t s1 = 0, s2 = 0, p24 = 0;
-  uint32_t key0 = 0;  // s1 ^ mix32(s2): the hash key of indices below 2^32
-  // (h >> 8) < p24 as one signed compare: (h ^ 2^31) < (p24·2^8 ^ 2^31); p24 = 2^24 is kKeepAll.
-  int32_t hash_cut = 0;
+  uint32_t s1 = 0, s2 = 0;
+  int32_t p16 = 0;    // 2^16 is kKeepAll
+  uint32_t key0 = 0;  // s1 ^ mix32(s2): the hash key of counters below 2^32
   const uint8_t* mask = nullptr;
 };
 
@@ -53,7 +52,6 @@ struct SparseMergeArgs {
 };
 
 constexpr int kMaxLaneWidth = 8;  // floats per register of the widest lane (AVX2)
-constexpr int kMergeUnroll = 4;   // registers per model the merge kernel handles at a time
 
 // Candidates of the bracket pass pack (key, index) into 64 bits, so that a larger packed value
 // ranks first: larger key, then lower index (the tie rule). Tensors stay below 2^33 elements.
@@ -93,8 +91,7 @@ struct L1Args {
   const KeepRule* rules = nullptr;
 };
 
-// scratch: kMergeUnroll * kMaxLaneWidth * n floats of the calling thread's own.
-using SparseMergeFn = void (*)(const SparseMergeArgs&, int64_t begin, int64_t end, float* scratch);
+using SparseMergeFn = void (*)(const SparseMergeArgs&, int64_t begin, int64_t end);
 using BracketFn = void (*)(const BracketArgs&, const BracketOut&, int64_t begin, int64_t end);
 // sums: 2 * n doubles, added to.
 using L1Fn = void (*)(const L1Args&, int64_t begin, int64_t end, double* sums);

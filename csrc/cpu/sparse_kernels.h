@@ -1,7 +1,7 @@
 // Sparse kernel bodies, written once against lanes (lanes.h) and instantiated per ISA by
 // kernel_table.h: the fused sparse merge, the bracket pass of magnitude_select and the kept-L1
 // sums of the "l1" rescale. Each processes one register of elements at a time across all
-// models, so a model's kept value, vote and agreement never leave registers or L1.
+// models, so a model's kept value, vote and agreement never leave registers.
 // Semantics: fusion_kernels/reference/{magnitude_prune,random_mask,sparse_merge}.py.
 #pragma once
 #include <algorithm>
@@ -16,13 +16,13 @@ namespace {
 // The per-vector helpers below must inline into the element loops: called out of line, every
 // register argument and result goes through memory.
 #define FK_ALWAYS_INLINE inline __attribute__((always_inline))
-// Loops over a chunk's registers must unroll fully so that their arrays live in registers.
-#define FK_UNROLL _Pragma("GCC unroll 8")
+#define FK_INLINE_LAMBDA __attribute__((always_inline))
 
 // Typed access to the task vectors. HasBase: tau = x - base; Keys16: keys are x's own 16-bit
 // magnitude bits (16-bit task vectors), otherwise the float32 bits of |tau|.
 template <class T, bool HasBase, bool Keys16>
 struct TaskView {
+  static constexpr bool has_base = HasBase;
   const T* base;
   const T* const* xs;
 
@@ -88,59 +88,71 @@ FK_ALWAYS_INLINE typename L::M in_topk(typename L::I key, int32_t t, int64_t cut
 
 constexpr uint32_t kMixA = 0x7feb352du, kMixB = 0x846ca68bu;
 
-// mix32 after its first product: x ^= x >> 15; x *= B; x ^= x >> 16.
 template <class L>
-FK_ALWAYS_INLINE typename L::I mix32_tail(typename L::I x) {
+FK_ALWAYS_INLINE typename L::I mix32(typename L::I x) {
+  x = L::ixor(x, L::template isrl<16>(x));
+  x = L::imul(x, L::iset1(static_cast<int32_t>(kMixA)));
   x = L::ixor(x, L::template isrl<15>(x));
   x = L::imul(x, L::iset1(static_cast<int32_t>(kMixB)));
   return L::ixor(x, L::template isrl<16>(x));
 }
 
+// DARE's draws (reference/random_mask.py): element j takes 16 bits of the hash of its counter
+// c = (j >> 4)·8 + (j & 7), the low half if bit 3 of j is 0, else the high half; so one hash serves
+// elements j and j + 8 of each 16-element group. The hash key of c depends on c's high 32 bits.
+FK_ALWAYS_INLINE uint32_t hash_key(const KeepRule& r, int64_t j) {
+  const uint32_t high = uint32_t(uint64_t(j) >> 33);
+  return high == 0 ? r.key0 : r.s1 ^ uint32_t(mix32<ScalarLane>(static_cast<int32_t>(high ^ r.s2)));
+}
+
+// The hash of the counters of elements j .. j+width-1 (width <= 8, j a multiple of it), under key k.
 template <class L>
-FK_ALWAYS_INLINE typename L::I mix32(typename L::I x) {
-  x = L::ixor(x, L::template isrl<16>(x));
-  return mix32_tail<L>(L::imul(x, L::iset1(static_cast<int32_t>(kMixA))));
+FK_ALWAYS_INLINE typename L::I draw_hash(int64_t j, uint32_t k) {
+  const uint32_t c = uint32_t((uint64_t(j) >> 4 << 3) | uint64_t(j & 7));
+  return mix32<L>(L::ixor(L::iadd(L::iset1(static_cast<int32_t>(c)), L::iota()), L::iset1(static_cast<int32_t>(k))));
 }
 
-// Row c holds (c ^ lane)·A for each lane: the first product of mix32 over one register, up to
-// a broadcast term (see keep_mask).
-struct LaneProducts {
-  alignas(32) int32_t row[kMaxLaneWidth][kMaxLaneWidth];
-};
-constexpr LaneProducts make_lane_products() {
-  LaneProducts p{};
-  for (uint32_t c = 0; c < kMaxLaneWidth; ++c)
-    for (uint32_t lane = 0; lane < kMaxLaneWidth; ++lane) p.row[c][lane] = static_cast<int32_t>((c ^ lane) * kMixA);
-  return p;
+// Keep where the 16-bit draw (the high or the low half of h) is below p16.
+template <class L>
+FK_ALWAYS_INLINE typename L::M draw_keeps(const KeepRule& r, typename L::I h, bool high) {
+  const auto draw = high ? L::template isrl<16>(h) : L::iand(h, L::iset1(0xffff));
+  return L::igt(L::iset1(r.p16), draw);
 }
-constexpr LaneProducts kLaneProducts = make_lane_products();
 
-// Which of elements j .. j+width-1 model rule r keeps, for r.mode == Mode. j is a multiple of
-// the lane width (every range starts at a multiple of 64), so a vector never straddles the hash's
-// 2^32 index split.
+// Which of elements j .. j+width-1 model rule r keeps, for r.mode == Mode. key: their |tau| keys;
+// k = hash_key(r, j), for kKeepRandom.
 template <int Mode, class L>
-FK_ALWAYS_INLINE typename L::M keep_mask(const KeepRule& r, int64_t j, typename L::I key) {
+FK_ALWAYS_INLINE typename L::M keep_mask(const KeepRule& r, int64_t j, typename L::I key, uint32_t k) {
   if constexpr (Mode == kKeepTopK) {
     return in_topk<L>(key, r.hi_key, r.hi.cut, j);
   } else if constexpr (Mode == kKeepBand) {
     return L::mandnot(in_topk<L>(key, r.hi_key, r.hi.cut, j), in_topk<L>(key, r.lo_key, r.lo.cut, j));
   } else if constexpr (Mode == kKeepRandom) {
-    const uint32_t high = uint32_t(uint64_t(j) >> 32);
-    const uint32_t k = high == 0 ? r.key0 : r.s1 ^ uint32_t(mix32<ScalarLane>(static_cast<int32_t>(high ^ r.s2)));
-    // mix32((j + lane) ^ k) with its first xor-shift and product done once per register: j's low
-    // bits are 0, so the input is x ^ lane with x = j ^ k; its high half, hence s = x ^ (x >> 16)
-    // up to the lane, is the same in every lane; and s ^ lane = (s - c) + (c ^ lane), c = s's low bits.
-    const uint32_t x = uint32_t(j) ^ k;
-    const uint32_t s = x ^ (x >> 16);
-    const uint32_t c = s & uint32_t(L::width - 1);
-    const auto first = L::iadd(L::iset1(static_cast<int32_t>((s - c) * kMixA)), L::load_i(kLaneProducts.row[c]));
-    const auto h = mix32_tail<L>(first);
-    return L::igt(L::iset1(r.hash_cut), L::ixor(h, L::iset1(static_cast<int32_t>(0x80000000u))));
+    return draw_keeps<L>(r, draw_hash<L>(j, k), (j & 8) != 0);
   } else if constexpr (Mode == kKeepMask) {
     return L::load_mask8(r.mask + j);
   } else {
     return L::mall();
   }
+}
+
+// Calls step(L{}, j, keep_of) for the registers of elements [j0, j1) (vectors of V, then single
+// elements of S, j0 a multiple of 16), where keep_of(keys) gives model rule's keep mask of the
+// register. For kKeepRandom the two 8-wide registers of a 16-element group share one hash.
+template <int Mode, class V, class S, class Step>
+FK_ALWAYS_INLINE void for_each_keep(const KeepRule& rule, int64_t j0, int64_t j1, Step&& step) {
+  const uint32_t k = hash_key(rule, j0);
+  int64_t j = j0;
+  if constexpr (Mode == kKeepRandom && V::width == 8) {
+    for (; j + 16 <= j1; j += 16) {
+      const auto h = draw_hash<V>(j, k);
+      step(V{}, j, [&](typename V::I) FK_INLINE_LAMBDA { return draw_keeps<V>(rule, h, false); });
+      step(V{}, j + 8, [&](typename V::I) FK_INLINE_LAMBDA { return draw_keeps<V>(rule, h, true); });
+    }
+  }
+  for (; j + V::width <= j1; j += V::width)
+    step(V{}, j, [&](typename V::I key) FK_INLINE_LAMBDA { return keep_mask<Mode, V>(rule, j, key, k); });
+  for (; j < j1; ++j) step(S{}, j, [&](typename S::I key) FK_INLINE_LAMBDA { return keep_mask<Mode, S>(rule, j, key, k); });
 }
 
 // Calls f(std::integral_constant<int, mode>{}): one branch per model, not per element.
@@ -160,81 +172,90 @@ FK_ALWAYS_INLINE void with_keep_mode(int mode, F&& f) {
   }
 }
 
-template <class L>
-FK_ALWAYS_INLINE typename L::R sign_of(typename L::R v) {
-  return L::sub(L::one_if(L::fgt(v, L::zero())), L::one_if(L::fgt(L::zero(), v)));
+// The fused merge (steps 1-5 of reference/sparse_merge.py), U registers of elements at a time
+// across all models, with every running sum in registers. Summing the agreeing votes needs the
+// elected sign, known only after the last model; so both candidates are summed as the votes
+// arrive: up = the sum of w·k over votes > 0, down = over votes < 0, each in model order (a
+// non-agreeing model adds +0, as the reference's masked sum does), and the election picks one.
+// Agree: each side's agreement weight (1 for mean_count, w for mean_weight) is summed the same way.
+// Mode: the keep mode of every model, or kMixedModes to dispatch per model.
+constexpr int kMixedModes = -1;
+
+// Keep masks of model rule over the U registers from j; tau: their task vectors. For kKeepRandom
+// the two 8-wide registers of a 16-element group share one hash (j is a multiple of 16).
+template <int Mode, int U, class L, class View>
+FK_ALWAYS_INLINE void chunk_keeps(const KeepRule& rule, const View& v, int i, int64_t j, const typename L::R* tau,
+                                  typename L::M* keep) {
+  constexpr int W = L::width;
+  const uint32_t k = Mode == kKeepRandom ? hash_key(rule, j) : 0;
+  if constexpr (Mode == kKeepRandom && W == 8 && U % 2 == 0) {
+    for (int u = 0; u < U; u += 2) {
+      const auto h = draw_hash<L>(j + u * W, k);
+      keep[u] = draw_keeps<L>(rule, h, false);
+      keep[u + 1] = draw_keeps<L>(rule, h, true);
+    }
+  } else {
+    for (int u = 0; u < U; ++u)
+      keep[u] = keep_mask<Mode, L>(rule, j + u * W, v.template key<L>(i, j + u * W, tau[u]), k);
+  }
 }
 
-// Elements j .. j+U*width-1 of the fused merge (steps 1-5 of reference/sparse_merge.py): U
-// registers per model at a time, so a model's pointer, rule and weights are read once per U.
-// kept: U * width * n floats holding each model's votes between election and combine.
-template <int Consensus, int U, class L, class View, class T>
-FK_ALWAYS_INLINE void merge_chunk(const SparseMergeArgs& a, const View& v, T* out, int64_t j, float* kept) {
+template <int Consensus, bool Agree, bool Divide, int Mode, int U, class L, class View, class T>
+FK_ALWAYS_INLINE void merge_chunk(const SparseMergeArgs& a, const View& v, T* out, int64_t j) {
   using R = typename L::R;
   constexpr int W = L::width;
   const int n = a.task.n;
   const R zero = L::zero(), one = L::set1(1.f);
-  R b[U], merged[U], tally[U];
-  FK_UNROLL
+  R b[U], up[U], down[U], tally[U], agree_up[U], agree_down[U];
   for (int u = 0; u < U; ++u) {
     b[u] = v.template base_at<L>(j + u * W);
-    merged[u] = tally[u] = zero;
+    up[u] = down[u] = tally[u] = agree_up[u] = agree_down[u] = zero;
   }
   for (int i = 0; i < n; ++i) {
     const KeepRule& rule = a.rules[i];
-    const float scale_i = a.scales[i];
-    const R scale = L::set1(scale_i), w = L::set1(a.weights[i]);
-    with_keep_mode(rule.mode, [&](auto mode) {
-      FK_UNROLL
-      for (int u = 0; u < U; ++u) {
-        const int64_t ju = j + u * W;
-        const R tau = v.template tau<L>(i, ju, b[u]);
-        const auto keep = keep_mask<decltype(mode)::value, L>(rule, ju, v.template key<L>(i, ju, tau));
-        const R scaled = a.divide ? L::div(tau, scale) : scale_i == 1.f ? tau : L::mul(tau, scale);  // x·1 is exact
-        const R k = L::select(keep, scaled, zero);
-        if constexpr (Consensus == 0) {
-          merged[u] = L::add(merged[u], L::mul(k, w));
-        } else {
-          const R vote = a.elect_weighted ? L::mul(k, w) : k;
-          L::store(kept + (i * U + u) * W, vote);
-          tally[u] = L::add(tally[u], Consensus == 2 ? sign_of<L>(vote) : vote);
+    const float w_i = a.weights[i];
+    const R scale = L::set1(a.scales[i]), w = L::set1(w_i);
+    const R agree_w = L::set1(a.combine == 2 ? w_i : 1.f);
+    R tau[U];
+    typename L::M keep[U];
+    for (int u = 0; u < U; ++u) tau[u] = v.template tau<L>(i, j + u * W, b[u]);
+    if constexpr (Mode == kMixedModes) {
+      with_keep_mode(rule.mode, [&](auto mode) FK_INLINE_LAMBDA {
+        chunk_keeps<decltype(mode)::value, U, L>(rule, v, i, j, tau, keep);
+      });
+    } else {
+      chunk_keeps<Mode, U, L>(rule, v, i, j, tau, keep);
+    }
+    for (int u = 0; u < U; ++u) {
+      // Divide: kept values are tau / scale (inverse_density), else tau · scale (x·1 is exact).
+      const R kept = L::keep_if(keep[u], Divide ? L::div(tau[u], scale) : L::mul(tau[u], scale));
+      const R weighted = L::mul(kept, w);
+      if constexpr (Consensus == 0) {
+        up[u] = L::add(up[u], weighted);
+      } else {
+        const R vote = a.elect_weighted ? weighted : kept;
+        const auto is_up = L::fgt(vote, zero), is_down = L::fgt(zero, vote);  // a zero vote never agrees
+        tally[u] = L::add(tally[u], Consensus == 2 ? L::sub(L::one_if(is_up), L::one_if(is_down)) : vote);
+        up[u] = L::add(up[u], L::keep_if(is_up, weighted));
+        down[u] = L::add(down[u], L::keep_if(is_down, weighted));
+        if constexpr (Agree) {
+          agree_up[u] = L::add(agree_up[u], L::keep_if(is_up, agree_w));
+          agree_down[u] = L::add(agree_down[u], L::keep_if(is_down, agree_w));
         }
       }
-    });
-  }
-  R agreeing[U], agreeing_w[U];
-  FK_UNROLL
-  for (int u = 0; u < U; ++u) {
-    agreeing[u] = L::set1(float(n));
-    agreeing_w[u] = zero;
-  }
-  if constexpr (Consensus != 0) {
-    R elected[U];
-    FK_UNROLL
-    for (int u = 0; u < U; ++u) {
-      elected[u] = L::select(L::fge(tally[u], zero), one, L::set1(-1.f));
-      agreeing[u] = zero;
-    }
-    for (int i = 0; i < n; ++i) {
-      const R w = L::set1(a.weights[i]);
-      FK_UNROLL
-      for (int u = 0; u < U; ++u) {
-        const R vote = L::load(kept + (i * U + u) * W);
-        const R weighted = a.elect_weighted ? vote : L::mul(vote, w);  // w·k either way
-        const auto agree = L::fgt(L::mul(vote, elected[u]), zero);   // a zero vote never agrees
-        merged[u] = L::add(merged[u], L::select(agree, weighted, zero));
-        if (a.combine == 1) agreeing[u] = L::add(agreeing[u], L::one_if(agree));
-        if (a.combine == 2) agreeing_w[u] = L::add(agreeing_w[u], L::select(agree, w, zero));
-      }
     }
   }
-  FK_UNROLL
   for (int u = 0; u < U; ++u) {
-    R r = merged[u];
+    R r = up[u], agreeing = L::set1(float(n));
+    if constexpr (Consensus != 0) {
+      const auto elected_up = L::fge(tally[u], zero);
+      r = L::select(elected_up, up[u], down[u]);
+      if constexpr (Agree) agreeing = L::select(elected_up, agree_up[u], agree_down[u]);
+    }
     if (a.combine == 1) {
-      r = L::div(r, L::max(agreeing[u], one));
+      r = L::div(r, L::max(agreeing, one));
     } else if (a.combine == 2) {
-      const R divisor = Consensus != 0 ? agreeing_w[u] : L::set1(a.weight_total);
+      const R divisor = Consensus != 0 ? agreeing : L::set1(a.weight_total);
       r = L::div(r, L::select(L::feq(divisor, zero), one, divisor));
     }
     if (a.lam != 1.f) r = L::mul(r, L::set1(a.lam));
@@ -242,25 +263,48 @@ FK_ALWAYS_INLINE void merge_chunk(const SparseMergeArgs& a, const View& v, T* ou
   }
 }
 
+// Registers per model per step: enough independent work to hide the hash's latency.
+constexpr int kMergeUnroll = 4;
+
+// The keep mode all models share, or kMixedModes.
+inline int shared_keep_mode(const SparseMergeArgs& a) {
+  for (int i = 1; i < a.task.n; ++i)
+    if (a.rules[i].mode != a.rules[0].mode) return kMixedModes;
+  return a.task.n > 0 ? a.rules[0].mode : kKeepAll;
+}
+
 template <class V, class S, class T>
-void sparse_merge_range(const SparseMergeArgs& a, int64_t begin, int64_t end, float* kept) {
+void sparse_merge_range(const SparseMergeArgs& a, int64_t begin, int64_t end) {
   T* out = static_cast<T*>(a.out);
   with_task_view<T>(a.task, [&](const auto& v) {
-    const auto run = [&](auto consensus) {
-      constexpr int c = decltype(consensus)::value;
-      int64_t j = begin;
-      for (; j + kMergeUnroll * V::width <= end; j += kMergeUnroll * V::width)
-        merge_chunk<c, kMergeUnroll, V>(a, v, out, j, kept);
-      for (; j + V::width <= end; j += V::width) merge_chunk<c, 1, V>(a, v, out, j, kept);
-      for (; j < end; ++j) merge_chunk<c, 1, S>(a, v, out, j, kept);
+    const auto run = [&](auto consensus, auto agree, auto divide, auto mode) {
+      constexpr int c = decltype(consensus)::value, md = decltype(mode)::value;
+      constexpr bool g = decltype(agree)::value, d = decltype(divide)::value;
+      constexpr int U = kMergeUnroll;
+      int64_t j = begin;  // a multiple of 64: every U-register step starts on a 16-element group
+      for (; j + U * V::width <= end; j += U * V::width) merge_chunk<c, g, d, md, U, V>(a, v, out, j);
+      for (; j + V::width <= end; j += V::width) merge_chunk<c, g, d, md, 1, V>(a, v, out, j);
+      for (; j < end; ++j) merge_chunk<c, g, d, md, 1, S>(a, v, out, j);
     };
+    const auto with_mode = [&](auto consensus, auto agree, auto divide) {
+      const int mode = shared_keep_mode(a);
+      if (mode == kMixedModes) return run(consensus, agree, divide, std::integral_constant<int, kMixedModes>{});
+      with_keep_mode(mode, [&](auto m) { run(consensus, agree, divide, m); });
+    };
+    const auto with_divide = [&](auto consensus, auto agree) {
+      if (a.divide) return with_mode(consensus, agree, std::true_type{});
+      with_mode(consensus, agree, std::false_type{});
+    };
+    const bool agree = a.combine != 0;
     switch (a.consensus) {
       case 1:
-        return run(std::integral_constant<int, 1>{});
+        if (agree) return with_divide(std::integral_constant<int, 1>{}, std::true_type{});
+        return with_divide(std::integral_constant<int, 1>{}, std::false_type{});
       case 2:
-        return run(std::integral_constant<int, 2>{});
+        if (agree) return with_divide(std::integral_constant<int, 2>{}, std::true_type{});
+        return with_divide(std::integral_constant<int, 2>{}, std::false_type{});
       default:
-        return run(std::integral_constant<int, 0>{});
+        return with_divide(std::integral_constant<int, 0>{}, std::false_type{});
     }
   });
 }
@@ -327,39 +371,42 @@ void bracket_range(const BracketArgs& a, const BracketOut& o, int64_t begin, int
 
 constexpr int64_t kL1Run = 256;  // elements summed in float before a double accumulation
 
-// Adds |tau| and its kept part of model i's elements j .. j+width-1 to the lane sums.
-template <class L, class View>
-FK_ALWAYS_INLINE void l1_chunk(const L1Args& a, const View& v, int i, int64_t j, typename L::R& all,
-                               typename L::R& kept) {
+// Adds |tau| and its kept part (keep_of(keys)) of model i's elements j .. j+width-1 to the lane sums.
+template <class L, class View, class Keep>
+FK_ALWAYS_INLINE void l1_chunk(const View& v, int i, int64_t j, typename L::R& all, typename L::R& kept,
+                               Keep&& keep_of) {
   const auto tau = v.template tau<L>(i, j, v.template base_at<L>(j));
   const auto mag = L::abs(tau);
   all = L::add(all, mag);
-  with_keep_mode(a.rules[i].mode, [&](auto mode) {
-    const auto keep = keep_mask<decltype(mode)::value, L>(a.rules[i], j, v.template key<L>(i, j, tau));
-    kept = L::add(kept, L::select(keep, mag, L::zero()));
-  });
+  kept = L::add(kept, L::keep_if(keep_of(v.template key<L>(i, j, tau)), mag));
 }
 
 template <class V, class S, class T>
 void kept_l1_range(const L1Args& a, int64_t begin, int64_t end, double* sums) {
   with_task_view<T>(a.task, [&](const auto& v) {
     for (int i = 0; i < a.task.n; ++i) {
-      for (int64_t j0 = begin; j0 < end; j0 += kL1Run) {
-        const int64_t j1 = std::min(end, j0 + kL1Run);
-        typename V::R all = V::zero(), kept = V::zero();
-        float all_tail = 0.f, kept_tail = 0.f;
-        int64_t j = j0;
-        for (; j + V::width <= j1; j += V::width) l1_chunk<V>(a, v, i, j, all, kept);
-        for (; j < j1; ++j) l1_chunk<S>(a, v, i, j, all_tail, kept_tail);
-        sums[2 * i] += double(V::hsum(all)) + double(all_tail);
-        sums[2 * i + 1] += double(V::hsum(kept)) + double(kept_tail);
-      }
+      const KeepRule& rule = a.rules[i];
+      with_keep_mode(rule.mode, [&](auto mode) FK_INLINE_LAMBDA {
+        for (int64_t j0 = begin; j0 < end; j0 += kL1Run) {
+          typename V::R all = V::zero(), kept = V::zero();
+          float all_tail = 0.f, kept_tail = 0.f;
+          for_each_keep<decltype(mode)::value, V, S>(rule, j0, std::min(end, j0 + kL1Run),
+                                                     [&](auto lane, int64_t j, auto&& keep_of) FK_INLINE_LAMBDA {
+                                                       if constexpr (std::is_same_v<decltype(lane), V>)
+                                                         l1_chunk<V>(v, i, j, all, kept, keep_of);
+                                                       else
+                                                         l1_chunk<S>(v, i, j, all_tail, kept_tail, keep_of);
+                                                     });
+          sums[2 * i] += double(V::hsum(all)) + double(all_tail);
+          sums[2 * i + 1] += double(V::hsum(kept)) + double(kept_tail);
+        }
+      });
     }
   });
 }
 
 #undef FK_ALWAYS_INLINE
-#undef FK_UNROLL
+#undef FK_INLINE_LAMBDA
 
 }  // namespace
 }  // namespace fk

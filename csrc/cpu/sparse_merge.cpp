@@ -1,5 +1,5 @@
-// Drivers of the fused sparse merge and the kept-L1 sums: argument blocks, per-thread scratch and
-// the split over threads; the element loops are the active ISA's (sparse_kernels.h).
+// Drivers of the fused sparse merge and the kept-L1 sums: argument blocks and the split over
+// threads; the element loops are the active ISA's (sparse_kernels.h).
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -48,13 +48,7 @@ void sparse_merge(void* out, const TaskSource& s, const std::vector<KeepRule>& r
   a.weight_total = o.weight_total;
   a.lam = o.lam;
   const SparseMergeFn fn = active_kernels().sparse_merge[s.dtype];
-  const int t = plan_threads(s.numel, threads);
-  // Each thread's scratch on cache lines of its own (16 floats = 64 bytes).
-  const size_t per_thread = (size_t(kMergeUnroll) * kMaxLaneWidth * s.xs.size() + 15) / 16 * 16 + 16;
-  std::vector<float> scratch(size_t(t) * per_thread);
-  parallel_pieces(s.numel, t, [&](int tid, int64_t begin, int64_t end) {
-    fn(a, begin, end, scratch.data() + size_t(tid) * per_thread);
-  });
+  parallel_pieces(s.numel, plan_threads(s.numel, threads), [&](int, int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
 }  // namespace fk

@@ -3,13 +3,19 @@
 For model ``i`` and flat element index ``j``:
 
     s1, s2 = stream_keys(seed, i)                  (per-model keys, computed once)
-    h      = mix32(lo32(j) ^ s1 ^ mix32(hi32(j) ^ s2))
-    keep   = (h >> 8) < p24,   p24 = floor(p · 2^24)
+    hash(c) = mix32(lo32(c) ^ s1 ^ mix32(hi32(c) ^ s2))
 
-``mix32`` is the "lowbias32" integer finaliser (Wellons); 24 bits give keep probabilities in steps
-of 2^-24. Below 2^32 elements the inner term is one constant per model, so an element costs one
-``mix32`` (two multiplies), which keeps the DARE kernels memory-bound. All arithmetic is on uint32
-values held in int64 tensors.
+DARE (``random_keep_mask``) draws 16 bits per element, two elements per hash:
+
+    c    = (j >> 4)·8 + (j & 7)                    (elements j and j + 8 of a 16-group share c)
+    u16  = hash(c) & 0xFFFF if bit 3 of j is 0, else hash(c) >> 16
+    keep = u16 < p16,   p16 = floor(p · 2^16)
+
+DELLA draws 24 bits per element (its keep probabilities differ per element): u24 = hash(j) >> 8.
+
+``mix32`` is the "lowbias32" integer finaliser (Wellons). Below 2^32 counters the inner term is
+one constant per model, so a DARE element costs half a ``mix32``, which keeps the DARE kernels
+close to memory speed. All arithmetic is on uint32 values held in int64 tensors.
 """
 
 from __future__ import annotations
@@ -42,21 +48,30 @@ def stream_keys(seed: int, model: int) -> tuple[int, int]:
 
 
 def keep_threshold(p: float) -> int:
-    """p24 for a keep probability p in [0, 1]."""
-    return min(1 << 24, max(0, int(p * (1 << 24))))
+    """p16 of DARE's keep test, for a keep probability p in [0, 1]."""
+    return min(1 << 16, max(0, int(p * (1 << 16))))
+
+
+def _hash(c, s1: int, s2: int):
+    return mix32((c & _MASK32) ^ s1 ^ mix32((c >> 32) ^ s2))
 
 
 def uniform24(numel: int, seed: int, model: int, device=None) -> torch.Tensor:
-    """The 24-bit draw (h >> 8) of every element, int64 [numel]."""
-    s1, s2 = stream_keys(seed, model)
+    """DELLA's 24-bit draw (hash(j) >> 8) of every element, int64 [numel]."""
     j = torch.arange(numel, dtype=torch.int64, device=device)
-    h = mix32((j & _MASK32) ^ s1 ^ mix32((j >> 32) ^ s2))
-    return h >> 8
+    return _hash(j, *stream_keys(seed, model)) >> 8
+
+
+def uniform16(numel: int, seed: int, model: int, device=None) -> torch.Tensor:
+    """DARE's 16-bit draw of every element, int64 [numel]: a half of hash((j >> 4)·8 + (j & 7))."""
+    j = torch.arange(numel, dtype=torch.int64, device=device)
+    h = _hash(((j >> 4) << 3) | (j & 7), *stream_keys(seed, model))
+    return torch.where((j & 8) != 0, h >> 16, h & 0xFFFF)
 
 
 def random_keep_mask(shape, p: float, seed: int, model: int, device=None) -> torch.Tensor:
-    """Bool mask: element kept with probability p (exactly reproducible from seed and model index)."""
+    """DARE's bool mask: element kept with probability p (exactly reproducible from seed and model index)."""
     numel = 1
     for s in shape:
         numel *= s
-    return (uniform24(numel, seed, model, device) < keep_threshold(p)).view(shape)
+    return (uniform16(numel, seed, model, device) < keep_threshold(p)).view(shape)

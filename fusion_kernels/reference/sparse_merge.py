@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from .magnitude_prune import top_k_mask
-from .random_mask import keep_threshold, uniform24
+from .random_mask import random_keep_mask, uniform24
 from .weighted_sum import accumulation_dtype
 
 L1_RESCALE_EPS = 1e-7
@@ -65,10 +65,10 @@ def keep_mask_and_probability(
         return top_k_mask(tau, int(density * n)), density
     if sparsify == "magnitude_outliers":
         return _outlier_mask(tau, int(density * n), int(gamma * n)), density
-    draws = uniform24(n, seed, model, tau.device).view(tau.shape)
     if sparsify == "random":
-        return draws < keep_threshold(density), density
+        return random_keep_mask(tau.shape, density, seed, model, tau.device), density
     if sparsify == "della":
+        draws = uniform24(n, seed, model, tau.device).view(tau.shape)
         probs = della_probabilities(tau, density, epsilon)
         return draws.to(torch.float32) < torch.floor(probs * float(1 << 24)), probs
     raise ValueError(f"unknown sparsify {sparsify!r}")

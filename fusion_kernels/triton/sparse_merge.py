@@ -107,17 +107,17 @@ def _mix32(h):
 
 @triton.jit
 def _keep(t, offs, mask, i, MODE: tl.constexpr, rules):
-    """Which elements model i keeps. rules: (hi_t, hi_cut, hi_prefix, lo_t, lo_cut, lo_prefix, s1, s2, p24, masks)."""
+    """Which elements model i keeps. rules: (hi_t, hi_cut, hi_prefix, lo_t, lo_cut, lo_prefix, s1, s2, p16, masks)."""
     if MODE == 1:  # top-k
         return _in_top(_key(t), rules[0][i], rules[1][i], rules[2][i], offs, mask)
     elif MODE == 4:  # band: in the top (drop + keep) but not in the top drop
         key = _key(t)
         top = _in_top(key, rules[0][i], rules[1][i], rules[2][i], offs, mask)
         return top & ~_in_top(key, rules[3][i], rules[4][i], rules[5][i], offs, mask)
-    elif MODE == 2:  # random: the counter-based hash of (seed, model, element)
-        inner = _mix32((offs >> 32) ^ rules[7][i])
-        h = _mix32((offs & 0xFFFFFFFF) ^ rules[6][i] ^ inner)
-        return (h >> 8) < rules[8][i]
+    elif MODE == 2:  # random: a 16-bit half of the counter-based hash of (seed, model, element group)
+        c = ((offs >> 4) << 3) | (offs & 7)
+        h = _mix32((c & 0xFFFFFFFF) ^ rules[6][i] ^ _mix32((c >> 32) ^ rules[7][i]))
+        return tl.where((offs & 8) != 0, h >> 16, h & 0xFFFF) < rules[8][i]
     elif MODE == 3:  # explicit masks
         return tl.load(rules[9][i] + offs, mask=mask, other=0) != 0
     else:
@@ -270,7 +270,7 @@ def _rules(base, xs, sparsify, densities, gammas, seed, masks, ks):
     """(mode, rules tuple) of the merge kernel for every model."""
     n, numel = len(xs), xs[0].numel()
     hi, lo = [(ALL_KEYS, 0)] * n, [(NO_KEY, 0)] * n
-    keys, p24 = [(0, 0)] * n, [0] * n
+    keys, p16 = [(0, 0)] * n, [0] * n
     if masks:
         mode = KEEP_MASK
     elif sparsify in ("magnitude", "magnitude_outliers"):
@@ -284,7 +284,7 @@ def _rules(base, xs, sparsify, densities, gammas, seed, masks, ks):
     elif sparsify == "random":
         mode = KEEP_RANDOM
         keys = [stream_keys(seed, i) for i in range(n)]
-        p24 = [keep_threshold(d) for d in densities]
+        p16 = [keep_threshold(d) for d in densities]
     else:
         mode = KEEP_ALL
     prefix = [_equal_prefix(base, x, t, cut) for x, (t, cut) in zip(xs, hi, strict=True)]
@@ -298,7 +298,7 @@ def _rules(base, xs, sparsify, densities, gammas, seed, masks, ks):
         tuple(lo_prefix),
         tuple(k[0] for k in keys),
         tuple(k[1] for k in keys),
-        tuple(p24),
+        tuple(p16),
         tuple(masks) if masks else tuple(xs),
     )
     return mode, rules
