@@ -137,7 +137,7 @@ FK_ALWAYS_INLINE typename L::M keep_mask(const KeepRule& r, int64_t j, typename 
 }
 
 // Calls step(L{}, j, keep_of) for the registers of elements [j0, j1) (vectors of V, then single
-// elements of S, j0 a multiple of 16), where keep_of(keys) gives model rule's keep mask of the
+// elements of S; j0 a multiple of 16 and the range inside one 2^33-element span, so one hash key), where keep_of(keys) gives model rule's keep mask of the
 // register. For kKeepRandom the two 8-wide registers of a 16-element group share one hash.
 template <int Mode, class V, class S, class Step>
 FK_ALWAYS_INLINE void for_each_keep(const KeepRule& rule, int64_t j0, int64_t j1, Step&& step) {
@@ -172,13 +172,7 @@ FK_ALWAYS_INLINE void with_keep_mode(int mode, F&& f) {
   }
 }
 
-// The fused merge (steps 1-5 of reference/sparse_merge.py), U registers of elements at a time
-// across all models, with every running sum in registers. Summing the agreeing votes needs the
-// elected sign, known only after the last model; so both candidates are summed as the votes
-// arrive: up = the sum of w·k over votes > 0, down = over votes < 0, each in model order (a
-// non-agreeing model adds +0, as the reference's masked sum does), and the election picks one.
-// Agree: each side's agreement weight (1 for mean_count, w for mean_weight) is summed the same way.
-// Mode: the keep mode of every model, or kMixedModes to dispatch per model.
+// Mode argument of merge_chunk: the models' keep modes differ, dispatch per model.
 constexpr int kMixedModes = -1;
 
 // Keep masks of model rule over the U registers from j; tau: their task vectors. For kKeepRandom
@@ -200,6 +194,13 @@ FK_ALWAYS_INLINE void chunk_keeps(const KeepRule& rule, const View& v, int i, in
   }
 }
 
+// The fused merge (steps 1-5 of reference/sparse_merge.py), U registers of elements at a time
+// across all models, with every running sum in registers. Summing the agreeing votes needs the
+// elected sign, known only after the last model; so both candidates are summed as the votes
+// arrive: up = the sum of w·k over votes > 0, down = over votes < 0, each in model order (a
+// non-agreeing model adds +0, as the reference's masked sum does), and the election picks one.
+// Agree: each side's agreement weight (1 for mean_count, w for mean_weight) is summed the same way.
+// Mode: the keep mode of every model, or kMixedModes.
 template <int Consensus, bool Agree, bool Divide, int Mode, int U, class L, class View, class T>
 FK_ALWAYS_INLINE void merge_chunk(const SparseMergeArgs& a, const View& v, T* out, int64_t j) {
   using R = typename L::R;
