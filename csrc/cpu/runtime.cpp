@@ -95,9 +95,7 @@ int plan_threads(int64_t n, int threads) {
 }
 
 void parallel_run(RangeFn fn, const MergeArgs& a, int threads) {
-  parallel_pieces(a.numel, plan_threads(a.numel, threads), [&](int, int64_t begin, int64_t end) {
-    if (begin < end) fn(a, begin, end);
-  });
+  parallel_chunks(a.numel, plan_threads(a.numel, threads), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
 }  // namespace fk

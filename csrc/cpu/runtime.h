@@ -49,7 +49,21 @@ void parallel_tasks(int64_t count, int t, F&& f) {
   for (int64_t i = 0; i < count; ++i) f(i);
 }
 
-// Splits [0, a.numel) into one contiguous piece per thread and runs fn on each.
+// Runs f(begin, end) over [0, n) in pieces (multiples of 64 elements, at least 4 per thread and
+// at most 2^18), handed out one at a time to `t` threads: a thread the OS preempts (say for a
+// pipeline's reader or writer) delays only its current piece, not the whole call. For elementwise
+// work, whose result does not depend on the split.
+template <class F>
+void parallel_chunks(int64_t n, int t, F&& f) {
+  if (t <= 1) {
+    if (n > 0) f(int64_t(0), n);
+    return;
+  }
+  const int64_t piece = std::min<int64_t>(int64_t(1) << 18, ((n + 4 * t - 1) / (4 * t) + 63) / 64 * 64);
+  parallel_tasks((n + piece - 1) / piece, t, [&](int64_t p) { f(p * piece, std::min(n, (p + 1) * piece)); });
+}
+
+// Splits [0, a.numel) into pieces handed out to the threads (parallel_chunks) and runs fn on each.
 void parallel_run(RangeFn fn, const MergeArgs& a, int threads);
 int max_threads();
 

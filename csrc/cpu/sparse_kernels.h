@@ -182,9 +182,13 @@ FK_ALWAYS_INLINE void chunk_keeps(const KeepRule& rule, const View& v, int i, in
                                   typename L::M* keep) {
   constexpr int W = L::width;
   const uint32_t k = Mode == kKeepRandom ? hash_key(rule, j) : 0;
-  if constexpr (Mode == kKeepRandom && W == 8 && U % 2 == 0) {
+  if constexpr (Mode == kKeepRandom && W == 8 && (U == 2 || U == 4)) {
+    // Chunks step by U·8 from a multiple of 64, so c = j / 2 is a multiple of 8·U/2 and the counters
+    // c + lane and c + 8 + lane of the chunk's hashes are c ^ lane and c ^ 8 ^ lane: one broadcast.
+    const uint32_t c = uint32_t(uint64_t(j) >> 1);
+    const auto x = L::ixor(L::iset1(static_cast<int32_t>(c ^ k)), L::iota());
     for (int u = 0; u < U; u += 2) {
-      const auto h = draw_hash<L>(j + u * W, k);
+      const auto h = mix32<L>(u == 0 ? x : L::ixor(x, L::iset1(8 * (u / 2))));
       keep[u] = draw_keeps<L>(rule, h, false);
       keep[u + 1] = draw_keeps<L>(rule, h, true);
     }

@@ -23,9 +23,8 @@ std::vector<double> kept_l1_norms(const TaskSource& s, const std::vector<KeepRul
   a.rules = rules.data();
   const L1Fn fn = active_kernels().kept_l1[s.dtype];
   const int t = plan_threads(s.numel, threads);
-  parallel_pieces(blocks, static_cast<int>(std::min<int64_t>(t, blocks)), [&](int, int64_t b0, int64_t b1) {
-    for (int64_t nb = b0; nb < b1; ++nb)
-      fn(a, nb * kNormBlock, std::min(s.numel, (nb + 1) * kNormBlock), partial.data() + size_t(nb) * n_models * 2);
+  parallel_tasks(blocks, t, [&](int64_t nb) {
+    fn(a, nb * kNormBlock, std::min(s.numel, (nb + 1) * kNormBlock), partial.data() + size_t(nb) * n_models * 2);
   });
   std::vector<double> norms(size_t(n_models) * 2, 0.0);
   for (int64_t nb = 0; nb < blocks; ++nb)  // block order: the same sums for any thread count
@@ -48,7 +47,7 @@ void sparse_merge(void* out, const TaskSource& s, const std::vector<KeepRule>& r
   a.weight_total = o.weight_total;
   a.lam = o.lam;
   const SparseMergeFn fn = active_kernels().sparse_merge[s.dtype];
-  parallel_pieces(s.numel, plan_threads(s.numel, threads), [&](int, int64_t begin, int64_t end) { fn(a, begin, end); });
+  parallel_chunks(s.numel, plan_threads(s.numel, threads), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }
 
 }  // namespace fk
