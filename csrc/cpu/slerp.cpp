@@ -64,7 +64,7 @@ void slerp_typed(void* out_ptr, const void* a_ptr, const void* b_ptr, int64_t ro
       coef_b[row] = float(std::sin(tr * theta) / s);
     }
   }
-  parallel_pieces(rows * cols, plan_threads(rows * cols, threads), [&](int, int64_t begin, int64_t end) {
+  parallel_chunks(rows * cols, plan_threads(rows * cols, threads), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       const int64_t row = cols ? j / cols : 0;
       ScalarLane::store(out + j, coef_a[row] * ScalarLane::load(a + j) + coef_b[row] * ScalarLane::load(b + j));

@@ -105,11 +105,17 @@ FK_ALWAYS_INLINE uint32_t hash_key(const KeepRule& r, int64_t j) {
   return high == 0 ? r.key0 : r.s1 ^ uint32_t(mix32<ScalarLane>(static_cast<int32_t>(high ^ r.s2)));
 }
 
-// The hash of the counters of elements j .. j+width-1 (width <= 8, j a multiple of it), under key k.
+// The hash inputs (c + lane) ^ k of elements j .. j+width-1 (width <= 8, j a multiple of it): c's
+// low bits below the width are 0, so c + lane = c ^ lane and one broadcast of c ^ k serves.
+template <class L>
+FK_ALWAYS_INLINE typename L::I draw_input(int64_t j, uint32_t k) {
+  const uint32_t c = uint32_t((uint64_t(j) >> 4 << 3) | uint64_t(j & 7));
+  return L::ixor(L::iset1(static_cast<int32_t>(c ^ k)), L::iota());
+}
+
 template <class L>
 FK_ALWAYS_INLINE typename L::I draw_hash(int64_t j, uint32_t k) {
-  const uint32_t c = uint32_t((uint64_t(j) >> 4 << 3) | uint64_t(j & 7));
-  return mix32<L>(L::ixor(L::iadd(L::iset1(static_cast<int32_t>(c)), L::iota()), L::iset1(static_cast<int32_t>(k))));
+  return mix32<L>(draw_input<L>(j, k));
 }
 
 // Keep where the 16-bit draw (the high or the low half of h) is below p16.
@@ -183,10 +189,9 @@ FK_ALWAYS_INLINE void chunk_keeps(const KeepRule& rule, const View& v, int i, in
   constexpr int W = L::width;
   const uint32_t k = Mode == kKeepRandom ? hash_key(rule, j) : 0;
   if constexpr (Mode == kKeepRandom && W == 8 && (U == 2 || U == 4)) {
-    // Chunks step by U·8 from a multiple of 64, so c = j / 2 is a multiple of 8·U/2 and the counters
-    // c + lane and c + 8 + lane of the chunk's hashes are c ^ lane and c ^ 8 ^ lane: one broadcast.
-    const uint32_t c = uint32_t(uint64_t(j) >> 1);
-    const auto x = L::ixor(L::iset1(static_cast<int32_t>(c ^ k)), L::iota());
+    // Chunks step by U·8 from a multiple of 64, so bit 3 of j's counter c is 0 and the second
+    // hash's inputs (c + 8 + lane) ^ k are the first's ^ 8: one broadcast serves both.
+    const auto x = draw_input<L>(j, k);
     for (int u = 0; u < U; u += 2) {
       const auto h = mix32<L>(u == 0 ? x : L::ixor(x, L::iset1(8 * (u / 2))));
       keep[u] = draw_keeps<L>(rule, h, false);
