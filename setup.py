@@ -15,8 +15,8 @@ import shutil
 import subprocess
 import sys
 
-from pybind11.setup_helpers import Pybind11Extension
-from setuptools import setup
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
@@ -66,8 +66,13 @@ def _cuda_lib(nvcc: str) -> str:
     raise RuntimeError(f"no libcudart.so found under {roots}; set CUDA_HOME")
 
 
+# the sources of one extension compile in parallel (setuptools' own --parallel only spreads extensions);
+# FUSION_KERNELS_BUILD_JOBS caps the jobs (default: one per CPU)
+ParallelCompile("FUSION_KERNELS_BUILD_JOBS", default=0).install()
+
+
 class BuildExt(build_ext):
-    """Adds per-file ISA flags, compiles .cu sources with nvcc, and compiles sources in parallel."""
+    """Adds per-file ISA flags and compiles .cu sources with nvcc."""
 
     def build_extension(self, ext):
         if ext.name.endswith("_C_cuda"):
@@ -149,19 +154,11 @@ def _cpu_extensions():
 
 
 setup(
-    packages=[
-        "fusion_kernels",
-        "fusion_kernels.ops",
-        "fusion_kernels.reference",
-        "fusion_kernels.compat",
-        "fusion_kernels.triton",
-        "modelfusion",
-        "modelfusion.io",
-        "modelfusion.pipeline",
-    ],
+    # discovered, never listed by hand: a package missing from a list is missing from the wheel
+    packages=find_packages(include=["fusion_kernels", "fusion_kernels.*"])
+    + ["modelfusion", *(f"modelfusion.{p}" for p in find_packages("python/modelfusion"))],
     package_dir={"modelfusion": "python/modelfusion"},
-    package_data={"fusion_kernels": ["py.typed"]},
+    package_data={"fusion_kernels": ["py.typed"], "modelfusion": ["py.typed"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt},
-    options={"build_ext": {"parallel": os.cpu_count() or 1}},
 )

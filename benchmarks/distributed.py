@@ -34,10 +34,11 @@ import time
 from pathlib import Path
 
 import torch
-from modelfusion.demo import make_llama_family, recipe_text
+from modelfusion.demos.streaming import make_llama_family, recipe_text
 from modelfusion.io import Checkpoint
 from modelfusion.pipeline import plan_merge
-from modelfusion.pipeline.distributed import assign_shards, shard_costs
+from modelfusion.pipeline.distributed import shard_costs
+from modelfusion.ranks import deal_by_cost
 from pipeline import write_bound
 
 
@@ -129,7 +130,7 @@ def main() -> None:
             merge_cpu = median(times[one], 1) - median(startup[one], 1)
             busy = merge_cpu / max(median(times[one], 0) - s1, 1e-9)
             for n in counts:
-                owners = assign_shards(costs, n)
+                owners = deal_by_cost(costs, n)
                 loads = [sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(n)]
                 wall = median(times[n], 0)
                 model = predict(n, cores, s1, s1_cpu, merge_cpu, busy, write_s)

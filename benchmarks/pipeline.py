@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from modelfusion.demo import make_llama_family, recipe_text
+from modelfusion.demos.streaming import make_llama_family, recipe_text
 from modelfusion.io import Checkpoint, OutputTensor, ShardWriter
 
 METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"]
@@ -37,7 +37,7 @@ print(json.dumps({"seconds": stats.seconds, "peak_rss": stats.peak_rss}))
 """
 MERGEKIT = """
 import json, sys, time, yaml
-from modelfusion.pipeline.executor import _peak_rss
+from modelfusion.pipeline.executor import peak_rss
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
@@ -45,7 +45,7 @@ config = MergeConfiguration.model_validate(yaml.safe_load(open(sys.argv[1])))
 start = time.perf_counter()
 run_merge(config, sys.argv[2], MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
 seconds = time.perf_counter() - start
-print(json.dumps({"seconds": seconds, "peak_rss": _peak_rss()}))
+print(json.dumps({"seconds": seconds, "peak_rss": peak_rss()}))
 """
 
 

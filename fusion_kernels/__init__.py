@@ -6,6 +6,7 @@ tensors' device (``cpu``: C++ kernels; ``torch``: the pure-PyTorch reference), s
 """
 
 from ._dispatch import available_backends, use_backend
+from ._version import __version__
 from .errors import (
     AliasError,
     ArgumentTypeError,
@@ -13,13 +14,12 @@ from .errors import (
     DeviceError,
     DTypeError,
     FusionError,
+    ParameterError,
     ShapeError,
     WeightError,
 )
 from .ops import *  # noqa: F403  (the public ops; their list is ops.__all__)
 from .ops import __all__ as _ops_all
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AliasError",
@@ -28,6 +28,7 @@ __all__ = [
     "DTypeError",
     "DeviceError",
     "FusionError",
+    "ParameterError",
     "ShapeError",
     "WeightError",
     "__version__",

@@ -34,5 +34,20 @@ class AliasError(FusionError):
     """``out`` overlaps an input other than exactly, or has elements that share memory."""
 
 
+class ParameterError(FusionError):
+    """A merge parameter is missing, unknown, of the wrong kind, or out of its range."""
+
+
 class BackendError(FusionError):
     """An unknown backend was named, or no backend can run the op (the message lists each reason)."""
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """A bounded form of ``value`` for an error message: a container is named by its type and length,
+    anything else is its repr cut to ``limit`` characters, so a huge (or self-referencing) value
+    never expands into a message."""
+    if isinstance(value, (dict, list, tuple, set)):
+        text = f"a {type(value).__name__} of {len(value)} items"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -172,8 +172,8 @@ def test_paths_and_barriers():
 
 @pytest.mark.parametrize("seeds", [(1, 2), (3, 4), (5, 6)])
 def test_weight_matching_cuts_the_digits_barrier_tenfold(seeds):
-    from modelfusion.demo_align import trained_pair
-    from modelfusion.demo_average import batches, digits_splits
+    from modelfusion.demos.alignment import trained_pair
+    from modelfusion.demos.weight_average import batches, digits_splits
 
     splits = digits_splits(0)
     a, b = trained_pair(*seeds, splits)
@@ -239,7 +239,7 @@ def test_rotary_forbids_within_head_query_key_permutations():
 
 
 def test_bert_spec_is_function_preserving_on_the_real_minilm_checkpoint():
-    from modelfusion.demo import minilm_path
+    from modelfusion.demos.streaming import minilm_path
     from transformers import BertModel
 
     path = minilm_path()
@@ -304,8 +304,8 @@ def test_ot_fusion_of_a_permuted_copy_is_the_model_itself():
 
 
 def test_soft_alignments_lower_the_digits_midpoint_loss():
-    from modelfusion.demo_align import trained_pair
-    from modelfusion.demo_average import batches, digits_splits
+    from modelfusion.demos.alignment import trained_pair
+    from modelfusion.demos.weight_average import batches, digits_splits
 
     splits = digits_splits(0)
     a, b = trained_pair(1, 2, splits, epochs=15)

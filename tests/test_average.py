@@ -6,9 +6,9 @@ from modelfusion import average
 from modelfusion.average.fisher import estimate_fisher
 from modelfusion.ensemble import Ensemble
 from modelfusion.errors import ParameterError, StateDictError
-from modelfusion.pipeline.methods import merge_tensor
-from modelfusion.pipeline.plan import tensor_seed
 from torch import nn
+
+from fusion_kernels.methods import merge_tensor, tensor_seed
 
 
 def mlp(seed: int, hidden: int = 16, classes: int = 5) -> nn.Module:
@@ -359,7 +359,7 @@ def test_ensembles_equal_a_hand_computation():
 
 
 def test_average_demo_merges_beat_the_base():
-    from modelfusion.demo_average import run_average_demo
+    from modelfusion.demos.weight_average import run_average_demo
 
     result = run_average_demo()
     rows = {r["method"]: r for r in result["rows"]}

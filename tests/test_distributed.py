@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import kill_when_journaled
-from modelfusion.demo import make_llama_family, recipe_text
+from modelfusion.demos.streaming import make_llama_family, recipe_text
 from modelfusion.errors import DistributedError
 from modelfusion.pipeline import merge
-from modelfusion.pipeline.distributed import World, assign_shards
+from modelfusion.pipeline.distributed import World
+from modelfusion.ranks import deal_by_cost
 
 INDEX = "model.safetensors.index.json"
 
@@ -66,12 +67,12 @@ def assert_same_files(actual: Path, expected: Path) -> None:
 
 def test_shards_are_balanced_by_bytes():
     costs = [5, 1, 1, 1, 1, 1, 4, 3, 3]
-    owners = assign_shards(costs, 3)
+    owners = deal_by_cost(costs, 3)
     loads = [sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(3)]
-    assert loads == [7, 7, 6] and owners == assign_shards(costs, 3)
+    assert loads == [7, 7, 6] and owners == deal_by_cost(costs, 3)
     assert max(loads) <= sum(costs) / 3 + max(costs)
-    assert assign_shards([10, 10], 4) == [0, 1]  # more ranks than shards: the others idle
-    assert assign_shards([], 2) == []
+    assert deal_by_cost([10, 10], 4) == [0, 1]  # more ranks than shards: the others idle
+    assert deal_by_cost([], 2) == []
 
 
 @pytest.mark.parametrize(("method", "ranks"), [("linear", 2), ("ties", 3), ("dare_ties", 4), ("dare_linear", 2)])

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from helpers import kill_when_journaled
-from modelfusion.demo import RECIPE_PARAMETERS, make_llama_family, make_minilm_family, recipe_text, verify
+from modelfusion.demos.streaming import RECIPE_PARAMETERS, make_llama_family, make_minilm_family, recipe_text, verify
 from modelfusion.errors import CheckpointError, OutputError, RecipeError
 from modelfusion.io import Checkpoint
 from modelfusion.pipeline import load_recipe, merge, plan_merge
@@ -203,7 +203,7 @@ def expected_merge(method, base, others, *, weight=1.0, density=1.0, t=0.5, seed
         if method == "slerp":
             return fk.slerp(base, others[0], t)
         if method == "model_stock":
-            from modelfusion.pipeline.methods import model_stock
+            from fusion_kernels.methods import model_stock
 
             return model_stock(base, others)
         opts = {"gamma": 0.02} if "breadcrumbs" in method else {"epsilon": 0.1} if "della" in method else {}

@@ -1,13 +1,9 @@
 """mergekit 0.1.5's merge methods on fusion_kernels: one tensor at a time, and inside ``run_merge``.
 
 The generalized task arithmetic family (``task_arithmetic``, ``ties``, ``dare_ties``,
-``dare_linear``, ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``) follows
-mergekit's ``GeneralizedTaskArithmeticMerge.merge_group``:
-
-    τᵢ = sparsify(xᵢ − base)             (exactly k = ⌊density·n⌋ for magnitude; rescale=True:
-                                          match ‖τᵢ‖₁, mergekit's RescaleNorm.l1)
-    vᵢ = wᵢ·τᵢ;  with consensus: keep vᵢ where sign(vᵢ) = sign⁺(Σ vᵢ)
-    out = base + λ · Σ vᵢ / (normalize ? Σ agreeing wᵢ : 1)
+``dare_linear``, ``breadcrumbs``, ``breadcrumbs_ties``, ``della``, ``della_linear``) is read from
+the one method table, :mod:`fusion_kernels.methods`, which follows mergekit's
+``GeneralizedTaskArithmeticMerge.merge_group``.
 
 Known differences, all documented: we accumulate in float32 where mergekit computes in the base
 dtype (bf16 models: our result is the more accurate one), and the random methods (DARE, DELLA)
@@ -24,65 +20,26 @@ from typing import Any
 
 import torch
 
+from ..methods import GTA_METHODS, METHODS, generalized_task_arithmetic
 from ..ops.slerp import slerp as _slerp
-from ..ops.sparse_merge import sparse_merge as _sparse_merge
 from ..ops.weighted_sum import weighted_sum as _weighted_sum
 
-# mergekit method name -> (consensus, sparsification, default normalize, default rescale),
-# as mergekit's registry builds them
-GTA_METHODS: dict[str, tuple[str | None, str | None, bool, bool]] = {
-    "task_arithmetic": (None, None, False, False),
-    "ties": ("sum", "magnitude", True, False),
-    "dare_ties": ("sum", "random", False, True),
-    "dare_linear": (None, "random", False, True),
-    "breadcrumbs": (None, "magnitude_outliers", False, False),
-    "breadcrumbs_ties": ("sum", "magnitude_outliers", False, False),
-    "della": ("sum", "della", True, True),
-    "della_linear": (None, "della", False, True),
-}
-
-
-def generalized_task_arithmetic(
-    method: str,
-    base: torch.Tensor,
-    tensors: Sequence[torch.Tensor],
-    weights: Sequence[float],
-    *,
-    density: float | Sequence[float] = 1.0,
-    normalize: bool | None = None,
-    rescale: bool | None = None,
-    lam: float = 1.0,
-    gamma: float | Sequence[float] = 0.01,
-    epsilon: float | Sequence[float] = 0.15,
-    seed: int = 0,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One tensor of mergekit's ``method`` (a key of ``GTA_METHODS``); ``normalize`` and ``rescale``
-    default to the method's own defaults, ``lam`` is mergekit's ``lambda``; ``out`` as in
-    :func:`fusion_kernels.sparse_merge`."""
-    if method not in GTA_METHODS:
-        raise ValueError(f"method must be one of {sorted(GTA_METHODS)}, got {method!r}")
-    consensus, sparsify, default_normalize, default_rescale = GTA_METHODS[method]
-    if not tensors:
-        return base
-    normalize = default_normalize if normalize is None else normalize
-    rescale = default_rescale if rescale is None else rescale
-    return _sparse_merge(
-        base,
-        list(tensors),
-        list(weights),
-        sparsify=sparsify,
-        density=density,
-        gamma=gamma,
-        epsilon=epsilon,
-        rescale="l1" if rescale and sparsify is not None else None,
-        consensus=consensus,
-        elect_on="weighted",
-        combine="mean_weight" if normalize else "sum",
-        lam=lam,
-        seed=seed,
-        out=out,
-    )
+__all__ = [
+    "GTA_METHODS",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "dare_linear",
+    "dare_ties",
+    "della",
+    "della_linear",
+    "generalized_task_arithmetic",
+    "install",
+    "linear",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "uninstall",
+]
 
 
 def _preset(method: str):
@@ -90,10 +47,11 @@ def _preset(method: str):
         return generalized_task_arithmetic(method, base, tensors, weights, **options)
 
     merge.__name__ = merge.__qualname__ = method
-    consensus, sparsify, normalize, rescale = GTA_METHODS[method]
+    m = METHODS[method]
     merge.__doc__ = (
-        f"mergekit's ``{method}`` for one tensor: sparsify={sparsify!r}, consensus={consensus!r}, "
-        f"normalize={normalize}, rescale={rescale} by default. See ``generalized_task_arithmetic``."
+        f"mergekit's ``{method}`` for one tensor: sparsify={m.sparsify!r}, consensus={m.consensus!r}, "
+        f"normalize={m.shared_params['normalize'].default}, rescale={m.shared_params['rescale'].default} "
+        "by default. See ``fusion_kernels.methods.generalized_task_arithmetic``."
     )
     return merge
 
@@ -145,7 +103,7 @@ def _fused_method_class():
             def per_entry(key, default=None):
                 return [float(parameters[key][e.id]) for e in entries] if key in parameters else default
 
-            random = GTA_METHODS[self.builtin_name][1] in ("random", "della")
+            random = METHODS[self.builtin_name].sparsify in ("random", "della")
             seed = int(torch.randint(0, 2**62, (1,)).item()) if random else 0
             return generalized_task_arithmetic(
                 self.builtin_name,

@@ -184,7 +184,7 @@ def sparse_merge(
     epsilons = _validate.per_model(op, "epsilon", epsilon, n, 0.0, 1.0)
     if sparsify == "della":
         for i, (d, e) in enumerate(zip(densities, epsilons, strict=True)):
-            if not d - e >= 0.0 and d + e <= 1.0:
+            if not (d - e >= 0.0 and d + e <= 1.0):
                 raise WeightError(
                     f"{op}: argument 'epsilon[{i}]' expected density ± epsilon within [0, 1], "
                     f"got density {d}, epsilon {e}"

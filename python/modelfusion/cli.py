@@ -1,4 +1,4 @@
-"""The ``modelfusion`` command: ``merge`` (in one process, or one rank of many), ``inspect`` and ``demo``."""
+"""The modelfusion command: merge (in one process, or one rank of many), inspect and demo."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from fusion_kernels import FusionError
+from fusion_kernels import FusionError, __version__
 
 from .pipeline import load_recipe, plan_merge, run_plan
 from .pipeline.recipe import parse_size
@@ -32,13 +32,14 @@ def _merge(args) -> int:
 
 def _merge_distributed(args, budget) -> int:
     from .pipeline import merge
-    from .pipeline.distributed import World, assign_shards, shard_costs
+    from .pipeline.distributed import World, shard_costs
+    from .ranks import deal_by_cost
 
     world = World.from_env()
     if args.dry_run:
         if world.rank == 0:
             plan = plan_merge(Path(args.recipe), memory_budget=budget, allow_pickle=args.allow_pickle)
-            print(plan.describe(assign_shards(shard_costs(plan), world.size)))
+            print(plan.describe(deal_by_cost(shard_costs(plan), world.size)))
         return 0
     try:
         stats = merge(
@@ -103,7 +104,7 @@ def _demo(args) -> int:
 
 
 def _demo_average() -> bool:
-    from .demo_average import format_table, run_average_demo
+    from .demos.weight_average import format_table, run_average_demo
 
     print("== weight averaging and ensembles: four digit-classification experts merged into one model")
     result = run_average_demo()
@@ -117,7 +118,7 @@ def _demo_average() -> bool:
 
 
 def _demo_align(args) -> bool:
-    from .demo_align import format_table, run_align_demo
+    from .demos.alignment import format_table, run_align_demo
 
     print("== alignment and mode connectivity: two digit MLPs trained from different initialisations")
     plot = Path(args.workdir) / "align-paths.png" if args.workdir else None
@@ -135,7 +136,7 @@ def _demo_align(args) -> bool:
 
 
 def _demo_pipeline(args) -> bool:
-    from .demo import run_demo
+    from .demos.streaming import run_demo
 
     print("== streaming pipeline: checkpoint families merged from disk with every recipe method")
     budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget else None
@@ -154,10 +155,11 @@ def _demo_pipeline(args) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="modelfusion", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"modelfusion {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     m = sub.add_parser("merge", help="merge the models of a YAML recipe into directory OUT")
-    m.add_argument("recipe")
-    m.add_argument("out")
+    m.add_argument("recipe", help="the YAML recipe (mergekit's format; see docs/recipes.md)")
+    m.add_argument("out", help="the output directory (created; must be empty unless --resume)")
     m.add_argument("--device", help="cpu or cuda[:N] (overrides the recipe)")
     m.add_argument("--memory-budget", help="bytes of tensors in memory at once, e.g. 4GiB (default: half the free RAM)")
     m.add_argument("--resume", action="store_true", help="continue an interrupted merge into OUT")
@@ -185,14 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     m.set_defaults(run=_merge)
     i = sub.add_parser("inspect", help="tensors, dtypes, bytes and architecture of a model")
-    i.add_argument("model")
+    i.add_argument("model", help="a model directory, .safetensors file or index json")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
-    i.add_argument("--allow-pickle", action="store_true")
+    i.add_argument("--allow-pickle", action="store_true", help="read PyTorch .bin checkpoints (weights_only)")
     i.set_defaults(run=_inspect)
     d = sub.add_parser("demo", help="merge built-in examples with every method: accuracy table, pipeline runs, checks")
-    d.add_argument("--suite", choices=("all", "average", "align", "pipeline"), default="all")
+    d.add_argument(
+        "--suite", choices=("all", "average", "align", "pipeline"), default="all", help="which demo (default: all)"
+    )
     d.add_argument("--workdir", help="where to build (default: a temporary directory, removed after)")
-    d.add_argument("--memory-budget")
+    d.add_argument("--memory-budget", help="the pipeline demo's budget, e.g. 2GiB (default: half the free RAM)")
     d.add_argument("--keep", action="store_true", help="keep the generated models")
     d.set_defaults(run=_demo)
     args = parser.parse_args(argv)

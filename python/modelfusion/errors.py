@@ -3,7 +3,18 @@
 Messages name the file, tensor or recipe key, what was expected and what was found.
 """
 
-from fusion_kernels import FusionError
+from fusion_kernels.errors import FusionError, ParameterError, short_repr
+
+__all__ = [
+    "CheckpointError",
+    "DistributedError",
+    "FusionError",
+    "OutputError",
+    "ParameterError",
+    "RecipeError",
+    "StateDictError",
+    "short_repr",
+]
 
 
 class CheckpointError(FusionError):
@@ -20,10 +31,6 @@ class OutputError(FusionError):
 
 class StateDictError(FusionError):
     """Models to merge do not line up: missing or extra keys, other shapes, or unusable statistics."""
-
-
-class ParameterError(FusionError):
-    """A merge parameter is missing, of the wrong kind, or out of its range."""
 
 
 class DistributedError(FusionError):

@@ -19,6 +19,8 @@ from torch import nn
 import fusion_kernels as fk
 
 from ..errors import ParameterError, StateDictError
+from ..ranks import deal_by_cost
+from .heads import HeadChoice, expand
 from .spec import Perms, PermutationSpec, apply_perms
 
 
@@ -29,7 +31,7 @@ class MatchResult:
     objective: float  # Σ ⟨W_A, aligned W_B⟩ over the spec's tensors
 
 
-def _unit_matrix(w: torch.Tensor, axis: int) -> torch.Tensor:
+def unit_matrix(w: torch.Tensor, axis: int) -> torch.Tensor:
     return w.movedim(axis, 0).reshape(w.shape[axis], -1)
 
 
@@ -40,7 +42,7 @@ def _unit_pairs(spec, name, a, b, perms, table, clock=None):
             continue
         others = {ax: perms[q] for ax, q in table[key].items() if ax != axis}
         wb = (clock or _Clock(None))("gather", fk.permute, b[key], others) if others else b[key]
-        yield _unit_matrix(a[key].float(), axis), _unit_matrix(wb.float(), axis)
+        yield unit_matrix(a[key].float(), axis), unit_matrix(wb.float(), axis)
 
 
 def _rows(spec, name, a, b, perms, table) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,8 +111,6 @@ def _assign(sim: torch.Tensor) -> torch.Tensor:
 def _match_heads(spec, group, a, b, perms, table, ranks: _Ranks) -> Perms:
     """One coordinate step of an attention layer: KV heads, then query heads within each group,
     then dimensions within heads (Q/K ones fixed under rotary embeddings)."""
-    from .transformers import HeadChoice, expand
-
     kv, d = group.kv_heads, group.head_dim
     g = group.heads // kv
     (qa, qb), (ka, kb), (va, vb), (oa, ob) = (_rows(spec, getattr(group, t), a, b, perms, table) for t in "qkvo")
@@ -220,9 +220,7 @@ def weight_matching(
 def local_keys(nbytes: Mapping[str, int], rank: int, world_size: int) -> list[str]:
     """The tensors (of ``{name: bytes}``, the same on every rank) that ``rank`` holds for a
     distributed :func:`weight_matching`: dealt largest first to the least-loaded rank."""
-    from ..pipeline.distributed import assign_shards
-
-    owners = assign_shards(list(nbytes.values()), world_size)
+    owners = deal_by_cost(list(nbytes.values()), world_size)
     return [k for k, r in zip(nbytes, owners, strict=True) if r == rank]
 
 
@@ -260,7 +258,7 @@ def _shared_sizes(spec: PermutationSpec, a, b, group) -> dict[str, int]:
     return sizes
 
 
-def _activations(model: nn.Module, sites: dict[str, str], data: Iterable) -> dict[str, torch.Tensor]:
+def site_activations(model: nn.Module, sites: dict[str, str], data: Iterable) -> dict[str, torch.Tensor]:
     """Per site: its output's units as rows, examples (and spatial positions) as columns."""
     modules = dict(model.named_modules())
     chunks: dict[str, list[torch.Tensor]] = {p: [] for p in sites}
@@ -301,7 +299,7 @@ def activation_matching(
     if missing:
         raise ParameterError(f"spec: permutations {sorted(missing)} have no activation site")
     data = list(data)
-    acts_a, acts_b = _activations(model_a, spec.sites, data), _activations(model_b, spec.sites, data)
+    acts_a, acts_b = site_activations(model_a, spec.sites, data), site_activations(model_b, spec.sites, data)
     perms = {}
     for p in spec.axes:
         a, b = acts_a[p], acts_b[p]

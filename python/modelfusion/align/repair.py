@@ -20,12 +20,12 @@ from torch import nn
 from torch.optim import swa_utils
 
 from ..errors import ParameterError
-from .matching import _activations
+from .matching import site_activations
 from .spec import PermutationSpec
 
 
 def _moments(model: nn.Module, sites: dict[str, str], data) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    acts = _activations(model, sites, data)
+    acts = site_activations(model, sites, data)
     return {p: (a.mean(1), a.std(1)) for p, a in acts.items()}
 
 

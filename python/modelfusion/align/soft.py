@@ -24,7 +24,7 @@ from torch.func import functional_call
 import fusion_kernels as fk
 
 from ..errors import ParameterError
-from .matching import _unit_matrix, weight_matching
+from .matching import unit_matrix, weight_matching
 from .spec import Perms, PermutationSpec, apply_perms
 
 OBJECTIVES = ("l2", "midpoint", "random")
@@ -176,8 +176,8 @@ def ot_transport(
     for p in order:
         current = {**identity, **transport}
         moved = soft_apply(spec, {q: current[q] for q in spec.axes if q != p} | {p: identity[p]}, state_b)
-        rows_a = torch.cat([_unit_matrix(state_a[k].float(), ax) for k, ax in spec.axes[p]], 1)
-        rows_b = torch.cat([_unit_matrix(moved[k].float(), ax) for k, ax in spec.axes[p]], 1)
+        rows_a = torch.cat([unit_matrix(state_a[k].float(), ax) for k, ax in spec.axes[p]], 1)
+        rows_b = torch.cat([unit_matrix(moved[k].float(), ax) for k, ax in spec.axes[p]], 1)
         cost = torch.cdist(rows_a.double(), rows_b.double()).pow(2)
         n = sizes[p]
         if reg is None:

@@ -20,6 +20,7 @@ from torch import fx, nn
 import fusion_kernels as fk
 
 from ..errors import StateDictError
+from .heads import expand, random_choice
 
 Perms = dict[str, torch.Tensor]
 
@@ -33,7 +34,7 @@ class PermutationSpec:
     axes: dict[str, list[tuple[str, int]]]
     sites: dict[str, str] = field(default_factory=dict)
     pre_sites: dict[str, str] = field(default_factory=dict)
-    heads: dict = field(default_factory=dict)  # name -> transformers.HeadGroup: q/k/v/o perms chosen together
+    heads: dict = field(default_factory=dict)  # name -> heads.HeadGroup: q/k/v/o perms chosen together
 
     def head_members(self) -> set[str]:
         return {getattr(g, t) for g in self.heads.values() for t in "qkvo"}
@@ -70,8 +71,6 @@ def identity_perms(spec: PermutationSpec, state: Mapping[str, torch.Tensor]) -> 
 
 def random_perms(spec: PermutationSpec, state: Mapping[str, torch.Tensor], seed: int = 0) -> Perms:
     """Uniform permutations; attention layers get random structured choices (legal ones only)."""
-    from .transformers import expand, random_choice
-
     g = torch.Generator().manual_seed(seed)
     members = spec.head_members()
     perms = {p: torch.randperm(n, generator=g) for p, n in spec.sizes(state).items() if p not in members}

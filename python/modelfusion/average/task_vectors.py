@@ -1,4 +1,4 @@
-"""Task-vector merges of whole models: the recipe methods of :mod:`modelfusion.pipeline`, in memory.
+"""Task-vector merges of whole models: the recipe methods of :mod:`fusion_kernels.methods`, in memory.
 
 ``merge(method, models, base, **parameters)`` takes the recipe's parameter names and defaults
 (mergekit's), so a merge tried here gives the same tensors as the same recipe on checkpoints:
@@ -16,50 +16,39 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fusion_kernels.methods import METHODS as TABLE
+from fusion_kernels.methods import REQUIRED, merge_tensor, tensor_seed
+
 from ..errors import ParameterError
-from ..pipeline.methods import merge_tensor
-from ..pipeline.plan import tensor_seed
-from ..pipeline.recipe import GTA_METHODS, REQUIRED, model_params, shared_params
 from .state import State, StateLike, aligned, merge_states
 
-METHODS = (*GTA_METHODS, "slerp", "model_stock")
-
-
-def _check(key: str, value, spec):
-    if spec.kind is bool:
-        if not isinstance(value, bool):
-            raise ParameterError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not spec.lo <= value <= spec.hi:
-        raise ParameterError(f"{key}: expected a number in [{spec.lo}, {spec.hi}], got {value!r}")
-    return float(value)
+METHODS = tuple(name for name, m in TABLE.items() if m.needs_base)
 
 
 def resolve_parameters(method: str, n: int, parameters: dict) -> dict:
-    """The recipe parameters of ``method`` for ``n`` merged models: defaults filled in, ranges checked."""
+    """The parameters of ``method`` for ``n`` merged models: defaults filled in, ranges checked."""
     if method not in METHODS:
         raise ParameterError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    spec = TABLE[method]
     parameters = dict(parameters)
     if "lam" in parameters:
         parameters["lambda"] = parameters.pop("lam")
-    per_model, shared = model_params(method), shared_params(method)
-    unknown = set(parameters) - set(per_model) - set(shared)
+    unknown = set(parameters) - set(spec.params)
     if unknown:
-        raise ParameterError(
-            f"{method}: unknown parameters {sorted(unknown)}; it takes {sorted({*per_model, *shared})}"
-        )
+        raise ParameterError(f"{method}: unknown parameters {sorted(unknown)}; it takes {sorted(spec.params)}")
     params = {}
-    for key, spec in {**per_model, **shared}.items():
-        value = parameters.get(key, spec.default)
+    for key, param in spec.params.items():
+        value = parameters.get(key, param.default)
         if value is REQUIRED:
             raise ParameterError(f"{method}: parameter {key!r} is required")
-        if key in per_model:
+        if key in spec.model_params:
             values = list(value) if isinstance(value, (list, tuple)) else [value] * n
             if len(values) != n:
                 raise ParameterError(f"{key}: expected one number or {n} (one per model), got {len(values)}")
-            params[key] = [_check(f"{key}[{i}]", v, spec) for i, v in enumerate(values)]
+            params[key] = [param.check(v, f"{key}[{i}]") for i, v in enumerate(values)]
         else:
-            params[key] = _check(key, value, spec)
+            params[key] = param.check(value, key)
+    spec.check_values(params, "")
     return params
 
 

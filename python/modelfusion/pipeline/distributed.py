@@ -29,22 +29,12 @@ import torch
 import torch.distributed as dist
 
 from ..errors import DistributedError, OutputError
-from .executor import RunStats, _peak_rss, execute, finalize, finished_shards, journal_name, start_journal
+from ..ranks import deal_by_cost
+from .executor import RunStats, execute, finalize, finished_shards, journal_name, peak_rss, start_journal
 from .plan import Plan
 
 BEAT_SECONDS = 1.0
 DEFAULT_TIMEOUT = 300.0
-
-
-def assign_shards(costs: list[int], ranks: int) -> list[int]:
-    """The rank of each shard: largest first, each to the rank with the fewest bytes so far (the
-    lowest rank on ties), so no rank gets more than the average plus one shard."""
-    owners, load = [0] * len(costs), [0] * ranks
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        r = min(range(ranks), key=lambda r: (load[r], r))
-        owners[i] = r
-        load[r] += costs[i]
-    return owners
 
 
 def shard_costs(plan: Plan) -> list[int]:
@@ -243,7 +233,7 @@ def run_distributed(
         )
     token, hosts = views[0][1], [v[2] for v in views]
     files = plan.shard_files()
-    owners = assign_shards(shard_costs(plan), world.size)
+    owners = deal_by_cost(shard_costs(plan), world.size)
     mine = [i for i, r in enumerate(owners) if r == world.rank]
     # Every rank checks OUT before any rank writes there (on shared storage they see one directory).
     checked = c.all_gather("checked", _attempt(finished_shards, out, resume, fingerprint))
@@ -275,7 +265,7 @@ def run_distributed(
         "shards": len(todo),
         "resumed": len(done),
         "high_water": executed.budget_high_water,
-        "rss": _peak_rss(),
+        "rss": peak_rss(),
     }
     totals = c.all_gather("done", mine_stats)
     if world.rank == 0:

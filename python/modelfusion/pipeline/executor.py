@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fusion_kernels.methods import merge_tensor
+
 from ..errors import OutputError
 from ..io.checkpoint import SAFETENSORS_INDEX
 from ..io.writer import PARTIAL, ShardWriter, copy_model_files, write_index, write_json_atomic
-from .methods import merge_tensor
 from .plan import Plan, TensorTask
 
 JOURNAL = ".modelfusion-journal.json"
@@ -100,7 +101,7 @@ class RunStats:
         return self.read_bytes / max(self.seconds, 1e-9) / 1e9
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
     """This process's peak resident memory: VmHWM (ru_maxrss survives exec, so a child would report
     its parent's peak), or ru_maxrss where /proc is missing."""
     try:
@@ -169,7 +170,7 @@ def _reader(plan, tasks, budget, ready: queue.Queue, stop: threading.Event) -> N
         ready.put((None, e))
 
 
-def _compute(plan: Plan, task: TensorTask, tensors: list, device: str, out: torch.Tensor | None = None):
+def compute_task(plan: Plan, task: TensorTask, tensors: list, device: str, out: torch.Tensor | None = None):
     """The merged tensor of ``task`` (written into ``out`` when the method can)."""
     if task.passthrough:
         return next(t for t in tensors if t is not None)
@@ -281,7 +282,7 @@ def execute(
             if plan.recipe.device == "cpu" and task.compute_dtype == task.out.dtype and not task.passthrough:
                 buffer = budget.take(task.out.nbytes).view(task.out.dtype).view(task.out.shape)
             with torch.no_grad():
-                result = _compute(plan, task, tensors, plan.recipe.device, buffer)
+                result = compute_task(plan, task, tensors, plan.recipe.device, buffer)
             budget.release(task.peak_bytes - task.out.nbytes)
             del tensors, buffer  # the inputs' mappings go; the result's memory is pooled once written
             results.put((task, result))
@@ -340,5 +341,5 @@ def run_plan(plan: Plan, out: str | Path, *, resume: bool = False, progress: boo
         shards_written=len(todo),
         shards_resumed=len(done),
         budget_high_water=executed.budget_high_water,
-        peak_rss=_peak_rss(),
+        peak_rss=peak_rss(),
     )

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import torch
 
+from fusion_kernels.methods import METHODS, REQUIRED, tensor_seed
+
 from ..errors import RecipeError
 from ..io.checkpoint import Checkpoint, TensorInfo
 from ..io.writer import OutputTensor, plan_shards, shard_name
-from .recipe import LAYER, REQUIRED, Recipe, layer_position, model_params, resolve, shared_params
+from .recipe import LAYER, Recipe, layer_position, model_params, resolve, shared_params
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -112,12 +114,6 @@ def _num_layers(reference: Checkpoint, names: list[str]) -> int:
     return max(indices) + 1 if indices else 1
 
 
-def tensor_seed(seed: int, name: str) -> int:
-    """Each tensor's own DARE/DELLA seed, so equal-shaped tensors get different masks."""
-    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def _resolve_params(recipe: Recipe, name: str, t: float) -> dict:
     method = recipe.merge_method
     params = {}
@@ -141,8 +137,7 @@ def _resolve_params(recipe: Recipe, name: str, t: float) -> dict:
                 raise RecipeError(f"models[{i}].parameters.{key}: no value applies to tensor {name!r}")
             values.append(spec.default if value is None else value)
         params[key] = values
-    if method == "linear" and params["normalize"] and sum(params["weight"]) == 0:
-        raise RecipeError(f"weight: the weights of tensor {name!r} sum to 0 and normalize is true")
+    METHODS[method].check_values(params, f"tensor {name!r}: ", RecipeError)
     return params
 
 

@@ -17,7 +17,6 @@ accepted when they cover all layers of every model alike (as mergekit's SLERP ex
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,64 +25,20 @@ from typing import Any
 import torch
 import yaml
 
-from ..errors import RecipeError
+from fusion_kernels import methods as fk_methods
+from fusion_kernels.methods import REQUIRED, Param
 
-GTA_METHODS = (
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-)
-METHODS = ("linear", *GTA_METHODS, "slerp", "model_stock")
+from ..errors import RecipeError, short_repr
 
-
-@dataclass(frozen=True)
-class Param:
-    default: Any  # REQUIRED when there is none
-    kind: type
-    lo: float = -math.inf
-    hi: float = math.inf
-
-
-REQUIRED = object()
-
-
-def _gta_model_params(method: str) -> dict[str, Param]:
-    params = {"weight": Param(REQUIRED, float), "density": Param(1.0, float, 0.0, 1.0)}
-    if method.startswith("breadcrumbs"):
-        params["gamma"] = Param(0.01, float, 0.0, 1.0)
-    if method.startswith("della"):
-        params["epsilon"] = Param(0.15, float, 0.0, 1.0)
-    return params
+METHODS = tuple(fk_methods.METHODS)
 
 
 def shared_params(method: str) -> dict[str, Param]:
-    if method == "linear":
-        return {"normalize": Param(True, bool)}
-    if method == "slerp":
-        return {"t": Param(REQUIRED, float, 0.0, 1.0)}
-    if method == "model_stock":
-        return {"filter_wise": Param(False, bool)}
-    normalize = method in ("ties", "della")
-    rescale = method.startswith(("dare", "della"))
-    return {
-        "normalize": Param(normalize, bool),
-        "rescale": Param(rescale, bool),
-        "lambda": Param(1.0, float),
-        "int8_mask": Param(False, bool),  # accepted for compatibility; masks are never materialised
-    }
+    return dict(fk_methods.METHODS[method].shared_params)
 
 
 def model_params(method: str) -> dict[str, Param]:
-    if method == "linear":
-        return {"weight": Param(REQUIRED, float)}
-    if method in GTA_METHODS:
-        return _gta_model_params(method)
-    return {}
+    return dict(fk_methods.METHODS[method].model_params)
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -151,9 +106,14 @@ def parse_size(value: Any, key: str) -> int:
     units.update({"g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40})
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in units or float(match.group(1)) <= 0:
-        raise RecipeError(f"{key}: expected a positive size such as 4GiB or 500MB, got {value!r}")
+    text = str(value)[:64] if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if (
+        not match
+        or match.group(2).lower() not in units
+        or int(float(match.group(1)) * units[match.group(2).lower()]) < 1
+    ):
+        raise RecipeError(f"{key}: expected a positive size such as 4GiB or 500MB, got {short_repr(value)}")
     return int(float(match.group(1)) * units[match.group(2).lower()])
 
 
@@ -165,9 +125,9 @@ def _model_path(value: Any, where: str) -> Path:
             raise RecipeError(f"{where}: LoRA references are not supported")
         value = value["path"]
     if not isinstance(value, str) or not value:
-        raise RecipeError(f"{where}: expected a model path, got {value!r}")
+        raise RecipeError(f"{where}: expected a model path, got {short_repr(value)}")
     if "+" in value and not Path(value).exists():
-        raise RecipeError(f"{where}: 'model+lora' references are not supported, got {value!r}")
+        raise RecipeError(f"{where}: 'model+lora' references are not supported, got {short_repr(value)}")
     return Path(value)
 
 
@@ -175,7 +135,7 @@ def _parameters(value: Any, where: str, allowed: dict[str, Param]) -> dict[str, 
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise RecipeError(f"{where}: expected a mapping of parameters, got {value!r}")
+        raise RecipeError(f"{where}: expected a mapping of parameters, got {short_repr(value)}")
     for key in value:
         if key not in allowed:
             raise RecipeError(f"{where}.{key}: unknown parameter; expected one of {sorted(allowed)}")
@@ -186,7 +146,7 @@ def _dtype(value: Any, key: str) -> torch.dtype | None:
     if value is None:
         return None
     if value not in DTYPES:
-        raise RecipeError(f"{key}: expected one of {sorted(DTYPES)}, got {value!r}")
+        raise RecipeError(f"{key}: expected one of {sorted(DTYPES)}, got {short_repr(value)}")
     return DTYPES[value]
 
 
@@ -221,12 +181,12 @@ def load_recipe(text_or_path: str | Path) -> Recipe:
         raise RecipeError(f"recipe: expected a mapping at the top, got {type(raw).__name__}")
     for key in raw:
         if key in UNSUPPORTED_KEYS:
-            raise RecipeError(f"{key}: mergekit's {key!r} is not supported by modelfusion")
+            raise RecipeError(f"{key}: mergekit's {short_repr(key)} is not supported by modelfusion")
         if key not in TOP_KEYS:
             raise RecipeError(f"{key}: unknown key; expected one of {sorted(TOP_KEYS)}")
     method = raw.get("merge_method")
     if method not in METHODS:
-        raise RecipeError(f"merge_method: expected one of {list(METHODS)}, got {method!r}")
+        raise RecipeError(f"merge_method: expected one of {list(METHODS)}, got {short_repr(method)}")
     layer_range = None
     if ("models" in raw) == ("slices" in raw):
         raise RecipeError("models: give either 'models' or 'slices', not both and not neither")
@@ -234,14 +194,14 @@ def load_recipe(text_or_path: str | Path) -> Recipe:
     if "slices" in raw:
         entries, layer_range = _models_from_slices(raw["slices"])
     if not isinstance(entries, list) or not entries:
-        raise RecipeError(f"models: expected a non-empty list, got {entries!r}")
+        raise RecipeError(f"models: expected a non-empty list, got {short_repr(entries)}")
     per_model, shared = model_params(method), shared_params(method)
     models = []
     for i, entry in enumerate(entries):
         where = f"models[{i}]"
         entry = {"model": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or "model" not in entry or set(entry) - {"model", "parameters"}:
-            raise RecipeError(f"{where}: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}")
+            raise RecipeError(f"{where}: expected {{model: PATH, parameters: {{...}}}}, got {short_repr(entry)}")
         params = _parameters(entry.get("parameters"), f"{where}.parameters", per_model)
         models.append(ModelEntry(_model_path(entry["model"], f"{where}.model"), params))
     base = _model_path(raw["base_model"], "base_model") if raw.get("base_model") else None
@@ -262,22 +222,20 @@ def load_recipe(text_or_path: str | Path) -> Recipe:
 
 def _check_shape_of_recipe(recipe: Recipe, raw: dict, layer_range) -> None:
     method = recipe.merge_method
-    if method != "linear" and recipe.base_model is None:
-        raise RecipeError(f"base_model: merge_method {method!r} needs a base model")
-    others = len(recipe.non_base)
-    if method == "slerp" and others != 1:
-        raise RecipeError(f"models: slerp takes the base model and exactly one other, got {others} others")
-    if method == "model_stock" and others < 2:
-        raise RecipeError(f"models: model_stock takes the base model and at least two others, got {others}")
-    if method in GTA_METHODS and others < 1:
-        raise RecipeError(f"models: {method} needs at least one model besides the base")
+    spec = fk_methods.METHODS[method]
+    if spec.needs_base and recipe.base_model is None:
+        raise RecipeError(f"base_model: merge_method {short_repr(method)} needs a base model")
+    others = len(recipe.models) if method == "linear" else len(recipe.non_base)
+    problem = spec.count_error(others)
+    if problem:
+        raise RecipeError(f"models: {problem}")
     if len({m.path for m in recipe.models}) != len(recipe.models):
         raise RecipeError("models: a model is listed twice")
     if raw.get("tokenizer_source") not in (None, "base"):
-        raise RecipeError(f"tokenizer_source: only 'base' is supported, got {raw['tokenizer_source']!r}")
+        raise RecipeError(f"tokenizer_source: only 'base' is supported, got {short_repr(raw['tokenizer_source'])}")
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-        raise RecipeError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+        raise RecipeError(f"seed: expected an int in [0, 2**63), got {short_repr(seed)}")
     recipe.seed = seed
     if raw.get("memory_budget") is not None:
         recipe.memory_budget = parse_size(raw["memory_budget"], "memory_budget")
@@ -285,11 +243,11 @@ def _check_shape_of_recipe(recipe: Recipe, raw: dict, layer_range) -> None:
         recipe.max_shard_size = parse_size(raw["max_shard_size"], "max_shard_size")
     threads = raw.get("threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise RecipeError(f"threads: expected a positive int, got {threads!r}")
+        raise RecipeError(f"threads: expected a positive int, got {short_repr(threads)}")
     recipe.threads = threads
     device = raw.get("device", "cpu")
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise RecipeError(f"device: expected 'cpu' or 'cuda[:N]', got {device!r}")
+        raise RecipeError(f"device: expected 'cpu' or 'cuda[:N]', got {short_repr(device)}")
     recipe.device = device
     recipe.layer_range = layer_range or None  # checked against the models' layer count by the planner
     for key, p in shared_params(method).items():
@@ -318,7 +276,7 @@ def resolve(setting: Any, name: str, t: float, key: str, spec: Param) -> Any:
     if isinstance(setting, list) and setting and all(isinstance(s, dict) for s in setting):
         for cond in setting:
             if set(cond) - {"filter", "value"} or "value" not in cond:
-                raise RecipeError(f"{key}: expected {{filter, value}} entries, got {cond!r}")
+                raise RecipeError(f"{key}: expected {{filter, value}} entries, got {short_repr(cond)}")
             f = cond.get("filter")
             if f is None or f == "*" or f in name:
                 return resolve(cond["value"], name, t, key, spec)
@@ -337,14 +295,4 @@ def resolve(setting: Any, name: str, t: float, key: str, spec: Param) -> Any:
 
 
 def _scalar(value: Any, key: str, spec: Param) -> Any:
-    if spec.kind is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{key}: expected true or false, got {value!r}")
-        return value
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise RecipeError(f"{key}: expected a number, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(number) or not spec.lo <= number <= spec.hi:
-        raise RecipeError(f"{key}: expected a number in [{spec.lo}, {spec.hi}], got {value!r}")
-    return number
+    return spec.check(value, key, RecipeError)

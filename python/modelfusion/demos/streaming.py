@@ -18,10 +18,10 @@ import torch
 
 import fusion_kernels as fk
 
-from .io import Checkpoint
-from .io.writer import save_model
-from .pipeline import merge, plan_merge
-from .pipeline.executor import _compute
+from ..io import Checkpoint
+from ..io.writer import save_model
+from ..pipeline import merge, plan_merge
+from ..pipeline.executor import compute_task
 
 RECIPE_PARAMETERS = {
     "linear": "{weight: 1.0}",
@@ -152,7 +152,7 @@ def verify(out: Path, recipe: str) -> tuple[float, bool]:
             if task.passthrough:
                 expected = next(t for t in tensors if t is not None)
             else:
-                expected = _compute(plan, task, tensors, "cpu")
+                expected = compute_task(plan, task, tensors, "cpu")
             if not torch.equal(got, expected):
                 diff = (got.double() - expected.double()).abs().max().item()
                 scale = expected.double().abs().max().item() or 1.0

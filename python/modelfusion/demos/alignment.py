@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from . import align, connect
-from .average import load_merged, state_of
-from .demo_average import MLP, batches, digits_splits, train
+from .. import align, connect
+from ..average import load_merged, state_of
+from .weight_average import MLP, batches, digits_splits, train
 
 TS = tuple(i / 10 for i in range(11))
 

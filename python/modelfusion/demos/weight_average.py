@@ -17,9 +17,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from . import average
-from .average import load_merged
-from .ensemble import Ensemble
+from .. import average
+from ..average import load_merged
+from ..ensemble import Ensemble
 
 TASKS = ((0, 1, 2), (3, 4, 5), (6, 7), (8, 9))
 PRETRAIN_PER_CLASS, PRETRAIN_EPOCHS, FINETUNE_EPOCHS = 3, 20, 20

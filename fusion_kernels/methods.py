@@ -1,0 +1,259 @@
+"""The merge-method table: every recipe method's name, parameters, defaults and checks, and the
+computation of one output tensor. Recipes, the streaming pipeline, the in-memory merges of
+``modelfusion.average`` and the mergekit plugin all read this one table.
+
+    METHODS["ties"].model_params   -> {"weight": Param(REQUIRED, float), "density": Param(1.0, float, 0, 1)}
+    merge_tensor("ties", base, [a, b], {"weight": [1, 1], "density": [.5, .5], ...}, seed)
+
+The generalized task arithmetic family follows mergekit 0.1.5's ``GeneralizedTaskArithmeticMerge``:
+
+    τᵢ = sparsify(xᵢ − base)          (``rescale``: match ‖τᵢ‖₁ after sparsifying)
+    vᵢ = wᵢ·τᵢ;  with consensus: keep vᵢ where sign(vᵢ) = sign⁺(Σ vᵢ)
+    out = base + λ · Σ vᵢ / (normalize ? Σ agreeing wᵢ : 1)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import FusionError, ParameterError, short_repr
+from .ops.slerp import slerp
+from .ops.sparse_merge import sparse_merge
+from .ops.task_arithmetic import task_arithmetic
+from .ops.weighted_sum import weighted_sum
+
+REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter: its default (``REQUIRED`` when there is none), kind (float or bool) and range."""
+
+    default: Any
+    kind: type
+    lo: float = -math.inf
+    hi: float = math.inf
+
+    def check(self, value: Any, key: str, error: type[FusionError] = ParameterError) -> Any:
+        """``value`` as a float in [lo, hi] or a bool; else ``error`` naming ``key``."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise error(f"{key}: expected true or false, got {short_repr(value)}")
+            return value
+        try:
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise error(f"{key}: expected a number, got {short_repr(value)}") from None
+        if isinstance(value, bool) or not math.isfinite(number) or not self.lo <= number <= self.hi:
+            raise error(f"{key}: expected a number in [{self.lo}, {self.hi}], got {short_repr(value)}")
+        return number
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method. ``model_params`` take one value per merged model, ``shared_params`` one in all.
+    ``others``: how many models are merged besides the base (min, max or None)."""
+
+    name: str
+    model_params: Mapping[str, Param]
+    shared_params: Mapping[str, Param]
+    needs_base: bool = True
+    others: tuple[int, int | None] = (1, None)
+    sparsify: str | None = None  # the generalized task arithmetic family only
+    consensus: str | None = None
+    gta: bool = False
+
+    @property
+    def params(self) -> dict[str, Param]:
+        return {**self.shared_params, **self.model_params}
+
+    def count_error(self, others: int) -> str | None:
+        """Why ``others`` merged models (besides the base) do not fit this method, or None."""
+        lo, hi = self.others
+        if lo <= others and (hi is None or others <= hi):
+            return None
+        count = {1: "one other", 2: "two others"}.get(lo, f"{lo} others")
+        what = f"exactly {count}" if lo == hi else f"at least {count}"
+        base = "the base model and " if self.needs_base else ""
+        return f"{self.name} takes {base}{what}, got {others}"
+
+    def check_values(self, params: Mapping[str, Any], where: str, error: type[FusionError] = ParameterError) -> None:
+        """Rules between resolved parameters (``params``: per-model ones as lists)."""
+        if self.sparsify == "della":
+            for i, (d, e) in enumerate(zip(params["density"], params["epsilon"], strict=True)):
+                if not (d - e >= 0.0 and d + e <= 1.0):  # mergekit refuses probabilities outside [0, 1]
+                    raise error(f"{where}epsilon[{i}]: expected density ± epsilon within [0, 1], got {d} ± {e}")
+        if self.name == "linear" and params["normalize"] and sum(params["weight"]) == 0:
+            raise error(f"{where}weight: the weights sum to 0 and normalize is true")
+
+
+def _gta(name: str, consensus: str | None, sparsify: str | None, normalize: bool, rescale: bool) -> Method:
+    per_model = {"weight": Param(REQUIRED, float), "density": Param(1.0, float, 0.0, 1.0)}  # mergekit's spec
+    if sparsify == "magnitude_outliers":
+        per_model["gamma"] = Param(0.01, float, 0.0, 1.0)
+    if sparsify == "della":
+        per_model["epsilon"] = Param(0.15, float, 0.0, 1.0)
+    shared = {
+        "normalize": Param(normalize, bool),
+        "rescale": Param(rescale, bool),
+        "lambda": Param(1.0, float),
+        "int8_mask": Param(False, bool),  # accepted for compatibility: masks are never materialised
+    }
+    return Method(name, per_model, shared, sparsify=sparsify, consensus=consensus, gta=True)
+
+
+# (consensus, sparsification, default normalize, default rescale), as mergekit 0.1.5's registry builds them
+_GTA = {
+    "task_arithmetic": (None, None, False, False),
+    "ties": ("sum", "magnitude", True, False),
+    "dare_ties": ("sum", "random", False, True),
+    "dare_linear": (None, "random", False, True),
+    "breadcrumbs": (None, "magnitude_outliers", False, False),
+    "breadcrumbs_ties": ("sum", "magnitude_outliers", False, False),
+    "della": ("sum", "della", True, True),
+    "della_linear": (None, "della", False, True),
+}
+
+METHODS: dict[str, Method] = {
+    "linear": Method("linear", {"weight": Param(REQUIRED, float)}, {"normalize": Param(True, bool)}, needs_base=False),
+    **{name: _gta(name, *spec) for name, spec in _GTA.items()},
+    "slerp": Method("slerp", {}, {"t": Param(REQUIRED, float, 0.0, 1.0)}, others=(1, 1)),
+    "model_stock": Method("model_stock", {}, {"filter_wise": Param(False, bool)}, others=(2, None)),
+}
+GTA_METHODS = tuple(name for name, m in METHODS.items() if m.gta)
+
+
+def method(name: Any, error: type[FusionError] = ParameterError, key: str = "method") -> Method:
+    """The table's entry for ``name``; else ``error`` listing the methods."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise error(f"{key}: expected one of {list(METHODS)}, got {short_repr(name)}")
+    return METHODS[name]
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Each tensor's own DARE/DELLA seed from the merge's ``seed`` and the tensor's name, so
+    equal-shaped tensors get different masks."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def generalized_task_arithmetic(
+    name: str,
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    density: float | Sequence[float] = 1.0,
+    normalize: bool | None = None,
+    rescale: bool | None = None,
+    lam: float = 1.0,
+    gamma: float | Sequence[float] = 0.01,
+    epsilon: float | Sequence[float] = 0.15,
+    seed: int = 0,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One tensor of the task-arithmetic method ``name`` (see the module doc); ``normalize`` and
+    ``rescale`` default to the method's own, ``lam`` is λ; ``out`` as in :func:`sparse_merge`."""
+    m = method(name)
+    if not m.gta:
+        raise ParameterError(f"method: expected one of {list(GTA_METHODS)}, got {name!r}")
+    if not tensors:
+        return base
+    normalize = m.shared_params["normalize"].default if normalize is None else normalize
+    rescale = m.shared_params["rescale"].default if rescale is None else rescale
+    return sparse_merge(
+        base,
+        list(tensors),
+        list(weights),
+        sparsify=m.sparsify,
+        density=density,
+        gamma=gamma,
+        epsilon=epsilon,
+        rescale="l1" if rescale and m.sparsify is not None else None,
+        consensus=m.consensus,
+        elect_on="weighted",
+        combine="mean_weight" if normalize else "sum",
+        lam=lam,
+        seed=seed,
+        out=out,
+    )
+
+
+def merge_tensor(
+    name: str,
+    base: torch.Tensor | None,
+    others: list[torch.Tensor],
+    params: Mapping[str, Any],
+    seed: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One output tensor of method ``name``. ``base``: the base model's tensor (None for ``linear``);
+    ``others``: the merged models' tensors; ``params``: resolved values (per-model ones as lists in
+    the order of ``others``). All but ``slerp`` and ``model_stock`` write into ``out`` when given."""
+    m = method(name)
+    if name == "linear":
+        w = params["weight"]
+        scale = 1 / sum(w) if params["normalize"] else 1.0
+        return weighted_sum(others, [x * scale for x in w], out=out)
+    if name == "task_arithmetic":
+        w = params["weight"]
+        total = sum(w) if params["normalize"] and abs(sum(w)) >= 1e-8 else 1.0  # mergekit's guard
+        return task_arithmetic(base, others, [x * params["lambda"] / total for x in w], out=out)
+    if m.gta:
+        options = {k: params[k] for k in ("density", "gamma", "epsilon") if k in params}
+        return generalized_task_arithmetic(
+            name,
+            base,
+            others,
+            params["weight"],
+            normalize=params["normalize"],
+            rescale=params["rescale"],
+            lam=params["lambda"],
+            seed=seed,
+            out=out,
+            **options,
+        )
+    if name == "slerp":
+        return slerp(base, others[0], params["t"])  # the whole tensor, as mergekit's run_merge batches it
+    return model_stock(base, others, filter_wise=params["filter_wise"])
+
+
+MODEL_STOCK_CHUNK = 1 << 22  # elements per step of model_stock's Gram matrix: bounds its scratch memory
+
+
+def model_stock(base: torch.Tensor, others: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+    """Model Stock (Jang et al., 2024), as mergekit computes it: with offsets dᵢ = xᵢ − base and
+    c the mean pairwise cosine of the dᵢ (per row when ``filter_wise``),
+    t = N·c / (1 + (N − 1)·c)   (0 where the denominator vanishes),
+    out = t·mean(xᵢ) + (1 − t)·base.
+    The Gram matrix of the offsets is accumulated in float64 over chunks, so no offset is materialised."""
+    n = len(others)
+    rows = (base.shape[0] if base.dim() > 1 else 1) if filter_wise else 1
+    flat = [x.reshape(rows, -1) for x in [base, *others]]
+    gram = torch.zeros(rows, n, n, dtype=torch.float64, device=base.device)
+    step = max(1, MODEL_STOCK_CHUNK // max(rows, 1))
+    for start in range(0, flat[0].shape[1], step):
+        b = flat[0][:, start : start + step].double()
+        d = torch.stack([x[:, start : start + step].double() - b for x in flat[1:]], dim=1)
+        gram += d @ d.transpose(1, 2)
+    norms = gram.diagonal(dim1=1, dim2=2).sqrt()
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    cos = torch.stack(
+        [(gram[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=1e-6)).clamp(-1, 1) for i, j in pairs]
+    ).mean(0)
+    denominator = 1 + (n - 1) * cos
+    t = torch.where(denominator.abs() < 1e-6, 0.0, n * cos / torch.where(denominator.abs() < 1e-6, 1.0, denominator))
+    if rows == 1:
+        w = float(t)
+        return weighted_sum([base, *others], [1 - w] + [w / n] * n)
+    shape = (rows,) + (1,) * (base.dim() - 1)
+    out = (1 - t).reshape(shape) * base.double()
+    for x in others:
+        out += (t / n).reshape(shape) * x.double()
+    return out.to(base.dtype)

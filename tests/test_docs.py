@@ -1,0 +1,72 @@
+"""The README and every docs/ page: their Python blocks run as written and compute what their
+comments say; blocks marked ``<!-- fragment: why -->`` (they need trained models, a launcher or a
+peer's config) must at least compile. The generated benchmark tables must match their JSON."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"(<!-- fragment: [^>]*-->\n)?```python\n(.*?)```", re.S)
+
+
+def _blocks(page: Path) -> list[tuple[str, bool]]:
+    return [(m.group(2), m.group(1) is not None) for m in BLOCK.finditer(page.read_text())]
+
+
+def _run(code: str, where: str) -> dict:
+    scope: dict = {}
+    exec(compile(code, where, "exec"), scope)
+    return scope
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_block_runs_or_is_a_marked_fragment(page):
+    for i, (code, fragment) in enumerate(_blocks(page)):
+        where = f"{page.name} block {i}"
+        if fragment:
+            compile(code, where, "exec")
+        else:
+            _run(code, where)
+
+
+def test_readme_quick_start_computes_what_it_says():
+    code, _ = _blocks(ROOT / "README.md")[0]
+    scope = _run(code, "README.md")
+    models = scope["models"]
+    torch.testing.assert_close(scope["reference"], scope["mix"], rtol=1.6e-2, atol=1e-5)
+    assert scope["soup"].shape == models[0].shape and scope["fisher"].dtype == torch.bfloat16
+    assert scope["ties"].shape == models[0].shape
+
+
+def test_alignment_example_computes_what_it_says():
+    (code,) = [c for c, _ in _blocks(ROOT / "docs" / "alignment.md") if "fk.permute(" in c]
+    scope = _run(code, "alignment.md")
+    w, p_out, p_in = scope["w"], scope["p_out"], scope["p_in"]
+    assert torch.equal(scope["w2"], w[p_out][:, p_in])
+    assert torch.equal(scope["state2"]["fc2.weight"], scope["state"]["fc2.weight"][:, p_out])
+    assert sorted(scope["perm_next"].tolist()) == list(range(64))
+    torch.testing.assert_close(scope["soft"].sum(0), torch.ones(64), rtol=1e-4, atol=1e-4)
+    assert bool((scope["res"].error <= 1e-6).all())
+
+
+def test_readme_stays_a_five_minute_read():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def test_benchmark_tables_are_generated_from_the_results():
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tables.py"), "--check"], capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()
+
+
+def test_every_docs_page_is_in_the_site_navigation():
+    nav = (ROOT / "mkdocs.yml").read_text()
+    missing = [p.name for p in PAGES[1:] if p.name not in nav]
+    assert not missing, missing
