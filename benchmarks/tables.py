@@ -81,9 +81,11 @@ def headline() -> str:
     lines += [
         "",
         f"Pipeline (`benchmarks/pipeline.py`; {pipe['cpus']}-core {pipe['machine']} VM, torch {pipe['torch']}; "
-        f"{pipe['models']} Llama-shaped bf16 models of {pipe['params_per_model'] / 1e9:.2f}B parameters; mergekit 0.1.5):",
+        f"{pipe['models']} Llama-shaped bf16 models of {pipe['params_per_model'] / 1e9:.2f}B parameters; "
+        "mergekit 0.1.5):",
         "",
-        "| method | budget | ours s | % of disk bound | ours peak RSS MiB | mergekit s | mergekit peak RSS MiB | speedup |",
+        "| method | budget | ours s | % of disk bound | ours peak RSS MiB | mergekit s | mergekit peak RSS MiB "
+        "| speedup |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in pipe["rows"]:
