@@ -164,3 +164,96 @@ def test_staged_writes_across_many_blocks(tmp_path, monkeypatch, where):
     finally:
         if where == "shm":
             shutil.rmtree(directory)
+
+
+def _hub_cache(root: Path, tensors: dict, sharded: bool) -> Path:
+    """A model laid out as huggingface_hub's cache does: snapshot files are symlinks into ../../blobs."""
+    entry = root / "models--org--tiny"
+    blobs, snapshot = entry / "blobs", entry / "snapshots" / "abc123"
+    staging = root / "staging"
+    if sharded:
+        save_model(staging, tensors, {"model_type": "test"}, max_shard_size=64)
+    else:
+        staging.mkdir()
+        save_file(tensors, staging / "model.safetensors")
+        (staging / "config.json").write_text('{"model_type": "test"}')
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(staging.iterdir())):
+        shutil.move(f, blobs / f"sha{i}")
+        (snapshot / f.name).symlink_to(Path("../../blobs") / f"sha{i}")
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text("abc123")
+    return entry
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "single-file"])
+def test_a_hugging_face_hub_cache_entry_and_snapshot_are_read(tmp_path, sharded):
+    tensors = {"a": torch.randn(4, 8), "b": torch.randn(16), "c": torch.arange(6)}
+    entry = _hub_cache(tmp_path, tensors, sharded)
+    snapshot = entry / "snapshots" / "abc123"
+    for path in (entry, snapshot):
+        c = Checkpoint(path)
+        assert c.path == snapshot and c.config == {"model_type": "test"}
+        assert all(torch.equal(c.read(n), t) and torch.equal(c.map(n), t) for n, t in tensors.items())
+
+
+def test_index_entries_must_be_regular_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    index = {"weight_map": {"a": "sub"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        Checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "weight_map, message",
+    [([["a", "s.safetensors"]], "weight_map: expected a mapping"), ({"a": 3}, "outside the model directory")],
+    ids=["list", "int"],
+)
+def test_malformed_index_files_are_named(tmp_path, weight_map, message):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match=message):
+        Checkpoint(tmp_path)
+
+
+def test_a_corrupt_config_and_a_deep_header_are_named(tmp_path):
+    save_file({"a": torch.ones(2)}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not a valid JSON config"):
+        Checkpoint(tmp_path)
+    deep = b"[" * 200_000 + b"]" * 200_000
+    (tmp_path / "d.safetensors").write_bytes(struct.pack("<Q", len(deep)) + deep)
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        read_header(tmp_path / "d.safetensors")
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ({"dtype": "F32", "shape": [-2, 1], "data_offsets": [0, 8]}, "bad header entry"),
+        ({"dtype": "F8_E8M0", "shape": [2], "data_offsets": [0, 2]}, "unsupported dtype 'F8_E8M0'"),
+        ({"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}, "bad header entry"),
+        ({"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}, r"do not hold \(3,\)"),
+    ],
+    ids=["negative-dim", "unknown-dtype", "float-dim", "size-disagrees"],
+)
+def test_hostile_header_entries_are_named(tmp_path, entry, message):
+    header = json.dumps({"a": entry}).encode()
+    (tmp_path / "h.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    with pytest.raises(CheckpointError, match=message):
+        read_header(tmp_path / "h.safetensors")
+
+
+def test_fp8_reads_exactly_and_block_scaled_fp8_dequantizes(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(300, 200, generator=g) * 3).to(torch.float8_e4m3fn)
+    scale = torch.rand(3, 2, generator=g) + 0.5  # blocks of 128 x 128, the last ones partial
+    e5 = torch.randn(7, generator=g).to(torch.float8_e5m2)
+    save_file({"w": w, "w_scale_inv": scale, "e5": e5}, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"weight_block_size": [128, 128]}}))
+    c = Checkpoint(tmp_path)
+    assert set(c.tensors) == {"w", "e5"}  # the scale travels with its weight
+    expected = w.float() * scale.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
+    assert torch.equal(c.read("w"), expected) and torch.equal(c.map("w"), expected)
+    assert c.read("e5").dtype == torch.float8_e5m2 and torch.equal(c.read("e5").float(), e5.float())

@@ -462,3 +462,59 @@ def test_a_full_disk_fails_cleanly(family, tmp_path):
     out = tmp_path / "out"
     assert not (out / INDEX).exists() and not list(out.glob("*.partial"))
     assert os.path.exists(out / ".modelfusion-journal.json")  # what finished can be resumed
+
+
+# ---------------------------------------------------------------- input dtypes: converted exactly or refused
+
+
+def _fp8_family(root: Path):
+    """A bf16 base, a fine-tune stored as FP8 E4M3 with DeepSeek-style block scales, one as plain FP8
+    E5M2, and the bf16-free float32 copies of what each FP8 model holds (the oracle)."""
+    from modelfusion.io import save_model
+
+    g = torch.Generator().manual_seed(3)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(200, 136, generator=g).bfloat16(), "step": torch.tensor(5)}
+    name = "model.layers.0.mlp.up_proj.weight"
+    q = (base[name].float() + 0.1 * torch.randn(200, 136, generator=g)).to(torch.float8_e4m3fn)
+    scale = torch.rand(2, 2, generator=g) + 0.5
+    e5 = (base[name].float() - 0.1 * torch.randn(200, 136, generator=g)).to(torch.float8_e5m2)
+    quant = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    paths = [root / n for n in ("base", "blocked", "e5m2")]
+    save_model(paths[0], base, {"model_type": "llama", "torch_dtype": "bfloat16"})
+    blocked = {name: q, name + "_scale_inv": scale, "step": base["step"]}
+    save_model(paths[1], blocked, {"model_type": "llama", "torch_dtype": "bfloat16", "quantization_config": quant})
+    save_model(paths[2], {name: e5, "step": base["step"]}, {"model_type": "llama"})
+    dequantized = q.float() * scale.repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :136]
+    return paths, {"blocked": dequantized, "e5m2": e5.float()}
+
+
+@pytest.mark.parametrize("base_first", [True, False], ids=["bf16-base", "fp8-base"])
+def test_fp8_and_block_scaled_fp8_merge_like_their_dequantized_copies(tmp_path, base_first):
+    paths, oracle = _fp8_family(tmp_path)
+    if not base_first:  # the block-scaled FP8 model as the base: its config must not claim FP8 in the output
+        paths = [paths[1], paths[0], paths[2]]
+    recipe = "merge_method: task_arithmetic\n" + f"base_model: {paths[0]}\nmodels:\n"
+    recipe += "".join(f"  - model: {p}\n    parameters: {{weight: 0.5}}\n" for p in paths[1:])
+    recipe += "dtype: float32\n"
+    stats = merge(recipe, tmp_path / "out", progress=False)
+    assert stats.read_bytes > 0
+    name = "model.layers.0.mlp.up_proj.weight"
+    held = {p.name: (oracle[p.name] if p.name in oracle else tensors_of(p)[name].float()) for p in paths}
+    base, others = held[paths[0].name], [held[p.name] for p in paths[1:]]
+    expected = base + sum(0.5 * (x - base) for x in others)
+    got = tensors_of(tmp_path / "out")
+    torch.testing.assert_close(got[name], expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got["step"], torch.tensor(5))  # an integer tensor is copied, never averaged
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config
+
+
+def test_a_tensor_float_in_one_model_and_integer_in_another_is_refused(tmp_path):
+    from modelfusion.io import save_model
+
+    save_model(tmp_path / "a", {"w": torch.ones(4, dtype=torch.float32)})
+    save_model(tmp_path / "b", {"w": torch.ones(4, dtype=torch.int32)})
+    recipe = f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'a'}\n    parameters: {{weight: 1}}\n"
+    recipe += f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 1}}\n"
+    with pytest.raises(RecipeError, match=r"tensor 'w': stored as a float in some models and as an integer"):
+        plan_merge(recipe)

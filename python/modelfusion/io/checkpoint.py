@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, short_repr
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -38,6 +38,8 @@ SAFETENSORS_DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+SCALE_SUFFIXES = ("_scale_inv", "_scale")  # an FP8 weight's dequantization scale: weight * scale
 MAX_HEADER_BYTES = 100 * 2**20
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -63,6 +65,13 @@ class TensorInfo:
     file: Path
     offset: int
     nbytes: int
+    scale: TensorInfo | None = None  # FP8 weights: the float scale (per tensor, row or block) read beside
+    block: tuple[int, ...] | None = None  # the scale's block shape, where it is blocked
+
+    @property
+    def dequantized_nbytes(self) -> int:
+        """Bytes of the float32 tensor this one becomes when read (0 when it is read as stored)."""
+        return _numel(self.shape) * 4 if self.scale is not None else 0
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -79,21 +88,27 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             header = json.loads(f.read(length))
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # a 200k-deep header recurses
+        raise CheckpointError(f"{path}: corrupt safetensors header: {short_repr(str(e), 200)}") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header: expected a JSON object")
     header.pop("__metadata__", None)
     data_start, tensors, end = 8 + length, [], 0
     for name, entry in header.items():
         try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, stop = (int(o) for o in entry["data_offsets"])
+            code = entry["dtype"]
+            shape = tuple(_dim(d) for d in entry["shape"])
+            begin, stop = (_dim(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: tensor {name!r}: bad header entry {entry!r}") from e
+            raise CheckpointError(f"{path}: tensor {short_repr(name)}: bad header entry {short_repr(entry)}") from e
+        if not isinstance(code, str) or code not in SAFETENSORS_DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {short_repr(name)}: unsupported dtype {short_repr(code)}; "
+                f"expected one of {sorted(SAFETENSORS_DTYPES)}"
+            )
+        dtype = SAFETENSORS_DTYPES[code]
         nbytes = dtype.itemsize * _numel(shape)
-        if stop - begin != nbytes or begin < 0:
+        if stop - begin != nbytes:
             raise CheckpointError(f"{path}: tensor {name!r}: data_offsets {[begin, stop]} do not hold {shape} {dtype}")
         tensors.append((begin, stop, name, dtype, shape))
     tensors.sort()
@@ -104,6 +119,13 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     if data_start + end != size:
         raise CheckpointError(f"{path}: the header describes {data_start + end} bytes, the file has {size}: truncated")
     return {n: TensorInfo(n, dt, sh, path, data_start + b, e - b) for b, e, n, dt, sh in tensors}
+
+
+def _dim(value) -> int:
+    """A header size or offset: a non-negative JSON integer (no bools, floats or strings)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"expected a non-negative integer, got {short_repr(value)}")
+    return value
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -121,14 +143,25 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | os.PathLike, *, allow_pickle: bool = False):
-        self.path = Path(path)
+        self.path = hub_snapshot(Path(path))
         self._bin: dict[str, torch.Tensor] | None = None
         if not self.path.exists():
             raise CheckpointError(f"{self.path}: no such file or directory")
         self.directory = self.path if self.path.is_dir() else self.path.parent
-        self.tensors = self._locate(allow_pickle)
+        self.config = self._read_config() if self.path.is_dir() else None
+        self.tensors = attach_scales(self._locate(allow_pickle), self.config, self.path)
+
+    def _read_config(self) -> dict | None:
         config = self.directory / "config.json"
-        self.config = json.loads(config.read_text()) if self.path.is_dir() and config.exists() else None
+        if not config.exists():
+            return None
+        try:
+            value = json.loads(config.read_text())
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise CheckpointError(f"{config}: not a valid JSON config: {short_repr(str(e), 200)}") from e
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{config}: expected a JSON object, got {type(value).__name__}")
+        return value
 
     def _locate(self, allow_pickle: bool) -> dict[str, TensorInfo]:
         p = self.path
@@ -153,15 +186,24 @@ class Checkpoint:
         raise CheckpointError(f"{p}: no model weights: expected a .safetensors file or an HF model directory")
 
     def _weight_map(self, index: Path) -> dict[str, str]:
+        """The index's tensor -> file map. Files are checked by name (a plain relative name, no ``..``)
+        and must be regular files: symlinks are followed, as a Hugging Face cache links every file
+        of a snapshot to its blob."""
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid index json: {e}") from e
-        root = self.directory.resolve()
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as e:
+            raise CheckpointError(f"{index}: not a valid index json: {short_repr(str(e), 200)}") from e
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: weight_map: expected a mapping, got {short_repr(weight_map)}")
         for name, file in weight_map.items():
-            target = (self.directory / file).resolve()
-            if not isinstance(file, str) or Path(file).is_absolute() or not target.is_relative_to(root):
-                raise CheckpointError(f"{index}: tensor {name!r} points to {file!r}, outside the model directory")
+            parts = Path(file).parts if isinstance(file, str) and file else ()
+            if not parts or Path(file).is_absolute() or ".." in parts or "\0" in file:
+                raise CheckpointError(
+                    f"{index}: tensor {short_repr(name)} points to {short_repr(file)}, outside the model "
+                    "directory (expected a relative file name with no '..')"
+                )
+            if not (self.directory / file).is_file():
+                raise CheckpointError(f"{index}: tensor {short_repr(name)} points to {file!r}, not a regular file")
         return weight_map
 
     def _sharded(self, index: Path) -> dict[str, TensorInfo]:
@@ -198,8 +240,15 @@ class Checkpoint:
     def map(self, name: str) -> torch.Tensor:
         """Tensor ``name`` mapped from its file alone (copy-on-write: writing to it never changes the
         file), its pages populated now, unmapped when the tensor is freed. No copy is made: the page
-        cache's pages are the tensor's, and they count in RSS only while it lives."""
+        cache's pages are the tensor's, and they count in RSS only while it lives. An FP8 weight with
+        a scale is returned dequantized, in float32."""
         info = self._info(name)
+        if info.scale is not None:
+            return dequantize(self._map_raw(info), self._read_raw(info.scale), info.block)
+        return self._map_raw(info)
+
+    def _map_raw(self, info: TensorInfo) -> torch.Tensor:
+        name = info.name
         if self._bin is not None:
             return self._bin[name].clone()
         if info.nbytes == 0:
@@ -220,8 +269,14 @@ class Checkpoint:
         return flat.view(info.dtype).view(info.shape)
 
     def read(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` copied into memory of its own."""
+        """Tensor ``name`` copied into memory of its own (an FP8 weight with a scale: dequantized)."""
         info = self._info(name)
+        if info.scale is not None:
+            return dequantize(self._read_raw(info), self._read_raw(info.scale), info.block)
+        return self._read_raw(info)
+
+    def _read_raw(self, info: TensorInfo) -> torch.Tensor:
+        name = info.name
         if self._bin is not None:
             return self._bin[name].clone()
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
@@ -243,3 +298,85 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+def hub_snapshot(path: Path) -> Path:
+    """A Hugging Face hub cache entry (``models--org--name``, holding ``refs/`` and ``snapshots/``) as
+    the snapshot that ``refs/main`` names, or its only snapshot; any other path as it is."""
+    snapshots = path / "snapshots"
+    if not (path.is_dir() and snapshots.is_dir()):
+        return path
+    ref = path / "refs" / "main"
+    if ref.is_file():
+        revision = ref.read_text().strip()
+        if revision and "/" not in revision and (snapshots / revision).is_dir():
+            return snapshots / revision
+    found = sorted(p for p in snapshots.iterdir() if p.is_dir())
+    if len(found) != 1:
+        raise CheckpointError(
+            f"{path}: a Hugging Face cache entry with {len(found)} snapshots and no usable refs/main: "
+            "give the snapshot directory (snapshots/<revision>)"
+        )
+    return found[0]
+
+
+def attach_scales(tensors: dict[str, TensorInfo], config: dict | None, where: Path) -> dict[str, TensorInfo]:
+    """FP8 weights with a scale tensor beside them (``<name>_scale_inv``, as DeepSeek-V3 and Qwen3
+    FP8 checkpoints store block scales, or ``<name>_scale``): the scale is attached to the weight,
+    which then reads as float32 ``weight * scale``, and leaves the tensor list, so the model lines up
+    with its bf16 siblings. A scale beside a tensor that is not FP8 is left as it is."""
+    block = None
+    quant = (config or {}).get("quantization_config")
+    if isinstance(quant, dict) and isinstance(quant.get("weight_block_size"), list):
+        block = tuple(quant["weight_block_size"])
+    out = dict(tensors)
+    for name, info in tensors.items():
+        if info.dtype not in FLOAT8:
+            continue
+        for suffix in SCALE_SUFFIXES:
+            scale = tensors.get(name + suffix)
+            if scale is None:
+                continue
+            if scale.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                raise CheckpointError(f"{where}: scale {scale.name!r} of FP8 tensor {name!r} is {scale.dtype}")
+            out[name] = TensorInfo(**{**info.__dict__, "scale": scale, "block": _block(info, scale, block, where)})
+            del out[scale.name]
+            break
+    return out
+
+
+def _block(info: TensorInfo, scale: TensorInfo, block: tuple | None, where: Path) -> tuple[int, ...] | None:
+    """None where ``scale`` broadcasts against the weight (per tensor or per row), else the block shape:
+    the config's ``weight_block_size``, or the one that the two shapes imply."""
+    if len(scale.shape) <= len(info.shape) and all(
+        s in (1, d) for s, d in zip(scale.shape[::-1], info.shape[::-1], strict=False)
+    ):
+        return None
+    if len(scale.shape) != len(info.shape) or 0 in scale.shape:
+        raise CheckpointError(
+            f"{where}: scale {scale.name!r} {scale.shape} does not fit tensor {info.name!r} {info.shape}"
+        )
+    block = block or tuple(-(-d // s) for d, s in zip(info.shape, scale.shape, strict=True))
+    if len(block) != len(info.shape) or any(
+        -(-d // b) != s for d, b, s in zip(info.shape, block, scale.shape, strict=True)
+    ):
+        raise CheckpointError(
+            f"{where}: scale {scale.name!r} {scale.shape} does not tile tensor {info.name!r} {info.shape} "
+            f"in blocks of {block}"
+        )
+    return block
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, ...] | None) -> torch.Tensor:
+    """float32 ``weight * scale``, the scale broadcast, or repeated over blocks of ``block`` (the
+    last block of a dimension may be partial). FP8 values convert to float32 exactly."""
+    out = weight.to(torch.float32)
+    scale = scale.to(torch.float32)
+    if block is None:
+        return out.mul_(scale)
+    for dim, size in enumerate(block[:-1]):  # expand the leading dims: small, scale rows × column blocks
+        scale = scale.repeat_interleave(size, dim).narrow(dim, 0, out.shape[dim])
+    last = block[-1]
+    for j in range(scale.shape[-1]):  # then one column block at a time, in place
+        out[..., j * last : (j + 1) * last].mul_(scale[..., j : j + 1])
+    return out

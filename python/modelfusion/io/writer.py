@@ -219,7 +219,8 @@ def write_index(directory: Path, shards: Sequence[Sequence[OutputTensor]]) -> No
 
 
 def copy_model_files(source: Path, directory: Path, config_overrides: dict | None = None) -> list[str]:
-    """Copy config, tokenizer and generation files of the model at ``source``; returns the names copied."""
+    """Copy config, tokenizer and generation files of the model at ``source``; returns the names copied.
+    ``config_overrides`` replace keys of ``config.json``; a None value removes the key."""
     copied = []
     for name in MODEL_FILES:
         src = source / name
@@ -227,7 +228,8 @@ def copy_model_files(source: Path, directory: Path, config_overrides: dict | Non
             continue
         try:
             if name == "config.json" and config_overrides:
-                write_json_atomic(directory / name, {**json.loads(src.read_text()), **config_overrides})
+                config = {**json.loads(src.read_text()), **config_overrides}
+                write_json_atomic(directory / name, {k: v for k, v in config.items() if v is not None})
             else:
                 shutil.copyfile(src, directory / name)
         except OSError as e:

@@ -9,6 +9,7 @@ import queue
 import resource
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from fusion_kernels.methods import merge_tensor
 
 from ..errors import OutputError
-from ..io.checkpoint import SAFETENSORS_INDEX
+from ..io.checkpoint import FLOAT8, SAFETENSORS_INDEX
 from ..io.writer import PARTIAL, ShardWriter, copy_model_files, write_index, write_json_atomic
 from .plan import Plan, TensorTask
 
@@ -313,9 +314,16 @@ def finalize(plan: Plan, out: Path) -> None:
     a complete output); the journals go last."""
     reference = plan.checkpoints[0]  # the base model when there is one
     if reference.path.is_dir():
+        config = reference.config or {}
         out_dtype = plan.recipe.out_dtype or plan.recipe.dtype
-        key = "dtype" if "dtype" in (reference.config or {}) else "torch_dtype"
-        overrides = {key: DTYPE_NAMES[out_dtype]} if out_dtype is not None else None
+        merged = Counter(t.out.dtype for t in plan.tasks if not t.passthrough)
+        fp8_read = any(i is not None and i.dtype in FLOAT8 for t in plan.tasks for i in t.inputs)
+        if out_dtype is None and merged and fp8_read:
+            out_dtype = merged.most_common(1)[0][0]  # an FP8 model's config must name the dtype written now
+        key = "dtype" if "dtype" in config else "torch_dtype"
+        overrides = {key: DTYPE_NAMES[out_dtype]} if out_dtype is not None else {}
+        if "quantization_config" in config:  # we write float tensors, never quantized ones
+            overrides["quantization_config"] = None
         copy_model_files(reference.path, out, overrides)
     write_index(out, [[t.out for t in shard] for shard in plan.shards])
     for journal in out.glob(JOURNAL_GLOB):

@@ -13,11 +13,12 @@ import torch
 from fusion_kernels.methods import METHODS, REQUIRED, tensor_seed
 
 from ..errors import RecipeError
-from ..io.checkpoint import Checkpoint, TensorInfo
+from ..io.checkpoint import FLOAT8, Checkpoint, TensorInfo
 from ..io.writer import OutputTensor, plan_shards, shard_name
 from .recipe import LAYER, Recipe, layer_position, model_params, resolve, shared_params
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MERGEABLE = (*FLOATS, *FLOAT8)  # FP8 converts exactly to every float dtype we compute in
 
 
 @dataclass
@@ -41,8 +42,10 @@ class TensorTask:
         scratch tensor of the kernels, and the output."""
         converted = sum(
             i.nbytes // i.dtype.itemsize * self.compute_dtype.itemsize
+            + i.dequantized_nbytes
+            + (i.scale.nbytes if i.scale is not None else 0)
             for i in self.inputs
-            if i is not None and i.dtype != self.compute_dtype
+            if i is not None and (i.dtype != self.compute_dtype or i.scale is not None)
         )
         scratch = 0 if self.passthrough else self.out.nbytes // self.out.dtype.itemsize * 4
         return self.read_bytes + converted + scratch + self.out.nbytes
@@ -114,6 +117,23 @@ def _num_layers(reference: Checkpoint, names: list[str]) -> int:
     return max(indices) + 1 if indices else 1
 
 
+def _mergeable(name: str, checkpoints: list[Checkpoint]) -> bool:
+    """True where every model holds tensor ``name`` as a float (FP8 included): it is merged. False
+    where every model holds it in one and the same non-float dtype (step counters, position ids,
+    masks): it is copied from the base. Anything else would merge or copy a wrong value, so it is
+    refused, naming the models and dtypes."""
+    dtypes = [c.tensors[name].dtype for c in checkpoints]
+    if all(d in MERGEABLE for d in dtypes):
+        return True
+    if len(set(dtypes)) == 1:
+        return False
+    found = ", ".join(f"{c.path}: {d}" for c, d in zip(checkpoints, dtypes, strict=True))
+    raise RecipeError(
+        f"tensor {name!r}: stored as a float in some models and as an integer or bool in others ({found}); "
+        "a float tensor declared with an integer dtype, or the other way round, cannot be merged"
+    )
+
+
 def _resolve_params(recipe: Recipe, name: str, t: float) -> dict:
     method = recipe.merge_method
     params = {}
@@ -171,8 +191,8 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
                 raise RecipeError(
                     f"tensor {name!r}: shape {c.tensors[name].shape} in {c.path}, {ref.shape} in {reference.path}"
                 )
-        floating = all(c.tensors[name].dtype in FLOATS for c in checkpoints)
-        compute = recipe.dtype or ref.dtype
+        floating = _mergeable(name, checkpoints)
+        compute = recipe.dtype or (ref.dtype if ref.dtype in FLOATS else torch.bfloat16)
         if not floating:
             inputs = [ref if c is reference else None for c in checkpoints]
             out = OutputTensor(name, ref.dtype, ref.shape)
