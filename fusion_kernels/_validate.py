@@ -65,6 +65,9 @@ def inputs_like(op: str, name: str, xs: list[torch.Tensor], ref: torch.Tensor, r
         check_like(op, f"{name}[{i}]", x, ref, ref_name)
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def weight_list(op: str, name: str, weights: object, n: int, default: float) -> list[float]:
     """``n`` finite floats from None (``default`` each), a number or 0-dim tensor (broadcast), or ``n`` numbers."""
     if weights is None:
@@ -95,12 +98,17 @@ def weight_list(op: str, name: str, weights: object, n: int, default: float) -> 
             raise ArgumentTypeError(f"{op}: argument '{name}[{i}]' expected a real number, got {type(v).__name__}")
         if not math.isfinite(v):
             raise WeightError(f"{op}: argument '{name}[{i}]' expected a finite weight, got {v}")
+        if abs(v) > FLOAT32_MAX:  # sums accumulate in float32: such a weight would turn into inf there
+            raise WeightError(f"{op}: argument '{name}[{i}]' expected |weight| <= {FLOAT32_MAX:.4g}, got {v}")
         out.append(float(v))
     return out
 
 
 def normalized(op: str, name: str, weights: list[float]) -> list[float]:
-    total = math.fsum(weights)
+    try:
+        total = math.fsum(weights)
+    except OverflowError:
+        total = math.inf
     if total == 0.0 or not math.isfinite(total):
         raise WeightError(f"{op}: argument '{name}' expected weights with a finite, non-zero sum, got sum {total}")
     return [w / total for w in weights]

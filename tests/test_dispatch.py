@@ -29,7 +29,15 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_public_api_is_exactly_the_documented_names():
-    subpackages = {"errors", "ops", "reference", "info", "compat", "triton"}  # present once something imports them
+    subpackages = {
+        "errors",
+        "ops",
+        "reference",
+        "info",
+        "compat",
+        "triton",
+        "methods",
+    }  # present once something imports them
     public = {name for name in dir(fk) if not name.startswith("_")} - subpackages
     assert set(fk.__all__) - {"__version__"} == public
     assert issubclass(fk.FusionError, ValueError)

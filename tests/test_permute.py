@@ -189,3 +189,14 @@ def test_bad_specs_and_out():
         fk.permute_many({"a": x}, {"b": {0: [1, 0, 2, 3]}})
     with pytest.raises(fk.ShapeError, match=r"specs\['b'\]\[0\]"):
         fk.permute_many({"a": x, "b": x}, {"b": {0: [1, 0, 0, 3]}})
+
+
+def test_permute_many_checks_every_out_buffer_before_writing_any():
+    x, y = torch.arange(12.0).reshape(4, 3), torch.arange(8.0).reshape(4, 2)
+    first = torch.full((4, 3), -7.0)
+    with pytest.raises(fk.ShapeError, match="expected shape"):
+        fk.permute_many([x, y], [None, {0: [1, 0, 2, 3]}], out=[first, torch.zeros(3, 3)])
+    assert bool((first == -7).all())  # out[0] untouched although its tensor needed only a copy
+    shared = torch.zeros(4, 3)
+    with pytest.raises(fk.AliasError, match="share memory"):
+        fk.permute_many([x, x.clone()], [{0: [1, 0, 2, 3]}, {1: [2, 1, 0]}], out=[shared, shared])

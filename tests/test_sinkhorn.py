@@ -175,3 +175,25 @@ def test_bad_costs():
         fk.sinkhorn(torch.tensor([[0.0, float("inf")]]), reg=0.1)
     with pytest.raises(fk.DTypeError):
         fk.sinkhorn(torch.ones(2, 2, dtype=torch.int64), reg=0.1)
+
+
+@pytest.mark.parametrize("scale, reg", [(1e9, 1.0), (1e7, 1e-3), (1e5, 1.0)], ids=["1e9", "1e10", "1e5"])
+def test_a_huge_cost_over_reg_never_reports_a_wrong_plan_as_converged(scale, reg):
+    """float32 cannot hold exp((f + g − C)/reg) at these spreads: the op works in float64 or refuses;
+    either way a reported error <= tol means the returned plan meets its marginals."""
+    n = 64
+    cost = torch.rand(n, n, generator=torch.Generator().manual_seed(0)) * scale
+    try:
+        result = fk.sinkhorn(cost, reg=reg, max_iter=2000)
+    except fk.WeightError as e:
+        assert "max|cost| / reg <= 2^36" in str(e)
+        return
+    true_error = (result.plan.double().sum(1) - 1 / n).abs().sum()
+    assert bool(torch.isfinite(result.plan).all())
+    if float(result.error) <= 1e-6:
+        assert float(true_error) <= 1e-4, (float(result.error), float(true_error))
+
+
+def test_a_cost_beyond_float64_is_refused_by_name():
+    with pytest.raises(fk.WeightError, match=r"argument 'cost' expected max\|cost\| / reg <= 2\^36"):
+        fk.sinkhorn(torch.rand(3, 3) * 3e38, reg=1.0)

@@ -115,3 +115,31 @@ def test_inputs_are_never_modified():
     fk.fisher_merge(xs, fs, eps=1e-3)
     for before, after in zip(copies, xs + fs, strict=True):
         assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("op", ["weighted_sum", "weighted_average"])
+def test_weights_beyond_float32_range_are_a_named_error(op):
+    xs = [torch.ones(3), torch.ones(3)]
+    with pytest.raises(fk.WeightError, match=r"argument 'weights\[0\]' expected \|weight\| <= 3.403e\+38"):
+        getattr(fk, op)(xs, [1e308, 1e308])
+
+
+def test_della_refuses_density_plus_epsilon_above_one():
+    base, xs = torch.zeros(8), [torch.ones(8)]
+    with pytest.raises(fk.WeightError, match=r"epsilon\[0\]' expected density ± epsilon within \[0, 1\]"):
+        fk.della_merge(base, xs, density=0.9, epsilon=0.2)
+    with pytest.raises(fk.WeightError, match="within"):
+        fk.della_merge(base, xs, density=0.1, epsilon=0.2)
+
+
+def test_an_absurd_warm_start_is_refused_and_a_shifted_one_changes_nothing():
+    from scipy.optimize import linear_sum_assignment
+
+    cost = torch.rand(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    rows, cols = linear_sum_assignment(cost.numpy())
+    best = cost.numpy()[rows, cols].sum()
+    for shift in (1e300, -1e17):  # potentials are defined up to a constant
+        perm = fk.linear_assignment(cost, warm_start=torch.full((40,), shift, dtype=torch.float64))
+        assert abs(float(cost[torch.arange(40), perm].sum()) - best) < 1e-12
+    with pytest.raises(fk.WeightError, match="argument 'warm_start' expected potentials of a similar cost"):
+        fk.linear_assignment(cost, warm_start=torch.linspace(0, 1e300, 40, dtype=torch.float64))

@@ -87,9 +87,24 @@ def linear_assignment(
             )
         if not bool(torch.isfinite(warm_start).all()):
             raise WeightError(f"{OP}: argument 'warm_start' has NaN or infinite entries")
-        warm_start = warm_start.detach().to("cpu").reshape(batch, m)
+        warm_start = _shifted_potentials(warm_start.detach().to("cpu", torch.float64).reshape(batch, m), cost)
     flat = cost.detach().to("cpu").reshape(batch, n, m)
     impl = select(OP, IMPLS, cost.device, cost.dtype, (flat, maximize, return_potentials, warm_start))
     perm, v = impl(flat, bool(maximize), return_potentials, warm_start)
     perm = perm.reshape(*batch_shape, n).to(cost.device)
     return (perm, v.reshape(*batch_shape, m)) if return_potentials else perm
+
+
+def _shifted_potentials(v: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
+    """Column potentials less their minimum (an assignment's reduced costs do not change), refused
+    where their spread dwarfs the cost's: cost − v would then round away the cost itself."""
+    v = v - v.min(-1, keepdim=True).values
+    costs = cost.detach().double()
+    cost_spread = float((costs.amax((-2, -1)) - costs.amin((-2, -1))).max()) if costs.numel() else 0.0
+    spread = float(v.max()) if v.numel() else 0.0
+    if spread > 2.0**20 * max(cost_spread, 1e-300):
+        raise WeightError(
+            f"{OP}: argument 'warm_start' expected potentials of a similar cost (spread at most 2^20 × the "
+            f"cost's {cost_spread:.3g}), got a spread of {spread:.3g}"
+        )
+    return v

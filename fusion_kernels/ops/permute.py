@@ -300,13 +300,19 @@ def _permute_list(op, tensors, specs, names, inverse, outs) -> list[torch.Tensor
             slots += s
     results = list(tensors)
     if outs is not None:
+        given = []  # every buffer is checked before any is written
         for i, (name, x, buffer) in enumerate(zip(names, tensors, outs, strict=True)):
             if buffer is None and i in chosen:
                 raise ShapeError(f"{op}: argument 'out' has no buffer for the permuted tensor {name!r}")
             if buffer is not None:
                 results[i] = _check_out(op, f"out[{name!r}]", buffer, x, f"tensors[{name!r}]", tensors)
-                if i not in chosen:
-                    results[i].copy_(x)
+                for j in given:
+                    if results[i].numel() and results[j].numel() and _same_storage(results[i], results[j]):
+                        raise AliasError(f"{op}: arguments 'out[{name!r}]' and 'out[{names[j]!r}]' share memory")
+                given.append(i)
+        for i in given:
+            if i not in chosen:
+                results[i].copy_(tensors[i])
         if chosen:
             _permute_many_out([tensors[i] for i in chosen], table.tensors, slots, [results[i] for i in chosen])
     elif chosen:

@@ -219,7 +219,16 @@ def sinkhorn(
     if not bool(torch.isfinite(cost).all()):
         raise WeightError(f"{OP}: argument 'cost' has NaN or infinite entries")
     batch_shape, (n, m) = cost.shape[:-2], cost.shape[-2:]
-    work = cost.to(torch.float64 if cost.dtype == torch.float64 else torch.float32)
+    # P = exp((f + g − C)/reg) carries an absolute error of about max|C|/reg · ε in its exponent: past
+    # 2^16 that is 0.4% in float32 (a plan reported converged would be far off its marginals), so
+    # such costs run in float64; past 2^36 float64 is no better than a 1e-5 tolerance, so they are refused
+    spread = float(cost.abs().max()) / reg
+    if spread > 2.0**36:
+        raise WeightError(
+            f"{OP}: argument 'cost' expected max|cost| / reg <= 2^36, got {spread:.3g}: scale the cost "
+            "down or raise reg (for reg → 0, linear_assignment solves the limit exactly)"
+        )
+    work = cost.to(torch.float64 if cost.dtype == torch.float64 or spread > 2.0**16 else torch.float32)
     log_a = _marginal("a", a, n, batch_shape, work)
     log_b = _marginal("b", b, m, batch_shape, work)
     if log_a.numel():
@@ -243,6 +252,10 @@ def sinkhorn(
         plan, f, g, iterations, error = ref.sinkhorn(*args)
     else:
         plan, f, g, iterations, error = _sinkhorn(*args)
+    # a plan with an overflow is never reported as converged
+    overflow = (plan.isnan() | (plan == float("inf"))) if log else ~torch.isfinite(plan)
+    bad = overflow.flatten(-2).any(-1) | ~torch.isfinite(f).all(-1) | ~torch.isfinite(g).all(-1)
+    error = torch.where(bad.to(error.device), torch.full_like(error, float("inf")), error)
     return SinkhornResult(
         plan.reshape(cost.shape).to(cost.dtype),
         f.reshape(*batch_shape, n).to(cost.dtype),

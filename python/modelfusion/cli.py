@@ -12,6 +12,7 @@ from pathlib import Path
 from fusion_kernels import FusionError, __version__
 
 from .pipeline import load_recipe, plan_merge, run_plan
+from .pipeline.executor import AlreadyMerged
 from .pipeline.recipe import parse_size
 
 
@@ -26,7 +27,12 @@ def _merge(args) -> int:
     if args.dry_run:
         print(plan.describe())
         return 0
-    _report(args.out, run_plan(plan, args.out, resume=args.resume, progress=not args.quiet))
+    try:
+        stats = run_plan(plan, args.out, resume=args.resume, progress=not args.quiet)
+    except AlreadyMerged as e:
+        print(f"modelfusion merge: {e}")  # a retry loop around --resume ends here, successfully
+        return 0
+    _report(args.out, stats)
     return 0
 
 
@@ -69,7 +75,7 @@ def _report(out, stats) -> None:
     ranks = f" by {stats.processes} processes" if stats.processes > 1 else ""
     print(
         f"merged into {out}: {stats.shards_written} shards{ranks} in {stats.seconds:.1f} s{resumed}; "
-        f"read {stats.read_bytes / 1e9:.2f} GB at {stats.read_gbs:.2f} GB/s; "
+        f"read {stats.read_bytes / 2**30:.2f} GiB at {stats.read_bytes / max(stats.seconds, 1e-9) / 2**30:.2f} GiB/s; "
         f"peak tensors in flight {stats.budget_high_water / 2**20:.0f} MiB, peak RSS {stats.peak_rss / 2**20:.0f} MiB"
     )
 
@@ -84,7 +90,7 @@ def _inspect(args) -> int:
     for t in c.tensors.values():
         dtypes[str(t.dtype).removeprefix("torch.")] += t.nbytes
     params = sum(t.nbytes // t.dtype.itemsize for t in c.tensors.values())
-    print(f"{c.path}: {arch}; {len(c.tensors)} tensors, {params / 1e6:.2f}M parameters, {c.nbytes / 1e9:.3f} GB")
+    print(f"{c.path}: {arch}; {len(c.tensors)} tensors, {params / 1e6:.2f}M parameters, {c.nbytes / 2**30:.3f} GiB")
     print("bytes by dtype: " + json.dumps(dict(dtypes)))
     if args.tensors:
         for t in c.tensors.values():

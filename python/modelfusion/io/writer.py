@@ -211,11 +211,13 @@ def write_json_atomic(path: Path, content: dict) -> None:
         raise OutputError(f"{path}: cannot write: {e}") from e
 
 
-def write_index(directory: Path, shards: Sequence[Sequence[OutputTensor]]) -> None:
-    """The HF index of ``shards``: written last, it marks the directory complete."""
+def write_index(directory: Path, shards: Sequence[Sequence[OutputTensor]], **metadata) -> None:
+    """The HF index of ``shards``: written last, it marks the directory complete. ``metadata`` (strings)
+    joins ``total_size`` in its metadata."""
     weight_map = {t.name: shard_name(i, len(shards)) for i, shard in enumerate(shards) for t in shard}
     total = sum(t.nbytes for shard in shards for t in shard)
-    write_json_atomic(directory / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+    write_json_atomic(directory / SAFETENSORS_INDEX, index)
 
 
 def copy_model_files(source: Path, directory: Path, config_overrides: dict | None = None) -> list[str]:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from fusion_kernels.methods import merge_tensor
 
-from ..errors import OutputError
+from ..errors import OutputError, short_repr
 from ..io.checkpoint import FLOAT8, SAFETENSORS_INDEX
 from ..io.writer import PARTIAL, ShardWriter, copy_model_files, write_index, write_json_atomic
 from .plan import Plan, TensorTask
@@ -124,12 +124,22 @@ def finished_shards(out: Path, resume: bool, fingerprint: str) -> dict[str, int]
     plan's ``fingerprint``. Returns the shards every journal there records as finished and whose
     files are whole, {file: size}: a run may resume another's with a different number of ranks."""
     if (out / SAFETENSORS_INDEX).exists():
+        if resume and completed_fingerprint(out) == fingerprint:
+            raise AlreadyMerged(f"{out}: this merge is already complete; nothing to resume")
         raise OutputError(f"{out}: already holds a complete merged model ({SAFETENSORS_INDEX} exists)")
     journals = sorted(out.glob(JOURNAL_GLOB)) if resume and out.is_dir() else []
     if journals:
         done = {}
         for path in journals:
-            journal = json.loads(path.read_text())
+            try:
+                journal = json.loads(path.read_text())
+                if not isinstance(journal, dict) or not isinstance(journal.get("shards"), dict):
+                    raise ValueError("expected an object with a 'shards' mapping")
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+                raise OutputError(
+                    f"{path}: a corrupt journal ({short_repr(str(e), 120)}); remove it (and the shards it "
+                    "names) to merge afresh"
+                ) from e
             if journal.get("fingerprint") != fingerprint:
                 raise OutputError(f"{out}: {path.name} is of another recipe or other inputs; cannot resume")
             for file, size in journal["shards"].items():
@@ -139,6 +149,19 @@ def finished_shards(out: Path, resume: bool, fingerprint: str) -> dict[str, int]
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputError(f"{out}: not empty; choose an empty directory (or --resume an interrupted merge)")
     return {}
+
+
+class AlreadyMerged(OutputError):
+    """``resume`` found this very merge complete in the output directory: there is nothing to do."""
+
+
+def completed_fingerprint(out: Path) -> str | None:
+    """The fingerprint a finished merge recorded in its index, or None."""
+    try:
+        index = json.loads((out / SAFETENSORS_INDEX).read_text())
+        return index["metadata"]["modelfusion_fingerprint"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError):
+        return None
 
 
 def start_journal(out: Path, name: str, fingerprint: str, done: dict[str, int], **extra) -> tuple[Path, dict]:
@@ -325,7 +348,7 @@ def finalize(plan: Plan, out: Path) -> None:
         if "quantization_config" in config:  # we write float tensors, never quantized ones
             overrides["quantization_config"] = None
         copy_model_files(reference.path, out, overrides)
-    write_index(out, [[t.out for t in shard] for shard in plan.shards])
+    write_index(out, [[t.out for t in shard] for shard in plan.shards], modelfusion_fingerprint=plan.fingerprint())
     for journal in out.glob(JOURNAL_GLOB):
         journal.unlink(missing_ok=True)
 
@@ -338,9 +361,17 @@ def run_plan(plan: Plan, out: str | Path, *, resume: bool = False, progress: boo
     start = time.perf_counter()
     fingerprint = plan.fingerprint()
     done = finished_shards(out, resume, fingerprint)
+    created = not out.exists()
     journal_path, journal = start_journal(out, JOURNAL, fingerprint, done)
     todo = [(f, s) for f, s in zip(plan.shard_files(), plan.shards, strict=True) if f not in done]
-    executed = execute(plan, out, todo, journal_path, journal, progress=progress)
+    try:
+        executed = execute(plan, out, todo, journal_path, journal, progress=progress)
+    except BaseException:
+        if not journal["shards"]:  # nothing to resume: leave the directory as it was found
+            journal_path.unlink(missing_ok=True)
+            if created and not any(out.iterdir()):
+                out.rmdir()
+        raise
     finalize(plan, out)
     return RunStats(
         seconds=time.perf_counter() - start,

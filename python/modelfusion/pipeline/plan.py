@@ -164,6 +164,7 @@ def _resolve_params(recipe: Recipe, name: str, t: float) -> dict:
 def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False) -> Plan:
     """Open every model, match tensors by name, resolve parameters and cut shards. Raises
     CheckpointError or RecipeError, each naming the model, tensor or recipe key at fault."""
+    _check_device(recipe.device)
     paths = recipe.inputs
     checkpoints = [Checkpoint(p, allow_pickle=allow_pickle) for p in paths]
     base_index = paths.index(recipe.base_model) if recipe.base_model is not None else None
@@ -213,6 +214,15 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
             f"({human_bytes(largest.peak_bytes)}: its inputs, conversions, scratch and output)"
         )
     return plan
+
+
+def _check_device(device: str) -> None:
+    if device == "cpu":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if index >= count:
+        raise RecipeError(f"device: {device!r} asked for, but this machine has {count} CUDA devices")
 
 
 def human_bytes(n: int) -> str:

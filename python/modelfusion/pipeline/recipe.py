@@ -159,10 +159,45 @@ def _models_from_slices(slices: Any) -> tuple[list[dict], tuple]:
         raise RecipeError(f"slices[0].{sorted(extra)[0]}: not supported")
     if not isinstance(sources, list) or not sources:
         raise RecipeError("slices[0].sources: expected a list of {model, layer_range}")
-    ranges = {tuple(s.get("layer_range") or ()) if isinstance(s, dict) else None for s in sources}
+    for i, source in enumerate(sources):
+        if not isinstance(source, dict):
+            raise RecipeError(f"slices[0].sources[{i}]: expected {{model, layer_range}}, got {short_repr(source)}")
+        layer_range = source.get("layer_range")
+        if layer_range is not None and not (
+            isinstance(layer_range, list)
+            and len(layer_range) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layer_range)
+        ):
+            raise RecipeError(
+                f"slices[0].sources[{i}].layer_range: expected [start, end], two non-negative ints, "
+                f"got {short_repr(layer_range)}"
+            )
+    ranges = {tuple(s.get("layer_range") or ()) for s in sources}
     if len(ranges) != 1:
         raise RecipeError(f"slices[0].sources: every source must take the same layer_range, got {sorted(ranges)}")
     return [{k: v for k, v in s.items() if k != "layer_range"} for s in sources], next(iter(ranges))
+
+
+MAX_RECIPE_BYTES = 4 * 2**20
+MAX_NODES, MAX_DEPTH = 100_000, 32
+
+
+def _check_size(raw: Any) -> None:
+    """Refuse a recipe whose parsed value is deeper or larger than any real one: YAML aliases can
+    expand a few hundred bytes into billions of nodes ("billion laughs"). Walks shared nodes once
+    per reference, stopping at the first limit crossed, so the check itself stays cheap."""
+    stack, seen = [(raw, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        seen += 1
+        if seen > MAX_NODES or depth > MAX_DEPTH:
+            what = f"more than {MAX_NODES} values" if seen > MAX_NODES else f"nesting deeper than {MAX_DEPTH}"
+            raise RecipeError(f"recipe: {what} (YAML aliases can expand a small file); refused")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+            stack.extend((k, depth + 1) for k in value if not isinstance(k, str))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def load_recipe(text_or_path: str | Path) -> Recipe:
@@ -173,10 +208,15 @@ def load_recipe(text_or_path: str | Path) -> Recipe:
             text = Path(text_or_path).read_text()
         except OSError as e:
             raise RecipeError(f"recipe: cannot read {text_or_path}: {e}") from e
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe: {len(text)} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise RecipeError(f"recipe: not valid YAML: {e}") from e
+        raise RecipeError(f"recipe: not valid YAML: {short_repr(str(e), 300)}") from e
+    except RecursionError:
+        raise RecipeError("recipe: nested too deeply to parse") from None
+    _check_size(raw)
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe: expected a mapping at the top, got {type(raw).__name__}")
     for key in raw:
@@ -242,8 +282,8 @@ def _check_shape_of_recipe(recipe: Recipe, raw: dict, layer_range) -> None:
     if raw.get("max_shard_size") is not None:
         recipe.max_shard_size = parse_size(raw["max_shard_size"], "max_shard_size")
     threads = raw.get("threads")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise RecipeError(f"threads: expected a positive int, got {short_repr(threads)}")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 4096):
+        raise RecipeError(f"threads: expected an int in [1, 4096], got {short_repr(threads)}")
     recipe.threads = threads
     device = raw.get("device", "cpu")
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
