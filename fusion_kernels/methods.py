@@ -68,6 +68,7 @@ class Method:
     sparsify: str | None = None  # the generalized task arithmetic family only
     consensus: str | None = None
     gta: bool = False
+    writes_out: bool = True  # merge_tensor writes into a given ``out`` (else it returns a new tensor)
 
     @property
     def params(self) -> dict[str, Param]:
@@ -123,8 +124,8 @@ _GTA = {
 METHODS: dict[str, Method] = {
     "linear": Method("linear", {"weight": Param(REQUIRED, float)}, {"normalize": Param(True, bool)}, needs_base=False),
     **{name: _gta(name, *spec) for name, spec in _GTA.items()},
-    "slerp": Method("slerp", {}, {"t": Param(REQUIRED, float, 0.0, 1.0)}, others=(1, 1)),
-    "model_stock": Method("model_stock", {}, {"filter_wise": Param(False, bool)}, others=(2, None)),
+    "slerp": Method("slerp", {}, {"t": Param(REQUIRED, float, 0.0, 1.0)}, others=(1, 1), writes_out=False),
+    "model_stock": Method("model_stock", {}, {"filter_wise": Param(False, bool)}, others=(2, None), writes_out=False),
 }
 GTA_METHODS = tuple(name for name, m in METHODS.items() if m.gta)
 
@@ -224,7 +225,15 @@ def merge_tensor(
     return model_stock(base, others, filter_wise=params["filter_wise"])
 
 
-MODEL_STOCK_CHUNK = 1 << 22  # elements per step of model_stock's Gram matrix: bounds its scratch memory
+MODEL_STOCK_CHUNK = 1 << 20  # elements per step of model_stock's float64 passes: bounds its scratch memory
+
+
+def scratch_bytes(name: str, numel: int, models: int) -> int:
+    """Bytes method ``name`` allocates beside its inputs and output for a tensor of ``numel`` elements
+    merged from ``models`` tensors (the base included): what a memory budget must count."""
+    if name == "model_stock":  # its float64 chunk buffers (see model_stock)
+        return 8 * min(numel, MODEL_STOCK_CHUNK) * (models + 2)
+    return 4 * numel  # the kernels' float32 scratch (DELLA's ranks and keep probabilities included)
 
 
 def model_stock(base: torch.Tensor, others: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
@@ -232,16 +241,22 @@ def model_stock(base: torch.Tensor, others: list[torch.Tensor], filter_wise: boo
     c the mean pairwise cosine of the dᵢ (per row when ``filter_wise``),
     t = N·c / (1 + (N − 1)·c)   (0 where the denominator vanishes),
     out = t·mean(xᵢ) + (1 − t)·base.
-    The Gram matrix of the offsets is accumulated in float64 over chunks, so no offset is materialised."""
+    The statistics run in float64 over chunks of ``MODEL_STOCK_CHUNK`` elements in buffers allocated
+    once (no offset, no float64 copy of a whole tensor; see :func:`scratch_bytes`)."""
     n = len(others)
     rows = (base.shape[0] if base.dim() > 1 else 1) if filter_wise else 1
     flat = [x.reshape(rows, -1) for x in [base, *others]]
+    cols = flat[0].shape[1]
+    size = min(rows * cols, MODEL_STOCK_CHUNK)
+    buffers = torch.empty(n + 2, size, dtype=torch.float64, device=base.device)
     gram = torch.zeros(rows, n, n, dtype=torch.float64, device=base.device)
-    step = max(1, MODEL_STOCK_CHUNK // max(rows, 1))
-    for start in range(0, flat[0].shape[1], step):
-        b = flat[0][:, start : start + step].double()
-        d = torch.stack([x[:, start : start + step].double() - b for x in flat[1:]], dim=1)
-        gram += d @ d.transpose(1, 2)
+    for r, c, k in _chunks(rows, cols):
+        b = buffers[n, : k * _width(c, cols)].view(k, -1)
+        b.copy_(flat[0][r, c])
+        d = buffers[:n, : b.numel()].view(n, k, -1)
+        for i, x in enumerate(flat[1:]):
+            d[i].copy_(x[r, c]).sub_(b)
+        gram[r] += torch.einsum("irc,jrc->rij", d, d)
     norms = gram.diagonal(dim1=1, dim2=2).sqrt()
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     cos = torch.stack(
@@ -252,8 +267,30 @@ def model_stock(base: torch.Tensor, others: list[torch.Tensor], filter_wise: boo
     if rows == 1:
         w = float(t)
         return weighted_sum([base, *others], [1 - w] + [w / n] * n)
-    shape = (rows,) + (1,) * (base.dim() - 1)
-    out = (1 - t).reshape(shape) * base.double()
-    for x in others:
-        out += (t / n).reshape(shape) * x.double()
-    return out.to(base.dtype)
+    result = torch.empty_like(base)
+    flat_out = result.reshape(rows, cols)
+    for r, c, k in _chunks(rows, cols):
+        acc = buffers[n, : k * _width(c, cols)].view(k, -1)
+        part = buffers[n + 1, : acc.numel()].view(k, -1)
+        acc.copy_(flat[0][r, c]).mul_(1 - t[r, None])
+        for x in flat[1:]:
+            acc.add_(part.copy_(x[r, c]).mul_(t[r, None] / n))
+        flat_out[r, c] = acc
+    return result
+
+
+def _width(c: slice, cols: int) -> int:
+    return len(range(*c.indices(cols)))
+
+
+def _chunks(rows: int, cols: int):
+    """(row slice, column slice, rows in it): pieces of a [rows, cols] matrix of at most
+    MODEL_STOCK_CHUNK elements each."""
+    if cols >= MODEL_STOCK_CHUNK:
+        for r in range(rows):
+            for c in range(0, cols, MODEL_STOCK_CHUNK):
+                yield slice(r, r + 1), slice(c, c + MODEL_STOCK_CHUNK), 1
+        return
+    step = max(1, MODEL_STOCK_CHUNK // max(cols, 1))
+    for r in range(0, rows, step):
+        yield slice(r, r + step), slice(None), min(step, rows - r)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fusion_kernels.methods import METHODS, REQUIRED, tensor_seed
+from fusion_kernels.methods import METHODS, REQUIRED, scratch_bytes, tensor_seed
 
 from ..errors import RecipeError
 from ..io.checkpoint import FLOAT8, Checkpoint, TensorInfo
@@ -31,6 +31,7 @@ class TensorTask:
     params: dict = field(default_factory=dict)
     seed: int = 0
     passthrough: bool = False  # copied from the base model (non-float tensors)
+    method: str = ""  # the recipe's merge method
 
     @property
     def read_bytes(self) -> int:
@@ -47,8 +48,14 @@ class TensorTask:
             for i in self.inputs
             if i is not None and (i.dtype != self.compute_dtype or i.scale is not None)
         )
-        scratch = 0 if self.passthrough else self.out.nbytes // self.out.dtype.itemsize * 4
-        return self.read_bytes + converted + scratch + self.out.nbytes
+        if self.passthrough:
+            return self.read_bytes + converted + self.out.nbytes
+        numel = self.out.nbytes // self.out.dtype.itemsize
+        models = sum(i is not None for i in self.inputs)
+        scratch = scratch_bytes(self.method, numel, models)
+        # the method's result in the compute dtype, before it is converted to the output dtype
+        result = numel * self.compute_dtype.itemsize if self.compute_dtype != self.out.dtype else 0
+        return self.read_bytes + converted + scratch + result + self.out.nbytes
 
 
 @dataclass
@@ -203,7 +210,8 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
         inputs = [c.tensors[name] if k in needed else None for k, c in enumerate(checkpoints)]
         out = OutputTensor(name, recipe.out_dtype or compute, ref.shape)
         params = _resolve_params(recipe, name, layer_position(name, num_layers))
-        tasks.append(TensorTask(out, inputs, compute, params, tensor_seed(recipe.seed, name)))
+        seed = tensor_seed(recipe.seed, name)
+        tasks.append(TensorTask(out, inputs, compute, params, seed, method=recipe.merge_method))
     outputs = {id(t.out): t for t in tasks}
     shards = [[outputs[id(o)] for o in shard] for shard in plan_shards([t.out for t in tasks], recipe.max_shard_size)]
     plan = Plan(recipe, checkpoints, base_index, merged_models, shards, memory_budget)

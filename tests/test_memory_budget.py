@@ -1,0 +1,50 @@
+"""The memory budget is a hard promise: every method × {bf16, float32 compute, float32 compute
+with bf16 output} at the smallest budget the planner accepts (and a few at twice that) peaks at
+most 300 MB above the budget, in a fresh process (tests/memory_probe.py; the interpreter, torch
+and the writer's staging buffer take about 260 MB of that)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusion_kernels.methods import METHODS
+
+PROBE = Path(__file__).with_name("memory_probe.py")
+SLACK = 300 * 10**6
+CONFIGS = [{}, {"dtype": "float32"}, {"dtype": "float32", "out_dtype": "bfloat16"}]
+CASES = [{"method": m, **c} for m in METHODS for c in CONFIGS]
+CASES += [{"method": "model_stock", "filter_wise": True, **c} for c in CONFIGS[:2]]
+DOUBLE = [{"method": m, "budget_factor": 2} for m in ("linear", "ties", "model_stock")]
+
+
+def _probe(root: Path, cases: list) -> list[dict]:
+    run = subprocess.run(
+        [sys.executable, str(PROBE), str(root), json.dumps(cases)], capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads(line) for line in run.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def family_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    _probe(root, [])
+    return root
+
+
+@pytest.mark.slow
+def test_every_method_and_dtype_stays_within_the_budget(family_root):
+    results = _probe(family_root, CASES + DOUBLE)
+    assert len(results) == len(CASES + DOUBLE)
+    over = [
+        f"{r['method']} dtype={r.get('dtype')} out_dtype={r.get('out_dtype')} filter_wise={r.get('filter_wise', False)}"
+        f" budget {r['budget_bytes'] / 2**20:.0f} MiB: peak RSS {r['peak_rss'] / 2**20:.0f} MiB"
+        for r in results
+        if r["peak_rss"] > r["budget_bytes"] + SLACK
+    ]
+    assert not over, "\n".join(over)
