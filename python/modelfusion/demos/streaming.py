@@ -174,9 +174,10 @@ def family_label(paths: list[Path]) -> str:
 
 
 def run_demo(
-    workdir: str | None = None, memory_budget: int | None = None, keep: bool = False
+    workdir: str | None = None, memory_budget: int | None = None, keep: bool = False, on_row=None
 ) -> tuple[list[dict], bool]:
-    """Build the families, merge each with every method, verify; returns (table rows, MiniLM found)."""
+    """Build the families, merge each with every method, verify; returns (table rows, MiniLM found).
+    ``on_row(row)`` is called as each row is done (the CLI prints it)."""
     root = Path(workdir or tempfile.mkdtemp(prefix="modelfusion-demo-"))
     root.mkdir(parents=True, exist_ok=True)
     families = [make_llama_family(root / "llama")]
@@ -204,6 +205,8 @@ def run_demo(
                         "ok": ok,
                     }
                 )
+                if on_row is not None:
+                    on_row(rows[-1])
                 shutil.rmtree(out)
     finally:
         if not keep and workdir is None:

@@ -264,6 +264,17 @@ def _writer(
         failure.append(e)
 
 
+def _join(*threads: threading.Thread) -> None:
+    """Join ``threads``, Ctrl-C notwithstanding: a second interrupt while they finish their current
+    tensor is held back until they have."""
+    for thread in threads:
+        while thread.is_alive():
+            try:
+                thread.join()
+            except KeyboardInterrupt:
+                continue
+
+
 def _next(ready: queue.Queue, failure: list):
     while True:
         if failure:
@@ -342,10 +353,12 @@ def execute(
             raise failure[0]
     except BaseException:
         results.put(None)
-        writer.join(timeout=60)
         raise
     finally:
+        # both threads are stopped and joined on every way out (Ctrl-C included): a daemon thread still
+        # inside torch or the kernels at interpreter shutdown can abort the process
         stop.set()
+        _join(writer, reader)
         bar.close()
         torch.set_num_threads(previous_threads)
     return Executed(
