@@ -27,6 +27,7 @@ from .ops.slerp import slerp
 from .ops.sparse_merge import sparse_merge
 from .ops.task_arithmetic import task_arithmetic
 from .ops.weighted_sum import weighted_sum
+from .reference import composite
 
 REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
 
@@ -41,7 +42,14 @@ class Param:
     hi: float = math.inf
 
     def check(self, value: Any, key: str, error: type[FusionError] = ParameterError) -> Any:
-        """``value`` as a float in [lo, hi] or a bool; else ``error`` naming ``key``."""
+        """``value`` as a float (or int) in [lo, hi] or a bool; else ``error`` naming ``key``. None is
+        accepted where the default is None (an optional setting)."""
+        if value is None and self.default is None:
+            return None
+        if self.kind is int:
+            if not isinstance(value, int) or isinstance(value, bool) or not self.lo <= value <= self.hi:
+                raise error(f"{key}: expected an integer in [{self.lo}, {self.hi}], got {short_repr(value)}")
+            return value
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise error(f"{key}: expected true or false, got {short_repr(value)}")
@@ -69,6 +77,7 @@ class Method:
     consensus: str | None = None
     gta: bool = False
     writes_out: bool = True  # merge_tensor writes into a given ``out`` (else it returns a new tensor)
+    base_merged: bool = False  # the base, when given, is merged as one more model (linear, karcher)
 
     @property
     def params(self) -> dict[str, Param]:
@@ -122,9 +131,48 @@ _GTA = {
 }
 
 METHODS: dict[str, Method] = {
-    "linear": Method("linear", {"weight": Param(REQUIRED, float)}, {"normalize": Param(True, bool)}, needs_base=False),
+    "linear": Method(
+        "linear",
+        {"weight": Param(REQUIRED, float)},
+        {"normalize": Param(True, bool)},
+        needs_base=False,
+        base_merged=True,
+    ),
     **{name: _gta(name, *spec) for name, spec in _GTA.items()},
     "slerp": Method("slerp", {}, {"t": Param(REQUIRED, float, 0.0, 1.0)}, others=(1, 1), writes_out=False),
+    "passthrough": Method(
+        "passthrough", {"scale": Param(None, float)}, {}, needs_base=False, others=(1, 1), writes_out=False
+    ),
+    "nearswap": Method("nearswap", {}, {"t": Param(REQUIRED, float, 0.0)}, others=(1, 1), writes_out=False),
+    "nuslerp": Method(
+        "nuslerp",
+        {"weight": Param(REQUIRED, float)},
+        {"nuslerp_row_wise": Param(False, bool), "nuslerp_flatten": Param(True, bool)},
+        needs_base=False,
+        others=(2, 2),
+        writes_out=False,
+    ),
+    "multislerp": Method(
+        "multislerp",
+        {"weight": Param(REQUIRED, float)},
+        {"normalize_weights": Param(True, bool), "eps": Param(1e-8, float, 0.0)},
+        needs_base=False,
+        writes_out=False,
+    ),
+    "karcher": Method(
+        "karcher",
+        {},
+        {"max_iter": Param(10, int, 1, 10_000), "tol": Param(1e-5, float, 0.0)},
+        needs_base=False,
+        base_merged=True,
+        writes_out=False,
+    ),
+    "sce": Method(
+        "sce",
+        {},
+        {"select_topk": Param(1.0, float, 0.0, 1.0), "int8_mask": Param(False, bool)},
+        writes_out=False,
+    ),
     "model_stock": Method("model_stock", {}, {"filter_wise": Param(False, bool)}, others=(2, None), writes_out=False),
 }
 GTA_METHODS = tuple(name for name, m in METHODS.items() if m.gta)
@@ -222,7 +270,37 @@ def merge_tensor(
         )
     if name == "slerp":
         return slerp(base, others[0], params["t"])  # the whole tensor, as mergekit's run_merge batches it
-    return model_stock(base, others, filter_wise=params["filter_wise"])
+    if name == "model_stock":
+        return model_stock(base, others, filter_wise=params["filter_wise"])
+    return _composite(name, base, others, params)
+
+
+def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str, Any]) -> torch.Tensor:
+    """The methods composed in :mod:`fusion_kernels.reference.composite`; a base, where given, is the
+    origin of the spherical ones (they interpolate the task vectors)."""
+    if name == "passthrough":
+        scale = params["scale"][0]
+        return others[0] if scale is None else weighted_sum(others, [scale])
+    if name == "nearswap":
+        return composite.nearswap(base, others[0], params["t"])
+    if name == "sce":
+        return composite.sce(base, others, params["select_topk"])
+    if name == "karcher":
+        uniform = [1 / len(others)] * len(others)
+        return composite.karcher(others, uniform, max_iter=params["max_iter"], tol=params["tol"])
+    if base is not None:  # task vectors, in the float32 arithmetic the result is computed in
+        wide = torch.float64 if base.dtype == torch.float64 else torch.float32
+        origin = base.to(wide)
+        others = [x.to(wide) - origin for x in others]
+    if name == "nuslerp":
+        w = params["weight"]
+        t = 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
+        row_wise, flatten = params["nuslerp_row_wise"], params["nuslerp_flatten"]
+        merged = composite.nuslerp(t, others[0], others[1], row_wise=row_wise, flatten=flatten)
+    else:
+        normalize = params["normalize_weights"]
+        merged = composite.multislerp(others, params["weight"], normalize=normalize, eps=params["eps"])
+    return merged if base is None else (origin + merged).to(base.dtype)
 
 
 MODEL_STOCK_CHUNK = 1 << 20  # elements per step of model_stock's float64 passes: bounds its scratch memory

@@ -189,8 +189,8 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
     if recipe.layer_range is not None and tuple(recipe.layer_range) != (0, num_layers):
         raise RecipeError(f"slices: layer_range {list(recipe.layer_range)} must cover all {num_layers} layers")
     merged_models = [paths.index(m.path) for m in recipe.merged]
-    if recipe.merge_method == "linear":
-        base_index = None  # linear takes the base, when there is one, as one more merged model
+    if METHODS[recipe.merge_method].base_merged:
+        base_index = None  # linear and karcher take the base, when there is one, as one more merged model
     tasks = []
     for name in names:
         ref = reference.tensors[name]

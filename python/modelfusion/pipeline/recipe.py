@@ -97,7 +97,7 @@ class Recipe:
     @property
     def merged(self) -> list[ModelEntry]:
         """The models whose per-model parameters apply: all for ``linear``, else all but the base."""
-        return self.models if self.merge_method == "linear" else self.non_base
+        return self.models if fk_methods.METHODS[self.merge_method].base_merged else self.non_base
 
 
 def parse_size(value: Any, key: str) -> int:
@@ -254,8 +254,8 @@ def load_recipe(text_or_path: str | Path) -> Recipe:
         out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
         source=text,
     )
-    if method == "linear" and base is not None and base not in [m.path for m in models]:
-        models.insert(0, ModelEntry(base))  # mergekit's linear averages the base too: it needs a weight
+    if fk_methods.METHODS[method].base_merged and base is not None and base not in [m.path for m in models]:
+        models.insert(0, ModelEntry(base))  # mergekit's linear (and karcher) merge the base too
     _check_shape_of_recipe(recipe, raw, layer_range)
     return recipe
 
@@ -265,7 +265,7 @@ def _check_shape_of_recipe(recipe: Recipe, raw: dict, layer_range) -> None:
     spec = fk_methods.METHODS[method]
     if spec.needs_base and recipe.base_model is None:
         raise RecipeError(f"base_model: merge_method {short_repr(method)} needs a base model")
-    others = len(recipe.models) if method == "linear" else len(recipe.non_base)
+    others = len(recipe.models) if spec.base_merged else len(recipe.non_base)
     problem = spec.count_error(others)
     if problem:
         raise RecipeError(f"models: {problem}")

@@ -1,0 +1,132 @@
+"""Merge methods composed of reductions and elementwise steps, in pure PyTorch (float32 arithmetic,
+float64 for float64 inputs; results in the inputs' dtype). Their semantics are mergekit 0.1.5's:
+
+    nearswap(a, b, t):    w = clamp(t / max(|a − b|, 1e-6), 0, 1);  w·b + (1 − w)·a
+    nuslerp(t, v0, v1):   slerp of v0, v1 as vectors (flattened, or each row/column alone);
+                          linear where they are (anti)parallel; with a base: of the task vectors
+    multislerp(xs, w):    weighted mean of the unit vectors, tangent-space average, exponential map
+                          back, times the weighted mean norm; with a base: of the task vectors
+    karcher(xs, w):       the weighted Karcher (Fréchet) mean of the unit vectors on the sphere
+                          (fixed-point iteration), times the weighted mean norm
+    sce(base, xs, k):     keep the top-k fraction by variance across models, TIES sign election,
+                          weights ∝ mean square of each task vector, weighted mean of the agreeing
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import WeightError
+
+
+def _work(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+def nearswap(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+    a32, b32 = _work(a), _work(b)
+    w = (t / (a32 - b32).abs().clamp(min=1e-6)).clamp(0, 1)
+    return (w * b32 + (1 - w) * a32).to(a.dtype)
+
+
+def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool = False, flatten: bool = True):
+    """Spherical interpolation of two tensors seen as one vector (``flatten``) or as vectors along
+    their last dim (dim 0 with ``row_wise``)."""
+    shape, dtype = v0.shape, v0.dtype
+    a, b = _work(v0), _work(v1)
+    if flatten:
+        a, b = a.reshape(-1), b.reshape(-1)
+    elif row_wise:
+        a, b = a.transpose(0, -1), b.transpose(0, -1)
+    ua = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    ub = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    spherical = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * a + t * b, spherical)
+    if row_wise and not flatten:
+        out = out.transpose(0, -1)
+    return out.reshape(shape).to(dtype)
+
+
+def multislerp(xs: list[torch.Tensor], weights: list[float], *, normalize: bool = True, eps: float = 1e-8):
+    dtype, shape = xs[0].dtype, xs[0].shape
+    if len(xs) == 1:
+        return xs[0]
+    flat = torch.stack([_work(x).reshape(-1) for x in xs])
+    w = torch.tensor(weights, dtype=flat.dtype)
+    if normalize:
+        w = w / w.sum()
+    norms = flat.norm(dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    if mean.norm() < eps:
+        if len(xs) == 2:  # antipodal pair: the linear blend, as mergekit falls back to
+            return (flat[0] * w[0] + flat[1] * w[1]).reshape(shape).to(dtype)
+        raise WeightError(
+            "multislerp: the weighted mean of the unit vectors is zero (antipodal inputs); change the weights"
+        )
+    mean = mean / mean.norm()
+    tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * w[:, None]).sum(0)
+    size = tangent.norm() + eps
+    out = (mean * torch.cos(size) + tangent * (torch.sin(size) / size)) * (norms[:, 0] * w).sum()
+    return out.reshape(shape).to(dtype)
+
+
+def karcher(xs: list[torch.Tensor], weights: list[float], *, max_iter: int = 10, tol: float = 1e-5):
+    dtype, shape = xs[0].dtype, xs[0].shape
+    if len(xs) == 1:
+        return xs[0]
+    flat = [_work(x).reshape(-1) for x in xs]
+    norms = [float(f.norm()) for f in flat]
+    valid = [i for i, n in enumerate(norms) if n > tol]
+    if not valid:
+        return torch.zeros(shape, dtype=dtype)
+    total = sum(weights[i] for i in valid)
+    alphas = [weights[i] / total for i in valid]
+    units = [flat[i] / norms[i] for i in valid]
+    mean = sum(a * u for a, u in zip(alphas, units, strict=True))
+    mean = units[0].clone() if float(mean.norm()) < tol else mean / mean.norm()
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in zip(alphas, units, strict=True):
+            dot = torch.dot(mean, u).clamp(-1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) >= tol:
+                tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+        size = tangent.norm()
+        if float(size) < tol:
+            break
+        mean = torch.cos(size) * mean + torch.sin(size) * (tangent / size)
+        if float(mean.norm()) > tol:
+            mean = mean / mean.norm()
+    scale = sum(w * n for w, n in zip(weights, norms, strict=True))
+    return (scale * mean).reshape(shape).to(dtype)
+
+
+def sce(base: torch.Tensor, xs: list[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
+    if not xs:
+        return base
+    b = _work(base)
+    tv = torch.stack([_work(x) - b for x in xs])
+    if select_topk < 1:
+        tv = tv * _variance_mask(tv, select_topk)
+    total = tv.sum(0)
+    agree = torch.where(total >= 0, tv > 0, tv < 0)  # TIES' election: the sign of the sum (0 counts as +)
+    energy = tv.square().reshape(len(xs), -1).mean(1)
+    s = float(energy.sum())
+    weights = torch.full_like(energy, 1 / len(xs)) if abs(s) < 1e-6 else energy / s
+    weights = weights.reshape(-1, *([1] * base.dim())) * agree
+    merged = (tv * weights).sum(0) / weights.sum(0).clamp(min=1e-6)
+    return (b + merged).to(base.dtype)
+
+
+def _variance_mask(tv: torch.Tensor, density: float) -> torch.Tensor:
+    """The elements whose variance across models is among the ⌊density · nonzero⌋ largest."""
+    var = tv.var(0, unbiased=False)
+    k = int(int(torch.count_nonzero(var)) * density)
+    mask = torch.zeros_like(var, dtype=torch.bool)
+    if density > 0 and k > 0:
+        mask.view(-1)[torch.topk(var.reshape(-1), k).indices] = True
+    return mask

@@ -1,0 +1,116 @@
+"""The mergekit 0.1.5 methods beyond task arithmetic (passthrough, nearswap, nuslerp, multislerp,
+karcher, sce) on our method table, against mergekit's own implementations on the same tensors,
+and through the pipeline from a recipe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from modelfusion.demos.streaming import make_llama_family
+from modelfusion.io import Checkpoint
+from modelfusion.pipeline import merge
+
+from fusion_kernels.methods import METHODS, merge_tensor
+
+registry = pytest.importorskip("mergekit.merge_methods.registry")
+base_module = pytest.importorskip("mergekit.merge_methods.base")
+
+SMALL = dict(hidden=64, layers=3, intermediate=96, vocab=128, kv_heads=2, heads=4)
+
+
+def _tensors(n: int, shape=(37, 23), seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return [base.to(dtype)] + [(base + 0.3 * torch.randn(shape, generator=g)).to(dtype) for _ in range(n)]
+
+
+def _theirs(name: str, tensors: list, base_index: int | None, **params):
+    group = base_module.TensorGroup.from_tensors(tensors, base_index=base_index)
+    for key, value in list(params.items()):
+        if isinstance(value, list):  # per input: by the entries' ids
+            ids = [e.id for e in (group.entries if key == "scale" else group.non_base)]
+            params[key] = base_module.PerInputValues(list(zip(ids, value, strict=True)))
+    with torch.no_grad():
+        return registry.get(name).merge_group(group, **params)
+
+
+def _ours(name: str, base, others, **params):
+    spec = METHODS[name]
+    full = {k: p.default for k, p in spec.params.items()}
+    full.update(params)
+    for key in spec.model_params:
+        if not isinstance(full[key], list):
+            full[key] = [full[key]] * len(others)
+    return merge_tensor(name, base, others, full, seed=0)
+
+
+CASES = [
+    ("nearswap", True, 1, {"t": 0.05}),
+    ("nuslerp", True, 2, {"weight": [0.3, 0.7]}),
+    ("nuslerp", False, 2, {"weight": [0.3, 0.7], "nuslerp_flatten": False}),
+    ("nuslerp", False, 2, {"weight": [1.0, 2.0], "nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    ("multislerp", True, 3, {"weight": [0.2, 0.3, 0.5]}),
+    ("multislerp", False, 3, {"weight": [1.0, 1.0, 2.0], "normalize_weights": True}),
+    ("karcher", False, 3, {"max_iter": 20, "tol": 1e-6}),
+    ("sce", True, 3, {"select_topk": 0.5}),
+    ("sce", True, 2, {"select_topk": 1.0}),
+]
+
+
+@pytest.mark.parametrize("name, with_base, n, params", CASES, ids=lambda v: str(v)[:40])
+def test_each_method_equals_mergekits_own(name, with_base, n, params):
+    tensors = _tensors(n)
+    base, others = (tensors[0], tensors[1:]) if with_base else (None, tensors[1:])
+    theirs = _theirs(name, tensors if with_base else tensors[1:], 0 if with_base else None, **params)
+    ours = _ours(name, base, others, **params)
+    torch.testing.assert_close(ours, theirs.to(ours.dtype), rtol=2e-5, atol=2e-6)
+
+
+def test_passthrough_scales_or_copies():
+    (x,) = _tensors(0)
+    assert torch.equal(_ours("passthrough", None, [x], scale=[None]), x)
+    theirs = _theirs("passthrough", [x], None, scale=[0.5])
+    torch.testing.assert_close(_ours("passthrough", None, [x], scale=[0.5]), theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_no_farther_from_float64_than_mergekit(dtype):
+    tensors = _tensors(3, shape=(64, 48), seed=3, dtype=dtype)
+    oracle = _ours("multislerp", tensors[0].double(), [t.double() for t in tensors[1:]], weight=[0.2, 0.3, 0.5])
+    ours = _ours("multislerp", tensors[0], tensors[1:], weight=[0.2, 0.3, 0.5])
+    theirs = _theirs("multislerp", tensors, 0, weight=[0.2, 0.3, 0.5])
+    assert (ours.double() - oracle).abs().max() <= (theirs.double() - oracle).abs().max()
+
+
+@pytest.mark.parametrize(
+    "method, parameters, base",
+    [
+        ("nuslerp", "{weight: 0.4}", True),
+        ("multislerp", "{weight: 1.0}", False),
+        ("karcher", "", False),
+        ("sce", "", True),
+        ("nearswap", "", True),
+    ],
+)
+def test_each_method_runs_from_a_recipe(tmp_path, method, parameters, base):
+    family = make_llama_family(tmp_path / "f", 2, torch.float32, **SMALL)
+    shared = {"nearswap": "parameters: {t: 0.01}\n", "sce": "parameters: {select_topk: 0.5}\n"}.get(method, "")
+    lines = [f"merge_method: {method}"] + ([f"base_model: {family[0]}"] if base else []) + ["models:"]
+    merged = family[1:2] if method == "nearswap" else family[1:]
+    for p in merged:
+        lines.append(f"  - model: {p}" + (f"\n    parameters: {parameters}" if parameters else ""))
+    merge("\n".join(lines) + "\n" + shared, tmp_path / "out", progress=False)
+    out = Checkpoint(tmp_path / "out")
+    name = "model.layers.1.mlp.up_proj.weight"
+    xs = [Checkpoint(p).read(name) for p in family]
+    params = {"weight": 0.4} if method == "nuslerp" else {"weight": 1.0} if method == "multislerp" else {}
+    params |= {"t": 0.01} if method == "nearswap" else {"select_topk": 0.5} if method == "sce" else {}
+    expected = _ours(method, xs[0] if base else None, xs[1 : 1 + len(merged)], **params)
+    torch.testing.assert_close(out.read(name), expected)
+
+
+def test_passthrough_recipe_copies_the_model(tmp_path):
+    family = make_llama_family(tmp_path / "f", 1, torch.float32, **SMALL)
+    merge(f"merge_method: passthrough\nmodels:\n  - model: {family[1]}\n", tmp_path / "out", progress=False)
+    src, out = Checkpoint(family[1]), Checkpoint(tmp_path / "out")
+    assert all(torch.equal(out.read(n), src.read(n)) for n in src.tensors)
