@@ -216,6 +216,8 @@ def generalized_task_arithmetic(
         return base
     normalize = m.shared_params["normalize"].default if normalize is None else normalize
     rescale = m.shared_params["rescale"].default if rescale is None else rescale
+    if m.sparsify == "magnitude":
+        density = _keep_at_least_one(density, base.numel(), len(tensors))
     return sparse_merge(
         base,
         list(tensors),
@@ -232,6 +234,14 @@ def generalized_task_arithmetic(
         seed=seed,
         out=out,
     )
+
+
+def _keep_at_least_one(density, numel: int, models: int):
+    """mergekit's magnitude sparsification keeps k = max(1, ⌊density·n⌋) for a density > 0: the
+    densities whose ⌊density·n⌋ is 0 become one that keeps exactly one element (1.5/n, floored: 1)."""
+    values = [float(d) for d in density] if isinstance(density, Sequence) else [float(density)] * models
+    fixed = [min(1.0, 1.5 / numel) if 0 < d < 1 and numel and int(d * numel) == 0 else d for d in values]
+    return fixed if fixed != values else density
 
 
 def merge_tensor(

@@ -114,3 +114,76 @@ def test_passthrough_recipe_copies_the_model(tmp_path):
     merge(f"merge_method: passthrough\nmodels:\n  - model: {family[1]}\n", tmp_path / "out", progress=False)
     src, out = Checkpoint(family[1]), Checkpoint(tmp_path / "out")
     assert all(torch.equal(out.read(n), src.read(n)) for n in src.tensors)
+
+
+def test_ties_keeps_at_least_one_element_like_mergekit():
+    """mergekit's magnitude sparsification keeps max(1, ⌊density·n⌋): a small norm tensor at density
+    0.01 is not left at the base."""
+    from peers import mergekit_gta
+
+    gta, group_class, sparsification = mergekit_gta()
+    base, a, b = _tensors(2, shape=(40,), seed=5)
+    theirs = gta.GeneralizedTaskArithmeticMerge(
+        consensus_method=gta.ConsensusMethod.sum,
+        sparsification_method=sparsification.magnitude,
+        default_normalize=True,
+        default_rescale=False,
+        method_name="ties",
+        method_pretty_name=None,
+        method_reference_url=None,
+    ).merge_group(
+        group_class.from_tensors([base, a, b], base_index=0),
+        int8_mask=False,
+        normalize=True,
+        rescale=False,
+        **{"lambda": 1.0},
+        weight={1: 1.0, 2: 1.0},
+        density={1: 0.01, 2: 0.01},
+    )
+    ours = _ours("ties", base, [a, b], weight=[1.0, 1.0], density=[0.01, 0.01])
+    assert not torch.equal(ours, base)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+def test_a_weight_on_slerp_is_ignored_with_a_warning_as_mergekit_does(tmp_path):
+    from modelfusion.pipeline import load_recipe
+
+    text = (
+        "merge_method: slerp\nbase_model: a\nmodels:\n  - model: a\n  - model: b\n"
+        "    parameters: {weight: 0.5}\nparameters: {t: 0.5}\n"
+    )
+    with pytest.warns(UserWarning, match=r"models\[1\].parameters.weight: slerp takes no 'weight'; ignored"):
+        recipe = load_recipe(text)
+    assert recipe.models[1].parameters == {}
+
+
+def test_mixed_precision_inputs_merge_in_float32_like_mergekit(tmp_path):
+    from modelfusion.pipeline import plan_merge
+
+    a = make_llama_family(tmp_path / "a", 1, torch.bfloat16, **SMALL)
+    b = make_llama_family(tmp_path / "b", 1, torch.float32, **SMALL)
+    plan = plan_merge(
+        f"merge_method: linear\nmodels:\n  - model: {a[1]}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {b[1]}\n    parameters: {{weight: 1}}\n"
+    )
+    assert {t.compute_dtype for t in plan.tasks} == {torch.float32}
+    assert {t.out.dtype for t in plan.tasks} == {torch.float32}
+
+
+def test_the_output_carries_the_recipe_and_a_model_card_unless_asked_not_to(tmp_path):
+    import subprocess
+    import sys
+
+    family = make_llama_family(tmp_path / "f", 2, torch.float32, **SMALL)
+    recipe = tmp_path / "r.yaml"
+    text = f"merge_method: ties\nbase_model: {family[0]}\nmodels:\n" + "".join(
+        f"  - model: {p}\n    parameters: {{weight: 1, density: 0.5}}\n" for p in family[1:]
+    )
+    recipe.write_text(text)
+    run = [sys.executable, "-m", "modelfusion", "merge", str(recipe)]
+    assert subprocess.run([*run, str(tmp_path / "out"), "--quiet"]).returncode == 0
+    assert (tmp_path / "out" / "mergekit_config.yml").read_text() == text
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "method `ties`" in card and str(family[1]) in card and text.strip() in card
+    assert subprocess.run([*run, str(tmp_path / "bare"), "--quiet", "--no-model-card"]).returncode == 0
+    assert not (tmp_path / "bare" / "README.md").exists() and not (tmp_path / "bare" / "mergekit_config.yml").exists()

@@ -23,6 +23,7 @@ def _merge(args) -> int:
     if args.distributed or (args.distributed is None and "TORCHELASTIC_RUN_ID" in os.environ):
         return _merge_distributed(args, budget)
     recipe = load_recipe(Path(args.recipe))
+    recipe.model_card = not args.no_model_card
     if args.device:
         recipe.device = args.device
     plan = plan_merge(recipe, memory_budget=budget, allow_pickle=args.allow_pickle)
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     m.add_argument("--allow-pickle", action="store_true", help="read PyTorch .bin checkpoints (weights_only)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument(
+        "--no-model-card", action="store_true", help="write no README.md and mergekit_config.yml beside the model"
+    )
     m.add_argument(
         "--distributed",
         action=argparse.BooleanOptionalAction,

@@ -197,11 +197,15 @@ class ShardWriter:
 
 
 def write_json_atomic(path: Path, content: dict) -> None:
+    write_text_atomic(path, json.dumps(content, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``text`` to ``path`` through ``path.partial``, fsynced and renamed: never a half-written file."""
     partial = path.with_name(path.name + PARTIAL)
     try:
         with open(partial, "w") as f:
-            json.dump(content, f, indent=2)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)

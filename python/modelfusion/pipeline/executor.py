@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from fusion_kernels import __version__
 from fusion_kernels.methods import METHODS, merge_tensor
 
 from ..errors import OutputError, short_repr
 from ..io.checkpoint import FLOAT8, SAFETENSORS_INDEX
-from ..io.writer import PARTIAL, ShardWriter, copy_model_files, write_index, write_json_atomic
+from ..io.writer import PARTIAL, ShardWriter, copy_model_files, write_index, write_json_atomic, write_text_atomic
 from .plan import Plan, TensorTask
 
 JOURNAL = ".modelfusion-journal.json"
@@ -384,9 +385,27 @@ def finalize(plan: Plan, out: Path) -> None:
         if "quantization_config" in config:  # we write float tensors, never quantized ones
             overrides["quantization_config"] = None
         copy_model_files(reference.path, out, overrides)
+    if plan.recipe.model_card:
+        write_text_atomic(out / "mergekit_config.yml", plan.recipe.source.rstrip() + "\n")
+        write_text_atomic(out / "README.md", model_card(plan))
     write_index(out, [[t.out for t in shard] for shard in plan.shards], modelfusion_fingerprint=plan.fingerprint())
     for journal in out.glob(JOURNAL_GLOB):
         journal.unlink(missing_ok=True)
+
+
+def model_card(plan: Plan) -> str:
+    """The output's README.md, as mergekit writes one: what was merged, how, and the recipe."""
+    recipe = plan.recipe
+    models = "\n".join(f"- {m.path}" for m in recipe.models if m.path != recipe.base_model) or "- (none)"
+    base = f"`{recipe.base_model}` as the base, and " if recipe.base_model else ""
+    return (
+        "---\nlibrary_name: transformers\ntags:\n- merge\n- modelfusion\n---\n"
+        "# Merged model\n\n"
+        f"This model was merged with [modelfusion](https://pypi.org/project/fusion-kernels/) "
+        f"{__version__}, method `{recipe.merge_method}`, from {base}these models:\n\n{models}\n\n"
+        f"## Configuration\n\nThe recipe as run (also in `mergekit_config.yml`):\n\n```yaml\n"
+        f"{recipe.source.strip()}\n```\n"
+    )
 
 
 def run_plan(plan: Plan, out: str | Path, *, resume: bool = False, progress: bool = True) -> RunStats:

@@ -124,6 +124,16 @@ def _num_layers(reference: Checkpoint, names: list[str]) -> int:
     return max(indices) + 1 if indices else 1
 
 
+def _default_compute_dtype(infos: list[TensorInfo]) -> torch.dtype:
+    """With no ``dtype`` in the recipe: the models' common dtype (bfloat16 for FP8), or float32 where
+    they differ, as mergekit merges and writes mixed-precision inputs."""
+    dtypes = {i.dtype for i in infos}
+    if len(dtypes) > 1:
+        return torch.float32
+    (dtype,) = dtypes
+    return dtype if dtype in FLOATS else torch.bfloat16
+
+
 def _mergeable(name: str, checkpoints: list[Checkpoint]) -> bool:
     """True where every model holds tensor ``name`` as a float (FP8 included): it is merged. False
     where every model holds it in one and the same non-float dtype (step counters, position ids,
@@ -200,7 +210,7 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
                     f"tensor {name!r}: shape {c.tensors[name].shape} in {c.path}, {ref.shape} in {reference.path}"
                 )
         floating = _mergeable(name, checkpoints)
-        compute = recipe.dtype or (ref.dtype if ref.dtype in FLOATS else torch.bfloat16)
+        compute = recipe.dtype or _default_compute_dtype([c.tensors[name] for c in checkpoints])
         if not floating:
             inputs = [ref if c is reference else None for c in checkpoints]
             out = OutputTensor(name, ref.dtype, ref.shape)

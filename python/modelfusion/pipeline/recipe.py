@@ -18,6 +18,7 @@ accepted when they cover all layers of every model alike (as mergekit's SLERP ex
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ class Recipe:
     max_shard_size: int = 5 * 10**9
     layer_range: tuple[int, int] | None = None  # from single-slice recipes
     source: str = ""
+    model_card: bool = True  # write README.md and mergekit_config.yml beside the model
 
     @property
     def inputs(self) -> list[Path]:
@@ -131,15 +133,24 @@ def _model_path(value: Any, where: str) -> Path:
     return Path(value)
 
 
-def _parameters(value: Any, where: str, allowed: dict[str, Param]) -> dict[str, Any]:
+IGNORED_BY_MERGEKIT = {"weight"}  # per-model keys mergekit accepts, and ignores, for methods without them
+
+
+def _parameters(value: Any, where: str, allowed: dict[str, Param], method: str = "") -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise RecipeError(f"{where}: expected a mapping of parameters, got {short_repr(value)}")
-    for key in value:
-        if key not in allowed:
-            raise RecipeError(f"{where}.{key}: unknown parameter; expected one of {sorted(allowed)}")
-    return dict(value)
+    kept = {}
+    for key, setting in value.items():
+        if key in allowed:
+            kept[key] = setting
+        elif key in IGNORED_BY_MERGEKIT and where.startswith("models["):
+            warnings.warn(f"{where}.{key}: {method} takes no {key!r}; ignored, as mergekit ignores it", stacklevel=3)
+        else:
+            name = key if isinstance(key, str) and len(key) <= 80 else short_repr(key)
+            raise RecipeError(f"{where}.{name}: unknown parameter; expected one of {sorted(allowed)}")
+    return kept
 
 
 def _dtype(value: Any, key: str) -> torch.dtype | None:
@@ -242,7 +253,7 @@ def load_recipe(text_or_path: str | Path) -> Recipe:
         entry = {"model": entry} if isinstance(entry, str) else entry
         if not isinstance(entry, dict) or "model" not in entry or set(entry) - {"model", "parameters"}:
             raise RecipeError(f"{where}: expected {{model: PATH, parameters: {{...}}}}, got {short_repr(entry)}")
-        params = _parameters(entry.get("parameters"), f"{where}.parameters", per_model)
+        params = _parameters(entry.get("parameters"), f"{where}.parameters", per_model, method)
         models.append(ModelEntry(_model_path(entry["model"], f"{where}.model"), params))
     base = _model_path(raw["base_model"], "base_model") if raw.get("base_model") else None
     recipe = Recipe(
