@@ -97,3 +97,14 @@ def test_bad_input():
         fk.linear_assignment(torch.randn(3, 3), warm_start=torch.zeros(4))
     with pytest.raises(fk.ShapeError, match="square"):
         fk.linear_assignment(torch.randn(3, 4), warm_start=torch.zeros(4))
+
+
+@pytest.mark.parametrize("potentials", [False, True])
+def test_opcheck(potentials):
+    cost = torch.rand(2, 6, 8, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.fusion_kernels.linear_assignment.default, (cost, True, potentials, None))
+    if potentials:
+        warm = torch.zeros(2, 8, dtype=torch.float64)
+        with fk.use_backend("cpu"):
+            args = (cost[:, :, :6].contiguous(), False, True, warm[:, :6].contiguous())
+            torch.library.opcheck(torch.ops.fusion_kernels.linear_assignment.default, args)

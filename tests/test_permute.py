@@ -200,3 +200,12 @@ def test_permute_many_checks_every_out_buffer_before_writing_any():
     shared = torch.zeros(4, 3)
     with pytest.raises(fk.AliasError, match="share memory"):
         fk.permute_many([x, x.clone()], [{0: [1, 0, 2, 3]}, {1: [2, 1, 0]}], out=[shared, shared])
+
+
+def test_opcheck_permute_many():
+    xs = [torch.randn(5, 4), torch.randn(4, 3)]
+    perms = [torch.tensor([4, 0, 2, 1, 3]), torch.tensor([3, 1, 0, 2])]
+    slots = [0, -1, 1, -1]  # per tensor, per dim: the permutation index, -1 for none
+    torch.library.opcheck(torch.ops.fusion_kernels.permute_many.default, (xs, perms, slots))
+    outs = [torch.empty(5, 4), torch.empty(4, 3)]
+    torch.library.opcheck(torch.ops.fusion_kernels.permute_many_out.default, (xs, perms, slots, outs))

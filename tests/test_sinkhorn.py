@@ -2,6 +2,7 @@
 gradients (implicit and unrolled, gradcheck in float64) and bad input."""
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -197,3 +198,10 @@ def test_a_huge_cost_over_reg_never_reports_a_wrong_plan_as_converged(scale, reg
 def test_a_cost_beyond_float64_is_refused_by_name():
     with pytest.raises(fk.WeightError, match=r"argument 'cost' expected max\|cost\| / reg <= 2\^36"):
         fk.sinkhorn(torch.rand(3, 3) * 3e38, reg=1.0)
+
+
+def test_opcheck():
+    cost = torch.rand(2, 5, 6, dtype=torch.float64)
+    log_a = torch.full((2, 5), -math.log(5), dtype=torch.float64)
+    log_b = torch.full((2, 6), -math.log(6), dtype=torch.float64)
+    torch.library.opcheck(torch.ops.fusion_kernels.sinkhorn.default, (cost, log_a, log_b, 0.5, 200, 1e-9, 10, False))

@@ -11,6 +11,7 @@ from .. import _native, _validate
 from .. import reference as ref
 from .._dispatch import select
 from ..errors import ShapeError, WeightError
+from ._engine import custom_op
 
 OP = "linear_assignment"
 
@@ -37,6 +38,25 @@ def _cpu_impl(cost, maximize, potentials, warm):
 _torch_impl.declines = _torch_declines
 _torch_impl.dtypes = _cpu_impl.dtypes = _validate.FLOAT_DTYPES
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
+
+
+@custom_op("fusion_kernels::linear_assignment", mutates_args=())
+def _linear_assignment(
+    cost: torch.Tensor, maximize: bool, potentials: bool, warm: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, n, m] CPU costs -> (perm [batch, n] int64, column potentials [batch, m] float64; NaN
+    where the backend computes none). The solve runs on the CPU whatever device the caller's cost is on."""
+    impl = select(OP, IMPLS, cost.device, cost.dtype, (cost, maximize, potentials, warm))
+    perm, v = impl(cost, maximize, potentials, warm)
+    if v is None:
+        v = torch.full((cost.shape[0], cost.shape[2]), float("nan"), dtype=torch.float64)
+    return perm, v
+
+
+@_linear_assignment.register_fake
+def _(cost, maximize, potentials, warm):
+    batch, n, m = cost.shape
+    return cost.new_empty(batch, n, dtype=torch.int64), cost.new_empty(batch, m, dtype=torch.float64)
 
 
 def linear_assignment(
@@ -89,8 +109,7 @@ def linear_assignment(
             raise WeightError(f"{OP}: argument 'warm_start' has NaN or infinite entries")
         warm_start = _shifted_potentials(warm_start.detach().to("cpu", torch.float64).reshape(batch, m), cost)
     flat = cost.detach().to("cpu").reshape(batch, n, m)
-    impl = select(OP, IMPLS, cost.device, cost.dtype, (flat, maximize, return_potentials, warm_start))
-    perm, v = impl(flat, bool(maximize), return_potentials, warm_start)
+    perm, v = _linear_assignment(flat, bool(maximize), bool(return_potentials), warm_start)
     perm = perm.reshape(*batch_shape, n).to(cost.device)
     return (perm, v.reshape(*batch_shape, m)) if return_potentials else perm
 
