@@ -321,7 +321,14 @@ def scratch_bytes(name: str, numel: int, models: int) -> int:
     merged from ``models`` tensors (the base included): what a memory budget must count."""
     if name == "model_stock":  # its float64 chunk buffers (see model_stock)
         return 8 * min(numel, MODEL_STOCK_CHUNK) * (models + 2)
+    if name in COMPOSITE_BYTES:
+        return COMPOSITE_BYTES[name] * models * numel
     return 4 * numel  # the kernels' float32 scratch (DELLA's ranks and keep probabilities included)
+
+
+# bytes per element and model of the whole-tensor float32 temporaries of reference.composite's
+# methods, measured with bf16 and float32 inputs (the larger, rounded up); passthrough makes none
+COMPOSITE_BYTES = {"passthrough": 0, "nearswap": 12, "nuslerp": 12, "multislerp": 18, "karcher": 16, "sce": 14}
 
 
 def model_stock(base: torch.Tensor, others: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:

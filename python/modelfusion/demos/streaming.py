@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import fusion_kernels as fk
+from fusion_kernels.methods import METHODS
 
 from ..io import Checkpoint
 from ..io.writer import save_model
@@ -121,18 +122,29 @@ def make_minilm_family(root: Path, n_variants: int = 3) -> list[Path] | None:
     return paths
 
 
+SHARED_PARAMETERS = {  # the recipe-level parameters the demo gives the methods that need some
+    "slerp": "{t: [0.2, 0.8]}",
+    "nearswap": "{t: 0.001}",
+    "sce": "{select_topk: 0.5}",
+}
+MORE_PARAMETERS = {"nuslerp": "{weight: 0.5}", "multislerp": "{weight: 1.0}"}  # per model, the newer methods
+
+
 def recipe_text(method: str, paths: list[Path], dtype: str | None = None) -> str:
+    """A recipe merging ``paths`` (the base first) with ``method``, as many models as it takes."""
+    spec = METHODS[method]
     base, others = paths[0], paths[1:]
-    models = others[:1] if method == "slerp" else others
-    lines = [f"merge_method: {method}", f"base_model: {base}", "models:"]
+    models = others[: spec.others[1]] if spec.others[1] else others
+    lines = [f"merge_method: {method}"] + ([f"base_model: {base}"] if method != "passthrough" else []) + ["models:"]
     if method == "linear":
         lines += [f"  - model: {base}", "    parameters: {weight: 1.0}"]
+    per_model = RECIPE_PARAMETERS.get(method) or MORE_PARAMETERS.get(method)
     for m in models:
         lines.append(f"  - model: {m}")
-        if RECIPE_PARAMETERS[method]:
-            lines.append(f"    parameters: {RECIPE_PARAMETERS[method]}")
-    if method == "slerp":
-        lines.append("parameters: {t: [0.2, 0.8]}")
+        if per_model:
+            lines.append(f"    parameters: {per_model}")
+    if method in SHARED_PARAMETERS:
+        lines.append(f"parameters: {SHARED_PARAMETERS[method]}")
     lines.append("seed: 7")
     if dtype:
         lines.append(f"dtype: {dtype}")
