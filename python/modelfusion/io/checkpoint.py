@@ -242,15 +242,22 @@ class Checkpoint:
         file), its pages populated now, unmapped when the tensor is freed. No copy is made: the page
         cache's pages are the tensor's, and they count in RSS only while it lives. An FP8 weight with
         a scale is returned dequantized, in float32."""
+        return self._load(name, self._map_raw)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` copied into memory of its own (an FP8 weight with a scale: dequantized)."""
+        return self._load(name, self._read_raw)
+
+    def _load(self, name: str, raw) -> torch.Tensor:
         info = self._info(name)
+        if self._bin is not None:
+            return self._bin[name].clone()
         if info.scale is not None:
-            return dequantize(self._map_raw(info), self._read_raw(info.scale), info.block)
-        return self._map_raw(info)
+            return dequantize(raw(info), self._read_raw(info.scale), info.block)
+        return raw(info)
 
     def _map_raw(self, info: TensorInfo) -> torch.Tensor:
         name = info.name
-        if self._bin is not None:
-            return self._bin[name].clone()
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
         start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
@@ -268,17 +275,8 @@ class Checkpoint:
         _populate(flat.data_ptr() - (info.offset - start), info.offset + info.nbytes - start)
         return flat.view(info.dtype).view(info.shape)
 
-    def read(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` copied into memory of its own (an FP8 weight with a scale: dequantized)."""
-        info = self._info(name)
-        if info.scale is not None:
-            return dequantize(self._read_raw(info), self._read_raw(info.scale), info.block)
-        return self._read_raw(info)
-
     def _read_raw(self, info: TensorInfo) -> torch.Tensor:
         name = info.name
-        if self._bin is not None:
-            return self._bin[name].clone()
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         view, done = memoryview(buffer.numpy()), 0
         try:
