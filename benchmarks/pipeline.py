@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from modelfusion.demos.streaming import make_llama_family, recipe_text
 from modelfusion.io import Checkpoint, OutputTensor, ShardWriter
+from roofline import git_sha, machine
 
 METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"]
 
@@ -143,7 +144,10 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         result = {
-            "machine": platform.processor() or platform.machine(),
+            "benchmark": "pipeline",
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine("cpu"),
+            "git_sha": git_sha(),
             "cpus": torch.get_num_threads(),
             "torch": torch.__version__,
             "models": len(paths),

@@ -80,7 +80,8 @@ def headline() -> str:
             )
     lines += [
         "",
-        f"Pipeline (`benchmarks/pipeline.py`; {pipe['cpus']}-core {pipe['machine']} VM, torch {pipe['torch']}; "
+        f"Pipeline (`benchmarks/pipeline.py`; {pipe['machine']}, git `{(pipe.get('git_sha') or 'unrecorded')[:7]}`, "
+        f"{pipe.get('date', 'undated')[:10]}, torch {pipe['torch']}; "
         f"{pipe['models']} Llama-shaped bf16 models of {pipe['params_per_model'] / 1e9:.2f}B parameters; "
         "mergekit 0.1.5):",
         "",
