@@ -80,8 +80,9 @@ def headline() -> str:
             )
     lines += [
         "",
-        f"Pipeline (`benchmarks/pipeline.py`; {pipe['machine']}, git `{(pipe.get('git_sha') or 'unrecorded')[:7]}`, "
-        f"{pipe.get('date', 'undated')[:10]}, torch {pipe['torch']}; "
+        f"Pipeline (`benchmarks/pipeline.py`; {pipe['machine']}, "
+        + (f"git `{pipe['git_sha'][:7]}`, {pipe['date'][:10]}, " if pipe.get("git_sha") else "commit unrecorded, ")
+        + f"torch {pipe['torch']}; "
         f"{pipe['models']} Llama-shaped bf16 models of {pipe['params_per_model'] / 1e9:.2f}B parameters; "
         "mergekit 0.1.5):",
         "",
