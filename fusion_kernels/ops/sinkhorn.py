@@ -222,7 +222,7 @@ def sinkhorn(
     # P = exp((f + g − C)/reg) carries an absolute error of about max|C|/reg · ε in its exponent: past
     # 2^16 that is 0.4% in float32 (a plan reported converged would be far off its marginals), so
     # such costs run in float64; past 2^36 float64 is no better than a 1e-5 tolerance, so they are refused
-    spread = float(cost.abs().max()) / reg
+    spread = float(cost.detach().abs().max()) / reg
     if spread > 2.0**36:
         raise WeightError(
             f"{OP}: argument 'cost' expected max|cost| / reg <= 2^36, got {spread:.3g}: scale the cost "
