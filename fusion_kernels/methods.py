@@ -34,7 +34,8 @@ REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter: its default (``REQUIRED`` when there is none), kind (float or bool) and range."""
+    """One parameter: its default (``REQUIRED`` when there is none; None: optional), kind (float, int or
+    bool) and range."""
 
     default: Any
     kind: type
