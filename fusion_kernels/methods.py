@@ -329,7 +329,7 @@ def scratch_bytes(name: str, numel: int, models: int) -> int:
 
 # bytes per element and model of the whole-tensor float32 temporaries of reference.composite's
 # methods, measured with bf16 and float32 inputs (the larger, rounded up); passthrough makes none
-COMPOSITE_BYTES = {"passthrough": 0, "nearswap": 12, "nuslerp": 12, "multislerp": 18, "karcher": 16, "sce": 14}
+COMPOSITE_BYTES = {"passthrough": 0, "nearswap": 9, "nuslerp": 8, "multislerp": 18, "karcher": 16, "sce": 14}
 
 
 def model_stock(base: torch.Tensor, others: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:

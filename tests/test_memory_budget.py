@@ -1,9 +1,10 @@
 """The memory budget is a hard promise: every method × {bf16, float32 compute, float32 compute
 with bf16 output} (the pure-PyTorch composite methods in bf16 only and on smaller tensors, for
 time) at the smallest
-budget the planner accepts (and a few at twice that) peaks at most 300 MB above the budget, in a
-fresh process (tests/memory_probe.py; the interpreter, torch and the writer's staging buffer take
-about 260 MB of that)."""
+budget the planner accepts (and a few at twice that) raises the peak RSS of a fresh process
+(tests/memory_probe.py) at most budget + 64 MiB above what the process held before the merge: the
+writer's 32 MiB staging buffer, thread stacks and allocator slack. What the process held before (the
+interpreter and torch, about 230 MB on the CI machine) depends on the machine, not on the merge."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 from fusion_kernels.methods import METHODS
 
 PROBE = Path(__file__).with_name("memory_probe.py")
-SLACK = 300 * 10**6
+SLACK = 64 * 2**20
 CONFIGS = [{}, {"dtype": "float32"}, {"dtype": "float32", "out_dtype": "bfloat16"}]
 COMPOSITE = ("passthrough", "nearswap", "nuslerp", "multislerp", "karcher", "sce")  # slow in pure PyTorch: bf16 only
 CASES = [{"method": m, **c} for m in METHODS if m not in COMPOSITE for c in CONFIGS]
@@ -47,8 +48,9 @@ def test_every_method_and_dtype_stays_within_the_budget(family_root):
     assert len(results) == len(CASES + DOUBLE)
     over = [
         f"{r['method']} dtype={r.get('dtype')} out_dtype={r.get('out_dtype')} filter_wise={r.get('filter_wise', False)}"
-        f" budget {r['budget_bytes'] / 2**20:.0f} MiB: peak RSS {r['peak_rss'] / 2**20:.0f} MiB"
+        f" budget {r['budget_bytes'] / 2**20:.0f} MiB: peak RSS {r['peak_rss'] / 2**20:.0f} MiB,"
+        f" {r['baseline_rss'] / 2**20:.0f} MiB before the merge"
         for r in results
-        if r["peak_rss"] > r["budget_bytes"] + SLACK
+        if r["peak_rss"] - r["baseline_rss"] > r["budget_bytes"] + SLACK
     ]
     assert not over, "\n".join(over)

@@ -25,26 +25,31 @@ def _work(x: torch.Tensor) -> torch.Tensor:
 
 def nearswap(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     a32, b32 = _work(a), _work(b)
-    w = (t / (a32 - b32).abs().clamp(min=1e-6)).clamp(0, 1)
-    return (w * b32 + (1 - w) * a32).to(a.dtype)
+    w = (a32 - b32).abs_().clamp_(min=1e-6).reciprocal_().mul_(t).clamp_(0, 1)  # in place: one temporary
+    return torch.lerp(a32, b32, w).to(a.dtype)
 
 
 def nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool = False, flatten: bool = True):
     """Spherical interpolation of two tensors seen as one vector (``flatten``) or as vectors along
-    their last dim (dim 0 with ``row_wise``)."""
+    their last dim (dim 0 with ``row_wise``): c0·v0 + c1·v1 with c0 = sin((1 − t)θ)/sin θ,
+    c1 = sin(tθ)/sin θ, θ the angle between the vectors (c0 = 1 − t, c1 = t where they are
+    (anti)parallel). The coefficients are per vector, so the only whole-tensor temporaries are the
+    float32 copies and the result."""
     shape, dtype = v0.shape, v0.dtype
     a, b = _work(v0), _work(v1)
     if flatten:
         a, b = a.reshape(-1), b.reshape(-1)
     elif row_wise:
         a, b = a.transpose(0, -1), b.transpose(0, -1)
-    ua = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
-    ub = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
-    cos = (ua * ub).sum(-1, keepdim=True).clamp(-1, 1)
+    dot = torch.linalg.vecdot(a, b).unsqueeze(-1)
+    lengths = a.norm(dim=-1, keepdim=True).clamp(min=1e-7) * b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (dot / lengths).clamp(-1, 1)
     colinear = (1 - cos.square()) <= 1e-16
     theta = torch.acos(torch.where(colinear, 0, cos))
-    spherical = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
-    out = torch.where(colinear, (1 - t) * a + t * b, spherical)
+    sin = torch.where(colinear, 1, torch.sin(theta))
+    c0 = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin)
+    c1 = torch.where(colinear, t, torch.sin(t * theta) / sin)
+    out = torch.addcmul(a * c0, b, c1)
     if row_wise and not flatten:
         out = out.transpose(0, -1)
     return out.reshape(shape).to(dtype)
