@@ -10,7 +10,6 @@
 #include <string>
 #include <vector>
 
-#include "cpu/della.h"
 #include "cpu/linear_assignment.h"
 #include "cpu/permute.h"
 #include "cpu/runtime.h"
@@ -96,32 +95,6 @@ TaskSource task_source(uintptr_t base, const Ptrs& xs, int dtype, int64_t numel)
   return s;
 }
 
-// One KeepRule per model from parallel lists (see fusion_kernels/ops/sparse_merge.py).
-std::vector<KeepRule> keep_rules(const std::vector<int>& modes, const std::vector<int64_t>& topk,
-                                 const std::vector<uint32_t>& hash, const Ptrs& masks) {
-  const size_t n = modes.size();
-  if (topk.size() != 4 * n || hash.size() != 3 * n || masks.size() != n)
-    throw std::invalid_argument("keep rule lists have inconsistent lengths");
-  std::vector<KeepRule> rules(n);
-  for (size_t i = 0; i < n; ++i) {
-    rules[i].mode = modes[i];
-    rules[i].hi = TopK{topk[4 * i], topk[4 * i + 1]};
-    rules[i].lo = TopK{topk[4 * i + 2], topk[4 * i + 3]};
-    rules[i].hi_key = key_threshold(rules[i].hi.t);
-    rules[i].lo_key = key_threshold(rules[i].lo.t);
-    const bool lo_empty = rules[i].lo.t > 0x7fffffff || (rules[i].lo.t == 0x7fffffff && rules[i].lo.cut <= 0);
-    if (rules[i].mode < kKeepAll || rules[i].mode > kKeepMask) throw std::invalid_argument("unknown keep mode");
-    if (rules[i].mode == kKeepTopK && !lo_empty) rules[i].mode = kKeepBand;
-    rules[i].s1 = hash[3 * i];
-    rules[i].s2 = hash[3 * i + 1];
-    rules[i].p16 = static_cast<int32_t>(std::min<uint32_t>(hash[3 * i + 2], uint32_t(1) << 16));
-    rules[i].mask = reinterpret_cast<const uint8_t*>(masks[i]);
-    rules[i].key0 = rules[i].s1 ^ uint32_t(mix32<ScalarLane>(static_cast<int32_t>(rules[i].s2)));
-    if (rules[i].mode == kKeepRandom && rules[i].p16 == (1 << 16)) rules[i].mode = kKeepAll;
-  }
-  return rules;
-}
-
 std::vector<int64_t> magnitude_select_flat(uintptr_t base, const Ptrs& xs, int dtype, int64_t numel,
                                            const std::vector<int>& models, const std::vector<int64_t>& ks,
                                            int threads) {
@@ -137,41 +110,9 @@ std::vector<int64_t> magnitude_select_flat(uintptr_t base, const Ptrs& xs, int d
   return flat;
 }
 
-void sparse_merge_flat(uintptr_t out, uintptr_t base, const Ptrs& xs, int dtype, int64_t numel,
-                       const std::vector<int>& modes, const std::vector<int64_t>& topk,
-                       const std::vector<uint32_t>& hash, const Ptrs& masks, const std::vector<double>& weights,
-                       const std::vector<double>& scales, bool divide, int consensus, bool elect_weighted, int combine,
-                       double weight_total, double lam, int threads) {
-  const TaskSource s = task_source(base, xs, dtype, numel);
-  if (weights.size() != xs.size() || scales.size() != xs.size() || modes.size() != xs.size())
-    throw std::invalid_argument("one weight, scale and keep rule per input is required");
-  SparseMergeOptions o;
-  o.weights.assign(weights.begin(), weights.end());
-  o.scales.assign(scales.begin(), scales.end());
-  o.divide = divide;
-  o.consensus = consensus;
-  o.elect_weighted = elect_weighted;
-  o.combine = combine;
-  o.weight_total = static_cast<float>(weight_total);
-  o.lam = static_cast<float>(lam);
-  sparse_merge(reinterpret_cast<void*>(out), s, keep_rules(modes, topk, hash, masks), o, threads);
-}
-
-std::vector<double> kept_l1_norms_flat(uintptr_t base, const Ptrs& xs, int dtype, int64_t numel,
-                                       const std::vector<int>& modes, const std::vector<int64_t>& topk,
-                                       const std::vector<uint32_t>& hash, const Ptrs& masks, int threads) {
-  return kept_l1_norms(task_source(base, xs, dtype, numel), keep_rules(modes, topk, hash, masks), threads);
-}
-
-void della_masks_flat(uintptr_t masks, uintptr_t base, const Ptrs& xs, int dtype, int64_t rows, int64_t cols,
-                      const std::vector<float>& low, const std::vector<float>& spread, const std::vector<uint32_t>& s1,
-                      const std::vector<uint32_t>& s2, int threads) {
-  const size_t n = xs.size();
-  if (low.size() != n || spread.size() != n || s1.size() != n || s2.size() != n)
-    throw std::invalid_argument("della_masks: one low, spread, s1 and s2 per model");
-  if (rows < 0 || cols < 0) throw std::invalid_argument("della_masks: rows and cols must be >= 0");
-  const DellaArgs a{rows, cols, low, spread, s1, s2};
-  della_masks(task_source(base, xs, dtype, rows * cols), a, reinterpret_cast<uint8_t*>(masks), threads);
+void sparse_merge_one(uintptr_t out, uintptr_t base, const Ptrs& xs, int dtype, int64_t rows, int64_t cols,
+                      const SparseMergeSpec& spec, int threads) {
+  sparse_merge(reinterpret_cast<void*>(out), task_source(base, xs, dtype, rows * cols), rows, cols, spec, threads);
 }
 
 void permute_many_flat(const Ptrs& outs, const Ptrs& ins, const std::vector<int64_t>& element_sizes,
@@ -206,12 +147,38 @@ PYBIND11_MODULE(_C, m) {
         py::arg("eps"), py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
   m.def("magnitude_select", &fk::magnitude_select_flat, py::arg("base"), py::arg("xs"), py::arg("dtype"),
         py::arg("numel"), py::arg("models"), py::arg("ks"), py::arg("threads"), nogil);
-  m.def("kept_l1_norms", &fk::kept_l1_norms_flat, py::arg("base"), py::arg("xs"), py::arg("dtype"), py::arg("numel"),
-        py::arg("modes"), py::arg("topk"), py::arg("hash"), py::arg("masks"), py::arg("threads"), nogil);
-  m.def("sparse_merge", &fk::sparse_merge_flat, py::arg("out"), py::arg("base"), py::arg("xs"), py::arg("dtype"),
-        py::arg("numel"), py::arg("modes"), py::arg("topk"), py::arg("hash"), py::arg("masks"), py::arg("weights"),
-        py::arg("scales"), py::arg("divide"), py::arg("consensus"), py::arg("elect_weighted"), py::arg("combine"),
-        py::arg("weight_total"), py::arg("lam"), py::arg("threads"), nogil);
+  py::enum_<fk::KeepKind>(m, "KeepKind")
+      .value("all", fk::KeepKind::kAll)
+      .value("magnitude", fk::KeepKind::kMagnitude)
+      .value("magnitude_outliers", fk::KeepKind::kMagnitudeOutliers)
+      .value("random", fk::KeepKind::kRandom)
+      .value("della", fk::KeepKind::kDella)
+      .value("mask", fk::KeepKind::kMask);
+  py::enum_<fk::Rescale>(m, "Rescale")
+      .value("none", fk::Rescale::kNone)
+      .value("inverse_density", fk::Rescale::kInverseDensity)
+      .value("l1", fk::Rescale::kL1);
+  py::class_<fk::ModelKeep>(m, "ModelKeep", "How one model's task vector is sparsified (see csrc/cpu/sparse.h).")
+      .def(py::init<>())
+      .def_readwrite("kind", &fk::ModelKeep::kind)
+      .def_readwrite("density", &fk::ModelKeep::density)
+      .def_readwrite("gamma", &fk::ModelKeep::gamma)
+      .def_readwrite("epsilon", &fk::ModelKeep::epsilon)
+      .def_readwrite("keep", &fk::ModelKeep::keep)
+      .def_readwrite("mask", &fk::ModelKeep::mask);
+  py::class_<fk::SparseMergeSpec>(m, "SparseMergeSpec", "One sparse merge but its tensors (see csrc/cpu/sparse.h).")
+      .def(py::init<>())
+      .def_readwrite("models", &fk::SparseMergeSpec::models)
+      .def_readwrite("weights", &fk::SparseMergeSpec::weights)
+      .def_readwrite("rescale", &fk::SparseMergeSpec::rescale)
+      .def_readwrite("consensus", &fk::SparseMergeSpec::consensus)
+      .def_readwrite("elect_weighted", &fk::SparseMergeSpec::elect_weighted)
+      .def_readwrite("combine", &fk::SparseMergeSpec::combine)
+      .def_readwrite("lam", &fk::SparseMergeSpec::lam)
+      .def_readwrite("seed", &fk::SparseMergeSpec::seed);
+  m.attr("L1_RESCALE_EPS") = fk::kL1RescaleEps;
+  m.def("sparse_merge", &fk::sparse_merge_one, py::arg("out"), py::arg("base"), py::arg("xs"), py::arg("dtype"),
+        py::arg("rows"), py::arg("cols"), py::arg("spec"), py::arg("threads"), nogil);
   m.def(
       "slerp",
       [](uintptr_t out, uintptr_t a, uintptr_t b, int dtype, int64_t rows, int64_t cols, const std::vector<double>& t,
@@ -224,9 +191,6 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("out"), py::arg("a"), py::arg("b"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("t"),
       py::arg("dot_threshold"), py::arg("eps"), py::arg("threads"), nogil);
-  m.def("della_masks", &fk::della_masks_flat, py::arg("masks"), py::arg("base"), py::arg("xs"), py::arg("dtype"),
-        py::arg("rows"), py::arg("cols"), py::arg("low"), py::arg("spread"), py::arg("s1"), py::arg("s2"),
-        py::arg("threads"), nogil);
   m.def("permute_many", &fk::permute_many_flat, py::arg("outs"), py::arg("ins"), py::arg("element_sizes"),
         py::arg("shapes"), py::arg("perms"), py::arg("threads"), nogil);
   m.def(

@@ -1,8 +1,5 @@
-"""Glue between the sparse ops and the C++ kernels: keep rules, thresholds and rescale factors.
-
-A keep rule per model is passed as parallel lists: ``modes`` (0 all, 1 top-k, 2 random, 3 mask),
-``topk`` (hi.t, hi.cut, lo.t, lo.cut), ``hash`` (s1, s2, p16) and ``masks`` (addresses or 0).
-"""
+"""Glue between the sparse ops and the C++ kernels: one typed ``_C.SparseMergeSpec`` per merge
+(each model's keep rule, the rescale, election and combine), and the top-k threshold query."""
 
 from __future__ import annotations
 
@@ -10,11 +7,6 @@ import torch
 
 from . import _native
 from .reference.magnitude_prune import magnitude_threshold as ref_threshold
-from .reference.random_mask import keep_threshold, stream_keys
-from .reference.sparse_merge import L1_RESCALE_EPS
-
-EMPTY_TOPK = (1 << 32, 0)
-FULL_TOPK = (-1, 0)
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -27,36 +19,6 @@ def select(base, xs, models: list[int], ks: list[int]) -> list[tuple[int, int]]:
         _ptr(base), _native.pointers(xs), _native.dtype_code(xs[0].dtype), xs[0].numel(), models, ks, _native.threads()
     )
     return [(flat[2 * q], flat[2 * q + 1]) for q in range(len(models))]
-
-
-def keep_rules(base, xs, sparsify, densities, gammas, seed, masks, ks=None):
-    """``ks``: exact top-k sizes for ``"magnitude"`` (default ⌊densityᵢ·numel⌋)."""
-    n, numel = len(xs), xs[0].numel()
-    modes, topk, hashes = [], [], []
-    if masks:
-        return [3] * n, [*EMPTY_TOPK, *EMPTY_TOPK] * n, [0, 0, 0] * n, [m.data_ptr() for m in masks]
-    if sparsify in ("magnitude", "magnitude_outliers"):
-        keep = list(ks) if ks is not None else [int(d * numel) for d in densities]
-        drop = (
-            [min(int(g * numel), numel - k) for g, k in zip(gammas, keep, strict=True)]
-            if sparsify == "magnitude_outliers"
-            else [0] * n
-        )
-        found = select(base, xs, list(range(n)) * 2, [d + k for d, k in zip(drop, keep, strict=True)] + drop)
-        for i in range(n):
-            modes.append(1)
-            topk += [*found[i], *found[n + i]]
-    for i in range(n):
-        if sparsify == "random":
-            modes.append(2)
-            topk += [*EMPTY_TOPK, *EMPTY_TOPK]
-            hashes += [*stream_keys(seed, i), keep_threshold(densities[i])]
-        else:
-            hashes += [0, 0, 0]
-            if sparsify is None:
-                modes.append(0)
-                topk += [*FULL_TOPK, *EMPTY_TOPK]
-    return modes, topk, hashes, [0] * n
 
 
 def sparse_merge(
@@ -77,36 +39,35 @@ def sparse_merge(
     masks,
     ks=None,
 ) -> None:
-    lib, n = _native.lib(), len(xs)
-    code, numel, ptrs = _native.dtype_code(xs[0].dtype), xs[0].numel(), _native.pointers(xs)
-    if sparsify == "della" and not masks:
-        masks = della_masks(base, xs, densities, epsilons, seed)
-    rules = keep_rules(base, xs, sparsify, densities, gammas, seed, masks, ks)
-    scales, divide = [1.0] * n, False
-    if rescale == "inverse_density" and (sparsify is not None or masks):
-        scales, divide = list(densities), True
-    elif rescale == "l1":
-        norms = lib.kept_l1_norms(_ptr(base), ptrs, code, numel, *rules, _native.threads())
-        for i in range(n):
-            before, after = norms[2 * i], norms[2 * i + 1]
-            if before >= L1_RESCALE_EPS and after >= L1_RESCALE_EPS:
-                scales[i] = before / after
-    total = sum(weights)
+    """One native call: the arguments, validated by the op, become a typed ``_C.SparseMergeSpec``.
+    ``ks``: exact top-k sizes for ``"magnitude"`` (default ⌊densityᵢ·numel⌋)."""
+    lib = _native.lib()
+    kind = lib.KeepKind.mask if masks else getattr(lib.KeepKind, sparsify or "all")
+    spec = lib.SparseMergeSpec()
+    models = []
+    for i in range(len(xs)):
+        m = lib.ModelKeep()
+        m.kind, m.density, m.gamma, m.epsilon = kind, densities[i], gammas[i], epsilons[i]
+        if ks is not None:
+            m.keep = ks[i]
+        if masks:
+            m.mask = masks[i].data_ptr()
+        models.append(m)
+    spec.models, spec.weights, spec.lam, spec.seed = models, list(weights), lam, seed
+    spec.rescale = getattr(lib.Rescale, rescale or "none")
+    spec.consensus = {None: 0, "sum": 1, "count": 2}[consensus]
+    spec.elect_weighted = elect_on == "weighted"
+    spec.combine = {"sum": 0, "mean_count": 1, "mean_weight": 2}[combine]
+    shape = xs[0].shape
+    rows, cols = (1, xs[0].numel()) if len(shape) != 2 else shape
     lib.sparse_merge(
         out.data_ptr(),
         _ptr(base),
-        ptrs,
-        code,
-        numel,
-        *rules,
-        weights,
-        scales,
-        divide,
-        {None: 0, "sum": 1, "count": 2}[consensus],
-        elect_on == "weighted",
-        {"sum": 0, "mean_count": 1, "mean_weight": 2}[combine],
-        total if abs(total) >= 1e-8 else 1.0,
-        lam,
+        _native.pointers(xs),
+        _native.dtype_code(xs[0].dtype),
+        rows,
+        cols,
+        spec,
         _native.threads(),
     )
 
@@ -119,29 +80,6 @@ def threshold_value(x: torch.Tensor, k: int) -> torch.Tensor:
     if x.dtype == torch.float32:
         return torch.tensor([t], dtype=torch.int32).view(torch.float32)[0]
     return torch.tensor([t], dtype=torch.int16).view(x.dtype)[0]
-
-
-def della_masks(base, xs, densities, epsilons, seed) -> list[torch.Tensor]:
-    """Each model's DELLA keep mask (bool, like xs[0]), ranked along rows (a 1-D tensor is one row)."""
-    n, shape = len(xs), xs[0].shape
-    rows, cols = (1, shape[0]) if len(shape) == 1 else shape
-    f32 = [torch.tensor([d - e, 2 * e], dtype=torch.float32).tolist() for d, e in zip(densities, epsilons, strict=True)]
-    keys = [stream_keys(seed, i) for i in range(n)]
-    masks = torch.empty((n, *shape), dtype=torch.bool)
-    _native.lib().della_masks(
-        masks.data_ptr(),
-        _ptr(base),
-        _native.pointers(xs),
-        _native.dtype_code(xs[0].dtype),
-        rows,
-        cols,
-        [lo for lo, _ in f32],
-        [spread for _, spread in f32],
-        [k[0] for k in keys],
-        [k[1] for k in keys],
-        _native.threads(),
-    )
-    return list(masks.unbind(0))
 
 
 def sparse_declines(xs, sparsify, rescale, masks) -> str | None:

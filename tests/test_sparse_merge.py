@@ -151,18 +151,26 @@ def test_hand_worked_ties(backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(1,), (257,), (1, 1), (37, 1), (9, 300)], ids=str)
 def test_della_masks_equal_the_reference_bit_for_bit(dtype, shape):
+    """The C++ DELLA masks, read through the merge: with one-hot weights, no election, no rescale and
+    ``combine="sum"``, the merged task vector is nonzero exactly where model i keeps a nonzero τ
+    (with a base: the result equals the reference's bit for bit)."""
     if "cpu" not in fk.available_backends():
         pytest.skip("the C++ extension is not available")
-    from fusion_kernels import _sparse_native
-
     base, *xs = inputs(4, shape, dtype, seed=sum(shape))
     xs[1] = (xs[1] * 4).round() / 4  # many equal magnitudes: ties are ranked by index
+    densities, epsilons = [0.3, 0.5, 0.7], [0.1, 0.2, 0.3]
     for b in (base, None):
-        masks = _sparse_native.della_masks(b, xs, [0.3, 0.5, 0.7], [0.1, 0.2, 0.3], 11)
-        for i, (x, d, e) in enumerate(zip(xs, [0.3, 0.5, 0.7], [0.1, 0.2, 0.3], strict=True)):
-            tau = x.float() - b.float() if b is not None else x
-            expected, _ = keep_mask_and_probability(tau, i, "della", d, 0.0, e, 11)
-            assert torch.equal(masks[i], expected), (i, b is None)
+        for i, x in enumerate(xs):
+            options = dict(sparsify="della", density=densities, epsilon=epsilons, consensus=None, combine="sum")
+            options["seed"] = 11
+            weights = [float(j == i) for j in range(len(xs))]
+            with fk.use_backend("cpu"):
+                got = fk.sparse_merge(b, xs, weights, **options)
+            if b is None:
+                expected, _ = keep_mask_and_probability(x, i, "della", densities[i], 0.0, epsilons[i], 11)
+                assert torch.equal(got != 0, expected & (x != 0)), i
+            else:
+                assert torch.equal(got, reference(b, xs, weights, **options)), i
 
 
 def test_della_cpu_declines_what_it_cannot_rank_and_automatic_dispatch_falls_back():
@@ -189,7 +197,10 @@ def test_opcheck(op_name):
         "sum",
         "weighted",
         "mean_weight",
-        [0.5, 0.5, 0.0, 0.0, 0.1, 0.1, 1.0],
+        [0.5, 0.5],
+        [0.0, 0.0],
+        [0.1, 0.1],
+        1.0,
         0,
         [],
     )
@@ -245,3 +256,12 @@ def test_bad_input_raises_before_writing(call, error, argument):
         call(out)
     assert argument in str(info.value), str(info.value)
     assert torch.all(out == 7.0)
+
+
+def test_the_native_l1_rescale_cutoff_is_the_references():
+    if "cpu" not in fk.available_backends():
+        pytest.skip("the C++ extension is not available")
+    from fusion_kernels import _native
+    from fusion_kernels.reference.sparse_merge import L1_RESCALE_EPS
+
+    assert _native.lib().L1_RESCALE_EPS == L1_RESCALE_EPS

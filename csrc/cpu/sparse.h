@@ -38,20 +38,42 @@ inline int32_t key_threshold(int64_t t) {
 std::vector<TopK> magnitude_select(const TaskSource& s, const std::vector<int>& models,
                                    const std::vector<int64_t>& ks, int threads);
 
-// Per model: (sum |tau|, sum over kept of |tau|), summed in fixed blocks so threads do not matter.
-std::vector<double> kept_l1_norms(const TaskSource& s, const std::vector<KeepRule>& rules, int threads);
+// How one model's task vector is sparsified: the typed keep rule the Python layer fills in (bound
+// as fusion_kernels._C.ModelKeep). Semantics: keep_mask_and_probability in
+// fusion_kernels/reference/sparse_merge.py.
+enum class KeepKind : int { kAll, kMagnitude, kMagnitudeOutliers, kRandom, kDella, kMask };
 
-struct SparseMergeOptions {
-  std::vector<float> weights, scales;  // kept values are multiplied (or divided) by scale: the rescale
-  bool divide = false;                 // divide: x / density exactly as the reference rounds it
-  int consensus = 0;                   // 0 none, 1 sum, 2 count
-  bool elect_weighted = true;
-  int combine = 0;                     // 0 sum, 1 mean_count, 2 mean_weight
-  float weight_total = 0.f;            // combine = mean_weight without consensus: sum of weights
-  float lam = 1.f;
+struct ModelKeep {
+  KeepKind kind = KeepKind::kAll;
+  double density = 1.0;  // kept fraction: top-k size floor(density·numel), DARE's keep probability, DELLA's mean
+  double gamma = 0.0;    // kMagnitudeOutliers: fraction of the largest |tau| dropped before the top-k
+  double epsilon = 0.0;  // kDella: keep probabilities spread over density ± epsilon along each row
+  int64_t keep = -1;     // an exact top-k size instead of floor(density·numel) (magnitude_prune); -1: none
+  uintptr_t mask = 0;    // kMask: the address of a bool tensor shaped like the inputs
 };
 
-void sparse_merge(void* out, const TaskSource& s, const std::vector<KeepRule>& rules, const SparseMergeOptions& o,
+enum class Rescale : int { kNone, kInverseDensity, kL1 };
+
+// Everything about one sparse merge but the tensors. consensus: 0 none, 1 sum, 2 count;
+// combine: 0 sum, 1 mean_count, 2 mean_weight (the codes of SparseMergeArgs).
+struct SparseMergeSpec {
+  std::vector<ModelKeep> models;
+  std::vector<double> weights;
+  Rescale rescale = Rescale::kNone;
+  int consensus = 0;
+  bool elect_weighted = true;
+  int combine = 0;
+  double lam = 1.0;
+  uint64_t seed = 0;  // DARE's and DELLA's draws (reference/random_mask.py's stream_keys)
+};
+
+// mergekit's L1 rescale leaves a model alone when either norm is below this (reference.sparse_merge.L1_RESCALE_EPS).
+constexpr double kL1RescaleEps = 1e-7;
+
+// The whole sparse merge of one tensor, viewed as [rows, cols] (DELLA ranks along rows): each
+// model's keep set (DELLA masks, top-k selection, DARE draws or the caller's masks), the rescale
+// (kept-L1 sums when asked), sign election and the fused merge, in one call.
+void sparse_merge(void* out, const TaskSource& s, int64_t rows, int64_t cols, const SparseMergeSpec& spec,
                   int threads);
 
 }  // namespace fk

@@ -21,50 +21,36 @@ ELECT_ON = ("weighted", "unweighted")
 COMBINE = ("sum", "mean_count", "mean_weight")
 
 
-def _torch_impl(out, base, xs, weights, sparsify, rescale, consensus, elect_on, combine, floats, seed, masks):
-    n = len(xs)
+def _torch_impl(out, base, xs, weights, sparsify, rescale, consensus, elect_on, combine, *rest):
+    densities, gammas, epsilons, lam, seed, masks = rest
     out.copy_(
         ref.sparse_merge(
             base,
             xs,
             weights,
             sparsify=sparsify or None,
-            densities=floats[:n],
-            gammas=floats[n : 2 * n],
-            epsilons=floats[2 * n : 3 * n],
+            densities=densities,
+            gammas=gammas,
+            epsilons=epsilons,
             rescale=rescale or None,
             consensus=consensus or None,
             elect_on=elect_on,
             combine=combine,
-            lam=floats[3 * n],
+            lam=lam,
             seed=seed,
             masks=masks or None,
         )
     )
 
 
-def _cpu_impl(out, base, xs, weights, sparsify, rescale, consensus, elect_on, combine, floats, seed, masks):
-    n = len(xs)
+def _cpu_impl(out, base, xs, weights, sparsify, rescale, consensus, elect_on, combine, *rest):
     _sparse_native.sparse_merge(
-        out,
-        base,
-        xs,
-        weights,
-        sparsify or None,
-        rescale or None,
-        consensus or None,
-        elect_on,
-        combine,
-        floats[:n],
-        floats[n : 2 * n],
-        floats[2 * n : 3 * n],
-        floats[3 * n],
-        seed,
-        masks,
+        out, base, xs, weights, sparsify or None, rescale or None, consensus or None, elect_on, combine, *rest
     )
 
 
-def _cpu_declines(base, xs, weights, sparsify, rescale, consensus, elect_on, combine, floats, seed, masks):
+def _cpu_declines(base, xs, weights, sparsify, rescale, consensus, elect_on, combine, *rest):
+    masks = rest[-1]
     return _sparse_native.sparse_declines(xs, sparsify, rescale, masks)
 
 
@@ -76,8 +62,7 @@ _triton_impl.declines = _triton.lazy("sparse_merge", "declines")
 IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl, "triton": _triton_impl}
 
 
-# Schema limits: "" stands for None in the string options and [] for no masks;
-# floats = densities + gammas + epsilons + [lambda].
+# Schema limits: "" stands for None in the string options and [] for no masks.
 @custom_op("fusion_kernels::sparse_merge", mutates_args=())
 def _sparse_merge(
     base: torch.Tensor | None,
@@ -88,17 +73,21 @@ def _sparse_merge(
     consensus: str,
     elect_on: str,
     combine: str,
-    floats: list[float],
+    densities: list[float],
+    gammas: list[float],
+    epsilons: list[float],
+    lam: float,
     seed: int,
     masks: list[torch.Tensor],
 ) -> torch.Tensor:
     out = empty_like(xs[0])
-    run(OP, IMPLS, out, base, xs, weights, sparsify, rescale, consensus, elect_on, combine, floats, seed, masks)
+    args = (sparsify, rescale, consensus, elect_on, combine, densities, gammas, epsilons, lam, seed, masks)
+    run(OP, IMPLS, out, base, xs, weights, *args)
     return out
 
 
 @_sparse_merge.register_fake
-def _(base, xs, weights, sparsify, rescale, consensus, elect_on, combine, floats, seed, masks):
+def _(base, xs, weights, *options):
     return fake_like(xs[0])
 
 
@@ -112,16 +101,20 @@ def _sparse_merge_out(
     consensus: str,
     elect_on: str,
     combine: str,
-    floats: list[float],
+    densities: list[float],
+    gammas: list[float],
+    epsilons: list[float],
+    lam: float,
     seed: int,
     masks: list[torch.Tensor],
     out: torch.Tensor,
 ) -> None:
-    run(OP, IMPLS, out, base, xs, weights, sparsify, rescale, consensus, elect_on, combine, floats, seed, masks)
+    args = (sparsify, rescale, consensus, elect_on, combine, densities, gammas, epsilons, lam, seed, masks)
+    run(OP, IMPLS, out, base, xs, weights, *args)
 
 
 @_sparse_merge_out.register_fake
-def _(base, xs, weights, sparsify, rescale, consensus, elect_on, combine, floats, seed, masks, out):
+def _(base, xs, weights, *options_and_out):
     return None
 
 
@@ -209,7 +202,10 @@ def sparse_merge(
         consensus or "",
         elect_on,
         combine,
-        densities + gammas + epsilons + [lam],
+        densities,
+        gammas,
+        epsilons,
+        lam,
         seed,
         list(masks) if masks is not None else [],
     )

@@ -256,7 +256,8 @@ def della_masks(base, xs, densities, epsilons, seed) -> list[torch.Tensor]:
     return list(masks.unbind(0))
 
 
-def declines(base, xs, weights, sparsify, rescale, consensus, elect_on, combine, floats, seed, masks) -> str | None:
+def declines(base, xs, weights, sparsify, rescale, consensus, elect_on, combine, *rest) -> str | None:
+    masks = rest[-1]
     if sparsify != "della" or masks:
         return None
     if rescale == "inverse_density":
@@ -319,12 +320,28 @@ def _l1_scales(base, xs, mode, rules) -> list[float]:
     return scales
 
 
-def sparse_merge(out, base, xs, weights, sparsify, rescale, consensus, elect_on, combine, floats, seed, masks, ks=None):
+def sparse_merge(
+    out,
+    base,
+    xs,
+    weights,
+    sparsify,
+    rescale,
+    consensus,
+    elect_on,
+    combine,
+    densities,
+    gammas,
+    epsilons,
+    lam,
+    seed,
+    masks,
+    ks=None,
+):
     """The ops-layer implementation (same arguments as the cpu backend's; "" stands for None)."""
     n, numel = len(xs), out.numel()
-    densities, gammas, lam = floats[:n], floats[n : 2 * n], floats[3 * n]
     if sparsify == "della" and not masks:
-        masks = della_masks(base, xs, densities, floats[2 * n : 3 * n], seed)
+        masks = della_masks(base, xs, densities, epsilons, seed)
     mode, rules = _rules(base, xs, sparsify or None, densities, gammas, seed, masks, ks)
     scales, divide = [1.0] * n, False
     if rescale == "inverse_density" and (sparsify or masks):
@@ -355,7 +372,7 @@ def sparse_merge(out, base, xs, weights, sparsify, rescale, consensus, elect_on,
 
 
 def magnitude_prune(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
-    sparse_merge(out, None, [x], [1.0], "magnitude", "", "", "weighted", "sum", [1.0, 0.0, 0.0, 1.0], 0, [], ks=[k])
+    sparse_merge(out, None, [x], [1.0], "magnitude", "", "", "weighted", "sum", [1.0], [0.0], [0.0], 1.0, 0, [], ks=[k])
 
 
 def magnitude_threshold(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
