@@ -219,8 +219,8 @@ def compute_task(plan: Plan, task: TensorTask, tensors: list, device: str, out: 
     if task.passthrough:
         return next(t for t in tensors if t is not None)
     tensors = [None if t is None else t.to(device=device, dtype=task.compute_dtype) for t in tensors]
-    base = tensors[plan.base_index] if plan.base_index is not None else None
-    others = [tensors[k] for k in plan.merged]
+    base = tensors[task.base] if task.base is not None else None
+    others = [tensors[k] for k in task.merged]
     result = merge_tensor(plan.recipe.merge_method, base, others, task.params, task.seed, out=out)
     return result.to(device="cpu", dtype=task.out.dtype)
 
@@ -384,6 +384,7 @@ def finalize(plan: Plan, out: Path) -> None:
         overrides = {key: DTYPE_NAMES[out_dtype]} if out_dtype is not None else {}
         if "quantization_config" in config:  # we write float tensors, never quantized ones
             overrides["quantization_config"] = None
+        overrides.update(plan.config_overrides)
         copy_model_files(reference.path, out, overrides)
     if plan.recipe.model_card:
         write_text_atomic(out / "mergekit_config.yml", plan.recipe.source.rstrip() + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from fusion_kernels.methods import METHODS, REQUIRED, scratch_bytes, tensor_seed
 from ..errors import RecipeError
 from ..io.checkpoint import FLOAT8, Checkpoint, TensorInfo
 from ..io.writer import OutputTensor, plan_shards, shard_name
-from .recipe import LAYER, Recipe, layer_position, model_params, resolve, shared_params
+from .recipe import LAYER, Recipe, Slice, layer_position, model_params, resolve, shared_params, slice_roles
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MERGEABLE = (*FLOATS, *FLOAT8)  # FP8 converts exactly to every float dtype we compute in
@@ -32,6 +33,8 @@ class TensorTask:
     seed: int = 0
     passthrough: bool = False  # copied from the base model (non-float tensors)
     method: str = ""  # the recipe's merge method
+    base: int | None = None  # the checkpoint of the base tensor handed to the method (None: no base)
+    merged: tuple[int, ...] = ()  # the checkpoints of the merged tensors, in the order of their parameters
 
     @property
     def read_bytes(self) -> int:
@@ -62,10 +65,9 @@ class TensorTask:
 class Plan:
     recipe: Recipe
     checkpoints: list[Checkpoint]
-    base_index: int | None  # the checkpoint of the base tensor handed to the method (None for linear)
-    merged: list[int]  # the checkpoints of the merged tensors, in the order of their parameters
     shards: list[list[TensorTask]]
     memory_budget: int
+    config_overrides: dict = field(default_factory=dict)  # keys of the output config.json (a slices recipe's layers)
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -134,57 +136,80 @@ def _default_compute_dtype(infos: list[TensorInfo]) -> torch.dtype:
     return dtype if dtype in FLOATS else torch.bfloat16
 
 
-def _mergeable(name: str, checkpoints: list[Checkpoint]) -> bool:
+def _mergeable(name: str, found: list[tuple[Path, TensorInfo]]) -> bool:
     """True where every model holds tensor ``name`` as a float (FP8 included): it is merged. False
     where every model holds it in one and the same non-float dtype (step counters, position ids,
-    masks): it is copied from the base. Anything else would merge or copy a wrong value, so it is
-    refused, naming the models and dtypes."""
-    dtypes = [c.tensors[name].dtype for c in checkpoints]
+    masks): it is copied. Anything else would merge or copy a wrong value, so it is refused, naming
+    the models and dtypes."""
+    dtypes = [info.dtype for _, info in found]
     if all(d in MERGEABLE for d in dtypes):
         return True
     if len(set(dtypes)) == 1:
         return False
-    found = ", ".join(f"{c.path}: {d}" for c, d in zip(checkpoints, dtypes, strict=True))
+    listed = ", ".join(f"{path}: {info.dtype}" for path, info in found)
     raise RecipeError(
-        f"tensor {name!r}: stored as a float in some models and as an integer or bool in others ({found}); "
+        f"tensor {name!r}: stored as a float in some models and as an integer or bool in others ({listed}); "
         "a float tensor declared with an integer dtype, or the other way round, cannot be merged"
     )
 
 
-def _resolve_params(recipe: Recipe, name: str, t: float) -> dict:
-    method = recipe.merge_method
+Settings = list[tuple[str, dict]]  # (where, parameters) from the most specific to the recipe's own
+
+
+def _resolve_params(method: str, shared: Settings, per_model: list[Settings], name: str, t: float) -> dict:
+    """The parameters of tensor ``name`` at layer position ``t``: shared ones from the first of
+    ``shared`` that sets them, per-model ones (one list per merged model) likewise."""
+
+    def first(settings: Settings, key: str, spec):
+        for where, params in settings:
+            if key in params:
+                value = resolve(params[key], name, t, f"{where}.{key}", spec)
+                if value is not None:
+                    return value, where
+        return None, settings[0][0]
+
     params = {}
     for key, spec in shared_params(method).items():
-        value = (
-            resolve(recipe.parameters[key], name, t, f"parameters.{key}", spec) if key in recipe.parameters else None
-        )
+        value, where = first(shared, key, spec)
         if value is None and spec.default is REQUIRED:
-            raise RecipeError(f"parameters.{key}: no value applies to tensor {name!r}")
+            raise RecipeError(f"{where}.{key}: no value applies to tensor {name!r}")
         params[key] = spec.default if value is None else value
     for key, spec in model_params(method).items():
         values = []
-        for entry in recipe.merged:
-            i = recipe.models.index(entry)
-            value = None
-            if key in entry.parameters:
-                value = resolve(entry.parameters[key], name, t, f"models[{i}].parameters.{key}", spec)
-            if value is None and key in recipe.parameters:
-                value = resolve(recipe.parameters[key], name, t, f"parameters.{key}", spec)
+        for settings in per_model:
+            value, where = first(settings, key, spec)
             if value is None and spec.default is REQUIRED:
-                raise RecipeError(f"models[{i}].parameters.{key}: no value applies to tensor {name!r}")
+                raise RecipeError(f"{where}.{key}: no value applies to tensor {name!r}")
             values.append(spec.default if value is None else value)
         params[key] = values
     METHODS[method].check_values(params, f"tensor {name!r}: ", RecipeError)
     return params
 
 
-def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False) -> Plan:
-    """Open every model, match tensors by name, resolve parameters and cut shards. Raises
-    CheckpointError or RecipeError, each naming the model, tensor or recipe key at fault."""
-    _check_device(recipe.device)
-    paths = recipe.inputs
-    checkpoints = [Checkpoint(p, allow_pickle=allow_pickle) for p in paths]
-    base_index = paths.index(recipe.base_model) if recipe.base_model is not None else None
+def _task(recipe: Recipe, out_name: str, inputs: list, paths: list[Path], roles, params) -> TensorTask:
+    """The task of one output tensor read from ``inputs`` (one slot per checkpoint); ``roles``:
+    (base checkpoint or None, merged checkpoints); ``params``: a function giving its parameters."""
+    found = [(paths[k], i) for k, i in enumerate(inputs) if i is not None]
+    first = found[0][1]
+    for path, info in found:
+        if info.shape != first.shape:
+            read = lambda i: "" if i.name == out_name else f" (its {i.name!r})"  # noqa: E731
+            raise RecipeError(
+                f"tensor {out_name!r}: shape {info.shape} in {path}{read(info)}, "
+                f"{first.shape} in {found[0][0]}{read(first)}"
+            )
+    if not _mergeable(out_name, found):  # copied from the first model that has it
+        only = [i if i is first else None for i in inputs]
+        return TensorTask(OutputTensor(out_name, first.dtype, first.shape), only, first.dtype, passthrough=True)
+    compute = recipe.dtype or _default_compute_dtype([i for _, i in found])
+    out = OutputTensor(out_name, recipe.out_dtype or compute, first.shape)
+    base, merged = roles
+    seed = tensor_seed(recipe.seed, out_name)
+    return TensorTask(out, inputs, compute, params(), seed, method=recipe.merge_method, base=base, merged=merged)
+
+
+def _model_tasks(recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint]) -> list[TensorTask]:
+    """A models recipe: every tensor of the models, merged by name."""
     reference = checkpoints[0]  # the base model when there is one
     names = list(reference.tensors)
     for c in checkpoints:
@@ -196,35 +221,113 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
                 f"model {c.path}: {what} ({len(missing)} missing, {len(extra)} extra tensors against {reference.path})"
             )
     num_layers = _num_layers(reference, names)
-    if recipe.layer_range is not None and tuple(recipe.layer_range) != (0, num_layers):
-        raise RecipeError(f"slices: layer_range {list(recipe.layer_range)} must cover all {num_layers} layers")
-    merged_models = [paths.index(m.path) for m in recipe.merged]
+    merged = tuple(paths.index(m.path) for m in recipe.merged)
+    base = paths.index(recipe.base_model) if recipe.base_model is not None else None
     if METHODS[recipe.merge_method].base_merged:
-        base_index = None  # linear and karcher take the base, when there is one, as one more merged model
+        base = None  # linear and karcher take the base, when there is one, as one more merged model
+    shared = [("parameters", recipe.parameters)]
+    per_model = [[(f"models[{recipe.models.index(m)}].parameters", m.parameters), *shared] for m in recipe.merged]
     tasks = []
     for name in names:
-        ref = reference.tensors[name]
-        for c in checkpoints:
-            if c.tensors[name].shape != ref.shape:
+        t = layer_position(name, num_layers)
+        inputs = [c.tensors[name] for c in checkpoints]
+        params = lambda name=name, t=t: _resolve_params(recipe.merge_method, shared, per_model, name, t)  # noqa: E731
+        tasks.append(_task(recipe, name, inputs, paths, (base, merged), params))
+    return tasks
+
+
+# Tensors outside the layers that come before them (embeddings); the others (final norm, LM head)
+# come after, from the last slice's sources, as mergekit's architectures order them.
+BEFORE_LAYERS = re.compile(r"embed|wte|wpe|word_embeddings")
+
+
+def _layer_templates(checkpoint: Checkpoint) -> dict[int, list[str]]:
+    """Layer index -> its tensors' names with the index replaced by ``{}``."""
+    layers: dict[int, list[str]] = {}
+    for name in checkpoint.tensors:
+        match = LAYER.search(name)
+        if match:
+            layers.setdefault(int(match.group(1)), []).append(name[: match.start(1)] + "{}" + name[match.end(1) :])
+    return layers
+
+
+def _slice_tasks(recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint]) -> tuple[list[TensorTask], dict]:
+    """A slices recipe: the output's layers, slice by slice, and the tensors outside the layers."""
+    index = {p: k for k, p in enumerate(paths)}
+    templates = {k: _layer_templates(c) for k, c in enumerate(checkpoints)}
+    method = recipe.merge_method
+
+    def task(piece: Slice, n: int, out_name: str, names: list[str], t: float) -> TensorTask:
+        base, merged = slice_roles(recipe, piece)
+        inputs: list[TensorInfo | None] = [None] * len(checkpoints)
+        for i, (source, name) in enumerate(zip(piece.sources, names, strict=True)):
+            c = checkpoints[index[source.path]]
+            if name not in c.tensors:
+                raise RecipeError(f"slices[{n}].sources[{i}]: model {source.path} lacks {name!r} (for {out_name!r})")
+            inputs[index[source.path]] = c.tensors[name]
+        shared = [(f"slices[{n}].parameters", piece.parameters), ("parameters", recipe.parameters)]
+        per_model = [
+            [(f"slices[{n}].sources[{piece.sources.index(s)}].parameters", s.parameters), *shared] for s in merged
+        ]
+        roles = (None if base is None else index[base], tuple(index[s.path] for s in merged))
+        params = lambda: _resolve_params(method, shared, per_model, out_name, t)  # noqa: E731
+        return _task(recipe, out_name, inputs, paths, roles, params)
+
+    for n, piece in enumerate(recipe.slices):
+        for i, source in enumerate(piece.sources):
+            k = index[source.path]
+            count = _num_layers(checkpoints[k], list(checkpoints[k].tensors))
+            if source.layer_range[1] > count:
                 raise RecipeError(
-                    f"tensor {name!r}: shape {c.tensors[name].shape} in {c.path}, {ref.shape} in {reference.path}"
+                    f"slices[{n}].sources[{i}].layer_range: {list(source.layer_range)} reaches past the "
+                    f"{count} layers of {source.path}"
                 )
-        floating = _mergeable(name, checkpoints)
-        compute = recipe.dtype or _default_compute_dtype([c.tensors[name] for c in checkpoints])
-        if not floating:
-            inputs = [ref if c is reference else None for c in checkpoints]
-            out = OutputTensor(name, ref.dtype, ref.shape)
-            tasks.append(TensorTask(out, inputs, ref.dtype, passthrough=True))
-            continue
-        needed = set(merged_models) | ({base_index} if base_index is not None else set())
-        inputs = [c.tensors[name] if k in needed else None for k, c in enumerate(checkpoints)]
-        out = OutputTensor(name, recipe.out_dtype or compute, ref.shape)
-        params = _resolve_params(recipe, name, layer_position(name, num_layers))
-        seed = tensor_seed(recipe.seed, name)
-        tasks.append(TensorTask(out, inputs, compute, params, seed, method=recipe.merge_method))
+    first, last = recipe.slices[0], recipe.slices[-1]
+    outside = [name for name in checkpoints[index[first.sources[0].path]].tensors if not LAYER.search(name)]
+    before = [name for name in outside if BEFORE_LAYERS.search(name)]
+    tasks = [task(first, 0, name, [name] * len(first.sources), 0.0) for name in before]
+    layer = 0
+    for n, piece in enumerate(recipe.slices):
+        for offset in range(piece.length):
+            t = offset / (piece.length - 1) if piece.length > 1 else 1.0
+            lead = piece.sources[0]
+            for template in templates[index[lead.path]].get(lead.layer_range[0] + offset, []):
+                names = [template.format(s.layer_range[0] + offset) for s in piece.sources]
+                tasks.append(task(piece, n, template.format(layer), names, t))
+            layer += 1
+    after = [name for name in outside if not BEFORE_LAYERS.search(name)]
+    tasks += [task(last, len(recipe.slices) - 1, name, [name] * len(last.sources), 0.0) for name in after]
+    return tasks, _layer_config(checkpoints[0].config or {}, recipe, layer)
+
+
+def _layer_config(config: dict, recipe: Recipe, layers: int) -> dict:
+    """The output config's layer count, and its per-layer lists (``layer_types`` and the like:
+    lists as long as the reference model's layer count) taken layer by layer from the slices."""
+    key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(config.get(k), int)), None)
+    if key is None:
+        return {}
+    overrides: dict = {key: layers}
+    for name, value in config.items():
+        if isinstance(value, list) and len(value) == config[key]:
+            starts = [(piece.sources[0].layer_range[0], piece.length) for piece in recipe.slices]
+            overrides[name] = [value[start + o] for start, length in starts for o in range(length)]
+    return overrides
+
+
+def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False) -> Plan:
+    """Open every model, match tensors by name (or by layer, for slices), resolve parameters and cut
+    shards. Raises CheckpointError or RecipeError, each naming the model, tensor or recipe key at fault."""
+    _check_device(recipe.device)
+    paths = recipe.inputs
+    checkpoints = [Checkpoint(p, allow_pickle=allow_pickle) for p in paths]
+    overrides = {}
+    if recipe.slices is None:
+        tasks = _model_tasks(recipe, paths, checkpoints)
+    else:
+        tasks, overrides = _slice_tasks(recipe, paths, checkpoints)
     outputs = {id(t.out): t for t in tasks}
     shards = [[outputs[id(o)] for o in shard] for shard in plan_shards([t.out for t in tasks], recipe.max_shard_size)]
-    plan = Plan(recipe, checkpoints, base_index, merged_models, shards, memory_budget)
+    plan = Plan(recipe, checkpoints, shards, memory_budget, overrides)
     largest = max(tasks, key=lambda t: t.peak_bytes, default=None)
     if largest is not None and largest.peak_bytes > memory_budget:
         raise RecipeError(

@@ -11,8 +11,14 @@
 
 A parameter is a scalar, a gradient (a list of numbers, interpolated over the layer index
 t = layer / (layers − 1); tensors outside layers take t = 0), or a list of ``{filter, value}``
-whose first filter contained in the tensor name applies — mergekit's rules. ``slices`` are
-accepted when they cover all layers of every model alike (as mergekit's SLERP examples write it).
+whose first filter contained in the tensor name applies — mergekit's rules.
+
+Instead of ``models``, ``slices`` build the output layer by layer (mergekit's frankenmerges): each
+slice lists ``sources`` (``model``, ``layer_range: [start, end)``, ``parameters``), all of one
+length, and may name its own ``base_model`` and ``parameters``. Output layers are numbered in slice
+order; inside a slice t = offset / (length − 1). Tensors outside layers come from the first slice's
+sources (embeddings) or the last slice's (final norm, LM head), at t = 0. A per-model parameter is
+looked up in the source, then the slice, then the recipe; a shared one in the slice, then the recipe.
 """
 
 from __future__ import annotations
@@ -70,6 +76,25 @@ class ModelEntry:
 
 
 @dataclass
+class SliceSource:
+    path: Path
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Slice:
+    sources: list[SliceSource]
+    base_model: Path | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        start, end = self.sources[0].layer_range
+        return end - start
+
+
+@dataclass
 class Recipe:
     merge_method: str
     models: list[ModelEntry]
@@ -82,7 +107,7 @@ class Recipe:
     threads: int | None = None
     device: str = "cpu"
     max_shard_size: int = 5 * 10**9
-    layer_range: tuple[int, int] | None = None  # from single-slice recipes
+    slices: list[Slice] | None = None  # a slices recipe (models then lists every source model once)
     source: str = ""
     model_card: bool = True  # write README.md and mergekit_config.yml beside the model
 
@@ -90,6 +115,8 @@ class Recipe:
     def inputs(self) -> list[Path]:
         """Every model read: the base first (when there is one), then the others, each once."""
         paths = ([self.base_model] if self.base_model else []) + [m.path for m in self.models]
+        for piece in self.slices or ():
+            paths += [piece.base_model] if piece.base_model else []
         return list(dict.fromkeys(paths))
 
     @property
@@ -145,7 +172,7 @@ def _parameters(value: Any, where: str, allowed: dict[str, Param], method: str =
     for key, setting in value.items():
         if key in allowed:
             kept[key] = setting
-        elif key in IGNORED_BY_MERGEKIT and where.startswith("models["):
+        elif key in IGNORED_BY_MERGEKIT and (where.startswith("models[") or ".sources[" in where):
             warnings.warn(f"{where}.{key}: {method} takes no {key!r}; ignored, as mergekit ignores it", stacklevel=3)
         else:
             name = key if isinstance(key, str) and len(key) <= 80 else short_repr(key)
@@ -161,32 +188,50 @@ def _dtype(value: Any, key: str) -> torch.dtype | None:
     return DTYPES[value]
 
 
-def _models_from_slices(slices: Any) -> tuple[list[dict], tuple]:
-    if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict):
-        raise RecipeError("slices: only one slice covering all layers is supported (no layer-range frankenmerges)")
-    sources = slices[0].get("sources")
-    extra = set(slices[0]) - {"sources"}
-    if extra:
-        raise RecipeError(f"slices[0].{sorted(extra)[0]}: not supported")
-    if not isinstance(sources, list) or not sources:
-        raise RecipeError("slices[0].sources: expected a list of {model, layer_range}")
-    for i, source in enumerate(sources):
-        if not isinstance(source, dict):
-            raise RecipeError(f"slices[0].sources[{i}]: expected {{model, layer_range}}, got {short_repr(source)}")
-        layer_range = source.get("layer_range")
-        if layer_range is not None and not (
-            isinstance(layer_range, list)
-            and len(layer_range) == 2
-            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layer_range)
-        ):
-            raise RecipeError(
-                f"slices[0].sources[{i}].layer_range: expected [start, end], two non-negative ints, "
-                f"got {short_repr(layer_range)}"
-            )
-    ranges = {tuple(s.get("layer_range") or ()) for s in sources}
-    if len(ranges) != 1:
-        raise RecipeError(f"slices[0].sources: every source must take the same layer_range, got {sorted(ranges)}")
-    return [{k: v for k, v in s.items() if k != "layer_range"} for s in sources], next(iter(ranges))
+def _slices(raw: Any, method: str, shared: dict[str, Param], per_model: dict[str, Param]) -> list[Slice]:
+    if not isinstance(raw, list) or not raw:
+        raise RecipeError(f"slices: expected a non-empty list of {{sources, parameters}}, got {short_repr(raw)}")
+    slices = []
+    for n, piece in enumerate(raw):
+        where = f"slices[{n}]"
+        if not isinstance(piece, dict) or "sources" not in piece:
+            raise RecipeError(f"{where}: expected {{sources, base_model, parameters}}, got {short_repr(piece)}")
+        extra = set(piece) - {"sources", "base_model", "parameters"}
+        if extra:
+            what = sorted(map(str, extra))[0]
+            hint = " (mergekit 0.1.5 has one merge_method per recipe)" if what == "merge_method" else ""
+            raise RecipeError(f"{where}.{short_repr(what)}: unknown key (sources, base_model, parameters){hint}")
+        sources = piece["sources"]
+        if not isinstance(sources, list) or not sources:
+            raise RecipeError(f"{where}.sources: expected a non-empty list of {{model, layer_range}}")
+        parsed = []
+        for i, source in enumerate(sources):
+            at = f"{where}.sources[{i}]"
+            keys = {"model", "layer_range", "parameters"}
+            if not isinstance(source, dict) or "model" not in source or set(source) - keys:
+                raise RecipeError(f"{at}: expected {{model, layer_range, parameters}}, got {short_repr(source)}")
+            layer_range = source.get("layer_range")
+            if not (
+                isinstance(layer_range, list)
+                and len(layer_range) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layer_range)
+                and layer_range[0] < layer_range[1]
+            ):
+                raise RecipeError(
+                    f"{at}.layer_range: expected [start, end], two ints with 0 <= start < end, "
+                    f"got {short_repr(layer_range)}"
+                )
+            params = _parameters(source.get("parameters"), f"{at}.parameters", per_model, method)
+            parsed.append(SliceSource(_model_path(source["model"], f"{at}.model"), tuple(layer_range), params))
+        lengths = sorted({s.layer_range[1] - s.layer_range[0] for s in parsed})
+        if len(lengths) > 1:
+            raise RecipeError(f"{where}.sources: every source must span the same number of layers, got {lengths}")
+        if len({s.path for s in parsed}) != len(parsed):
+            raise RecipeError(f"{where}.sources: a model is listed twice")
+        base = _model_path(piece["base_model"], f"{where}.base_model") if piece.get("base_model") else None
+        params = _parameters(piece.get("parameters"), f"{where}.parameters", {**shared, **per_model})
+        slices.append(Slice(parsed, base, params))
+    return slices
 
 
 MAX_RECIPE_BYTES = 4 * 2**20
@@ -238,15 +283,15 @@ def load_recipe(text_or_path: str | Path) -> Recipe:
     method = raw.get("merge_method")
     if method not in METHODS:
         raise RecipeError(f"merge_method: expected one of {list(METHODS)}, got {short_repr(method)}")
-    layer_range = None
     if ("models" in raw) == ("slices" in raw):
         raise RecipeError("models: give either 'models' or 'slices', not both and not neither")
+    per_model, shared = model_params(method), shared_params(method)
+    slices = _slices(raw["slices"], method, shared, per_model) if "slices" in raw else None
     entries = raw.get("models")
-    if "slices" in raw:
-        entries, layer_range = _models_from_slices(raw["slices"])
+    if slices is not None:
+        entries = [{"model": str(p)} for p in dict.fromkeys(s.path for piece in slices for s in piece.sources)]
     if not isinstance(entries, list) or not entries:
         raise RecipeError(f"models: expected a non-empty list, got {short_repr(entries)}")
-    per_model, shared = model_params(method), shared_params(method)
     models = []
     for i, entry in enumerate(entries):
         where = f"models[{i}]"
@@ -263,25 +308,63 @@ def load_recipe(text_or_path: str | Path) -> Recipe:
         parameters=_parameters(raw.get("parameters"), "parameters", {**shared, **per_model}),
         dtype=_dtype(raw.get("dtype"), "dtype"),
         out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
+        slices=slices,
         source=text,
     )
-    if fk_methods.METHODS[method].base_merged and base is not None and base not in [m.path for m in models]:
+    base_merged = slices is None and fk_methods.METHODS[method].base_merged
+    if base_merged and base is not None and base not in [m.path for m in models]:
         models.insert(0, ModelEntry(base))  # mergekit's linear (and karcher) merge the base too
-    _check_shape_of_recipe(recipe, raw, layer_range)
+    _check_shape_of_recipe(recipe, raw)
     return recipe
 
 
-def _check_shape_of_recipe(recipe: Recipe, raw: dict, layer_range) -> None:
+def slice_roles(recipe: Recipe, piece: Slice) -> tuple[Path | None, list[SliceSource]]:
+    """(the base handed to the method, the sources merged) of one slice: as for a models recipe,
+    with the slice's own base_model when it names one; passthrough takes its one source whatever
+    the base."""
+    spec = fk_methods.METHODS[recipe.merge_method]
+    base = piece.base_model or recipe.base_model
+    if recipe.merge_method == "passthrough" or spec.base_merged:
+        return None, list(piece.sources)
+    return base, [s for s in piece.sources if s.path != base]
+
+
+def _check_slices(recipe: Recipe) -> None:
+    spec = fk_methods.METHODS[recipe.merge_method]
+    for n, piece in enumerate(recipe.slices):
+        base, merged = slice_roles(recipe, piece)
+        if spec.needs_base and base is None:
+            raise RecipeError(f"slices[{n}]: merge_method {short_repr(recipe.merge_method)} needs a base model")
+        if base is not None and base not in [s.path for s in piece.sources]:
+            raise RecipeError(
+                f"slices[{n}]: the base model {base} is not one of its sources; list it there with a layer_range"
+            )
+        problem = spec.count_error(len(merged))
+        if problem:
+            raise RecipeError(f"slices[{n}].sources: {problem}")
+        for i, source in enumerate(piece.sources):
+            if source not in merged:
+                continue
+            for key, p in model_params(recipe.merge_method).items():
+                found = key in source.parameters or key in piece.parameters or key in recipe.parameters
+                if p.default is REQUIRED and not found:
+                    raise RecipeError(f"slices[{n}].sources[{i}].parameters.{key}: required by {recipe.merge_method}")
+
+
+def _check_shape_of_recipe(recipe: Recipe, raw: dict) -> None:
     method = recipe.merge_method
     spec = fk_methods.METHODS[method]
-    if spec.needs_base and recipe.base_model is None:
-        raise RecipeError(f"base_model: merge_method {short_repr(method)} needs a base model")
-    others = len(recipe.models) if spec.base_merged else len(recipe.non_base)
-    problem = spec.count_error(others)
-    if problem:
-        raise RecipeError(f"models: {problem}")
-    if len({m.path for m in recipe.models}) != len(recipe.models):
-        raise RecipeError("models: a model is listed twice")
+    if recipe.slices is not None:
+        _check_slices(recipe)
+    else:
+        if spec.needs_base and recipe.base_model is None:
+            raise RecipeError(f"base_model: merge_method {short_repr(method)} needs a base model")
+        others = len(recipe.models) if spec.base_merged else len(recipe.non_base)
+        problem = spec.count_error(others)
+        if problem:
+            raise RecipeError(f"models: {problem}")
+        if len({m.path for m in recipe.models}) != len(recipe.models):
+            raise RecipeError("models: a model is listed twice")
     if raw.get("tokenizer_source") not in (None, "base"):
         raise RecipeError(f"tokenizer_source: only 'base' is supported, got {short_repr(raw['tokenizer_source'])}")
     seed = raw.get("seed", 0)
@@ -300,11 +383,11 @@ def _check_shape_of_recipe(recipe: Recipe, raw: dict, layer_range) -> None:
     if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise RecipeError(f"device: expected 'cpu' or 'cuda[:N]', got {short_repr(device)}")
     recipe.device = device
-    recipe.layer_range = layer_range or None  # checked against the models' layer count by the planner
     for key, p in shared_params(method).items():
-        if p.default is REQUIRED and key not in recipe.parameters:
+        in_slices = recipe.slices is not None and all(key in piece.parameters for piece in recipe.slices)
+        if p.default is REQUIRED and key not in recipe.parameters and not in_slices:
             raise RecipeError(f"parameters.{key}: required by {method}")
-    for i, m in enumerate(recipe.models):
+    for i, m in enumerate(recipe.models if recipe.slices is None else ()):
         if m.path == recipe.base_model:
             continue
         for key, p in model_params(method).items():
