@@ -175,6 +175,15 @@ METHODS: dict[str, Method] = {
         writes_out=False,
     ),
     "model_stock": Method("model_stock", {}, {"filter_wise": Param(False, bool)}, others=(2, None), writes_out=False),
+    "arcee_fusion": Method("arcee_fusion", {}, {}, others=(1, 1), writes_out=False),
+    "ram": Method("ram", {}, {"epsilon": Param(1e-5, float, 0.0)}, others=(0, None), writes_out=False),
+    "ramplus_tl": Method(
+        "ramplus_tl",
+        {},
+        {"r": Param(0.1, float), "alpha": Param(0.2, float), "epsilon": Param(1e-5, float, 0.0)},
+        others=(0, None),
+        writes_out=False,
+    ),
 }
 GTA_METHODS = tuple(name for name, m in METHODS.items() if m.gta)
 
@@ -296,6 +305,12 @@ def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str,
         return composite.nearswap(base, others[0], params["t"])
     if name == "sce":
         return composite.sce(base, others, params["select_topk"])
+    if name == "arcee_fusion":
+        return composite.arcee_fusion(base, others[0])
+    if name == "ram":
+        return composite.ram(base, others, params["epsilon"])
+    if name == "ramplus_tl":
+        return composite.ram(base, others, params["epsilon"], r=params["r"], alpha=params["alpha"])
     if name == "karcher":
         uniform = [1 / len(others)] * len(others)
         return composite.karcher(others, uniform, max_iter=params["max_iter"], tol=params["tol"])
@@ -329,7 +344,17 @@ def scratch_bytes(name: str, numel: int, models: int) -> int:
 
 # bytes per element and model of the whole-tensor float32 temporaries of reference.composite's
 # methods, measured with bf16 and float32 inputs (the larger, rounded up); passthrough makes none
-COMPOSITE_BYTES = {"passthrough": 0, "nearswap": 9, "nuslerp": 8, "multislerp": 18, "karcher": 16, "sce": 14}
+COMPOSITE_BYTES = {
+    "passthrough": 0,
+    "nearswap": 9,
+    "nuslerp": 8,
+    "multislerp": 18,
+    "karcher": 16,
+    "sce": 14,
+    "arcee_fusion": 16,
+    "ram": 12,
+    "ramplus_tl": 12,
+}
 
 
 def model_stock(base: torch.Tensor, others: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:

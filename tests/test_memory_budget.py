@@ -20,7 +20,17 @@ from fusion_kernels.methods import METHODS
 PROBE = Path(__file__).with_name("memory_probe.py")
 SLACK = 64 * 2**20
 CONFIGS = [{}, {"dtype": "float32"}, {"dtype": "float32", "out_dtype": "bfloat16"}]
-COMPOSITE = ("passthrough", "nearswap", "nuslerp", "multislerp", "karcher", "sce")  # slow in pure PyTorch: bf16 only
+COMPOSITE = (
+    "passthrough",
+    "nearswap",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "sce",
+    "arcee_fusion",
+    "ram",
+    "ramplus_tl",
+)  # slow in pure PyTorch: bf16 only
 CASES = [{"method": m, **c} for m in METHODS if m not in COMPOSITE for c in CONFIGS]
 CASES += [{"method": m, "family": "small"} for m in COMPOSITE]
 CASES += [{"method": "model_stock", "filter_wise": True, **c} for c in CONFIGS[:2]]

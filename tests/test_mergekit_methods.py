@@ -1,5 +1,5 @@
 """The mergekit 0.1.5 methods beyond task arithmetic (passthrough, nearswap, nuslerp, multislerp,
-karcher, sce) on our method table, against mergekit's own implementations on the same tensors,
+karcher, sce, arcee_fusion, ram, ramplus_tl) on our method table, against mergekit's own implementations on the same tensors,
 and through the pipeline from a recipe."""
 
 from __future__ import annotations
@@ -54,6 +54,11 @@ CASES = [
     ("karcher", False, 3, {"max_iter": 20, "tol": 1e-6}),
     ("sce", True, 3, {"select_topk": 0.5}),
     ("sce", True, 2, {"select_topk": 1.0}),
+    ("arcee_fusion", True, 1, {}),
+    ("ram", True, 3, {"epsilon": 0.2}),
+    ("ram", True, 1, {}),
+    ("ramplus_tl", True, 3, {"r": 0.5, "alpha": 0.3, "epsilon": 0.2}),
+    ("ramplus_tl", True, 2, {}),
 ]
 
 
@@ -90,13 +95,15 @@ def test_half_precision_is_no_farther_from_float64_than_mergekit(dtype):
         ("karcher", "", False),
         ("sce", "", True),
         ("nearswap", "", True),
+        ("arcee_fusion", "", True),
+        ("ramplus_tl", "", True),
     ],
 )
 def test_each_method_runs_from_a_recipe(tmp_path, method, parameters, base):
     family = make_llama_family(tmp_path / "f", 2, torch.float32, **SMALL)
     shared = {"nearswap": "parameters: {t: 0.01}\n", "sce": "parameters: {select_topk: 0.5}\n"}.get(method, "")
     lines = [f"merge_method: {method}"] + ([f"base_model: {family[0]}"] if base else []) + ["models:"]
-    merged = family[1:2] if method == "nearswap" else family[1:]
+    merged = family[1:2] if method in ("nearswap", "arcee_fusion") else family[1:]
     for p in merged:
         lines.append(f"  - model: {p}" + (f"\n    parameters: {parameters}" if parameters else ""))
     merge("\n".join(lines) + "\n" + shared, tmp_path / "out", progress=False)

@@ -10,6 +10,11 @@ float64 for float64 inputs; results in the inputs' dtype). Their semantics are m
                           (fixed-point iteration), times the weighted mean norm
     sce(base, xs, k):     keep the top-k fraction by variance across models, TIES sign election,
                           weights ∝ mean square of each task vector, weighted mean of the agreeing
+    arcee_fusion(b, x):   importance s = |x − b| · KL(softmax(x) ‖ softmax(b)) per row (last dim);
+                          keep x where s ≥ median(s) + 1.5·IQR(s), else b
+    ram(base, xs, ε):     τᵢ kept where |τᵢ| > ε; each element the mean of the kept τᵢ
+    ramplus_tl(…, r, α):  as ram, but a model's elements that only it keeps are scaled by
+                          λᵢ = 1 + r·clamp(ρᵢ, 0, α), ρᵢ = (its kept elements others keep too) / (the rest)
 """
 
 from __future__ import annotations
@@ -135,3 +140,44 @@ def _variance_mask(tv: torch.Tensor, density: float) -> torch.Tensor:
     if density > 0 and k > 0:
         mask.view(-1)[torch.topk(var.reshape(-1), k).indices] = True
     return mask
+
+
+def arcee_fusion(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Quantiles are exact: mergekit takes them from a random sample of 10⁶ elements when there
+    are more, which makes its result vary from run to run."""
+    b, x32 = _work(base), _work(x)
+    p = torch.softmax(x32, dim=-1).add_(1e-8)
+    q = torch.softmax(b, dim=-1).add_(1e-8)
+    kl = (p * (p / q).log_()).sum(-1, keepdim=True)
+    del p, q
+    importance = (x32 - b).abs_().mul_(kl)
+    ordered = importance.reshape(-1).sort().values
+    last = ordered.numel() - 1
+    q1, median, q3 = (ordered[int(f * last)] for f in (0.25, 0.5, 0.75))  # mergekit's index rule
+    del ordered
+    keep = importance >= median + 1.5 * (q3 - q1)
+    return torch.where(keep, x32, b).to(base.dtype)
+
+
+def ram(base: torch.Tensor, xs: list[torch.Tensor], epsilon: float, r: float | None = None, alpha: float = 0.0):
+    """Reinforced Agent Merging; with ``r``, RAM+ (tensor-local): see the module docstring."""
+    if not xs:
+        return base
+    b = _work(base)
+    merged = torch.zeros_like(b)
+    count = torch.zeros(b.shape, dtype=torch.int32)
+    for x in xs:
+        count += (_work(x) - b).abs_() > epsilon
+    scales = [1.0] * len(xs)
+    if r is not None:
+        for i, x in enumerate(xs):
+            kept = (_work(x) - b).abs_() > epsilon
+            shared, alone = int((kept & (count > 1)).sum()), int((kept & (count == 1)).sum())
+            rho = shared / max(alone, epsilon)
+            scales[i] = 1 + r * min(max(rho, 0.0), alpha)
+    divisor = count.clamp(min=1).to(b.dtype)
+    for x, scale in zip(xs, scales, strict=True):
+        tau = _work(x) - b
+        kept = tau.abs() > epsilon
+        merged += torch.where(kept, torch.where(count == 1, tau * scale, tau / divisor), 0)
+    return (b + merged).to(base.dtype)
