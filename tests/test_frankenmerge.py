@@ -181,3 +181,19 @@ def test_slice_errors_name_the_slice_and_source(family):
     for recipe, message in bad.items():
         with pytest.raises(RecipeError, match=message):
             plan_merge(recipe)
+
+
+def test_modules_of_one_module_are_its_models_or_slices(family, tmp_path):
+    base, a, b = family
+    slices = recipes(base, a, b)["ties"].split("slices:\n", 1)[1].split("parameters: {weight: 1.0")[0]
+    moduled = (
+        f"merge_method: ties\nbase_model: {base}\nmodules:\n  default:\n    slices:\n"
+        + "".join(f"    {line}\n" for line in slices.splitlines())
+        + "    parameters: {weight: 1.0, density: 0.5}\ndtype: float32\n"
+    )
+    merge(recipes(base, a, b)["ties"], tmp_path / "plain", progress=False)
+    merge(moduled, tmp_path / "module", progress=False)
+    x, y = tensors_of(tmp_path / "plain"), tensors_of(tmp_path / "module")
+    assert x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x)
+    with pytest.raises(RecipeError, match=r"modules: expected one module .*got 2"):
+        plan_merge(moduled.replace("modules:\n  default:", "modules:\n  vision: {models: []}\n  default:"))

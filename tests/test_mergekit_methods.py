@@ -1,6 +1,6 @@
 """The mergekit 0.1.5 methods beyond task arithmetic (passthrough, nearswap, nuslerp, multislerp,
-karcher, sce, arcee_fusion, ram, ramplus_tl) on our method table, against mergekit's own implementations on the same tensors,
-and through the pipeline from a recipe."""
+karcher, sce, arcee_fusion, ram, ramplus_tl) on our method table, against mergekit's own
+implementations on the same tensors, and through the pipeline from a recipe."""
 
 from __future__ import annotations
 

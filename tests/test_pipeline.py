@@ -96,7 +96,7 @@ parameters: {{t: [{{filter: self_attn, value: [0, 1]}}, {{value: 0.5}}]}}
 
 BAD_RECIPES = {
     "frobnicate: 1": "frobnicate: unknown key",
-    "modules: {}": "modules: mergekit's 'modules' is not supported",
+    "modules: {}": "modules: give 'modules', 'models' or 'slices', only one of them",
     "merge_method: nope": "merge_method: expected one of",
     "models: []": "models: give either|models: expected a non-empty list",
     "parameters: {wieght: 1}": r"parameters.wieght: unknown parameter",

@@ -99,6 +99,9 @@ def _fused_method_class():
             supported = (torch.float32, torch.float16, torch.bfloat16)
             if not entries or base.dtype not in supported or any(e.tensor.dtype != base.dtype for e in entries):
                 return super().merge_group(group, **parameters)
+            tensors = [base, *(e.tensor for e in entries)]
+            if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+                return super().merge_group(group, **parameters)  # mergekit's own code is differentiable
 
             def per_entry(key, default=None):
                 return [float(parameters[key][e.id]) for e in entries] if key in parameters else default

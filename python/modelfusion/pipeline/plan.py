@@ -208,6 +208,11 @@ def _task(recipe: Recipe, out_name: str, inputs: list, paths: list[Path], roles,
     return TensorTask(out, inputs, compute, params(), seed, method=recipe.merge_method, base=base, merged=merged)
 
 
+def _outer_settings(recipe: Recipe) -> Settings:
+    module = [(f"modules.{recipe.module_name}.parameters", recipe.module_parameters)] if recipe.module_name else []
+    return [*module, ("parameters", recipe.parameters)]
+
+
 def _model_tasks(recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint]) -> list[TensorTask]:
     """A models recipe: every tensor of the models, merged by name."""
     reference = checkpoints[0]  # the base model when there is one
@@ -225,7 +230,7 @@ def _model_tasks(recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint
     base = paths.index(recipe.base_model) if recipe.base_model is not None else None
     if METHODS[recipe.merge_method].base_merged:
         base = None  # linear and karcher take the base, when there is one, as one more merged model
-    shared = [("parameters", recipe.parameters)]
+    shared = _outer_settings(recipe)
     per_model = [[(f"models[{recipe.models.index(m)}].parameters", m.parameters), *shared] for m in recipe.merged]
     tasks = []
     for name in names:
@@ -265,7 +270,7 @@ def _slice_tasks(recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint
             if name not in c.tensors:
                 raise RecipeError(f"slices[{n}].sources[{i}]: model {source.path} lacks {name!r} (for {out_name!r})")
             inputs[index[source.path]] = c.tensors[name]
-        shared = [(f"slices[{n}].parameters", piece.parameters), ("parameters", recipe.parameters)]
+        shared = [(f"slices[{n}].parameters", piece.parameters), *_outer_settings(recipe)]
         per_model = [
             [(f"slices[{n}].sources[{piece.sources.index(s)}].parameters", s.parameters), *shared] for s in merged
         ]

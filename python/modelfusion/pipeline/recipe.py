@@ -54,6 +54,7 @@ TOP_KEYS = {
     "base_model",
     "models",
     "slices",
+    "modules",
     "parameters",
     "dtype",
     "out_dtype",
@@ -65,7 +66,7 @@ TOP_KEYS = {
     "device",
     "max_shard_size",
 }
-UNSUPPORTED_KEYS = {"modules", "tokenizer", "chat_template"}
+UNSUPPORTED_KEYS = {"tokenizer", "chat_template"}
 LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 
 
@@ -108,6 +109,8 @@ class Recipe:
     device: str = "cpu"
     max_shard_size: int = 5 * 10**9
     slices: list[Slice] | None = None  # a slices recipe (models then lists every source model once)
+    module_parameters: dict[str, Any] = field(default_factory=dict)  # of the one entry of ``modules``
+    module_name: str = ""
     source: str = ""
     model_card: bool = True  # write README.md and mergekit_config.yml beside the model
 
@@ -234,6 +237,28 @@ def _slices(raw: Any, method: str, shared: dict[str, Param], per_model: dict[str
     return slices
 
 
+def _module(raw: dict) -> tuple[str, dict | None]:
+    """mergekit's ``modules: {name: {models | slices, parameters}}``, for models of one module (every
+    decoder-only LLM: mergekit names it ``default``); its parameters rank between a slice's and the
+    recipe's."""
+    if "modules" not in raw:
+        return "", None
+    modules = raw["modules"]
+    if "models" in raw or "slices" in raw:
+        raise RecipeError("modules: give 'modules', 'models' or 'slices', only one of them")
+    if not isinstance(modules, dict) or len(modules) != 1:
+        count = len(modules) if isinstance(modules, dict) else short_repr(modules)
+        raise RecipeError(
+            f"modules: expected one module (a decoder-only model's, e.g. 'default'), got {count}; models of "
+            "several modules (vision-language) merge whole through 'models' here"
+        )
+    ((name, module),) = modules.items()
+    if not isinstance(module, dict) or set(module) - {"models", "slices", "parameters"}:
+        expected = "{models | slices, parameters}"
+        raise RecipeError(f"modules.{short_repr(name)}: expected {expected}, got {short_repr(module)}")
+    return str(name), module
+
+
 MAX_RECIPE_BYTES = 4 * 2**20
 MAX_NODES, MAX_DEPTH = 100_000, 32
 
@@ -283,6 +308,10 @@ def load_recipe(text_or_path: str | Path) -> Recipe:
     method = raw.get("merge_method")
     if method not in METHODS:
         raise RecipeError(f"merge_method: expected one of {list(METHODS)}, got {short_repr(method)}")
+    module_name, module = _module(raw)
+    if module is not None:
+        inner = {k: v for k, v in module.items() if k != "parameters"}  # its models or slices
+        raw = {**{k: v for k, v in raw.items() if k != "modules"}, **inner}
     if ("models" in raw) == ("slices" in raw):
         raise RecipeError("models: give either 'models' or 'slices', not both and not neither")
     per_model, shared = model_params(method), shared_params(method)
@@ -306,6 +335,12 @@ def load_recipe(text_or_path: str | Path) -> Recipe:
         models=models,
         base_model=base,
         parameters=_parameters(raw.get("parameters"), "parameters", {**shared, **per_model}),
+        module_parameters=(
+            {}
+            if module is None
+            else _parameters(module.get("parameters"), f"modules.{module_name}.parameters", {**shared, **per_model})
+        ),
+        module_name=module_name,
         dtype=_dtype(raw.get("dtype"), "dtype"),
         out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
         slices=slices,
@@ -346,7 +381,8 @@ def _check_slices(recipe: Recipe) -> None:
             if source not in merged:
                 continue
             for key, p in model_params(recipe.merge_method).items():
-                found = key in source.parameters or key in piece.parameters or key in recipe.parameters
+                levels = (source.parameters, piece.parameters, recipe.module_parameters, recipe.parameters)
+                found = any(key in level for level in levels)
                 if p.default is REQUIRED and not found:
                     raise RecipeError(f"slices[{n}].sources[{i}].parameters.{key}: required by {recipe.merge_method}")
 
@@ -385,13 +421,15 @@ def _check_shape_of_recipe(recipe: Recipe, raw: dict) -> None:
     recipe.device = device
     for key, p in shared_params(method).items():
         in_slices = recipe.slices is not None and all(key in piece.parameters for piece in recipe.slices)
-        if p.default is REQUIRED and key not in recipe.parameters and not in_slices:
+        given = key in recipe.parameters or key in recipe.module_parameters or in_slices
+        if p.default is REQUIRED and not given:
             raise RecipeError(f"parameters.{key}: required by {method}")
     for i, m in enumerate(recipe.models if recipe.slices is None else ()):
         if m.path == recipe.base_model:
             continue
         for key, p in model_params(method).items():
-            if p.default is REQUIRED and key not in m.parameters and key not in recipe.parameters:
+            levels = (m.parameters, recipe.module_parameters, recipe.parameters)
+            if p.default is REQUIRED and not any(key in level for level in levels):
                 raise RecipeError(f"models[{i}].parameters.{key}: required by {method}")
 
 
