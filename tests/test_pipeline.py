@@ -131,7 +131,6 @@ def test_each_bad_recipe_key_gets_one_clear_message(family, line):
         ("[{model: A, parameters: {weight: 1, epsilon: 0.1}}]", "", "epsilon: unknown parameter"),
         ("[{model: A, parameters: {weight: 1}}]", "parameters: {normalize: 3}", "normalize: expected true or false"),
         ("[{model: A, parameters: {weight: 1}}, {model: A, parameters: {weight: 1}}]", "", "listed twice"),
-        ("[{model: A+lora, parameters: {weight: 1}}]", "", "lora"),
     ],
 )
 def test_bad_parameter_values(family, models, params, message):

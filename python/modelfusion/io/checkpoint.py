@@ -67,11 +67,34 @@ class TensorInfo:
     nbytes: int
     scale: TensorInfo | None = None  # FP8 weights: the float scale (per tensor, row or block) read beside
     block: tuple[int, ...] | None = None  # the scale's block shape, where it is blocked
+    lora: LoraDelta | None = None  # a LoRA adapter's update, added as the tensor is read
 
     @property
     def dequantized_nbytes(self) -> int:
-        """Bytes of the float32 tensor this one becomes when read (0 when it is read as stored)."""
+        """Bytes of the float32 tensors this one becomes when read (0 when it is read as stored):
+        the float32 weight, and with a LoRA update its product and factors."""
+        if self.lora is not None:
+            return _numel(self.shape) * 8 + self.lora.a.nbytes + self.lora.b.nbytes
         return _numel(self.shape) * 4 if self.scale is not None else 0
+
+    @property
+    def converted(self) -> bool:
+        """Read as something other than its stored bytes (dequantized, or a LoRA update added)."""
+        return self.scale is not None or self.lora is not None
+
+
+@dataclass(frozen=True)
+class LoraDelta:
+    """W + scale · B·A (transposed with ``transpose``: GPT-2's Conv1D, embeddings)."""
+
+    a: TensorInfo
+    b: TensorInfo
+    scale: float
+    transpose: bool = False
+
+    def apply(self, weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        product = b.to(torch.float32) @ a.to(torch.float32)
+        return weight.to(torch.float32).add_(product.T if self.transpose else product, alpha=self.scale)
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -252,9 +275,10 @@ class Checkpoint:
         info = self._info(name)
         if self._bin is not None:
             return self._bin[name].clone()
-        if info.scale is not None:
-            return dequantize(raw(info), self._read_raw(info.scale), info.block)
-        return raw(info)
+        weight = dequantize(raw(info), self._read_raw(info.scale), info.block) if info.scale is not None else raw(info)
+        if info.lora is not None:
+            return info.lora.apply(weight, self._read_raw(info.lora.a), self._read_raw(info.lora.b))
+        return weight
 
     def _map_raw(self, info: TensorInfo) -> torch.Tensor:
         name = info.name

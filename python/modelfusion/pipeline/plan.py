@@ -15,6 +15,7 @@ from fusion_kernels.methods import METHODS, REQUIRED, scratch_bytes, tensor_seed
 
 from ..errors import RecipeError
 from ..io.checkpoint import FLOAT8, Checkpoint, TensorInfo
+from ..io.lora import open_model
 from ..io.writer import OutputTensor, plan_shards, shard_name
 from .recipe import LAYER, Recipe, Slice, layer_position, model_params, resolve, shared_params, slice_roles
 
@@ -49,7 +50,7 @@ class TensorTask:
             + i.dequantized_nbytes
             + (i.scale.nbytes if i.scale is not None else 0)
             for i in self.inputs
-            if i is not None and (i.dtype != self.compute_dtype or i.scale is not None)
+            if i is not None and (i.dtype != self.compute_dtype or i.converted)
         )
         if self.passthrough:
             return self.read_bytes + converted + self.out.nbytes
@@ -324,7 +325,7 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
     shards. Raises CheckpointError or RecipeError, each naming the model, tensor or recipe key at fault."""
     _check_device(recipe.device)
     paths = recipe.inputs
-    checkpoints = [Checkpoint(p, allow_pickle=allow_pickle) for p in paths]
+    checkpoints = [open_model(p, allow_pickle=allow_pickle) for p in paths]
     overrides = {}
     if recipe.slices is None:
         tasks = _model_tasks(recipe, paths, checkpoints)

@@ -149,18 +149,25 @@ def parse_size(value: Any, key: str) -> int:
     return int(float(match.group(1)) * units[match.group(2).lower()])
 
 
-def _model_path(value: Any, where: str) -> Path:
-    if isinstance(value, dict) and "model" in value:  # mergekit's long form {model: {path: ...}}
-        value = value["model"]
-    if isinstance(value, dict) and set(value) <= {"path", "lora"} and "path" in value:
-        if value.get("lora"):
-            raise RecipeError(f"{where}: LoRA references are not supported")
+def _reference(value: Any, where: str) -> str:
+    if isinstance(value, dict) and set(value) <= {"path", "revision"} and isinstance(value.get("path"), str):
+        if value.get("revision"):
+            raise RecipeError(f"{where}.revision: hub revisions are not fetched; give a local path or cache entry")
         value = value["path"]
     if not isinstance(value, str) or not value:
         raise RecipeError(f"{where}: expected a model path, got {short_repr(value)}")
-    if "+" in value and not Path(value).exists():
-        raise RecipeError(f"{where}: 'model+lora' references are not supported, got {short_repr(value)}")
-    return Path(value)
+    return value
+
+
+def _model_path(value: Any, where: str) -> Path:
+    """A model reference: a path, ``model+adapter`` (a PEFT LoRA adapter applied as the model is read),
+    or mergekit's mapping ``{model: PATH, lora: PATH}``; returned as one path, ``model+adapter``
+    for a LoRA reference."""
+    if isinstance(value, dict) and "model" in value and set(value) <= {"model", "lora", "override_architecture"}:
+        model = _reference(value["model"], f"{where}.model")
+        lora = _reference(value["lora"], f"{where}.lora") if value.get("lora") is not None else None
+        return Path(model if lora is None else f"{model}+{lora}")
+    return Path(_reference(value, where))
 
 
 IGNORED_BY_MERGEKIT = {"weight"}  # per-model keys mergekit accepts, and ignores, for methods without them
