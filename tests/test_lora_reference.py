@@ -38,7 +38,9 @@ ADAPTERS = {
     "rslora-patterns": dict(
         r=4, lora_alpha=8, use_rslora=True, target_modules=["k_proj", "down_proj"], alpha_pattern={"down_proj": 3}
     ),
-    "embedding-and-head": dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "o_proj"], modules_to_save=["lm_head"]),
+    "embedding-and-head": dict(
+        r=2, lora_alpha=4, target_modules=["embed_tokens", "o_proj"], modules_to_save=["lm_head"]
+    ),
 }
 
 
@@ -80,7 +82,8 @@ def test_adapters_that_cannot_be_applied_are_named(base, tmp_path):
         open_model(Path(f"{base}+{tmp_path / 'missing'}"))
     make_adapter(base, tmp_path / "odd", r=2, lora_alpha=4, target_modules=["q_proj"])
     config = json.loads((tmp_path / "odd" / "adapter_config.json").read_text())
-    other = make_llama_family(tmp_path / "wide", 0, torch.float32, **{**SMALL, "hidden": 32, "heads": 2, "kv_heads": 1})[0]
+    narrow = {**SMALL, "hidden": 32, "heads": 2, "kv_heads": 1}
+    other = make_llama_family(tmp_path / "narrow", 0, torch.float32, **narrow)[0]
     assert config["r"] == 2
     with pytest.raises(CheckpointError, match="do not fit"):
         open_model(Path(f"{other}+{tmp_path / 'odd'}"))
