@@ -3,6 +3,8 @@
 - soups: :func:`uniform_soup`, :func:`weighted_soup`, :func:`greedy_soup`, :func:`wise_ft`
 - task vectors: :func:`merge` (task_arithmetic, ties, dare_*, breadcrumbs*, della*, slerp,
   model_stock; the pipeline recipes' parameters)
+- subspace and magnitude selection: :func:`magmax`, :func:`ties_global`, :func:`tsv_merge`,
+  :func:`iso_c`, :func:`iso_cts`
 - data-dependent: :func:`estimate_fisher` + :func:`fisher_merge`; :func:`collect_grams` +
   :func:`regmean_merge`
 - along a training run: :func:`ema_update_`, :func:`swa_update_`, :func:`averaged_model`,
@@ -16,6 +18,7 @@ from .fisher import estimate_fisher, fisher_merge
 from .regmean import collect_grams, regmean_merge
 from .soups import GreedySoup, greedy_soup, uniform_soup, weighted_soup, wise_ft
 from .state import load_merged, state_of
+from .subspace import iso_c, iso_cts, magmax, ties_global, tsv_merge
 from .swa import averaged_model, ema_multi_avg_fn, ema_update_, swa_multi_avg_fn, swa_update_, update_bn
 from .task_vectors import merge
 
@@ -28,12 +31,17 @@ __all__ = [
     "estimate_fisher",
     "fisher_merge",
     "greedy_soup",
+    "iso_c",
+    "iso_cts",
     "load_merged",
+    "magmax",
     "merge",
     "regmean_merge",
     "state_of",
     "swa_multi_avg_fn",
     "swa_update_",
+    "ties_global",
+    "tsv_merge",
     "uniform_soup",
     "update_bn",
     "weighted_soup",

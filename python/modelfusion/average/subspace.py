@@ -1,0 +1,239 @@
+"""Merges in the singular-vector space of each layer's task matrices, and the magnitude-selection
+merges FusionBench's tables lead with, on state dicts (τᵢ = θᵢ − θ₀ for a base θ₀):
+
+- :func:`magmax` (Marczak et al., 2024): τ = the τᵢ of largest |τᵢ| per element (a later model wins
+  a tie); θ = θ₀ + λ·τ.
+- :func:`ties_global`: TIES with one threshold per model over all its tensors (FusionBench's and
+  the paper's semantics, against the per-tensor top-k of :func:`~modelfusion.average.merge`): keep
+  |τᵢ| ≥ its model's (D − ⌊D·k⌋)-th smallest |τᵢ| over all D elements; elect σ = sign(Σᵢ τᵢ)
+  (0 takes the sign of Σ σ over the whole model); combine the agreeing kept values by ``sum``,
+  ``mean`` or ``max`` (largest magnitude, signed σ); θ = θ₀ + λ·τ.
+- :func:`tsv_merge` (TSV-M, Gargiulo et al., 2025): per 2-D tensor, the top ⌊r/T⌋ singular triplets
+  of each τᵢ (r = min(m, n)) side by side, U and Vᵀ replaced by their orthogonal polar factors:
+  τ = U⊥·diag(S)·V⊥ᵀ; other tensors: the mean τᵢ.
+- :func:`iso_c` (Marczak et al., 2025): per 2-D tensor, Σᵢ τᵢ = U·S·Vᵀ with every singular value
+  set to their mean; other tensors: the mean τᵢ.
+- :func:`iso_cts`: the common subspace (top singular vectors of Σᵢ τᵢ, a ``common_space_fraction``
+  of r rounded so the rest splits evenly over the T tasks) plus each task's top directions of
+  τᵢ projected off it, orthogonalised, with one isotropic singular value.
+
+The SVDs of all same-shape matrices of a model run as one batched call. Tensors that are not
+floats are copied from the base; ``exclude_keys`` (and ``remove_keys``) name tensors kept out of
+the decompositions (averaged) or, for TIES, left at the base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..errors import ParameterError
+from .state import State, StateLike, aligned
+
+
+def _task_vectors(
+    base: StateLike, models: Sequence[StateLike], scales: Sequence[float] | None = None
+) -> tuple[State, list[State], list[str]]:
+    """(base state, the task vectors of its float tensors, each times ``scales[i]`` when given, the
+    float keys)."""
+    if len(models) == 0:
+        raise ParameterError("models: expected at least one fine-tuned model, got none")
+    states = aligned([base, *models], ["base"] + [f"models[{i}]" for i in range(len(models))])
+    ref = states[0]
+    keys = [k for k, t in ref.items() if t.is_floating_point()]
+    taus = [{k: s[k].to(ref[k].dtype) - ref[k] for k in keys} for s in states[1:]]
+    for tau, scale in zip(taus, scales or (), strict=False):
+        for k in keys:
+            tau[k] = tau[k] * scale
+    return ref, taus, keys
+
+
+def _result(base: State, merged: State, scale: float) -> State:
+    """θ₀ + λ·τ for the merged keys, the base's own tensors (cloned) elsewhere."""
+    return {k: (t + scale * merged[k]).to(t.dtype) if k in merged else t.clone() for k, t in base.items()}
+
+
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The running mean FusionBench's subspace merges take of the tensors they do not decompose."""
+    mean = tensors[0].clone()
+    for i, t in enumerate(tensors[1:], start=2):
+        mean += (t - mean) / i
+    return mean
+
+
+def _by_shape(keys: list[str], taus: list[State], exclude: Sequence[str]) -> dict[tuple, list[str]]:
+    groups: dict[tuple, list[str]] = {}
+    for k in keys:
+        if taus[0][k].dim() == 2 and k not in exclude:
+            groups.setdefault(tuple(taus[0][k].shape), []).append(k)
+    return groups
+
+
+def _decomposed(
+    base: StateLike,
+    models: Sequence[StateLike],
+    exclude_keys: Sequence[str],
+    per_shape: Callable[[torch.Tensor], torch.Tensor],
+    scale: float,
+    tau_scales: Sequence[float] | None = None,
+) -> State:
+    """θ₀ + λ·τ where τ of each group of same-shape 2-D tensors is ``per_shape([T, L, m, n] task
+    matrices, float32 or float64) -> [L, m, n]`` and the mean τᵢ elsewhere."""
+    ref, taus, keys = _task_vectors(base, models, tau_scales)
+    merged: State = {}
+    for keys_of_shape in _by_shape(keys, taus, exclude_keys).values():
+        wide = torch.float64 if ref[keys_of_shape[0]].dtype == torch.float64 else torch.float32
+        stack = torch.stack([torch.stack([tau[k].to(wide) for k in keys_of_shape]) for tau in taus])
+        for k, value in zip(keys_of_shape, per_shape(stack).unbind(0), strict=True):
+            merged[k] = value.to(ref[k].dtype)
+    for k in keys:
+        if k not in merged:
+            merged[k] = _mean([tau[k] for tau in taus])
+    return _result(ref, merged, scale)
+
+
+def _polar(x: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor W·Vᵀ of x = W·Σ·Vᵀ (batched)."""
+    w, _, vh = torch.linalg.svd(x, full_matrices=False)
+    return w @ vh
+
+
+def magmax(base: StateLike, models: Sequence[StateLike], scaling_factor: float = 1.0) -> State:
+    """MagMax: θ₀ + λ·(per element, the τᵢ of largest magnitude; ties go to the later model)."""
+    ref, taus, keys = _task_vectors(base, models)
+    merged = {}
+    for k in keys:
+        best = taus[0][k].clone()
+        for tau in taus[1:]:
+            best = torch.where(tau[k].abs() >= best.abs(), tau[k], best)
+        merged[k] = best
+    return _result(ref, merged, scaling_factor)
+
+
+def _global_threshold(tensors: list[torch.Tensor], rank: int) -> torch.Tensor:
+    """The ``rank``-th smallest |x| (1-based) over all ``tensors`` without concatenating them: a
+    histogram of the high 16 bits of the float32 keys, then of the low 16 in the bin found."""
+    keys = [t.detach().float().abs().reshape(-1).view(torch.int32) for t in tensors]
+    high = sum(torch.bincount(k >> 16, minlength=1 << 15) for k in keys)
+    below = torch.cumsum(high, 0)
+    bin_ = int(torch.searchsorted(below, torch.tensor(rank), right=False))
+    rank -= int(below[bin_ - 1]) if bin_ else 0
+    low = sum(torch.bincount(k[(k >> 16) == bin_] & 0xFFFF, minlength=1 << 16) for k in keys)
+    value = (bin_ << 16) | int(torch.searchsorted(torch.cumsum(low, 0), torch.tensor(rank), right=False))
+    return torch.tensor([value], dtype=torch.int32).view(torch.float32)[0]
+
+
+def ties_global(
+    base: StateLike,
+    models: Sequence[StateLike],
+    threshold: float = 0.2,
+    merge_func: str = "sum",
+    scaling_factor: float = 1.0,
+    remove_keys: Sequence[str] = (),
+) -> State:
+    """TIES with one magnitude threshold per model over all its tensors (see the module docstring);
+    ``threshold``: the fraction kept (a percentage when above 1)."""
+    if merge_func not in ("sum", "mean", "max"):
+        raise ParameterError(f"merge_func: expected 'sum', 'mean' or 'max', got {merge_func!r}")
+    keep = threshold / 100 if threshold > 1 else threshold
+    if not 0 <= keep < 1:
+        raise ParameterError(
+            f"threshold: expected a kept fraction in [0, 1) or a percentage below 100, got {threshold}"
+        )
+    ref, taus, keys = _task_vectors(base, models)
+    keys = [k for k in keys if k not in remove_keys]
+    total = sum(ref[k].numel() for k in keys)
+    trimmed = []
+    for tau in taus:
+        cut = _global_threshold([tau[k] for k in keys], total - int(total * keep))
+        trimmed.append({k: torch.where(tau[k].float().abs() >= cut, tau[k], 0) for k in keys})
+    signs = {k: torch.sign(sum(t[k] for t in trimmed)) for k in keys}
+    majority = torch.sign(sum(s.sum() for s in signs.values()))
+    merged = {}
+    for k in keys:
+        sign = torch.where(signs[k] == 0, majority, signs[k])
+        agree = torch.stack([torch.where(sign > 0, t[k] > 0, t[k] < 0) * t[k] for t in trimmed])
+        if merge_func == "sum":
+            merged[k] = agree.sum(0)
+        elif merge_func == "mean":
+            merged[k] = agree.sum(0) / (agree != 0).sum(0).clamp(min=1)
+        else:
+            merged[k] = agree.abs().amax(0) * sign
+    return _result(ref, merged, scaling_factor)
+
+
+def tsv_merge(
+    base: StateLike,
+    models: Sequence[StateLike],
+    alpha: float | Sequence[float] | None = None,
+    exclude_keys: Sequence[str] = (),
+) -> State:
+    """TSV-M; ``alpha``: one factor for the merged τ, or one per model applied to each τᵢ first."""
+    tau_scales = None
+    if alpha is not None and not isinstance(alpha, (int, float)):
+        tau_scales = [float(a) for a in alpha]
+        if len(tau_scales) != len(models):
+            raise ParameterError(f"alpha: expected one factor per model ({len(models)}), got {len(tau_scales)}")
+    tasks = len(models)
+
+    def per_shape(stack: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(stack, full_matrices=False)  # [T, L, m, r], [T, L, r], [T, L, r, n]
+        keep = s.shape[-1] // tasks
+        sum_u = torch.zeros_like(u[0])
+        sum_s = torch.zeros_like(s[0])
+        sum_vh = torch.zeros_like(vh[0])
+        for i in range(tasks):
+            sum_u[..., i * keep : (i + 1) * keep] = u[i, ..., :keep]
+            sum_s[..., i * keep : (i + 1) * keep] = s[i, ..., :keep]
+            sum_vh[..., i * keep : (i + 1) * keep, :] = vh[i, ..., :keep, :]
+        return _polar(sum_u) @ torch.diag_embed(sum_s) @ _polar(sum_vh)
+
+    scale = float(alpha) if isinstance(alpha, (int, float)) else 1.0
+    return _decomposed(base, models, exclude_keys, per_shape, scale, tau_scales)
+
+
+def iso_c(
+    base: StateLike, models: Sequence[StateLike], scaling_factor: float = 1.0, exclude_keys: Sequence[str] = ()
+) -> State:
+    """Iso-C: Σᵢ τᵢ with its singular values flattened to their mean (2-D tensors)."""
+
+    def per_shape(stack: torch.Tensor) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(stack.sum(0), full_matrices=False)
+        return u @ torch.diag_embed(s.mean(-1, keepdim=True).expand_as(s)) @ vh
+
+    return _decomposed(base, models, exclude_keys, per_shape, scaling_factor)
+
+
+def iso_cts(
+    base: StateLike,
+    models: Sequence[StateLike],
+    scaling_factor: float = 1.0,
+    common_space_fraction: float = 0.8,
+    exclude_keys: Sequence[str] = (),
+) -> State:
+    """Iso-CTS: common and task-specific subspaces, orthogonalised, one isotropic singular value."""
+    if not 0.0 <= common_space_fraction <= 1.0:
+        raise ParameterError(f"common_space_fraction: expected a number in [0, 1], got {common_space_fraction}")
+    tasks = len(models)
+
+    def per_shape(stack: torch.Tensor) -> torch.Tensor:
+        r = min(stack.shape[-2:])
+        common = r - round((r - int(r * common_space_fraction)) / tasks) * tasks
+        per_task = (r - common) // tasks
+        u, s, vh = torch.linalg.svd(stack.sum(0), full_matrices=False)
+        cu, cs, cvh = u[..., :common], s[..., :common], vh[..., :common, :]
+        parts_u, parts_s, parts_vh = [], [], []
+        for i in range(tasks):
+            specific = stack[i] - cu @ (cu.transpose(-1, -2) @ stack[i])
+            tu, ts, tvh = torch.linalg.svd(specific, full_matrices=False)
+            parts_u.append(tu[..., :per_task])
+            parts_s.append(ts[..., :per_task])
+            parts_vh.append(tvh[..., :per_task, :])
+        all_u = torch.cat([*parts_u, cu], -1)
+        all_s = torch.cat([*parts_s, cs], -1)
+        all_vh = torch.cat([*parts_vh, cvh], -2)
+        flat = all_s.mean(-1, keepdim=True).expand_as(all_s)
+        return _polar(all_u) @ torch.diag_embed(flat) @ _polar(all_vh)
+
+    return _decomposed(base, models, exclude_keys, per_shape, scaling_factor)

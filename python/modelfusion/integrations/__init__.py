@@ -1,0 +1,1 @@
+"""Adapters that let other fusion frameworks run modelfusion's algorithms (FusionBench)."""

@@ -1,0 +1,181 @@
+"""FusionBench 0.2.33's merging algorithms on modelfusion: each class has FusionBench's name and
+constructor parameters, so a FusionBench method config changes only the module of its
+``_target_`` (``modelfusion.integrations.fusion_bench.TiesMergingAlgorithm``).
+
+``run(modelpool)`` takes what FusionBench's does: a FusionBench ``BaseModelPool`` (anything with
+``model_names`` and ``load_model(name)``), or a dict of ``nn.Module`` holding the pretrained model
+under ``_pretrained_``. It returns the merged model as FusionBench does: the pretrained model (or,
+for the averages, the first model) with the merged weights loaded, in place where FusionBench's
+``inplace`` says so. fusion-bench itself is never imported.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from .. import average
+from ..errors import ParameterError
+
+PRETRAINED = "_pretrained_"
+
+
+def _names(modelpool) -> list[str]:
+    if isinstance(modelpool, Mapping):
+        return [k for k in modelpool if not str(k).startswith("_")]
+    return list(modelpool.model_names)
+
+
+def _load(modelpool, name: str) -> nn.Module:
+    if isinstance(modelpool, Mapping):
+        if name not in modelpool:
+            raise ParameterError(f"modelpool: expected a model named {name!r}, got {sorted(map(str, modelpool))}")
+        return modelpool[name]
+    return modelpool.load_model(name)
+
+
+def _into(model: nn.Module, state: Mapping, inplace: bool = True) -> nn.Module:
+    target = model if inplace else copy.deepcopy(model)
+    target.load_state_dict(state)
+    return target
+
+
+class _Algorithm:
+    """Keeps FusionBench's extra keyword arguments (``config``) as its BaseAlgorithm does."""
+
+    def __init__(self, **kwargs: Any):
+        self.config = dict(kwargs)
+
+    def _pool(self, modelpool) -> tuple[nn.Module, list[nn.Module]]:
+        names = _names(modelpool)
+        if not names:
+            raise ParameterError("modelpool: expected at least one fine-tuned model, got none")
+        return _load(modelpool, PRETRAINED), [_load(modelpool, n) for n in names]
+
+
+class SimpleAverageAlgorithm(_Algorithm):
+    """θ = (1/N)·Σ θᵢ over the pool's models (the pretrained one not among them)."""
+
+    def __init__(self, show_pbar: bool = False, inplace: bool = True, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.show_pbar, self.inplace = show_pbar, inplace
+
+    def run(self, modelpool) -> nn.Module:
+        models = [_load(modelpool, n) for n in _names(modelpool)]
+        return _into(models[0], average.uniform_soup(models), self.inplace)
+
+
+class WeightedAverageAlgorithm(_Algorithm):
+    """θ = Σ wᵢ·θᵢ (÷ Σ wᵢ with ``normalize``); the first model receives the result."""
+
+    def __init__(self, normalize: bool, weights: Sequence[float], verbose: bool = True, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.normalize, self.weights, self.verbose = normalize, list(weights), verbose
+
+    def run(self, modelpool) -> nn.Module:
+        models = [_load(modelpool, n) for n in _names(modelpool)]
+        if len(self.weights) != len(models):
+            raise ParameterError(f"weights: expected {len(models)} (one per model), got {len(self.weights)}")
+        return _into(models[0], average.weighted_soup(models, self.weights, normalize=self.normalize))
+
+
+class TaskArithmeticAlgorithm(_Algorithm):
+    """θ = θ₀ + λ·Σ τᵢ."""
+
+    def __init__(self, scaling_factor: float, inplace: bool = True, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.scaling_factor, self.inplace = scaling_factor, inplace
+
+    def run(self, modelpool) -> nn.Module:
+        base, models = self._pool(modelpool)
+        n = len(models)
+        state = average.merge("task_arithmetic", models, base, weight=[1.0] * n, **{"lambda": self.scaling_factor})
+        return _into(base, state, self.inplace)
+
+
+class TiesMergingAlgorithm(_Algorithm):
+    """TIES with one threshold per model over all its tensors (:func:`modelfusion.average.ties_global`)."""
+
+    def __init__(self, scaling_factor: float, threshold: float, remove_keys: Sequence[str], merge_func: str, **kwargs):
+        super().__init__(**kwargs)
+        self.scaling_factor, self.threshold = scaling_factor, threshold
+        self.remove_keys, self.merge_func = list(remove_keys or []), merge_func
+
+    def run(self, modelpool, **kwargs: Any) -> nn.Module:
+        base, models = self._pool(modelpool)
+        state = average.ties_global(
+            base, models, self.threshold, self.merge_func, self.scaling_factor, remove_keys=self.remove_keys
+        )
+        return _into(base, state)
+
+
+class MagMaxAlgorithm(_Algorithm):
+    """θ = θ₀ + λ·(the τᵢ of largest magnitude per element)."""
+
+    def __init__(self, scaling_factor: float = 0.5, inplace: bool = True, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.scaling_factor, self.inplace = scaling_factor, inplace
+
+    def run(self, modelpool) -> nn.Module:
+        base, models = self._pool(modelpool)
+        return _into(base, average.magmax(base, models, self.scaling_factor), self.inplace)
+
+
+class TaskSingularVectorMerging(_Algorithm):
+    """TSV-M (:func:`modelfusion.average.tsv_merge`)."""
+
+    def __init__(self, alpha=None, exclude_keys=None, return_single_task_models: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        if return_single_task_models:
+            raise ParameterError("return_single_task_models: not supported here (the merged model only)")
+        self.alpha, self.exclude_keys = alpha, list(exclude_keys or [])
+
+    def run(self, modelpool) -> nn.Module:
+        base, models = self._pool(modelpool)
+        return _into(base, average.tsv_merge(base, models, self.alpha, self.exclude_keys))
+
+
+class IsotropicMergingInCommonSubspace(_Algorithm):
+    """Iso-C (:func:`modelfusion.average.iso_c`)."""
+
+    def __init__(self, scaling_factor: float, exclude_keys=None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.scaling_factor, self.exclude_keys = scaling_factor, list(exclude_keys or [])
+
+    def run(self, modelpool) -> nn.Module:
+        base, models = self._pool(modelpool)
+        return _into(base, average.iso_c(base, models, self.scaling_factor, self.exclude_keys))
+
+
+class IsotropicMergingInCommonAndTaskSubspace(_Algorithm):
+    """Iso-CTS (:func:`modelfusion.average.iso_cts`)."""
+
+    def __init__(self, scaling_factor: float, common_space_fraction: float, exclude_keys=None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.scaling_factor, self.common_space_fraction = scaling_factor, common_space_fraction
+        self.exclude_keys = list(exclude_keys or [])
+
+    def run(self, modelpool) -> nn.Module:
+        base, models = self._pool(modelpool)
+        state = average.iso_cts(base, models, self.scaling_factor, self.common_space_fraction, self.exclude_keys)
+        return _into(base, state)
+
+
+ISO_C_Merge = IsotropicMergingInCommonSubspace  # FusionBench's aliases
+ISO_CTS_Merge = IsotropicMergingInCommonAndTaskSubspace
+
+__all__ = [
+    "ISO_CTS_Merge",
+    "ISO_C_Merge",
+    "IsotropicMergingInCommonAndTaskSubspace",
+    "IsotropicMergingInCommonSubspace",
+    "MagMaxAlgorithm",
+    "SimpleAverageAlgorithm",
+    "TaskArithmeticAlgorithm",
+    "TaskSingularVectorMerging",
+    "TiesMergingAlgorithm",
+    "WeightedAverageAlgorithm",
+]

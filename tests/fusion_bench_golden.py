@@ -1,0 +1,105 @@
+"""FusionBench 0.2.33's outputs on two small model pools, stored for tests/test_fusion_bench.py.
+
+Regenerate with fusion-bench installed (a separate venv is fine: it pulls lightning and hydra):
+    python tests/fusion_bench_golden.py            # writes tests/data/fusion_bench/*.safetensors
+The pools are made here from fixed seeds, so the test rebuilds the same inputs without fusion-bench.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DATA = Path(__file__).with_name("data") / "fusion_bench"
+TASKS = 4
+
+# (case, FusionBench module, class, constructor arguments); our classes take the same arguments
+CASES = [
+    ("simple_average", "fusion_bench.method", "SimpleAverageAlgorithm", {}),
+    (
+        "weighted_average",
+        "fusion_bench.method",
+        "WeightedAverageAlgorithm",
+        {"normalize": True, "weights": [0.1, 0.2, 0.3, 0.4]},
+    ),
+    ("task_arithmetic", "fusion_bench.method", "TaskArithmeticAlgorithm", {"scaling_factor": 0.3}),
+    *[
+        (
+            f"ties_{f}",
+            "fusion_bench.method",
+            "TiesMergingAlgorithm",
+            {"scaling_factor": 0.3, "threshold": 0.2, "remove_keys": [], "merge_func": f},
+        )
+        for f in ("sum", "mean", "max")
+    ],
+    ("magmax", "fusion_bench.method.magmax", "MagMaxAlgorithm", {"scaling_factor": 0.5}),
+    ("tsv", "fusion_bench.method.task_singular_vector", "TaskSingularVectorMerging", {"alpha": 1.0}),
+    (
+        "tsv_per_task",
+        "fusion_bench.method.task_singular_vector",
+        "TaskSingularVectorMerging",
+        {"alpha": [1.0, 0.5, 0.8, 1.2]},
+    ),
+    ("iso_c", "fusion_bench.method.isotropic_merging", "ISO_C_Merge", {"scaling_factor": 1.0}),
+    (
+        "iso_cts",
+        "fusion_bench.method.isotropic_merging",
+        "ISO_CTS_Merge",
+        {"scaling_factor": 1.0, "common_space_fraction": 0.8},
+    ),
+]
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(24, 40), nn.ReLU(), nn.Linear(40, 40), nn.LayerNorm(40), nn.Linear(40, 12))
+
+
+def _clip() -> nn.Module:
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+    )
+    return CLIPVisionModel(config)
+
+
+TEMPLATES = {"mlp": _mlp, "clip": _clip}
+
+
+def pool(kind: str) -> dict[str, nn.Module]:
+    """``{"_pretrained_": θ₀, "task0": θ₀ + τ₀, ...}``, the same on every machine."""
+    g = torch.Generator().manual_seed(7)
+    base = TEMPLATES[kind]()
+    for p in base.parameters():
+        p.data = torch.randn(p.shape, generator=g) * 0.2
+    models = {"_pretrained_": base}
+    for i in range(TASKS):
+        tuned = TEMPLATES[kind]()
+        tuned.load_state_dict(base.state_dict())
+        for p in tuned.parameters():
+            p.data += torch.randn(p.shape, generator=g) * 0.05 * (1 + i)
+        models[f"task{i}"] = tuned
+    return models
+
+
+def main() -> None:
+    import importlib
+
+    from fusion_bench.modelpool import BaseModelPool
+    from safetensors.torch import save_file
+
+    DATA.mkdir(parents=True, exist_ok=True)
+    for kind in TEMPLATES:
+        for case, module, name, kwargs in CASES:
+            algorithm = getattr(importlib.import_module(module), name)(**kwargs)
+            merged = algorithm.run(BaseModelPool(pool(kind)))
+            state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
+            save_file(state, DATA / f"{kind}-{case}.safetensors")
+            print(kind, case, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
