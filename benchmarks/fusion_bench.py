@@ -1,0 +1,105 @@
+"""FusionBench's headline setting: eight task vectors on a CLIP ViT-B/32-shaped vision model
+(transformers' default CLIPVisionConfig, 88M parameters, generated weights), each method run by
+FusionBench 0.2.33's own class and by ours (modelfusion.integrations.fusion_bench) on the same
+pool, each in a fresh process: seconds of ``run(modelpool)`` and the peak RSS it adds above the
+pool. Needs fusion-bench (``pip install fusion-kernels[fusion-bench]``; a separate venv works).
+
+    python benchmarks/fusion_bench.py                          # every method, ViT-B/32 shape
+    python benchmarks/fusion_bench.py --layers 2 --methods ties_sum,magmax   # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+from fusion_bench_golden import CASES  # noqa: E402  (the methods and arguments the tests check)
+
+RUN = """
+import importlib, json, sys, time, torch
+from pathlib import Path
+from transformers import CLIPVisionConfig, CLIPVisionModel
+impl, module, name, kwargs = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+layers, tasks = int(sys.argv[5]), int(sys.argv[6])
+torch.manual_seed(0)
+config = CLIPVisionConfig(num_hidden_layers=layers)
+base = CLIPVisionModel(config)
+state = base.state_dict()
+pool = {"_pretrained_": base}
+for i in range(tasks):
+    model = CLIPVisionModel(config)
+    model.load_state_dict({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()})
+    pool[f"task{i}"] = model
+if impl == "fusion_bench":
+    from fusion_bench.modelpool import BaseModelPool
+    algorithm, pool = getattr(importlib.import_module(module), name)(**kwargs), BaseModelPool(pool)
+else:
+    from modelfusion.integrations import fusion_bench
+    algorithm = getattr(fusion_bench, name)(**kwargs)
+def rss(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024
+Path("/proc/self/clear_refs").write_text("5")
+before = rss("VmRSS:")
+start = time.perf_counter()
+with torch.no_grad():
+    algorithm.run(pool)
+seconds = time.perf_counter() - start
+print(json.dumps({"seconds": seconds, "peak_above_pool": rss("VmHWM:") - before}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--tasks", type=int, default=8)
+    parser.add_argument("--methods", default=",".join(c[0] for c in CASES))
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "fusion-bench-cpu.json")
+    args = parser.parse_args()
+    from roofline import git_sha, machine
+
+    wanted = args.methods.split(",")
+    rows = []
+    for case, module, name, kwargs in CASES:
+        if case not in wanted:
+            continue
+        if "weights" in kwargs:
+            kwargs = {**kwargs, "weights": [1.0 / args.tasks] * args.tasks}
+        if isinstance(kwargs.get("alpha"), list):
+            kwargs = {**kwargs, "alpha": [1.0] * args.tasks}
+        row = {"method": case}
+        for impl in ("fusion_bench", "ours"):
+            cmd = [sys.executable, "-c", RUN, impl, module, name, json.dumps(kwargs), str(args.layers), str(args.tasks)]
+            # run from / : this file's name would shadow the fusion_bench package
+            run = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
+            if run.returncode != 0:
+                raise SystemExit(f"{impl} {case} failed:\n{run.stderr[-3000:]}")
+            result = json.loads(run.stdout.strip().splitlines()[-1])
+            row[f"{impl}_s"] = round(result["seconds"], 3)
+            row[f"{impl}_peak_mib"] = round(result["peak_above_pool"] / 2**20)
+        row["speedup"] = round(row["fusion_bench_s"] / row["ours_s"], 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    import torch
+
+    report = {
+        "benchmark": "fusion_bench",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine("cpu"),
+        "git_sha": git_sha(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "shape": f"CLIP ViT-B/32 vision ({args.layers} layers), {args.tasks} task vectors, float32",
+        "results": rows,
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
