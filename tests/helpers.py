@@ -104,3 +104,11 @@ def kill_when_journaled(proc, journal, shards: int) -> None:
     assert proc.poll() is None, "the merge ended before it could be killed: make the test models bigger"
     proc.kill()
     proc.wait()
+
+
+def tensors_of(path) -> dict:
+    """Every tensor of a checkpoint, read into memory."""
+    from modelfusion.io import Checkpoint
+
+    c = Checkpoint(path)
+    return {n: c.read(n) for n in c.tensors}

@@ -33,3 +33,16 @@ def mergekit_gta():
     from mergekit.sparsify import SparsificationMethod
 
     return gta, TensorGroup, SparsificationMethod
+
+
+def run_mergekit(recipe: str, out: Path) -> None:
+    """mergekit's own ``run_merge`` on a recipe's YAML, writing to ``out``."""
+    if importlib.util.find_spec("mergekit") is None or importlib.util.find_spec("transformers") is None:
+        pytest.skip(f"mergekit's run_merge needs mergekit and transformers: {INSTALL}")
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    config = MergeConfiguration.model_validate(yaml.safe_load(recipe))
+    run_merge(config, str(out), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))

@@ -2,15 +2,14 @@
 checked tensor by tensor against mergekit 0.1.5's run_merge, plus the output config and the errors."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import tensors_of
 from modelfusion.demos.streaming import make_llama_family
 from modelfusion.errors import RecipeError
-from modelfusion.io import Checkpoint
 from modelfusion.pipeline import merge, plan_merge
+from peers import run_mergekit
 
 SMALL = dict(hidden=64, layers=4, intermediate=96, vocab=128, kv_heads=2, heads=4)
 
@@ -18,21 +17,6 @@ SMALL = dict(hidden=64, layers=4, intermediate=96, vocab=128, kv_heads=2, heads=
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     return make_llama_family(tmp_path_factory.mktemp("fr"), 2, torch.float32, max_shard_size=2**16, **SMALL)
-
-
-def tensors_of(path: Path) -> dict[str, torch.Tensor]:
-    c = Checkpoint(path)
-    return {n: c.read(n) for n in c.tensors}
-
-
-def run_mergekit(recipe: str, out: Path) -> None:
-    pytest.importorskip("transformers")
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    config = MergeConfiguration.model_validate(yaml.safe_load(recipe))
-    run_merge(config, str(out), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
 
 
 def recipes(base, a, b) -> dict[str, str]:

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import kill_when_journaled
+from helpers import kill_when_journaled, tensors_of
 from modelfusion.demos.streaming import RECIPE_PARAMETERS, make_llama_family, make_minilm_family, recipe_text, verify
 from modelfusion.errors import CheckpointError, OutputError, RecipeError
 from modelfusion.io import Checkpoint
 from modelfusion.pipeline import load_recipe, merge, plan_merge
 from modelfusion.pipeline.recipe import parse_size
-from peers import mergekit_gta
+from peers import mergekit_gta, run_mergekit
 
 import fusion_kernels as fk
 import fusion_kernels.compat.mergekit as fkm
@@ -34,11 +34,6 @@ def family(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bf16_family(tmp_path_factory):
     return make_llama_family(tmp_path_factory.mktemp("bf16"), 3, torch.bfloat16, **SMALL)
-
-
-def tensors_of(path):
-    c = Checkpoint(path)
-    return {n: c.read(n) for n in c.tensors}
 
 
 # ---------------------------------------------------------------- recipes
@@ -260,15 +255,6 @@ def test_out_dtype_and_a_budget_that_forbids_prefetching(bf16_family, tmp_path):
 
 
 # ---------------------------------------------------------------- mergekit parity
-
-
-def run_mergekit(recipe: str, out: Path):
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import run_merge
-    from mergekit.options import MergeOptions
-
-    config = MergeConfiguration.model_validate(yaml.safe_load(recipe))
-    run_merge(config, str(out), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
 
 
 PARITY = ["linear", "task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "slerp", "model_stock"]

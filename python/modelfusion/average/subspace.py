@@ -24,7 +24,7 @@ the decompositions (averaged) or, for TIES, left at the base.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -111,15 +111,20 @@ def magmax(base: StateLike, models: Sequence[StateLike], scaling_factor: float =
     return _result(ref, merged, scaling_factor)
 
 
-def _global_threshold(tensors: list[torch.Tensor], rank: int) -> torch.Tensor:
-    """The ``rank``-th smallest |x| (1-based) over all ``tensors`` without concatenating them: a
-    histogram of the high 16 bits of the float32 keys, then of the low 16 in the bin found."""
-    keys = [t.detach().float().abs().reshape(-1).view(torch.int32) for t in tensors]
-    high = sum(torch.bincount(k >> 16, minlength=1 << 15) for k in keys)
+def _global_threshold(tensors: Callable[[], Iterator[torch.Tensor]], rank: int) -> torch.Tensor:
+    """The ``rank``-th smallest |x| (1-based) over all the tensors ``tensors()`` yields, without
+    concatenating or keeping them: a histogram of the high 16 bits of the float32 keys, then of the
+    low 16 bits inside the bin found (two passes)."""
+
+    def keys():
+        for t in tensors():
+            yield t.float().abs().reshape(-1).view(torch.int32)
+
+    high = sum(torch.bincount(k >> 16, minlength=1 << 15) for k in keys())
     below = torch.cumsum(high, 0)
     bin_ = int(torch.searchsorted(below, torch.tensor(rank), right=False))
     rank -= int(below[bin_ - 1]) if bin_ else 0
-    low = sum(torch.bincount(k[(k >> 16) == bin_] & 0xFFFF, minlength=1 << 16) for k in keys)
+    low = sum(torch.bincount(k[(k >> 16) == bin_] & 0xFFFF, minlength=1 << 16) for k in keys())
     value = (bin_ << 16) | int(torch.searchsorted(torch.cumsum(low, 0), torch.tensor(rank), right=False))
     return torch.tensor([value], dtype=torch.int32).view(torch.float32)[0]
 
@@ -133,27 +138,37 @@ def ties_global(
     remove_keys: Sequence[str] = (),
 ) -> State:
     """TIES with one magnitude threshold per model over all its tensors (see the module docstring);
-    ``threshold``: the fraction kept (a percentage when above 1)."""
+    ``threshold``: the fraction kept (a percentage when above 1). Task vectors are formed tensor by
+    tensor in each pass, never kept for the whole model."""
     if merge_func not in ("sum", "mean", "max"):
         raise ParameterError(f"merge_func: expected 'sum', 'mean' or 'max', got {merge_func!r}")
     keep = threshold / 100 if threshold > 1 else threshold
     if not 0 <= keep < 1:
-        raise ParameterError(
-            f"threshold: expected a kept fraction in [0, 1) or a percentage below 100, got {threshold}"
-        )
-    ref, taus, keys = _task_vectors(base, models)
-    keys = [k for k in keys if k not in remove_keys]
+        raise ParameterError(f"threshold: expected a kept fraction in [0, 1) or a percentage < 100, got {threshold}")
+    states = aligned([base, *models], ["base"] + [f"models[{i}]" for i in range(len(models))])
+    if len(models) == 0:
+        raise ParameterError("models: expected at least one fine-tuned model, got none")
+    ref, tuned = states[0], states[1:]
+    keys = [k for k, t in ref.items() if t.is_floating_point() and k not in remove_keys]
     total = sum(ref[k].numel() for k in keys)
-    trimmed = []
-    for tau in taus:
-        cut = _global_threshold([tau[k] for k in keys], total - int(total * keep))
-        trimmed.append({k: torch.where(tau[k].float().abs() >= cut, tau[k], 0) for k in keys})
-    signs = {k: torch.sign(sum(t[k] for t in trimmed)) for k in keys}
-    majority = torch.sign(sum(s.sum() for s in signs.values()))
+
+    def tau(state: State, k: str) -> torch.Tensor:
+        return state[k].to(ref[k].dtype) - ref[k]
+
+    cuts = [_global_threshold(lambda s=s: (tau(s, k) for k in keys), total - int(total * keep)) for s in tuned]
+
+    def trimmed(k: str) -> torch.Tensor:  # [T, ...]: the kept task vectors of tensor k
+        taus = torch.stack([tau(s, k) for s in tuned])
+        cut = torch.stack(cuts).reshape(-1, *([1] * ref[k].dim()))
+        return torch.where(taus.float().abs() >= cut, taus, 0)
+
+    majority = torch.sign(sum(torch.sign(trimmed(k).sum(0)).sum() for k in keys))
     merged = {}
     for k in keys:
-        sign = torch.where(signs[k] == 0, majority, signs[k])
-        agree = torch.stack([torch.where(sign > 0, t[k] > 0, t[k] < 0) * t[k] for t in trimmed])
+        kept = trimmed(k)
+        sign = torch.sign(kept.sum(0))
+        sign = torch.where(sign == 0, majority, sign)
+        agree = torch.where(torch.where(sign > 0, kept > 0, kept < 0), kept, 0)
         if merge_func == "sum":
             merged[k] = agree.sum(0)
         elif merge_func == "mean":
