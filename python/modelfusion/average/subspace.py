@@ -32,21 +32,21 @@ from ..errors import ParameterError
 from .state import State, StateLike, aligned
 
 
-def _task_vectors(
-    base: StateLike, models: Sequence[StateLike], scales: Sequence[float] | None = None
-) -> tuple[State, list[State], list[str]]:
-    """(base state, the task vectors of its float tensors, each times ``scales[i]`` when given, the
-    float keys)."""
-    if len(models) == 0:
-        raise ParameterError("models: expected at least one fine-tuned model, got none")
-    states = aligned([base, *models], ["base"] + [f"models[{i}]" for i in range(len(models))])
-    ref = states[0]
-    keys = [k for k, t in ref.items() if t.is_floating_point()]
-    taus = [{k: s[k].to(ref[k].dtype) - ref[k] for k in keys} for s in states[1:]]
-    for tau, scale in zip(taus, scales or (), strict=False):
-        for k in keys:
-            tau[k] = tau[k] * scale
-    return ref, taus, keys
+class _TaskVectors:
+    """τᵢ = θᵢ − θ₀ of the base's float tensors, formed tensor by tensor when asked (times
+    ``scales[i]`` when given), never kept for the whole model."""
+
+    def __init__(self, base: StateLike, models: Sequence[StateLike], scales: Sequence[float] | None = None):
+        if len(models) == 0:
+            raise ParameterError("models: expected at least one fine-tuned model, got none")
+        states = aligned([base, *models], ["base"] + [f"models[{i}]" for i in range(len(models))])
+        self.base, self.models, self.scales = states[0], states[1:], scales
+        self.keys = [k for k, t in self.base.items() if t.is_floating_point()]
+
+    def of(self, k: str) -> list[torch.Tensor]:
+        ref = self.base[k]
+        taus = [m[k].to(ref.dtype) - ref for m in self.models]
+        return taus if self.scales is None else [t * a for t, a in zip(taus, self.scales, strict=True)]
 
 
 def _result(base: State, merged: State, scale: float) -> State:
@@ -62,14 +62,6 @@ def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
     return mean
 
 
-def _by_shape(keys: list[str], taus: list[State], exclude: Sequence[str]) -> dict[tuple, list[str]]:
-    groups: dict[tuple, list[str]] = {}
-    for k in keys:
-        if taus[0][k].dim() == 2 and k not in exclude:
-            groups.setdefault(tuple(taus[0][k].shape), []).append(k)
-    return groups
-
-
 def _decomposed(
     base: StateLike,
     models: Sequence[StateLike],
@@ -80,17 +72,20 @@ def _decomposed(
 ) -> State:
     """θ₀ + λ·τ where τ of each group of same-shape 2-D tensors is ``per_shape([T, L, m, n] task
     matrices, float32 or float64) -> [L, m, n]`` and the mean τᵢ elsewhere."""
-    ref, taus, keys = _task_vectors(base, models, tau_scales)
+    tv = _TaskVectors(base, models, tau_scales)
+    groups: dict[tuple, list[str]] = {}
     merged: State = {}
-    for keys_of_shape in _by_shape(keys, taus, exclude_keys).values():
-        wide = torch.float64 if ref[keys_of_shape[0]].dtype == torch.float64 else torch.float32
-        stack = torch.stack([torch.stack([tau[k].to(wide) for k in keys_of_shape]) for tau in taus])
+    for k in tv.keys:
+        if tv.base[k].dim() == 2 and k not in exclude_keys:
+            groups.setdefault(tuple(tv.base[k].shape), []).append(k)
+        else:
+            merged[k] = _mean(tv.of(k))
+    for keys_of_shape in groups.values():
+        wide = torch.float64 if tv.base[keys_of_shape[0]].dtype == torch.float64 else torch.float32
+        stack = torch.stack([torch.stack(tv.of(k)) for k in keys_of_shape], 1).to(wide)  # [T, L, m, n]
         for k, value in zip(keys_of_shape, per_shape(stack).unbind(0), strict=True):
-            merged[k] = value.to(ref[k].dtype)
-    for k in keys:
-        if k not in merged:
-            merged[k] = _mean([tau[k] for tau in taus])
-    return _result(ref, merged, scale)
+            merged[k] = value.to(tv.base[k].dtype)
+    return _result(tv.base, merged, scale)
 
 
 def _polar(x: torch.Tensor) -> torch.Tensor:
@@ -101,14 +96,15 @@ def _polar(x: torch.Tensor) -> torch.Tensor:
 
 def magmax(base: StateLike, models: Sequence[StateLike], scaling_factor: float = 1.0) -> State:
     """MagMax: θ₀ + λ·(per element, the τᵢ of largest magnitude; ties go to the later model)."""
-    ref, taus, keys = _task_vectors(base, models)
+    tv = _TaskVectors(base, models)
     merged = {}
-    for k in keys:
-        best = taus[0][k].clone()
+    for k in tv.keys:
+        taus = tv.of(k)
+        best = taus[0]
         for tau in taus[1:]:
-            best = torch.where(tau[k].abs() >= best.abs(), tau[k], best)
+            best = torch.where(tau.abs() >= best.abs(), tau, best)
         merged[k] = best
-    return _result(ref, merged, scaling_factor)
+    return _result(tv.base, merged, scaling_factor)
 
 
 def _global_threshold(tensors: Callable[[], Iterator[torch.Tensor]], rank: int) -> torch.Tensor:
@@ -145,20 +141,18 @@ def ties_global(
     keep = threshold / 100 if threshold > 1 else threshold
     if not 0 <= keep < 1:
         raise ParameterError(f"threshold: expected a kept fraction in [0, 1) or a percentage < 100, got {threshold}")
-    states = aligned([base, *models], ["base"] + [f"models[{i}]" for i in range(len(models))])
-    if len(models) == 0:
-        raise ParameterError("models: expected at least one fine-tuned model, got none")
-    ref, tuned = states[0], states[1:]
-    keys = [k for k, t in ref.items() if t.is_floating_point() and k not in remove_keys]
+    tv = _TaskVectors(base, models)
+    ref = tv.base
+    keys = [k for k in tv.keys if k not in remove_keys]
     total = sum(ref[k].numel() for k in keys)
 
     def tau(state: State, k: str) -> torch.Tensor:
         return state[k].to(ref[k].dtype) - ref[k]
 
-    cuts = [_global_threshold(lambda s=s: (tau(s, k) for k in keys), total - int(total * keep)) for s in tuned]
+    cuts = [_global_threshold(lambda s=s: (tau(s, k) for k in keys), total - int(total * keep)) for s in tv.models]
 
     def trimmed(k: str) -> torch.Tensor:  # [T, ...]: the kept task vectors of tensor k
-        taus = torch.stack([tau(s, k) for s in tuned])
+        taus = torch.stack(tv.of(k))
         cut = torch.stack(cuts).reshape(-1, *([1] * ref[k].dim()))
         return torch.where(taus.float().abs() >= cut, taus, 0)
 
