@@ -6,6 +6,8 @@ pool. Needs fusion-bench (``pip install fusion-kernels[fusion-bench]``; a separa
 
     python benchmarks/fusion_bench.py                          # every method, ViT-B/32 shape
     python benchmarks/fusion_bench.py --layers 2 --methods ties_sum,magmax   # a quick run
+
+Re-running some methods of the same setting replaces their rows in the JSON and keeps the others.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ def main() -> None:
             kwargs = {**kwargs, "weights": [1.0 / args.tasks] * args.tasks}
         if isinstance(kwargs.get("alpha"), list):
             kwargs = {**kwargs, "alpha": [1.0] * args.tasks}
-        row = {"method": case}
+        row = {"method": case, "git_sha": git_sha()}  # per row: a re-run of some methods keeps the others
         for impl in ("fusion_bench", "ours"):
             cmd = [sys.executable, "-c", RUN, impl, module, name, json.dumps(kwargs), str(args.layers), str(args.tasks)]
             # run from / : this file's name would shadow the fusion_bench package
@@ -102,6 +104,13 @@ def main() -> None:
         "results": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    if args.json.exists():  # a run of some methods replaces their rows and keeps the others of the same setting
+        previous = json.loads(args.json.read_text())
+        if previous.get("shape") == report["shape"]:
+            done = {r["method"] for r in rows}
+            kept = [r for r in previous["results"] if r["method"] not in done]
+            order = [c[0] for c in CASES]
+            report["results"] = sorted(kept + rows, key=lambda r: order.index(r["method"]))
     args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
