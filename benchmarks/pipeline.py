@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from modelfusion.demos.streaming import make_llama_family, recipe_text
 from modelfusion.io import Checkpoint, OutputTensor, ShardWriter
+from modelfusion.pipeline import load_recipe
 from roofline import git_sha, machine
 
 METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"]
@@ -125,7 +126,7 @@ def main() -> None:
             if not args.skip_mergekit and budget == args.budget:
                 theirs = run(MERGEKIT, recipe, root / "out-mergekit")
                 shutil.rmtree(root / "out-mergekit")
-            read = total if method != "slerp" else total * 2 // len(paths)
+            read = total * len(load_recipe(recipe.read_text()).inputs) // len(paths)  # the models it reads
             row = {
                 "method": method,
                 "budget": budget,
