@@ -46,3 +46,18 @@ def run_mergekit(recipe: str, out: Path) -> None:
 
     config = MergeConfiguration.model_validate(yaml.safe_load(recipe))
     run_merge(config, str(out), MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+
+
+def merged_by_both(recipe: str, root: Path) -> tuple[dict, dict]:
+    """(ours, mergekit's) output tensors of one recipe, after checking both wrote the same names
+    and dtypes."""
+    from helpers import tensors_of
+    from modelfusion.pipeline import merge
+
+    run_mergekit(recipe, root / "mergekit")
+    merge(recipe, root / "ours", progress=False)
+    theirs, ours = tensors_of(root / "mergekit"), tensors_of(root / "ours")
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert ours[name].dtype == theirs[name].dtype, name
+    return ours, theirs
