@@ -19,6 +19,8 @@ float64 for float64 inputs; results in the inputs' dtype). Their semantics are m
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import WeightError
@@ -70,17 +72,21 @@ def multislerp(xs: list[torch.Tensor], weights: list[float], *, normalize: bool 
         w = w / w.sum()
     norms = flat.norm(dim=-1, keepdim=True)
     units = flat / (norms + eps)
-    mean = (units * w[:, None]).sum(0)
-    if mean.norm() < eps:
+    raw = torch.mv(units.T, w)  # Σ wᵢ·uᵢ in one pass
+    length = float(raw.norm())
+    if length < eps:
         if len(xs) == 2:  # antipodal pair: the linear blend, as mergekit falls back to
             return (flat[0] * w[0] + flat[1] * w[1]).reshape(shape).to(dtype)
         raise WeightError(
             "multislerp: the weighted mean of the unit vectors is zero (antipodal inputs); change the weights"
         )
-    mean = mean / mean.norm()
-    tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * w[:, None]).sum(0)
-    size = tangent.norm() + eps
-    out = (mean * torch.cos(size) + tangent * (torch.sin(size) / size)) * (norms[:, 0] * w).sum()
+    del flat
+    mean = raw / length
+    # the tangent Σ wᵢ·(uᵢ − (uᵢ·mean)·mean) = raw − (Σ wᵢ·uᵢ·mean)·mean, in place of raw
+    tangent = raw.sub_(mean, alpha=float(w @ torch.mv(units, mean)))
+    size = float(tangent.norm()) + eps
+    scale = float((norms[:, 0] * w).sum())
+    out = mean.mul_(math.cos(size) * scale).add_(tangent, alpha=math.sin(size) / size * scale)
     return out.reshape(shape).to(dtype)
 
 
@@ -98,19 +104,21 @@ def karcher(xs: list[torch.Tensor], weights: list[float], *, max_iter: int = 10,
     units = [flat[i] / norms[i] for i in valid]
     mean = sum(a * u for a, u in zip(alphas, units, strict=True))
     mean = units[0].clone() if float(mean.norm()) < tol else mean / mean.norm()
-    for _ in range(max_iter):
+    for _ in range(max_iter):  # in place: two passes per model, no whole-vector temporaries
         tangent = torch.zeros_like(mean)
         for a, u in zip(alphas, units, strict=True):
-            dot = torch.dot(mean, u).clamp(-1.0, 1.0)
-            theta = torch.arccos(dot)
-            if float(theta) >= tol:
-                tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
-        size = tangent.norm()
-        if float(size) < tol:
+            dot = min(max(float(torch.dot(mean, u)), -1.0), 1.0)
+            theta = math.acos(dot)
+            if theta >= tol:
+                c = a * theta / math.sin(theta)
+                tangent.add_(u, alpha=c).add_(mean, alpha=-c * dot)
+        size = float(tangent.norm())
+        if size < tol:
             break
-        mean = torch.cos(size) * mean + torch.sin(size) * (tangent / size)
-        if float(mean.norm()) > tol:
-            mean = mean / mean.norm()
+        mean.mul_(math.cos(size)).add_(tangent, alpha=math.sin(size) / size)
+        length = float(mean.norm())
+        if length > tol:
+            mean.div_(length)
     scale = sum(w * n for w, n in zip(weights, norms, strict=True))
     return (scale * mean).reshape(shape).to(dtype)
 
@@ -151,10 +159,10 @@ def arcee_fusion(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     kl = (p * (p / q).log_()).sum(-1, keepdim=True)
     del p, q
     importance = (x32 - b).abs_().mul_(kl)
-    ordered = importance.reshape(-1).sort().values
-    last = ordered.numel() - 1
-    q1, median, q3 = (ordered[int(f * last)] for f in (0.25, 0.5, 0.75))  # mergekit's index rule
-    del ordered
+    flat = importance.reshape(-1)
+    last = flat.numel() - 1
+    # mergekit's index rule on the sorted values, by selection (no sort: it allocates int64 indices)
+    q1, median, q3 = (flat.kthvalue(int(f * last) + 1).values for f in (0.25, 0.5, 0.75))
     keep = importance >= median + 1.5 * (q3 - q1)
     return torch.where(keep, x32, b).to(base.dtype)
 
