@@ -43,10 +43,14 @@ class _TaskVectors:
         self.base, self.models, self.scales = states[0], states[1:], scales
         self.keys = [k for k, t in self.base.items() if t.is_floating_point()]
 
+    def one(self, i: int, k: str) -> torch.Tensor:
+        """τᵢ of tensor k."""
+        tau = self.models[i][k].to(self.base[k].dtype) - self.base[k]
+        return tau if self.scales is None else tau * self.scales[i]
+
     def of(self, k: str) -> list[torch.Tensor]:
-        ref = self.base[k]
-        taus = [m[k].to(ref.dtype) - ref for m in self.models]
-        return taus if self.scales is None else [t * a for t, a in zip(taus, self.scales, strict=True)]
+        """Every model's τ of tensor k."""
+        return [self.one(i, k) for i in range(len(self.models))]
 
 
 def _result(base: State, merged: State, scale: float) -> State:
@@ -146,10 +150,8 @@ def ties_global(
     keys = [k for k in tv.keys if k not in remove_keys]
     total = sum(ref[k].numel() for k in keys)
 
-    def tau(state: State, k: str) -> torch.Tensor:
-        return state[k].to(ref[k].dtype) - ref[k]
-
-    cuts = [_global_threshold(lambda s=s: (tau(s, k) for k in keys), total - int(total * keep)) for s in tv.models]
+    rank = total - int(total * keep)
+    cuts = [_global_threshold(lambda i=i: (tv.one(i, k) for k in keys), rank) for i in range(len(tv.models))]
 
     def trimmed(k: str) -> torch.Tensor:  # [T, ...]: the kept task vectors of tensor k
         taus = torch.stack(tv.of(k))
