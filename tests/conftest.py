@@ -10,7 +10,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import BACKEND_CASES, set_isa  # noqa: E402
+import helpers  # noqa: E402
+from helpers import BACKEND_CASES, BackendCase, set_isa  # noqa: E402
 
 
 def pytest_configure(config):
@@ -48,11 +49,30 @@ def nan_poisoned_empty(monkeypatch):
 
 @pytest.fixture(params=BACKEND_CASES, ids=lambda case: case.id)
 def backend(request):
-    """Runs the test once per backend (and per CPU ISA of the cpu backend) this machine has."""
+    """Runs the test once per backend: torch, cpu per ISA, triton (its interpreter without a GPU),
+    cuda. The helpers' tensor factories put their tensors on the backend's device."""
     case = request.param
     if case.skip_reason:
         pytest.skip(case.skip_reason)
     import fusion_kernels as fk
 
-    with fk.use_backend(case.backend), set_isa(case.isa):
-        yield case.backend
+    helpers._device[0] = case.device
+    try:
+        with fk.use_backend(case.backend), set_isa(case.isa):
+            yield case.backend
+    finally:
+        helpers._device[0] = "cpu"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A backend refusing an op or dtype it does not claim (triton and cuda: float64; triton:
+    linear_assignment) reports the test as skipped with the refusal; any other error fails it."""
+    try:
+        return (yield)
+    except Exception as error:
+        callspec = getattr(pyfuncitem, "callspec", None)
+        case = callspec.params.get("backend") if callspec is not None else None
+        if isinstance(case, BackendCase) and case.declared_decline(error):
+            pytest.skip(f"declined by the {case.id} backend: {error}")
+        raise

@@ -216,3 +216,43 @@ def test_fake_tensors_get_shapes_without_running_a_kernel():
         xs = [torch.empty(8, 6, dtype=torch.bfloat16) for _ in range(3)]
         out = fk.ties_merge(xs[0], xs[1:], density=0.5)
     assert out.shape == (8, 6) and out.dtype == torch.bfloat16 and type(out) is not torch.Tensor
+
+
+def test_triton_declines_float64_and_ops_it_lacks_with_reasons():
+    pytest.importorskip("triton")  # the README's test command installs it; CI requires it
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.ones(4, dtype=torch.float64, device=device)
+    with fk.use_backend("triton"), pytest.raises(fk.BackendError, match="dtype torch.float64"):
+        fk.weighted_sum([x, x])
+    with fk.use_backend("triton"), pytest.raises(fk.BackendError, match="does not implement"):
+        fk.linear_assignment(torch.eye(3, device=device))
+    with fk.use_backend("triton"), pytest.raises(fk.BackendError, match="complex"):
+        fk.permute(torch.ones(3, dtype=torch.complex64, device=device), {0: [2, 1, 0]})
+
+
+def test_cpu_tensors_are_never_sent_to_triton_automatically():
+    assert "triton" not in fk.available_backends("cpu")
+
+
+def test_an_unavailable_cuda_backend_declines_with_its_reason():
+    from fusion_kernels import _cuda_native
+
+    if _cuda_native.unavailable_reason() is None:
+        pytest.skip("the cuda backend is available here")
+    x = torch.ones(3)
+    with fk.use_backend("cuda"), pytest.raises(fk.BackendError, match="backend 'cuda'"):
+        fk.weighted_sum([x, x])
+
+
+def test_every_custom_op_has_an_opcheck_test():
+    """Each op registered under torch.ops.fusion_kernels is named in some test that calls opcheck."""
+    from pathlib import Path
+
+    ops = {name for name in dir(torch.ops.fusion_kernels) if not name.startswith("_") and name != "name"}
+    assert {"weighted_sum", "sparse_merge", "permute_many", "sinkhorn", "linear_assignment"} <= ops
+    checked = set()
+    for path in Path(__file__).parent.glob("test_*.py"):
+        text = path.read_text()
+        if "torch.library.opcheck(" in text:
+            checked |= {op for op in ops if f"fusion_kernels.{op}." in text or f'"{op}"' in text}
+    assert ops <= checked, f"custom ops without an opcheck test: {sorted(ops - checked)}"

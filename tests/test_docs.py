@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close, assert_peer_close
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -41,7 +42,7 @@ def test_readme_quick_start_computes_what_it_says():
     code, _ = _blocks(ROOT / "README.md")[0]
     scope = _run(code, "README.md")
     models = scope["models"]
-    torch.testing.assert_close(scope["reference"], scope["mix"], rtol=1.6e-2, atol=1e-5)
+    assert_close(scope["reference"], scope["mix"])
     assert scope["soup"].shape == models[0].shape and scope["fisher"].dtype == torch.bfloat16
     assert scope["ties"].shape == models[0].shape
 
@@ -53,7 +54,7 @@ def test_alignment_example_computes_what_it_says():
     assert torch.equal(scope["w2"], w[p_out][:, p_in])
     assert torch.equal(scope["state2"]["fc2.weight"], scope["state"]["fc2.weight"][:, p_out])
     assert sorted(scope["perm_next"].tolist()) == list(range(64))
-    torch.testing.assert_close(scope["soft"].sum(0), torch.ones(64), rtol=1e-4, atol=1e-4)
+    assert_peer_close(scope["soft"].sum(0), torch.ones(64), "float32_forward")
     assert bool((scope["res"].error <= 1e-6).all())
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import randn
+from helpers import device, randn, skip_if_interpreted
 
 import fusion_kernels as fk
 from fusion_kernels import reference as ref
@@ -15,6 +15,8 @@ DT_IDS = ["float32", "float16", "bfloat16"]
 @pytest.mark.parametrize("shape", [(1,), (7,), (4099,), (3, 17, 5), (300, 301)], ids=str)
 @pytest.mark.parametrize("density", [0.0, 0.001, 0.1, 0.5, 0.999, 1.0])
 def test_prune_matches_reference_exactly(backend, dtype, shape, density):
+    if len(shape) == 2:  # blocks of equal values: test_thirteen_values_over_twenty_thousand_elements
+        skip_if_interpreted(backend, "top-k of 90K elements")
     x = randn(shape, dtype, seed=sum(shape))
     k = int(density * x.numel())
     got = fk.magnitude_prune(x, density)
@@ -37,6 +39,18 @@ def test_ties_keep_lowest_index_first(backend, dtype):
     # the 17 other survivors are the first 0.5s: indices that are not multiples of 7 (those hold 0.25)
     survivors = [j for j in range(21) if j % 7 and j != 3][:17]
     assert kept.nonzero().flatten().tolist() == sorted([*survivors, 3, 999, 4000])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_thirteen_values_over_twenty_thousand_elements(backend, dtype):
+    # every cut-off lands in a run of equal values that spans many of a kernel's blocks
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randint(-6, 7, (20_001,), generator=g) / 4).to(dtype).to(device())
+    for k in (0, 1, 1000, 10_000, 19_999, 20_001):
+        assert torch.equal(fk.magnitude_prune(x, k=k), ref.magnitude_prune(x, k)), k
+        if k:
+            assert torch.equal(fk.magnitude_threshold(x, k=k), ref.magnitude_threshold(x, k)), k
+    assert fk.magnitude_prune(torch.empty(0, 3, dtype=dtype, device=device()), 0.5).shape == (0, 3)
 
 
 def test_zeros_nan_and_inf(backend):

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import randn
+from helpers import assert_peer_close, device, randn, skip_if_interpreted
 
 import fusion_kernels as fk
 from fusion_kernels import reference as ref
@@ -16,18 +16,20 @@ HAVE_POT = importlib.util.find_spec("ot") is not None
 
 def _cost(shape, seed, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(shape, generator=g, dtype=torch.float64).to(dtype)
+    return torch.rand(shape, generator=g, dtype=torch.float64).to(dtype).to(device())
 
 
 def _masses(n, seed, total=1.0):
     g = torch.Generator().manual_seed(seed)
     w = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
-    return w * (total / w.sum())
+    return (w * (total / w.sum())).to(device())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("shape", [(1, 1), (3, 40, 57), (2, 2, 17, 9), (130, 260)])
 def test_backend_matches_reference_and_marginals_hold(backend, dtype, shape):
+    if math.prod(shape) > 1000:
+        skip_if_interpreted(backend, "hundreds of iterations on a large plan")
     cost = _cost(shape, seed=1, dtype=dtype)
     n, m = shape[-2:]
     got = fk.sinkhorn(cost, reg=0.1, tol=1e-5, max_iter=2000)
@@ -36,16 +38,17 @@ def test_backend_matches_reference_and_marginals_hold(backend, dtype, shape):
     assert got.plan.shape == shape and got.plan.dtype == dtype
     assert got.f.shape == (*shape[:-1],) and got.g.shape == (*shape[:-2], m)
     assert got.iterations.shape == shape[:-2] and got.error.dtype == torch.float64
-    torch.testing.assert_close(got.plan, expected.plan, rtol=1e-4, atol=1e-7)
+    assert_peer_close(got.plan, expected.plan, "sinkhorn_at_tol")
     assert bool((got.error <= 1e-5).all())
     row_error = (got.plan.double().sum(-1) - 1 / n).abs().sum(-1)
     torch.testing.assert_close(row_error, got.error, rtol=0.05, atol=2e-6)  # the reported error is the plan's
     torch.testing.assert_close(got.plan.double().sum(-2), torch.full(got.g.shape, 1 / m, dtype=torch.float64))
     p = torch.exp((got.f.unsqueeze(-1) + got.g.unsqueeze(-2) - cost) / 0.1)
-    torch.testing.assert_close(p, got.plan, rtol=1e-4, atol=1e-7)
+    assert_peer_close(p, got.plan, "sinkhorn_at_tol")
 
 
 def test_batched_equals_looped_and_each_matrix_stops_on_its_own(backend):
+    skip_if_interpreted(backend, "up to 5000 iterations")
     cost = torch.stack([_cost((30, 20), seed=2), 5 * _cost((30, 20), seed=3), _cost((30, 20), seed=4)])
     a, b = _masses(30, 5, total=2.0), _masses(20, 6, total=2.0)
     batched = fk.sinkhorn(cost, a, b, reg=0.05, tol=1e-6, max_iter=5000, check_every=7)
@@ -57,6 +60,7 @@ def test_batched_equals_looped_and_each_matrix_stops_on_its_own(backend):
 
 
 def test_tol_none_runs_exactly_max_iter_and_log_plan(backend):
+    skip_if_interpreted(backend, "74 launches of the log-domain loop")
     cost = _cost((4, 25, 25), seed=7)
     r = fk.sinkhorn(cost, reg=0.2, tol=None, max_iter=37)
     assert r.iterations.tolist() == [37] * 4
@@ -65,10 +69,11 @@ def test_tol_none_runs_exactly_max_iter_and_log_plan(backend):
 
 
 def test_small_reg_is_stable(backend):
+    skip_if_interpreted(backend, "up to 3000 iterations")
     cost = _cost((2, 64, 64), seed=8)  # costs of order 1 against reg = 1e-3: exp(-1000) underflows
     r = fk.sinkhorn(cost, reg=1e-3, tol=1e-4, max_iter=3000)
     assert bool(torch.isfinite(r.plan).all() and torch.isfinite(r.f).all() and torch.isfinite(r.g).all())
-    torch.testing.assert_close(r.plan.sum(-2), torch.full((2, 64), 1 / 64), rtol=1e-4, atol=1e-7)
+    assert_peer_close(r.plan.sum(-2), torch.full((2, 64), 1 / 64), "sinkhorn_at_tol")
     assert bool(torch.isfinite(fk.sinkhorn(cost, reg=1e-3, max_iter=50, log=True).plan).all())
 
 
@@ -82,6 +87,7 @@ def test_half_precision_costs_return_their_dtype(backend):
 
 
 def test_low_temperature_recovers_the_assignment(backend):
+    skip_if_interpreted(backend, "reg=0.01 converges in thousands of iterations")
     n = 40
     g = torch.Generator().manual_seed(10)
     perm = torch.randperm(n, generator=g)
@@ -91,7 +97,7 @@ def test_low_temperature_recovers_the_assignment(backend):
     assert torch.equal(r.plan.argmax(-1), perm)
     assert torch.equal(r.plan.argmax(-1), fk.linear_assignment(cost))
     doubly = fk.sinkhorn(cost, torch.ones(n), torch.ones(n), reg=0.01)  # the Sinkhorn operator
-    torch.testing.assert_close(doubly.plan.sum(-1), torch.ones(n), rtol=1e-5, atol=1e-5)
+    assert_peer_close(doubly.plan.sum(-1), torch.ones(n), "sinkhorn_marginals")
 
 
 @pytest.mark.skipif(not HAVE_POT, reason="POT is not installed")
@@ -102,10 +108,10 @@ def test_matches_pot_sinkhorn_log(backend):
     a, b = _masses(25, 12), _masses(31, 13)
     ours = fk.sinkhorn(cost, a, b, reg=0.05, tol=1e-12, max_iter=10000)
     theirs = ot.bregman.sinkhorn_log(a.numpy(), b.numpy(), cost.numpy(), 0.05, numItermax=10000, stopThr=1e-14)
-    torch.testing.assert_close(ours.plan, torch.from_numpy(theirs), rtol=1e-7, atol=1e-12)
+    assert_peer_close(ours.plan, torch.from_numpy(theirs), "pot_float64")
     theirs32 = ot.sinkhorn(a.numpy(), b.numpy(), cost.numpy(), 0.05, method="sinkhorn_log", stopThr=1e-14)
     ours32 = fk.sinkhorn(cost.float(), a.float(), b.float(), reg=0.05, tol=1e-6, max_iter=10000)
-    torch.testing.assert_close(ours32.plan.double(), torch.from_numpy(theirs32), rtol=1e-3, atol=1e-7)
+    assert_peer_close(ours32.plan.double(), torch.from_numpy(theirs32), "pot_vs_float32")
 
 
 @pytest.mark.parametrize("mode", ["implicit", "unrolled"])
@@ -130,7 +136,7 @@ def test_implicit_and_unrolled_gradients_agree_at_convergence():
         c = cost.clone().requires_grad_(True)
         ((fk.sinkhorn(c, reg=0.1, tol=1e-12, max_iter=5000, backward=mode).plan - target) ** 2).sum().backward()
         grads.append(c.grad)
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-9)
+    assert_peer_close(grads[0], grads[1], "gradients_two_ways")
 
 
 def test_reference_is_the_plain_loop_at_tol_none():

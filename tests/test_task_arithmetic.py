@@ -2,7 +2,16 @@
 
 import pytest
 import torch
-from helpers import DTYPES, assert_close, from_numpy64, inputs, randn, to_numpy64
+from helpers import (
+    DTYPES,
+    assert_close,
+    assert_within_reference_error,
+    from_numpy64,
+    inputs,
+    randn,
+    skip_if_interpreted,
+    to_numpy64,
+)
 
 import fusion_kernels as fk
 from fusion_kernels import reference as ref
@@ -16,7 +25,7 @@ SHAPES = [(), (0,), (1,), (9,), (4099,), (3, 17, 5), (127, 129)]
 def test_matches_reference_across_shapes(backend, dtype, shape):
     base, *xs = inputs(4, shape, dtype)
     w = [0.3, -0.7, 1.1]
-    assert_close(fk.task_arithmetic(base, xs, w), ref.task_arithmetic(base, xs, w))
+    assert_within_reference_error(fk.task_arithmetic(base, xs, w), ref.task_arithmetic, base, xs, w)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -24,7 +33,7 @@ def test_matches_reference_across_shapes(backend, dtype, shape):
 def test_matches_reference_for_1_to_8_inputs(backend, dtype, n):
     base, *xs = inputs(n + 1, (1031,), dtype, seed=10 * n)
     w = [0.2 * (i + 1) * (-1) ** i for i in range(n)]
-    assert_close(fk.task_arithmetic(base, xs, w), ref.task_arithmetic(base, xs, w))
+    assert_within_reference_error(fk.task_arithmetic(base, xs, w), ref.task_arithmetic, base, xs, w)
 
 
 def test_hand_worked_case(backend):
@@ -65,8 +74,9 @@ def test_non_contiguous(backend):
 
 @pytest.mark.slow
 def test_large_tensor_2pow24(backend):
+    skip_if_interpreted(backend, "2^24 elements, one Python step per block")
     base, *xs = inputs(3, ((1 << 24) + 5,), torch.bfloat16)
-    assert_close(fk.task_arithmetic(base, xs, [0.6, 0.4]), ref.task_arithmetic(base, xs, [0.6, 0.4]))
+    assert_within_reference_error(fk.task_arithmetic(base, xs, [0.6, 0.4]), ref.task_arithmetic, base, xs, [0.6, 0.4])
 
 
 def test_autograd():

@@ -3,7 +3,17 @@
 import numpy as np
 import pytest
 import torch
-from helpers import DTYPES, assert_close, from_numpy64, inputs, randn, to_numpy64
+from helpers import (
+    DTYPES,
+    assert_close,
+    assert_within_reference_error,
+    device,
+    from_numpy64,
+    inputs,
+    randn,
+    skip_if_interpreted,
+    to_numpy64,
+)
 
 import fusion_kernels as fk
 from fusion_kernels import reference as ref
@@ -21,7 +31,7 @@ def shape_id(shape):
 def test_matches_reference_across_shapes(backend, dtype, shape):
     xs = inputs(3, shape, dtype)
     w = [0.5, -1.25, 2.0]
-    assert_close(fk.weighted_sum(xs, w), ref.weighted_sum(xs, w))
+    assert_within_reference_error(fk.weighted_sum(xs, w), ref.weighted_sum, xs, w)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -29,7 +39,7 @@ def test_matches_reference_across_shapes(backend, dtype, shape):
 def test_matches_reference_for_1_to_8_inputs(backend, dtype, n):
     xs = inputs(n, (1031,), dtype, seed=n)
     w = [(-1) ** i * (0.3 + 0.1 * i) for i in range(n)]
-    assert_close(fk.weighted_sum(xs, w), ref.weighted_sum(xs, w))
+    assert_within_reference_error(fk.weighted_sum(xs, w), ref.weighted_sum, xs, w)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -63,7 +73,7 @@ def test_weighted_average_normalises(backend, dtype):
 )
 def test_weight_forms(backend, weights, expected):
     xs = inputs(3, (100,), torch.float32)
-    assert_close(fk.weighted_sum(xs, weights), ref.weighted_sum(xs, expected))
+    assert_within_reference_error(fk.weighted_sum(xs, weights), ref.weighted_sum, xs, expected)
 
 
 def test_stacked_input_equals_list(backend):
@@ -115,13 +125,17 @@ def test_rounding_is_bit_exact(backend, dtype):
             info.max,
             -info.max,
             info.tiny,
-            info.tiny / 4,
+            info.tiny / 4,  # subnormal
             info.eps,
             1.0,
             -1.0,
         ],
         dtype=torch.float32,
     ).to(dtype)
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        # Triton 3.9's interpreter flushes bfloat16 subnormals to zero when it converts them to
+        # float32 (its _convert_float clamps the exponent); a GPU converts them exactly.
+        specials = specials[specials.abs() != info.tiny / 4]
     x = torch.cat([randn((1001,), dtype, seed=1), specials, specials])
     y = torch.cat([randn((1001,), dtype, seed=2), specials, specials.flip(0)])
     got = fk.weighted_sum([x, y], [1.0, 1.0])
@@ -129,6 +143,16 @@ def test_rounding_is_bit_exact(backend, dtype):
     nan = expected.isnan()
     assert torch.equal(got.isnan(), nan)
     assert torch.equal(got[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+def test_bfloat16_halfway_values_round_to_nearest_even(backend):
+    # 1 + 3·2⁻⁸ lies halfway between two bfloat16 values: to nearest even it goes up, truncation
+    # (Triton's interpreter's own conversion) would go down. The others sit just beside such ties.
+    a = torch.tensor([1.0, -1.0, 1.0, 1.0], dtype=torch.bfloat16, device=device())
+    b = torch.tensor([3 * 2**-8, -3 * 2**-8, 2**-8, 3 * 2**-8 + 2**-14], dtype=torch.bfloat16, device=device())
+    got = fk.weighted_sum([a, b], [1.0, 1.0])
+    assert torch.equal(got, (a.float() + b.float()).to(torch.bfloat16))
+    assert got[0].item() == 1.0 + 2**-6
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
@@ -140,9 +164,10 @@ def test_single_input_weight_one_is_identity(backend, dtype):
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_large_tensor_2pow24(backend, dtype):
+    skip_if_interpreted(backend, "2^24 elements, one Python step per block")
     n = (1 << 24) + 3
     xs = inputs(2, (n,), dtype)
-    assert_close(fk.weighted_sum(xs, [0.75, -0.5]), ref.weighted_sum(xs, [0.75, -0.5]))
+    assert_within_reference_error(fk.weighted_sum(xs, [0.75, -0.5]), ref.weighted_sum, xs, [0.75, -0.5])
 
 
 def test_threads_do_not_change_bits():
