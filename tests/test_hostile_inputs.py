@@ -104,7 +104,7 @@ _yaml_values = st.recursive(
 )
 _keys = st.sampled_from(
     ["merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "seed", "memory_budget"]
-    + ["threads", "device", "max_shard_size", "tokenizer_source", "unknown"]
+    + ["threads", "device", "max_shard_size", "tokenizer_source", "tokenizer", "chat_template", "unknown"]
 )
 
 

@@ -22,6 +22,7 @@ from fusion_kernels.methods import METHODS, merge_tensor
 
 from ..errors import OutputError, short_repr
 from ..io.checkpoint import FLOAT8, SAFETENSORS_INDEX
+from ..io.vocabulary import write_tokenizer
 from ..io.writer import PARTIAL, ShardWriter, copy_model_files, write_index, write_json_atomic, write_text_atomic
 from .plan import Plan, TensorTask
 
@@ -219,6 +220,8 @@ def compute_task(plan: Plan, task: TensorTask, tensors: list, device: str, out: 
     if task.passthrough:
         return next(t for t in tensors if t is not None)
     tensors = [None if t is None else t.to(device=device, dtype=task.compute_dtype) for t in tensors]
+    if task.vocabulary is not None:
+        tensors = task.vocabulary.align(tensors)
     base = tensors[task.base] if task.base is not None else None
     others = [tensors[k] for k in task.merged]
     result = merge_tensor(plan.recipe.merge_method, base, others, task.params, task.seed, out=out)
@@ -386,6 +389,9 @@ def finalize(plan: Plan, out: Path) -> None:
             overrides["quantization_config"] = None
         overrides.update(plan.config_overrides)
         copy_model_files(reference.path, out, overrides)
+    if plan.recipe.tokenizer is not None:
+        inputs = plan.recipe.inputs
+        write_tokenizer(out, plan.recipe.tokenizer, plan.vocabulary, inputs[0], inputs)
     if plan.recipe.model_card:
         write_text_atomic(out / "mergekit_config.yml", plan.recipe.source.rstrip() + "\n")
         write_text_atomic(out / "README.md", model_card(plan))

@@ -16,6 +16,7 @@ from fusion_kernels.methods import METHODS, REQUIRED, scratch_bytes, tensor_seed
 from ..errors import RecipeError
 from ..io.checkpoint import FLOAT8, Checkpoint, TensorInfo
 from ..io.lora import open_model
+from ..io.vocabulary import Vocabulary, build_vocabulary
 from ..io.writer import OutputTensor, plan_shards, shard_name
 from .recipe import LAYER, Recipe, Slice, layer_position, model_params, resolve, shared_params, slice_roles
 
@@ -36,6 +37,7 @@ class TensorTask:
     method: str = ""  # the recipe's merge method
     base: int | None = None  # the checkpoint of the base tensor handed to the method (None: no base)
     merged: tuple[int, ...] = ()  # the checkpoints of the merged tensors, in the order of their parameters
+    vocabulary: Vocabulary | None = None  # a tensor indexed by token id: rows aligned to the merged tokenizer
 
     @property
     def read_bytes(self) -> int:
@@ -57,6 +59,8 @@ class TensorTask:
         numel = self.out.nbytes // self.out.dtype.itemsize
         models = sum(i is not None for i in self.inputs)
         scratch = scratch_bytes(self.method, numel, models)
+        if self.vocabulary is not None:  # each model's rows, aligned to the output's token ids
+            scratch += models * numel * self.compute_dtype.itemsize
         # the method's result in the compute dtype, before it is converted to the output dtype
         result = numel * self.compute_dtype.itemsize if self.compute_dtype != self.out.dtype else 0
         return self.read_bytes + converted + scratch + result + self.out.nbytes
@@ -69,6 +73,7 @@ class Plan:
     shards: list[list[TensorTask]]
     memory_budget: int
     config_overrides: dict = field(default_factory=dict)  # keys of the output config.json (a slices recipe's layers)
+    vocabulary: Vocabulary | None = None  # the merged tokenizer, when the recipe asks for one
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -94,6 +99,8 @@ class Plan:
                 h.update(json.dumps([t.out.name, str(t.out.dtype), t.out.shape, t.params, t.seed]).encode())
                 for i in t.inputs:
                     h.update(repr(None if i is None else (str(i.file), i.offset, i.nbytes)).encode())
+        if self.vocabulary is not None:
+            h.update(self.vocabulary.digest.encode())
         for c in self.checkpoints if files else ():
             for f in sorted({i.file for i in c.tensors.values()}):
                 stat = f.stat()
@@ -187,13 +194,15 @@ def _resolve_params(method: str, shared: Settings, per_model: list[Settings], na
     return params
 
 
-def _task(recipe: Recipe, out_name: str, inputs: list, paths: list[Path], roles, params) -> TensorTask:
+def _task(recipe: Recipe, out_name: str, inputs: list, paths: list[Path], roles, params, vocabulary=None) -> TensorTask:
     """The task of one output tensor read from ``inputs`` (one slot per checkpoint); ``roles``:
-    (base checkpoint or None, merged checkpoints); ``params``: a function giving its parameters."""
+    (base checkpoint or None, merged checkpoints); ``params``: a function giving its parameters;
+    ``vocabulary``: the merged tokenizer, whose token ids a vocabulary-indexed tensor takes."""
     found = [(paths[k], i) for k, i in enumerate(inputs) if i is not None]
     first = found[0][1]
+    by_token = vocabulary is not None and all(vocabulary.indexes(p, out_name, i.shape) for p, i in found)
     for path, info in found:
-        if info.shape != first.shape:
+        if info.shape[by_token:] != first.shape[by_token:]:
             read = lambda i: "" if i.name == out_name else f" (its {i.name!r})"  # noqa: E731
             raise RecipeError(
                 f"tensor {out_name!r}: shape {info.shape} in {path}{read(info)}, "
@@ -203,10 +212,13 @@ def _task(recipe: Recipe, out_name: str, inputs: list, paths: list[Path], roles,
         only = [i if i is first else None for i in inputs]
         return TensorTask(OutputTensor(out_name, first.dtype, first.shape), only, first.dtype, passthrough=True)
     compute = recipe.dtype or _default_compute_dtype([i for _, i in found])
-    out = OutputTensor(out_name, recipe.out_dtype or compute, first.shape)
+    shape = (vocabulary.rows, *first.shape[1:]) if by_token else first.shape
+    out = OutputTensor(out_name, recipe.out_dtype or compute, shape)
     base, merged = roles
     seed = tensor_seed(recipe.seed, out_name)
-    return TensorTask(out, inputs, compute, params(), seed, method=recipe.merge_method, base=base, merged=merged)
+    task = TensorTask(out, inputs, compute, params(), seed, method=recipe.merge_method, base=base, merged=merged)
+    task.vocabulary = vocabulary if by_token else None
+    return task
 
 
 def _outer_settings(recipe: Recipe) -> Settings:
@@ -214,7 +226,7 @@ def _outer_settings(recipe: Recipe) -> Settings:
     return [*module, ("parameters", recipe.parameters)]
 
 
-def _model_tasks(recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint]) -> list[TensorTask]:
+def _model_tasks(recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint], vocabulary=None) -> list[TensorTask]:
     """A models recipe: every tensor of the models, merged by name."""
     reference = checkpoints[0]  # the base model when there is one
     names = list(reference.tensors)
@@ -238,7 +250,7 @@ def _model_tasks(recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint
         t = layer_position(name, num_layers)
         inputs = [c.tensors[name] for c in checkpoints]
         params = lambda name=name, t=t: _resolve_params(recipe.merge_method, shared, per_model, name, t)  # noqa: E731
-        tasks.append(_task(recipe, name, inputs, paths, (base, merged), params))
+        tasks.append(_task(recipe, name, inputs, paths, (base, merged), params, vocabulary))
     return tasks
 
 
@@ -257,7 +269,9 @@ def _layer_templates(checkpoint: Checkpoint) -> dict[int, list[str]]:
     return layers
 
 
-def _slice_tasks(recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint]) -> tuple[list[TensorTask], dict]:
+def _slice_tasks(
+    recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint], vocabulary=None
+) -> tuple[list[TensorTask], dict]:
     """A slices recipe: the output's layers, slice by slice, and the tensors outside the layers."""
     index = {p: k for k, p in enumerate(paths)}
     templates = {k: _layer_templates(c) for k, c in enumerate(checkpoints)}
@@ -277,7 +291,7 @@ def _slice_tasks(recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint
         ]
         roles = (None if base is None else index[base], tuple(index[s.path] for s in merged))
         params = lambda: _resolve_params(method, shared, per_model, out_name, t)  # noqa: E731
-        return _task(recipe, out_name, inputs, paths, roles, params)
+        return _task(recipe, out_name, inputs, paths, roles, params, vocabulary)
 
     for n, piece in enumerate(recipe.slices):
         for i, source in enumerate(piece.sources):
@@ -327,13 +341,19 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
     paths = recipe.inputs
     checkpoints = [open_model(p, allow_pickle=allow_pickle) for p in paths]
     overrides = {}
+    spec = recipe.tokenizer
+    vocabulary = None
+    if spec is not None and spec.source is not None:
+        vocabulary = build_vocabulary(spec, recipe.base_model, paths)
     if recipe.slices is None:
-        tasks = _model_tasks(recipe, paths, checkpoints)
+        tasks = _model_tasks(recipe, paths, checkpoints, vocabulary)
     else:
-        tasks, overrides = _slice_tasks(recipe, paths, checkpoints)
+        tasks, overrides = _slice_tasks(recipe, paths, checkpoints, vocabulary)
+    if vocabulary is not None:
+        overrides["vocab_size"] = vocabulary.rows
     outputs = {id(t.out): t for t in tasks}
     shards = [[outputs[id(o)] for o in shard] for shard in plan_shards([t.out for t in tasks], recipe.max_shard_size)]
-    plan = Plan(recipe, checkpoints, shards, memory_budget, overrides)
+    plan = Plan(recipe, checkpoints, shards, memory_budget, overrides, vocabulary)
     largest = max(tasks, key=lambda t: t.peak_bytes, default=None)
     if largest is not None and largest.peak_bytes > memory_budget:
         raise RecipeError(

@@ -19,6 +19,10 @@ length, and may name its own ``base_model`` and ``parameters``. Output layers ar
 order; inside a slice t = offset / (length − 1). Tensors outside layers come from the first slice's
 sources (embeddings) or the last slice's (final norm, LM head), at t = 0. A per-model parameter is
 looked up in the source, then the slice, then the recipe; a shared one in the slice, then the recipe.
+
+``tokenizer_source: base | union | MODEL`` (or a ``tokenizer:`` block with ``source``, ``tokens`` and
+``pad_to_multiple_of``) writes that tokenizer and aligns every model's embedding and LM-head rows to
+its token ids (modelfusion.io.vocabulary); ``chat_template: auto | <Jinja>`` sets its chat template.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from fusion_kernels import methods as fk_methods
 from fusion_kernels.methods import REQUIRED, Param
 
 from ..errors import RecipeError, short_repr
+from ..io.vocabulary import TokenizerSpec, TokenRule
 
 METHODS = tuple(fk_methods.METHODS)
 
@@ -59,6 +64,8 @@ TOP_KEYS = {
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
+    "chat_template",
     # ours
     "seed",
     "memory_budget",
@@ -66,7 +73,6 @@ TOP_KEYS = {
     "device",
     "max_shard_size",
 }
-UNSUPPORTED_KEYS = {"tokenizer", "chat_template"}
 LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
 
 
@@ -113,6 +119,7 @@ class Recipe:
     module_name: str = ""
     source: str = ""
     model_card: bool = True  # write README.md and mergekit_config.yml beside the model
+    tokenizer: TokenizerSpec | None = None  # tokenizer_source / tokenizer / chat_template
 
     @property
     def inputs(self) -> list[Path]:
@@ -168,6 +175,79 @@ def _model_path(value: Any, where: str) -> Path:
         lora = _reference(value["lora"], f"{where}.lora") if value.get("lora") is not None else None
         return Path(model if lora is None else f"{model}+{lora}")
     return Path(_reference(value, where))
+
+
+def _tokenizer_source(value: Any, where: str) -> str | Path:
+    if value in ("base", "union"):
+        return value
+    if isinstance(value, (str, dict)):
+        return _model_path(value, where)
+    raise RecipeError(f"{where}: expected 'base', 'union' or a model path, got {short_repr(value)}")
+
+
+def _token_rule(token: str, value: Any) -> TokenRule:
+    """A ``tokenizer.tokens`` entry: ``{source: MODEL | {kind: zero} | {kind: model_token, model,
+    token | token_id}, force: bool}``."""
+    where = f"tokenizer.tokens.{token}"
+    if not isinstance(value, dict) or set(value) - {"source", "force"}:
+        raise RecipeError(f"{where}: expected {{source: ..., force: true|false}}, got {short_repr(value)}")
+    force = value.get("force", False)
+    if not isinstance(force, bool):
+        raise RecipeError(f"{where}.force: expected true or false, got {short_repr(force)}")
+    source = value.get("source")
+    if source is None:
+        return TokenRule(force=force)
+    if isinstance(source, dict) and "kind" in source:
+        kind = source["kind"]
+        if kind == "zero" and set(source) == {"kind"}:
+            return TokenRule("zero", force=force)
+        if kind == "model_token" and set(source) <= {"kind", "model", "token", "token_id"} and "model" in source:
+            token_id, text = source.get("token_id"), source.get("token")
+            if (token_id is None) == (text is None):
+                raise RecipeError(f"{where}.source: give one of token_id or token, got {short_repr(source)}")
+            if token_id is not None and (not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0):
+                raise RecipeError(f"{where}.source.token_id: expected an int >= 0, got {short_repr(token_id)}")
+            if text is not None and not isinstance(text, str):
+                raise RecipeError(f"{where}.source.token: expected a string, got {short_repr(text)}")
+            model = _model_path(source["model"], f"{where}.source.model")
+            return TokenRule("model_token", model, text, token_id, force)
+        raise RecipeError(
+            f"{where}.source: expected a model, {{kind: zero}} or {{kind: model_token, model, token|token_id}}, "
+            f"got {short_repr(source)}"
+        )
+    return TokenRule("model", _model_path(source, f"{where}.source"), force=force)
+
+
+def _tokenizer(raw: dict) -> TokenizerSpec | None:
+    """The tokenizer a recipe asks for (mergekit's ``tokenizer_source``, ``tokenizer:``, ``chat_template``)."""
+    source, block, template = raw.get("tokenizer_source"), raw.get("tokenizer"), raw.get("chat_template")
+    if source is not None and block is not None:
+        raise RecipeError("tokenizer_source: give tokenizer_source or a tokenizer block, not both")
+    if template is not None and (not isinstance(template, str) or (template != "auto" and "{" not in template)):
+        raise RecipeError(
+            f"chat_template: expected 'auto' or a Jinja template, got {short_repr(template)} (mergekit's named "
+            "templates such as chatml: write the template itself)"
+        )
+    tokens, pad = {}, None
+    if block is not None:
+        if not isinstance(block, dict):
+            raise RecipeError(f"tokenizer: expected {{source, tokens, pad_to_multiple_of}}, got {short_repr(block)}")
+        for key in block:
+            if key not in ("source", "tokens", "pad_to_multiple_of"):
+                raise RecipeError(f"tokenizer.{key}: unknown key; expected source, tokens or pad_to_multiple_of")
+        source = block.get("source", "union")
+        pad = block.get("pad_to_multiple_of")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+            raise RecipeError(f"tokenizer.pad_to_multiple_of: expected an int >= 1, got {short_repr(pad)}")
+        entries = block.get("tokens") or {}
+        if not isinstance(entries, dict):
+            raise RecipeError(f"tokenizer.tokens: expected a mapping of token to rule, got {short_repr(entries)}")
+        tokens = {str(token): _token_rule(str(token), rule) for token, rule in entries.items()}
+    if source is None and template is None:
+        return None
+    where = "tokenizer.source" if block is not None else "tokenizer_source"
+    source = None if source is None else _tokenizer_source(source, where)
+    return TokenizerSpec(source, tokens, pad, template)
 
 
 IGNORED_BY_MERGEKIT = {"weight"}  # per-model keys mergekit accepts, and ignores, for methods without them
@@ -308,8 +388,6 @@ def load_recipe(text_or_path: str | Path) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe: expected a mapping at the top, got {type(raw).__name__}")
     for key in raw:
-        if key in UNSUPPORTED_KEYS:
-            raise RecipeError(f"{key}: mergekit's {short_repr(key)} is not supported by modelfusion")
         if key not in TOP_KEYS:
             raise RecipeError(f"{key}: unknown key; expected one of {sorted(TOP_KEYS)}")
     method = raw.get("merge_method")
@@ -352,6 +430,7 @@ def load_recipe(text_or_path: str | Path) -> Recipe:
         out_dtype=_dtype(raw.get("out_dtype"), "out_dtype"),
         slices=slices,
         source=text,
+        tokenizer=_tokenizer(raw),
     )
     base_merged = slices is None and fk_methods.METHODS[method].base_merged
     if base_merged and base is not None and base not in [m.path for m in models]:
@@ -408,8 +487,6 @@ def _check_shape_of_recipe(recipe: Recipe, raw: dict) -> None:
             raise RecipeError(f"models: {problem}")
         if len({m.path for m in recipe.models}) != len(recipe.models):
             raise RecipeError("models: a model is listed twice")
-    if raw.get("tokenizer_source") not in (None, "base"):
-        raise RecipeError(f"tokenizer_source: only 'base' is supported, got {short_repr(raw['tokenizer_source'])}")
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
         raise RecipeError(f"seed: expected an int in [0, 2**63), got {short_repr(seed)}")
