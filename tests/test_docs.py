@@ -1,6 +1,7 @@
 """The README and every docs/ page: their Python blocks run as written and compute what their
-comments say; blocks marked ``<!-- fragment: why -->`` (they need trained models, a launcher or a
-peer's config) must at least compile. The generated benchmark tables must match their JSON."""
+comments say; a block marked ``<!-- setup: NAME -->`` (it needs models, data or a peer's config)
+runs in the scope tests/docs_setup.py's ``NAME`` makes, in a temporary directory. The generated
+benchmark tables must match their JSON."""
 
 from __future__ import annotations
 
@@ -15,27 +16,35 @@ from helpers import assert_close, assert_peer_close
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-BLOCK = re.compile(r"(<!-- fragment: [^>]*-->\n)?```python\n(.*?)```", re.S)
+BLOCK = re.compile(r"(?:<!-- setup: (\w+) -->\n)?```python\n(.*?)```", re.S)
 
 
-def _blocks(page: Path) -> list[tuple[str, bool]]:
-    return [(m.group(2), m.group(1) is not None) for m in BLOCK.finditer(page.read_text())]
+def _blocks(page: Path) -> list[tuple[str, str | None]]:
+    """(code, setup name or None) of each Python block."""
+    return [(m.group(2), m.group(1)) for m in BLOCK.finditer(page.read_text())]
 
 
-def _run(code: str, where: str) -> dict:
-    scope: dict = {}
+def _run(code: str, where: str, scope: dict | None = None) -> dict:
+    scope = {} if scope is None else scope
     exec(compile(code, where, "exec"), scope)
     return scope
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
-def test_every_block_runs_or_is_a_marked_fragment(page):
-    for i, (code, fragment) in enumerate(_blocks(page)):
+def test_every_block_runs(page, tmp_path, monkeypatch):
+    import docs_setup
+
+    for i, (code, setup) in enumerate(_blocks(page)):
         where = f"{page.name} block {i}"
-        if fragment:
-            compile(code, where, "exec")
-        else:
+        if setup is None:
             _run(code, where)
+            continue
+        monkeypatch.chdir(tmp_path)
+        with getattr(docs_setup, setup)(tmp_path) as scope:
+            scope = _run(code, where, scope)
+            check = getattr(docs_setup, f"check_{setup}", None)
+            if check is not None:
+                check(scope)
 
 
 def test_readme_quick_start_computes_what_it_says():
