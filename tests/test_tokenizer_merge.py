@@ -243,3 +243,19 @@ def test_without_transformers_the_error_names_the_extra(models, monkeypatch):
         plan_merge(
             f"merge_method: linear\nmodels: [{base}, {a}]\nparameters: {{weight: 1.0}}\ntokenizer_source: union\n"
         )
+
+
+def test_an_lm_head_bias_is_aligned_like_its_weight(models):
+    from modelfusion.io.vocabulary import TokenizerSpec, build_vocabulary
+
+    base, a, b = models
+    vocabulary = build_vocabulary(TokenizerSpec("union", {}), base, [base, a, b])
+    sizes = {p: len(vocab_of(p)) for p in (base, a, b)}
+    assert all(vocabulary.indexes(p, "lm_head.bias", (sizes[p],)) for p in (base, a, b))
+    assert not vocabulary.indexes(a, "model.norm.weight", (sizes[a],))
+    biases = [torch.arange(sizes[p], dtype=torch.float32) + 100 * k for k, p in enumerate((base, a, b))]
+    aligned = vocabulary.align(biases)
+    vocab = vocabulary.vocab
+    assert aligned[2][vocab["fish"]] == 200 + vocab_of(b)["fish"]  # b's own entry
+    assert aligned[0][vocab["fish"]] == 200 + vocab_of(b)["fish"]  # base lacks it: from b, its only holder
+    assert aligned[2][vocab["w3"]] == vocab_of(base)["w3"]  # b lacks it: the base's

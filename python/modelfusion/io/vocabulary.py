@@ -27,9 +27,12 @@ from ..errors import RecipeError
 
 LOG = logging.getLogger(__name__)
 
-# Tensors indexed by token id along dim 0 (input embeddings, LM heads), as mergekit's architectures
-# mark them; a tensor is treated so only when its dim 0 is also the model's vocabulary size.
-VOCABULARY_TENSOR = re.compile(r"(?:^|\.)(?:embed_tokens|lm_head|word_embeddings|wte|embed_out|embed_in)\.weight$")
+# Tensors indexed by token id along dim 0 (input embeddings, LM heads and their biases), as
+# mergekit's architectures mark them; a tensor is treated so only when its dim 0 is also the
+# model's vocabulary size.
+VOCABULARY_TENSOR = re.compile(
+    r"(?:^|\.)(?:embed_tokens|lm_head|word_embeddings|wte|embed_out|embed_in)\.(?:weight|bias)$"
+)
 
 
 @dataclass(frozen=True)
