@@ -1,7 +1,7 @@
 """FusionBench 0.2.33's outputs on two small model pools, stored for tests/test_fusion_bench.py.
 
 Regenerate with fusion-bench installed (a separate venv is fine: it pulls lightning and hydra):
-    python tests/fusion_bench_golden.py            # writes tests/data/fusion_bench/*.safetensors
+    python tests/fusion_bench_golden.py [CASE ...]   # writes tests/data/fusion_bench/*.safetensors
 The pools are made here from fixed seeds, so the test rebuilds the same inputs without fusion-bench.
 """
 
@@ -50,7 +50,12 @@ CASES = [
         "ISO_CTS_Merge",
         {"scaling_factor": 1.0, "common_space_fraction": 0.8},
     ),
+    ("slerp", "fusion_bench.method.slerp", "SlerpMergeAlgorithm", {"t": 0.3}),
+    ("model_stock", "fusion_bench.method.model_stock", "ModelStock", {}),
+    ("model_stock_2", "fusion_bench.method.model_stock", "ModelStock", {"ignore_keys": ["0.bias"]}),
 ]
+# cases run on a smaller pool: slerp takes exactly two models (the pretrained one among them)
+POOL_TASKS = {"slerp": 1, "model_stock_2": 2}
 
 
 def _mlp() -> nn.Module:
@@ -69,14 +74,14 @@ def _clip() -> nn.Module:
 TEMPLATES = {"mlp": _mlp, "clip": _clip}
 
 
-def pool(kind: str) -> dict[str, nn.Module]:
+def pool(kind: str, tasks: int = TASKS) -> dict[str, nn.Module]:
     """``{"_pretrained_": θ₀, "task0": θ₀ + τ₀, ...}``, the same on every machine."""
     g = torch.Generator().manual_seed(7)
     base = TEMPLATES[kind]()
     for p in base.parameters():
         p.data = torch.randn(p.shape, generator=g) * 0.2
     models = {"_pretrained_": base}
-    for i in range(TASKS):
+    for i in range(tasks):
         tuned = TEMPLATES[kind]()
         tuned.load_state_dict(base.state_dict())
         for p in tuned.parameters():
@@ -85,7 +90,7 @@ def pool(kind: str) -> dict[str, nn.Module]:
     return models
 
 
-def main() -> None:
+def main(only: list[str]) -> None:
     import importlib
 
     from fusion_bench.modelpool import BaseModelPool
@@ -94,12 +99,14 @@ def main() -> None:
     DATA.mkdir(parents=True, exist_ok=True)
     for kind in TEMPLATES:
         for case, module, name, kwargs in CASES:
+            if only and case not in only:
+                continue
             algorithm = getattr(importlib.import_module(module), name)(**kwargs)
-            merged = algorithm.run(BaseModelPool(pool(kind)))
+            merged = algorithm.run(BaseModelPool(pool(kind, POOL_TASKS.get(case, TASKS))))
             state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
             save_file(state, DATA / f"{kind}-{case}.safetensors")
             print(kind, case, file=sys.stderr)
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])  # the cases named, or all

@@ -1,6 +1,7 @@
 """The weight-average family of model fusion, on state dicts and ``nn.Module``s.
 
-- soups: :func:`uniform_soup`, :func:`weighted_soup`, :func:`greedy_soup`, :func:`wise_ft`
+- soups: :func:`uniform_soup`, :func:`weighted_soup`, :func:`greedy_soup`, :func:`wise_ft`,
+  :func:`model_stock_by_angle` (FusionBench's Model Stock)
 - task vectors: :func:`merge` (task_arithmetic, ties, dare_*, breadcrumbs*, della*, slerp,
   model_stock; the pipeline recipes' parameters)
 - subspace and magnitude selection: :func:`magmax`, :func:`ties_global`, :func:`tsv_merge`,
@@ -16,7 +17,7 @@ policy); :func:`load_merged` puts one into a copy of a template module.
 
 from .fisher import estimate_fisher, fisher_merge
 from .regmean import collect_grams, regmean_merge
-from .soups import GreedySoup, greedy_soup, uniform_soup, weighted_soup, wise_ft
+from .soups import GreedySoup, greedy_soup, model_stock_by_angle, uniform_soup, weighted_soup, wise_ft
 from .state import load_merged, state_of
 from .subspace import iso_c, iso_cts, magmax, ties_global, tsv_merge
 from .swa import averaged_model, ema_multi_avg_fn, ema_update_, swa_multi_avg_fn, swa_update_, update_bn
@@ -35,6 +36,7 @@ __all__ = [
     "iso_cts",
     "load_merged",
     "magmax",
+    "model_stock_by_angle",
     "merge",
     "regmean_merge",
     "state_of",

@@ -6,6 +6,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
+
 import fusion_kernels as fk
 
 from ..errors import ParameterError
@@ -70,3 +72,34 @@ def greedy_soup(
         if score >= best:
             chosen, best, soup = chosen + [i], score, candidate
     return GreedySoup(state=soup, ingredients=chosen, score=best, scores=own)
+
+
+def model_stock_by_angle(base: StateLike, models: Sequence[StateLike], ignore_keys: Sequence[str] = ()) -> State:
+    """Model Stock (Jang et al., 2024) as FusionBench 0.2.33 computes it, per tensor: θ̄ the mean of
+    the k models, φ the angle between two task vectors θᵢ − θ₀ averaged over all pairs (mergekit's
+    ``model_stock`` averages the cosines instead), r = k·cos φ / ((k − 1)·cos φ + 1),
+    θ = r·θ̄ + (1 − r)·θ₀. Tensors in ``ignore_keys`` take θ̄."""
+    k = len(models)
+    if k < 2:
+        raise ParameterError(f"models: Model Stock needs at least 2 fine-tuned models, got {k}")
+    states = aligned([base, *models], ["base", *_names(k)])
+    ignore = set(ignore_keys)
+    eps = 1e-8  # FusionBench's, in the cosine's and the ratio's denominators
+
+    def one(name: str, xs: list) -> torch.Tensor:
+        w0, fine = xs[0], xs[1:]
+        mean = fk.weighted_average(fine)
+        if name in ignore:
+            return mean
+        tau = torch.stack([(x - w0).float().flatten() for x in fine])
+        gram = (tau @ tau.T).double()
+        angles = [
+            math.degrees(math.acos(max(-1.0, min(1.0, gram[i, j].item() / (math.sqrt(gram[i, i] * gram[j, j]) + eps)))))
+            for i in range(k)
+            for j in range(i + 1, k)
+        ]
+        cos = math.cos(math.radians(sum(angles) / len(angles)))
+        r = k * cos / ((k - 1) * cos + 1 + eps)
+        return fk.weighted_sum([mean, w0], [r, 1.0 - r])
+
+    return merge_states(states, one)

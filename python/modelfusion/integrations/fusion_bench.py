@@ -17,7 +17,10 @@ from typing import Any
 
 from torch import nn
 
+import fusion_kernels as fk
+
 from .. import average
+from ..average.state import aligned, merge_states
 from ..errors import ParameterError
 
 PRETRAINED = "_pretrained_"
@@ -164,6 +167,43 @@ class IsotropicMergingInCommonAndTaskSubspace(_Algorithm):
         return _into(base, state)
 
 
+class SlerpMergeAlgorithm(_Algorithm):
+    """θ = slerp(θ_A, θ_B, t) per tensor over the pool's two models (all its names, ``_pretrained_``
+    included, as FusionBench's ``all_model_names``); the first model receives the result."""
+
+    def __init__(self, t: float, DOT_THRESHOLD: float = 0.9995, epsilon: float = 1e-8, **kwargs: Any):  # noqa: N803
+        super().__init__(**kwargs)
+        self.t, self.DOT_THRESHOLD, self.epsilon = t, DOT_THRESHOLD, epsilon
+
+    def run(self, modelpool) -> nn.Module:
+        names = list(modelpool) if isinstance(modelpool, Mapping) else list(modelpool.all_model_names)
+        if len(names) != 2:
+            raise ParameterError(f"modelpool: slerp expects exactly 2 models, got {len(names)}: {names}")
+        primary, secondary = (_load(modelpool, n) for n in names)
+        states = aligned([primary, secondary], names)
+        t, threshold, eps = self.t, self.DOT_THRESHOLD, self.epsilon
+        state = merge_states(states, lambda _, xs: fk.slerp(xs[0], xs[1], t, dot_threshold=threshold, eps=eps))
+        return _into(primary, state)
+
+
+class ModelStock(_Algorithm):
+    """Model Stock as FusionBench computes it: per tensor, the angle between task vectors averaged
+    over pairs of models (in degrees), r = k·cos θ / ((k − 1)·cos θ + 1), θ = r·mean(θᵢ) + (1 − r)·θ₀
+    (:func:`modelfusion.average.model_stock_by_angle`)."""
+
+    def __init__(self, ignore_keys=None, model_save_path=None, model_save_kwargs=None, **kwargs: Any):
+        super().__init__(**kwargs)
+        if model_save_path is not None:
+            raise ParameterError("model_save_path: not supported here; save the returned model yourself")
+        self.ignore_keys = list(ignore_keys or [])
+
+    def run(self, modelpool) -> nn.Module:
+        base, models = self._pool(modelpool)
+        if len(models) < 2:
+            raise ParameterError(f"modelpool: ModelStock needs at least 2 fine-tuned models, got {len(models)}")
+        return _into(base, average.model_stock_by_angle(base, models, self.ignore_keys))
+
+
 ISO_C_Merge = IsotropicMergingInCommonSubspace  # FusionBench's aliases
 ISO_CTS_Merge = IsotropicMergingInCommonAndTaskSubspace
 
@@ -173,7 +213,9 @@ __all__ = [
     "IsotropicMergingInCommonAndTaskSubspace",
     "IsotropicMergingInCommonSubspace",
     "MagMaxAlgorithm",
+    "ModelStock",
     "SimpleAverageAlgorithm",
+    "SlerpMergeAlgorithm",
     "TaskArithmeticAlgorithm",
     "TaskSingularVectorMerging",
     "TiesMergingAlgorithm",
