@@ -54,6 +54,43 @@ CASES = [
     ("model_stock", "fusion_bench.method.model_stock", "ModelStock", {}),
     ("model_stock_2", "fusion_bench.method.model_stock", "ModelStock", {"ignore_keys": ["0.bias"]}),
 ]
+# DARE: (case, class, arguments); FusionBench's masks (torch.rand_like in its order) are stored
+# beside each output, so the test can hand ours the same masks
+DARE_CASES = [
+    (
+        "dare_task_arithmetic",
+        "DareTaskArithmetic",
+        {"scaling_factor": 0.3, "sparsity_ratio": 0.4, "only_on_linear_weights": False, "rescale": True},
+    ),
+    (
+        "dare_task_arithmetic_linear",
+        "DareTaskArithmetic",
+        {"scaling_factor": 0.5, "sparsity_ratio": 0.6, "only_on_linear_weights": True, "rescale": False},
+    ),
+    ("dare_simple_average", "DareSimpleAverage", {"sparsity_ratio": 0.5, "only_on_linear_weights": False}),
+    (
+        "dare_ties",
+        "DareTiesMerging",
+        {
+            "sparsity_ratio": 0.3,
+            "only_on_linear_weights": False,
+            "rescale": True,
+            "scaling_factor": 0.5,
+            "threshold": 0.2,
+            "remove_keys": [],
+            "merge_func": "sum",
+        },
+    ),
+]
+
+
+def dropped_order(template: nn.Module, only_on_linear_weights: bool) -> list[str]:
+    """The tensors FusionBench's DARE draws a mask for, in its order (per model)."""
+    if only_on_linear_weights:
+        return [f"{n}.weight" for n, m in template.named_modules() if isinstance(m, nn.Linear)]
+    return [n for n, p in template.named_parameters() if p.requires_grad]
+
+
 # cases run on a smaller pool: slerp takes exactly two models (the pretrained one among them)
 POOL_TASKS = {"slerp": 1, "model_stock_2": 2}
 
@@ -105,6 +142,32 @@ def main(only: list[str]) -> None:
             merged = algorithm.run(BaseModelPool(pool(kind, POOL_TASKS.get(case, TASKS))))
             state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
             save_file(state, DATA / f"{kind}-{case}.safetensors")
+            print(kind, case, file=sys.stderr)
+        for case, name, kwargs in DARE_CASES:
+            if only and case not in only:
+                continue
+            drawn: list = []
+            rand_like = torch.rand_like
+
+            def recording(t, *args, _draw=rand_like, _drawn=drawn, **kw):
+                r = _draw(t, *args, **kw)
+                _drawn.append(r)
+                return r
+
+            torch.manual_seed(0)
+            torch.rand_like = recording
+            try:
+                algorithm = getattr(importlib.import_module("fusion_bench.method.dare"), name)(**kwargs)
+                merged = algorithm.run(BaseModelPool(pool(kind)))
+            finally:
+                torch.rand_like = rand_like
+            state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
+            save_file(state, DATA / f"{kind}-{case}.safetensors")
+            order = dropped_order(TEMPLATES[kind](), kwargs["only_on_linear_weights"])
+            keys = [f"{i}|{n}" for i in range(TASKS) for n in order]
+            assert len(keys) == len(drawn), (len(keys), len(drawn))
+            masks = {k: (r > kwargs["sparsity_ratio"]).to(torch.uint8) for k, r in zip(keys, drawn, strict=True)}
+            save_file(masks, DATA / f"{kind}-{case}-masks.safetensors")
             print(kind, case, file=sys.stderr)
 
 

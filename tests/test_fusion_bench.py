@@ -4,7 +4,8 @@ tests/fusion_bench_golden.py) must equal ours on the same pools within float32 r
 
 import pytest
 import torch
-from fusion_bench_golden import CASES, DATA, POOL_TASKS, TASKS, TEMPLATES, pool
+from fusion_bench_golden import CASES, DARE_CASES, DATA, POOL_TASKS, TASKS, TEMPLATES, pool
+from modelfusion import average
 from modelfusion.errors import ParameterError
 from modelfusion.integrations import fusion_bench as ours
 from safetensors.torch import load_file
@@ -48,3 +49,55 @@ def test_bad_arguments_are_named():
         ours.WeightedAverageAlgorithm(normalize=True, weights=[1.0]).run(pool("mlp"))
     with pytest.raises(ParameterError, match="_pretrained_"):
         ours.TaskArithmeticAlgorithm(scaling_factor=0.3).run({"a": pool("mlp")["task0"]})
+
+
+def _fusion_bench_masks(kind: str, case: str) -> dict:
+    return {
+        (int(k.split("|")[0]), k.split("|")[1]): m.bool()
+        for k, m in load_file(DATA / f"{kind}-{case}-masks.safetensors").items()
+    }
+
+
+@pytest.mark.parametrize("kind", TEMPLATES)
+@pytest.mark.parametrize("case, name, kwargs", DARE_CASES, ids=[c[0] for c in DARE_CASES])
+def test_dare_given_fusion_bench_masks_equals_fusion_bench(kind, case, name, kwargs):
+    """Ours with FusionBench's own masks (its torch.rand_like draws, stored) gives its output."""
+    if kind == "clip":
+        pytest.importorskip("transformers")
+    models = pool(kind)
+    base, tuned = models["_pretrained_"], [m for k, m in models.items() if k != "_pretrained_"]
+    masks = _fusion_bench_masks(kind, case)
+    names = ours._dropped_names(base, kwargs["only_on_linear_weights"])
+    sparsity, rescale = kwargs["sparsity_ratio"], kwargs.get("rescale", True)
+    if name == "DareTiesMerging":
+        drop = average.dare_drop(sparsity, rescale=rescale, names=names, masks=masks)
+        got = average.ties_global(
+            base, tuned, kwargs["threshold"], kwargs["merge_func"], kwargs["scaling_factor"], drop=drop
+        )
+    else:
+        scale = kwargs.get("scaling_factor", 1 / len(tuned))
+        got = average.dare_task_arithmetic(base, tuned, scale, sparsity, rescale=rescale, names=names, masks=masks)
+    expected = load_file(DATA / f"{kind}-{case}.safetensors")
+    assert got.keys() == expected.keys()
+    for key, want in expected.items():
+        torch.testing.assert_close(got[key], want, rtol=2e-6, atol=2e-6, msg=f"{kind} {case} {key}")
+
+
+@pytest.mark.parametrize("case, name, kwargs", DARE_CASES, ids=[c[0] for c in DARE_CASES])
+def test_dare_classes_draw_the_engine_masks(case, name, kwargs):
+    """The classes: the engine's counter-hash masks (a seed gives the same model every time), each
+    tensor keeping a 1 − s fraction, other seeds other masks."""
+    models = pool("mlp")
+    run = lambda seed: getattr(ours, name)(**kwargs, seed=seed).run(pool("mlp")).state_dict()  # noqa: E731
+    first, again, other = run(0), run(0), run(1)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+    drop = average.dare_drop(kwargs["sparsity_ratio"], rescale=kwargs.get("rescale", True))
+    tau = models["task0"].state_dict()["2.weight"] - models["_pretrained_"].state_dict()["2.weight"]
+    kept = drop(0, "2.weight", tau) != 0
+    assert abs(kept.float().mean().item() - (1 - kwargs["sparsity_ratio"])) < 5 * (0.25 / kept.numel()) ** 0.5
+
+
+def test_dare_refuses_a_sparsity_that_cannot_rescale():
+    with pytest.raises(ParameterError, match="sparsity_ratio"):
+        ours.DareTaskArithmetic(scaling_factor=1.0, sparsity_ratio=1.0, only_on_linear_weights=False).run(pool("mlp"))

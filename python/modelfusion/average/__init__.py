@@ -5,7 +5,7 @@
 - task vectors: :func:`merge` (task_arithmetic, ties, dare_*, breadcrumbs*, della*, slerp,
   model_stock; the pipeline recipes' parameters)
 - subspace and magnitude selection: :func:`magmax`, :func:`ties_global`, :func:`tsv_merge`,
-  :func:`iso_c`, :func:`iso_cts`
+  :func:`iso_c`, :func:`iso_cts`; DARE on whole models: :func:`dare_drop`, :func:`dare_task_arithmetic`
 - data-dependent: :func:`estimate_fisher` + :func:`fisher_merge`; :func:`collect_grams` +
   :func:`regmean_merge`
 - along a training run: :func:`ema_update_`, :func:`swa_update_`, :func:`averaged_model`,
@@ -15,6 +15,7 @@ Every merge returns a new state dict (see :mod:`.state` for the key, dtype and t
 policy); :func:`load_merged` puts one into a copy of a template module.
 """
 
+from .dare import dare_drop, dare_task_arithmetic
 from .fisher import estimate_fisher, fisher_merge
 from .regmean import collect_grams, regmean_merge
 from .soups import GreedySoup, greedy_soup, model_stock_by_angle, uniform_soup, weighted_soup, wise_ft
@@ -27,6 +28,8 @@ __all__ = [
     "GreedySoup",
     "averaged_model",
     "collect_grams",
+    "dare_drop",
+    "dare_task_arithmetic",
     "ema_multi_avg_fn",
     "ema_update_",
     "estimate_fisher",

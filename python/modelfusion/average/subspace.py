@@ -36,16 +36,23 @@ class _TaskVectors:
     """τᵢ = θᵢ − θ₀ of the base's float tensors, formed tensor by tensor when asked (times
     ``scales[i]`` when given), never kept for the whole model."""
 
-    def __init__(self, base: StateLike, models: Sequence[StateLike], scales: Sequence[float] | None = None):
+    def __init__(
+        self,
+        base: StateLike,
+        models: Sequence[StateLike],
+        scales: Sequence[float] | None = None,
+        transform: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
+    ):
         if len(models) == 0:
             raise ParameterError("models: expected at least one fine-tuned model, got none")
         states = aligned([base, *models], ["base"] + [f"models[{i}]" for i in range(len(models))])
-        self.base, self.models, self.scales = states[0], states[1:], scales
+        self.base, self.models, self.scales, self.transform = states[0], states[1:], scales, transform
         self.keys = [k for k, t in self.base.items() if t.is_floating_point()]
 
     def one(self, i: int, k: str) -> torch.Tensor:
-        """τᵢ of tensor k."""
+        """τᵢ of tensor k (after ``transform(i, k, τᵢ)`` when given, e.g. DARE's drop)."""
         tau = self.models[i][k].to(self.base[k].dtype) - self.base[k]
+        tau = tau if self.transform is None else self.transform(i, k, tau)
         return tau if self.scales is None else tau * self.scales[i]
 
     def of(self, k: str) -> list[torch.Tensor]:
@@ -136,16 +143,18 @@ def ties_global(
     merge_func: str = "sum",
     scaling_factor: float = 1.0,
     remove_keys: Sequence[str] = (),
+    drop: Callable[[int, str, torch.Tensor], torch.Tensor] | None = None,
 ) -> State:
     """TIES with one magnitude threshold per model over all its tensors (see the module docstring);
-    ``threshold``: the fraction kept (a percentage when above 1). Task vectors are formed tensor by
-    tensor in each pass, never kept for the whole model."""
+    ``threshold``: the fraction kept (a percentage when above 1); ``drop``: applied to each τᵢ first
+    (:func:`~modelfusion.average.dare_drop`: DARE-TIES). Task vectors are formed tensor by tensor in
+    each pass, never kept for the whole model."""
     if merge_func not in ("sum", "mean", "max"):
         raise ParameterError(f"merge_func: expected 'sum', 'mean' or 'max', got {merge_func!r}")
     keep = threshold / 100 if threshold > 1 else threshold
     if not 0 <= keep < 1:
         raise ParameterError(f"threshold: expected a kept fraction in [0, 1) or a percentage < 100, got {threshold}")
-    tv = _TaskVectors(base, models)
+    tv = _TaskVectors(base, models, transform=drop)
     ref = tv.base
     keys = [k for k in tv.keys if k not in remove_keys]
     total = sum(ref[k].numel() for k in keys)

@@ -204,10 +204,84 @@ class ModelStock(_Algorithm):
         return _into(base, average.model_stock_by_angle(base, models, self.ignore_keys))
 
 
+def _dropped_names(pretrained: nn.Module, only_on_linear_weights: bool) -> set[str]:
+    """The tensors FusionBench's DARE drops from: every trainable parameter, or the linear weights."""
+    if only_on_linear_weights:
+        return {
+            f"{name}.weight" if name else "weight" for name, m in pretrained.named_modules() if isinstance(m, nn.Linear)
+        }
+    return {name for name, p in pretrained.named_parameters() if p.requires_grad}
+
+
+class DareTaskArithmetic(_Algorithm):
+    """θ = θ₀ + λ·Σ DARE(τᵢ) (:func:`modelfusion.average.dare_task_arithmetic`; masks from the
+    engine's hash, seeded by ``seed``, where FusionBench draws ``torch.rand_like``)."""
+
+    def __init__(
+        self, scaling_factor: float, sparsity_ratio: float, only_on_linear_weights: bool, rescale: bool = True, **kwargs
+    ):
+        super().__init__(**kwargs)
+        self.scaling_factor, self.sparsity_ratio = scaling_factor, sparsity_ratio
+        self.only_on_linear_weights, self.rescale = only_on_linear_weights, rescale
+        self.seed = int(kwargs.get("seed", 0))
+
+    def run(self, modelpool) -> nn.Module:
+        base, models = self._pool(modelpool)
+        names = _dropped_names(base, self.only_on_linear_weights)
+        state = average.dare_task_arithmetic(
+            base, models, self.scaling_factor, self.sparsity_ratio, rescale=self.rescale, seed=self.seed, names=names
+        )
+        return _into(base, state)
+
+
+class DareSimpleAverage(DareTaskArithmetic):
+    """DARE task arithmetic with λ = 1/N (FusionBench's ``DareSimpleAverage``)."""
+
+    def __init__(self, sparsity_ratio: float, only_on_linear_weights: bool, rescale: bool = True, **kwargs: Any):
+        super().__init__(0.0, sparsity_ratio, only_on_linear_weights, rescale, **kwargs)
+
+    def run(self, modelpool) -> nn.Module:
+        self.scaling_factor = 1.0 / len(_names(modelpool))
+        return super().run(modelpool)
+
+
+class DareTiesMerging(_Algorithm):
+    """DARE on each τᵢ, then TIES with one threshold per model (:func:`modelfusion.average.ties_global`)."""
+
+    def __init__(
+        self,
+        sparsity_ratio: float,
+        only_on_linear_weights: bool,
+        rescale: bool,
+        scaling_factor: float,
+        threshold: float,
+        remove_keys: Sequence[str],
+        merge_func: str,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.sparsity_ratio, self.only_on_linear_weights, self.rescale = sparsity_ratio, only_on_linear_weights, rescale
+        self.scaling_factor, self.threshold, self.merge_func = scaling_factor, threshold, merge_func
+        self.remove_keys = list(remove_keys or [])
+        self.seed = int(kwargs.get("seed", 0))
+
+    def run(self, modelpool) -> nn.Module:
+        base, models = self._pool(modelpool)
+        names = _dropped_names(base, self.only_on_linear_weights)
+        drop = average.dare_drop(self.sparsity_ratio, rescale=self.rescale, seed=self.seed, names=names)
+        state = average.ties_global(
+            base, models, self.threshold, self.merge_func, self.scaling_factor, remove_keys=self.remove_keys, drop=drop
+        )
+        return _into(base, state)
+
+
 ISO_C_Merge = IsotropicMergingInCommonSubspace  # FusionBench's aliases
 ISO_CTS_Merge = IsotropicMergingInCommonAndTaskSubspace
 
 __all__ = [
+    "DareSimpleAverage",
+    "DareTaskArithmetic",
+    "DareTiesMerging",
     "ISO_CTS_Merge",
     "ISO_C_Merge",
     "IsotropicMergingInCommonAndTaskSubspace",
