@@ -143,6 +143,21 @@ def main(only: list[str]) -> None:
             state = {k: v.detach().contiguous() for k, v in merged.state_dict().items()}
             save_file(state, DATA / f"{kind}-{case}.safetensors")
             print(kind, case, file=sys.stderr)
+        if not only or "emr" in only:
+            from fusion_bench.method.emr_merging import EMRMerging
+
+            emr = EMRMerging().run(BaseModelPool(pool(kind)))
+            state = {f"unified|{k}": v.detach().contiguous() for k, v in emr.unified_task_vector.state_dict().items()}
+            for i in range(TASKS):
+                emr.set_task(f"task{i}")
+                state.update({f"task{i}|{k}": v.detach().clone() for k, v in emr.backbone.state_dict().items()})
+                modulator = emr.modulators[f"task{i}"]
+                state[f"rescaler|{i}"] = modulator.rescaler.detach().reshape(1)
+                state.update(
+                    {f"mask{i}|{k}": v.detach().to(torch.uint8) for k, v in modulator.mask.state_dict().items()}
+                )
+            save_file(state, DATA / f"{kind}-emr.safetensors")
+            print(kind, "emr", file=sys.stderr)
         for case, name, kwargs in DARE_CASES:
             if only and case not in only:
                 continue

@@ -101,3 +101,28 @@ def test_dare_classes_draw_the_engine_masks(case, name, kwargs):
 def test_dare_refuses_a_sparsity_that_cannot_rescale():
     with pytest.raises(ParameterError, match="sparsity_ratio"):
         ours.DareTaskArithmetic(scaling_factor=1.0, sparsity_ratio=1.0, only_on_linear_weights=False).run(pool("mlp"))
+
+
+@pytest.mark.parametrize("kind", TEMPLATES)
+def test_emr_equals_fusion_bench(kind):
+    """The unified vector, every task's mask and rescaler, and every task's model after set_task."""
+    if kind == "clip":
+        pytest.importorskip("transformers")
+    stored = load_file(DATA / f"{kind}-emr.safetensors")
+    part = lambda prefix: {k.split("|", 1)[1]: v for k, v in stored.items() if k.startswith(prefix + "|")}  # noqa: E731
+    model = ours.EMRMerging().run(pool(kind))
+    emr = model.emr
+    want = part("unified")
+    assert emr.unified.keys() == want.keys()
+    for key, tensor in want.items():
+        torch.testing.assert_close(emr.unified[key], tensor, rtol=0, atol=0, msg=key)
+    for i in range(TASKS):
+        assert all(torch.equal(emr.masks[i][k], m.bool()) for k, m in part(f"mask{i}").items())
+        torch.testing.assert_close(torch.tensor(emr.rescalers[i]), part("rescaler")[str(i)][0], rtol=1e-6, atol=0)
+        model.set_task(f"task{i}")
+        assert model.current_task == f"task{i}"
+        got = model.backbone.state_dict()
+        for key, tensor in part(f"task{i}").items():
+            torch.testing.assert_close(got[key], tensor, rtol=2e-6, atol=2e-6, msg=f"task{i} {key}")
+    with pytest.raises(ParameterError, match="task_name"):
+        model.set_task("nope")

@@ -5,7 +5,8 @@
 - task vectors: :func:`merge` (task_arithmetic, ties, dare_*, breadcrumbs*, della*, slerp,
   model_stock; the pipeline recipes' parameters)
 - subspace and magnitude selection: :func:`magmax`, :func:`ties_global`, :func:`tsv_merge`,
-  :func:`iso_c`, :func:`iso_cts`; DARE on whole models: :func:`dare_drop`, :func:`dare_task_arithmetic`
+  :func:`iso_c`, :func:`iso_cts`; DARE on whole models: :func:`dare_drop`,
+  :func:`dare_task_arithmetic`; EMR: :func:`emr_merge`
 - data-dependent: :func:`estimate_fisher` + :func:`fisher_merge`; :func:`collect_grams` +
   :func:`regmean_merge`
 - along a training run: :func:`ema_update_`, :func:`swa_update_`, :func:`averaged_model`,
@@ -16,6 +17,7 @@ policy); :func:`load_merged` puts one into a copy of a template module.
 """
 
 from .dare import dare_drop, dare_task_arithmetic
+from .emr import EMR, emr_merge
 from .fisher import estimate_fisher, fisher_merge
 from .regmean import collect_grams, regmean_merge
 from .soups import GreedySoup, greedy_soup, model_stock_by_angle, uniform_soup, weighted_soup, wise_ft
@@ -25,6 +27,7 @@ from .swa import averaged_model, ema_multi_avg_fn, ema_update_, swa_multi_avg_fn
 from .task_vectors import merge
 
 __all__ = [
+    "EMR",
     "GreedySoup",
     "averaged_model",
     "collect_grams",
@@ -32,6 +35,7 @@ __all__ = [
     "dare_task_arithmetic",
     "ema_multi_avg_fn",
     "ema_update_",
+    "emr_merge",
     "estimate_fisher",
     "fisher_merge",
     "greedy_soup",

@@ -275,10 +275,48 @@ class DareTiesMerging(_Algorithm):
         return _into(base, state)
 
 
+class EMRModel(nn.Module):
+    """What :class:`EMRMerging` returns, with FusionBench's ``EMRModulatedModel`` interface:
+    ``set_task(name)`` turns the backbone into that task's model (θ₀ + rᵢ·Mᵢ ⊙ τ_u), ``forward``
+    runs it, ``current_task`` names it; ``emr`` holds the unified vector, masks and rescalers."""
+
+    def __init__(self, backbone: nn.Module, emr: average.EMR, task_names: Sequence[str]):
+        super().__init__()
+        self.backbone, self.emr, self.task_names = backbone, emr, list(task_names)
+        self._current_task: str | None = None
+
+    @property
+    def current_task(self) -> str | None:
+        return self._current_task
+
+    def set_task(self, task_name: str) -> None:
+        if task_name not in self.task_names:
+            raise ParameterError(f"task_name: expected one of {self.task_names}, got {task_name!r}")
+        if task_name != self._current_task:
+            self.backbone.load_state_dict(self.emr.task(self.task_names.index(task_name)))
+            self._current_task = task_name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._current_task is None:
+            raise ParameterError("set_task(name) first: EMR keeps one model per task")
+        return self.backbone(*args, **kwargs)
+
+
+class EMRMerging(_Algorithm):
+    """EMR merging (:func:`modelfusion.average.emr_merge`): one unified task vector, a mask and a
+    rescaler per task; returns an :class:`EMRModel`."""
+
+    def run(self, modelpool) -> EMRModel:
+        base, models = self._pool(modelpool)
+        return EMRModel(base, average.emr_merge(base, models), _names(modelpool))
+
+
 ISO_C_Merge = IsotropicMergingInCommonSubspace  # FusionBench's aliases
 ISO_CTS_Merge = IsotropicMergingInCommonAndTaskSubspace
 
 __all__ = [
+    "EMRMerging",
+    "EMRModel",
     "DareSimpleAverage",
     "DareTaskArithmetic",
     "DareTiesMerging",
