@@ -158,6 +158,26 @@ def main(only: list[str]) -> None:
                 )
             save_file(state, DATA / f"{kind}-emr.safetensors")
             print(kind, "emr", file=sys.stderr)
+        for lam in (0.4, 1.0):
+            if only and f"tall_{lam}" not in only:
+                continue
+            # TallMaskTaskArithmeticAlgorithm.run itself raises on any pool of modules (it mixes the
+            # Parameters of state_dict(keep_vars=True) with plain tensors); its steps, on plain
+            # state dicts, with FusionBench's own functions:
+            from fusion_bench.method.tall_mask.task_arithmetic import generate_task_masks
+            from fusion_bench.utils import state_dict_arithmetic as sda
+
+            models = pool(kind)
+            theta0 = models.pop("_pretrained_").state_dict()
+            taus = {name: sda.state_dict_sub(m.state_dict(), theta0) for name, m in models.items()}
+            multi = sda.state_dict_sum(list(taus.values()))
+            state = {}
+            for name, tau in taus.items():
+                mask = generate_task_masks(multi, tau, theta0, tall_mask_lambda=lam)
+                merged = sda.state_dict_add(theta0, sda.state_dict_hadamard_product(mask, multi))
+                state.update({f"{name}|{k}": v.contiguous() for k, v in merged.items()})
+            save_file(state, DATA / f"{kind}-tall_{lam}.safetensors")
+            print(kind, "tall", lam, file=sys.stderr)
         for case, name, kwargs in DARE_CASES:
             if only and case not in only:
                 continue

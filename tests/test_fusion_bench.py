@@ -126,3 +126,35 @@ def test_emr_equals_fusion_bench(kind):
             torch.testing.assert_close(got[key], tensor, rtol=2e-6, atol=2e-6, msg=f"task{i} {key}")
     with pytest.raises(ParameterError, match="task_name"):
         model.set_task("nope")
+
+
+@pytest.mark.parametrize("kind", TEMPLATES)
+@pytest.mark.parametrize("lam", [0.4, 1.0])
+def test_tall_masks_equal_fusion_bench_steps(kind, lam):
+    """FusionBench's TALL-mask steps (its class raises on module pools; the golden script runs its
+    functions on plain state dicts): each task's retrieved model."""
+    if kind == "clip":
+        pytest.importorskip("transformers")
+    stored = load_file(DATA / f"{kind}-tall_{lam}.safetensors")
+    result = ours.TallMaskTaskArithmeticAlgorithm(tall_mask_lambda=lam).run(pool(kind))
+    assert result["metadata"] is None and list(result["models"]) == [f"task{i}" for i in range(TASKS)]
+    for name, model in result["models"].items():
+        for key, tensor in model.state_dict().items():
+            torch.testing.assert_close(tensor, stored[f"{name}|{key}"], rtol=2e-6, atol=2e-6, msg=f"{name} {key}")
+
+
+def test_tall_masks_as_in_the_paper_keep_what_a_task_adds():
+    """mₜ = |τₜ| > λ·|Σ τ − τₜ|: with one task, every nonzero element of it; on the pool, the
+    masked elements are exactly those, and each model is θ₀ + mₜ ⊙ Σ τ."""
+    models = pool("mlp")
+    base, tuned = models["_pretrained_"], [m for k, m in models.items() if k != "_pretrained_"]
+    masks, states = average.tall_mask_models(base, tuned, 0.5)
+    b, t = base.state_dict(), [m.state_dict() for m in tuned]
+    for key in b:
+        taus = [s[key] - b[key] for s in t]
+        multi = sum(taus)
+        for i, tau in enumerate(taus):
+            assert torch.equal(masks[i][key], tau.abs() > 0.5 * (multi - tau).abs())
+            assert torch.equal(states[i][key], b[key] + masks[i][key] * multi)
+    (only,), _ = average.tall_mask_models(base, tuned[:1], 1.0)
+    assert all(torch.equal(only[k], (t[0][k] - b[k]) != 0) for k in b)

@@ -311,6 +311,24 @@ class EMRMerging(_Algorithm):
         return EMRModel(base, average.emr_merge(base, models), _names(modelpool))
 
 
+class TallMaskTaskArithmeticAlgorithm(_Algorithm):
+    """TALL masks (:func:`modelfusion.average.tall_mask_models`), with FusionBench's mask formula
+    unless ``as_in_paper=True``; returns ``{"models": {name: model}, "metadata": None}`` as it does."""
+
+    def __init__(self, tall_mask_lambda: float, debug: int = 0, verbose: int = 0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.tall_mask_lambda, self.debug, self.verbose = tall_mask_lambda, debug, verbose
+        self.as_in_paper = bool(kwargs.get("as_in_paper", False))
+
+    def run(self, modelpool) -> dict:
+        base, models = self._pool(modelpool)
+        _, states = average.tall_mask_models(base, models, self.tall_mask_lambda, as_fusion_bench=not self.as_in_paper)
+        return {
+            "models": {n: _into(base, s, inplace=False) for n, s in zip(_names(modelpool), states, strict=True)},
+            "metadata": None,
+        }
+
+
 ISO_C_Merge = IsotropicMergingInCommonSubspace  # FusionBench's aliases
 ISO_CTS_Merge = IsotropicMergingInCommonAndTaskSubspace
 
@@ -329,6 +347,7 @@ __all__ = [
     "SimpleAverageAlgorithm",
     "SlerpMergeAlgorithm",
     "TaskArithmeticAlgorithm",
+    "TallMaskTaskArithmeticAlgorithm",
     "TaskSingularVectorMerging",
     "TiesMergingAlgorithm",
     "WeightedAverageAlgorithm",
