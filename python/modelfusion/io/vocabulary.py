@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RecipeError
+from .writer import TOKENIZER_FILES
 
 LOG = logging.getLogger(__name__)
 
@@ -281,21 +282,6 @@ def write_tokenizer(out: Path, spec: TokenizerSpec, vocabulary: Vocabulary | Non
     for stale in TOKENIZER_FILES:
         (out / stale).unlink(missing_ok=True)
     tokenizer.save_pretrained(str(out))
-
-
-# the tokenizer files a model directory may hold, removed before the merged tokenizer is saved
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-)
 
 
 def _set_chat_template(tokenizer, template: str | None, tokenizers: list) -> None:

@@ -28,9 +28,8 @@ from .checkpoint import DTYPE_CODES, SAFETENSORS_INDEX
 PARTIAL = ".partial"
 STAGE_BYTES = 32 * 2**20  # the staging buffer: a multiple of any block size O_DIRECT asks for
 BLOCK_BYTES = 4096
-MODEL_FILES = (
-    "config.json",
-    "generation_config.json",
+# the tokenizer files a model directory may hold
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
@@ -40,7 +39,9 @@ MODEL_FILES = (
     "vocab.json",
     "merges.txt",
     "chat_template.jinja",
+    "chat_template.json",
 )
+MODEL_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 @dataclass(frozen=True)
