@@ -1,7 +1,11 @@
 """Model factories and the merge-and-check helper that mergekit 0.1.5's test modules import as
 ``tests.common`` (its sdist ships the tests without that module). Written for fusion-kernels from
 the names and arguments the tests use: tiny random Hugging Face models, and run_merge plus checks
-of the output (an index or single shard, config.json, no NaN, every required tensor present)."""
+of the output (an index or single shard, config.json, no NaN, every required tensor present).
+
+Each recipe the suite merges also runs through ``modelfusion.pipeline.merge`` and is compared
+with mergekit's output tensor by tensor (:func:`compare_with_modelfusion`); ``PARITY`` collects
+the outcomes for .ci/mergekit_suite's summary."""
 
 from __future__ import annotations
 
@@ -84,3 +88,66 @@ def run_and_check_merge(
                     raise RuntimeError(f"the output lacks {weight.name}")
         if validate is not None:
             validate(out)
+        compare_with_modelfusion(config, root)
+
+
+PARITY: list[tuple[str, str, str]] = []  # (outcome, method, detail): same, refused, differs
+RANDOM = {"dare_ties", "dare_linear", "della", "della_linear"}  # masks from other generators
+# methods that select elements by rank: equal keys at the cut-off are taken by index here and in
+# torch.topk's order there, which bf16 inputs make common
+SELECTING = {"ties", "breadcrumbs", "breadcrumbs_ties", "sce"}
+# mergekit 0.1.5 writes these methods' float32 results as float32 even with dtype: bfloat16 (its
+# other methods, and out_dtype's documented default, give the recipe's dtype, as ours do)
+FLOAT32_OUTPUT = {"arcee_fusion", "ramplus_tl"}
+# methods whose selection follows scores mergekit computes in the recipe's 16-bit dtype and we in
+# float32 (arcee_fusion's KL importance against its quartiles): a different, known, selection
+SCORED_IN_DTYPE = {"arcee_fusion"}
+
+
+def compare_with_modelfusion(config, mergekit_out: Path) -> None:
+    """The recipe through modelfusion: the same tensor names, shapes and dtypes as mergekit's
+    output, and (but for the random methods) the same values within float32 rounding, or two
+    bf16/fp16 units; for the selecting methods at most 1% of the elements may differ more (ties at
+    the cut-off). A recipe modelfusion refuses is recorded with its message."""
+    from modelfusion.errors import FusionError
+    from modelfusion.io import Checkpoint
+    from modelfusion.pipeline import merge
+
+    method = str(config.merge_method)
+    with tempfile.TemporaryDirectory() as ours:
+        try:
+            merge(config.to_yaml(), Path(ours) / "out", progress=False)
+        except FusionError as e:
+            PARITY.append(("refused", method, str(e).splitlines()[0][:160]))
+            return
+        mine, theirs = Checkpoint(Path(ours) / "out"), Checkpoint(mergekit_out)
+        if set(mine.tensors) != set(theirs.tensors):
+            only = sorted(set(mine.tensors) ^ set(theirs.tensors))[:3]
+            PARITY.append(("differs", method, f"tensor names differ, e.g. {only}"))
+            return
+        notes = set()
+        for name in theirs.tensors:
+            a, b = mine.read(name), theirs.read(name)
+            if a.dtype != b.dtype and method in FLOAT32_OUTPUT and b.dtype == torch.float32:
+                notes.add(f"mergekit writes float32, ours {a.dtype}")
+                b = b.to(a.dtype)
+            if a.shape != b.shape or a.dtype != b.dtype:
+                PARITY.append(("differs", method, f"{name}: {a.dtype}{tuple(a.shape)} vs {b.dtype}{tuple(b.shape)}"))
+                return
+            if method in RANDOM or not a.is_floating_point():
+                continue
+            unit = torch.finfo(a.dtype).eps if a.dtype != torch.float32 else 1e-5
+            scale = max(b.float().abs().max().item(), 1.0)
+            off = (a.float() - b.float()).abs() > 2 * unit * scale
+            allowed = 0.01 * off.numel() if method in SELECTING else 0
+            if off.sum().item() > allowed:
+                error = (a.float() - b.float()).abs().max().item()
+                where = f"{name}: {int(off.sum())} of {off.numel()} elements, largest {error:.3g}"
+                if method in SCORED_IN_DTYPE and a.dtype != torch.float32:
+                    PARITY.append(("known", method, f"{where} (scores in float32 here, in {a.dtype} there)"))
+                else:
+                    PARITY.append(("differs", method, where))
+                return
+            if off.any():
+                notes.add(f"ties at the cut-off: up to {off.float().mean().item():.2%} of a tensor's elements")
+        PARITY.append(("same", method, "; ".join(sorted(notes))))
