@@ -21,7 +21,15 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from fusion_bench_golden import CASES  # noqa: E402  (the methods and arguments the tests check)
+from fusion_bench_golden import CASES, DARE_CASES, POOL_TASKS  # noqa: E402  (the methods the tests check)
+
+# every class the tests check: (case, FusionBench module, class, arguments)
+BENCH = [
+    *CASES,
+    *[(case, "fusion_bench.method.dare", name, kwargs) for case, name, kwargs in DARE_CASES],
+    ("emr", "fusion_bench.method.emr_merging", "EMRMerging", {}),
+    ("tall_masks", "fusion_bench.method.tall_mask", "TallMaskTaskArithmeticAlgorithm", {"tall_mask_lambda": 0.4}),
+]
 
 RUN = """
 import importlib, json, sys, time, torch
@@ -60,23 +68,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--tasks", type=int, default=8)
-    parser.add_argument("--methods", default=",".join(c[0] for c in CASES))
+    parser.add_argument("--methods", default=",".join(c[0] for c in BENCH))
     parser.add_argument("--json", type=Path, default=HERE / "results" / "fusion-bench-cpu.json")
     args = parser.parse_args()
     from roofline import git_sha, machine
 
     wanted = args.methods.split(",")
     rows = []
-    for case, module, name, kwargs in CASES:
+    for case, module, name, kwargs in BENCH:
         if case not in wanted:
             continue
+        tasks = min(POOL_TASKS.get(case, args.tasks), args.tasks)
         if "weights" in kwargs:
-            kwargs = {**kwargs, "weights": [1.0 / args.tasks] * args.tasks}
+            kwargs = {**kwargs, "weights": [1.0 / tasks] * tasks}
         if isinstance(kwargs.get("alpha"), list):
-            kwargs = {**kwargs, "alpha": [1.0] * args.tasks}
-        row = {"method": case, "git_sha": git_sha()}  # per row: a re-run of some methods keeps the others
+            kwargs = {**kwargs, "alpha": [1.0] * tasks}
+        row = {"method": case, "tasks": tasks, "git_sha": git_sha()}  # a re-run of some methods keeps the others
         for impl in ("fusion_bench", "ours"):
-            cmd = [sys.executable, "-c", RUN, impl, module, name, json.dumps(kwargs), str(args.layers), str(args.tasks)]
+            cmd = [sys.executable, "-c", RUN, impl, module, name, json.dumps(kwargs), str(args.layers), str(tasks)]
             # run from / : this file's name would shadow the fusion_bench package
             run = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
             if run.returncode != 0:  # recorded, not fatal: FusionBench's TIES can exhaust the memory
@@ -109,7 +118,7 @@ def main() -> None:
         if previous.get("shape") == report["shape"]:
             done = {r["method"] for r in rows}
             kept = [r for r in previous["results"] if r["method"] not in done]
-            order = [c[0] for c in CASES]
+            order = [c[0] for c in BENCH]
             report["results"] = sorted(kept + rows, key=lambda r: order.index(r["method"]))
     args.json.write_text(json.dumps(report, indent=2) + "\n")
 
