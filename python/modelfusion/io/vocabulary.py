@@ -19,6 +19,7 @@ import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -148,16 +149,15 @@ class Vocabulary:
         paths = self.order
         present = [(p, t) for p, t in zip(paths, tensors, strict=True) if t is not None]
         fallback = self._fallback_rows(present)
+        n = len(self.vocab)
         aligned = []
         for path, tensor in zip(paths, tensors, strict=True):
             if tensor is None:
                 aligned.append(None)
                 continue
             perm = self.permutations[path]
-            forced = self._forced()
-            own = (perm >= 0) & ~forced
+            own = (perm >= 0) & ~self.forced
             out = tensor.new_zeros((self.rows, *tensor.shape[1:]))
-            n = len(self.vocab)
             out[:n][own] = tensor[perm[own]]
             for token_id, row in fallback.items():
                 if not own[token_id]:
@@ -170,7 +170,9 @@ class Vocabulary:
             aligned.append(out)
         return aligned
 
-    def _forced(self) -> torch.Tensor:
+    @cached_property
+    def forced(self) -> torch.Tensor:
+        """Per output token id: whether a ``tokens:`` rule with ``force`` applies to it."""
         forced = torch.zeros(len(self.vocab), dtype=torch.bool)
         for token, rule in self.spec.tokens.items():
             if rule.force and token in self.vocab:
@@ -181,8 +183,7 @@ class Vocabulary:
         """The row of every token that some model lacks or that a rule forces."""
         paths = [p for p, _ in present]
         have = torch.stack([self.permutations[p] >= 0 for p in paths])  # (models, vocab)
-        forced = self._forced()
-        needed = (~have.all(dim=0) | forced).nonzero().flatten().tolist()
+        needed = (~have.all(dim=0) | self.forced).nonzero().flatten().tolist()
         by_id = {token_id: token for token, token_id in self.vocab.items()}
         tensors = dict(present)
         rows = {}
