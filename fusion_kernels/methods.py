@@ -359,13 +359,13 @@ COMPOSITE_BYTES = {
 
 def model_stock(base: torch.Tensor, others: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
     """Model Stock (Jang et al., 2024), as mergekit computes it: with offsets dᵢ = xᵢ − base and
-    c the mean pairwise cosine of the dᵢ (per row when ``filter_wise``),
+    c the mean pairwise cosine of the dᵢ (per vector along the last dimension when ``filter_wise``),
     t = N·c / (1 + (N − 1)·c)   (0 where the denominator vanishes),
     out = t·mean(xᵢ) + (1 − t)·base.
     The statistics run in float64 over chunks of ``MODEL_STOCK_CHUNK`` elements in buffers allocated
     once (no offset, no float64 copy of a whole tensor; see :func:`scratch_bytes`)."""
     n = len(others)
-    rows = (base.shape[0] if base.dim() > 1 else 1) if filter_wise else 1
+    rows = base.numel() // base.shape[-1] if filter_wise and base.dim() > 1 and base.numel() else 1
     flat = [x.reshape(rows, -1) for x in [base, *others]]
     cols = flat[0].shape[1]
     size = min(rows * cols, MODEL_STOCK_CHUNK)

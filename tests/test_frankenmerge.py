@@ -175,5 +175,14 @@ def test_modules_of_one_module_are_its_models_or_slices(family, tmp_path):
     merge(moduled, tmp_path / "module", progress=False)
     x, y = tensors_of(tmp_path / "plain"), tensors_of(tmp_path / "module")
     assert x.keys() == y.keys() and all(torch.equal(x[n], y[n]) for n in x)
-    with pytest.raises(RecipeError, match=r"modules: expected one module .*got 2"):
+    with pytest.raises(RecipeError, match=r"modules.vision.models: expected a non-empty list"):
         plan_merge(moduled.replace("modules:\n  default:", "modules:\n  vision: {models: []}\n  default:"))
+    with pytest.raises(
+        RecipeError, match=r"modules.vision: model .* has no such module; its modules are \['default'\]"
+    ):
+        plan_merge(
+            moduled.replace(
+                "modules:\n  default:",
+                f"modules:\n  vision: {{models: [{a}], parameters: {{weight: 1.0}}}}\n  default:",
+            )
+        )

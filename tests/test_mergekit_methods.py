@@ -1,5 +1,5 @@
 """The mergekit 0.1.5 methods beyond task arithmetic (passthrough, nearswap, nuslerp, multislerp,
-karcher, sce, arcee_fusion, ram, ramplus_tl) on our method table, against mergekit's own
+karcher, sce, arcee_fusion, ram, ramplus_tl; model_stock) on our method table, against mergekit's own
 implementations on the same tensors, and through the pipeline from a recipe."""
 
 from __future__ import annotations
@@ -70,6 +70,16 @@ def test_each_method_equals_mergekits_own(name, with_base, n, params):
     theirs = _theirs(name, tensors if with_base else tensors[1:], 0 if with_base else None, **params)
     ours = _ours(name, base, others, **params)
     assert_peer_close(ours, theirs.to(ours.dtype), "peer_iterative")
+
+
+@pytest.mark.parametrize("shape", [(37, 23), (8, 3, 4, 4), (23,)])
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_equals_mergekits_own_on_every_rank(shape, filter_wise):
+    """filter_wise takes the cosine per vector along the last dimension, also of a conv weight."""
+    tensors = _tensors(3, shape=shape, seed=5)
+    theirs = _theirs("model_stock", tensors, 0, filter_wise=filter_wise)
+    ours = _ours("model_stock", tensors[0], tensors[1:], filter_wise=filter_wise)
+    assert_peer_close(ours, theirs, "peer_float32")
 
 
 def test_passthrough_scales_or_copies():

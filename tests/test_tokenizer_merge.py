@@ -3,6 +3,7 @@ different vocabularies, their embedding and LM-head rows aligned token by token,
 mergekit 0.1.5's run_merge token by token, plus the written tokenizer, config and the errors."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -209,13 +210,55 @@ dtype: float32
     with pytest.raises(RecipeError, match="tensor 'model.embed_tokens.weight': shape"):
         plan_merge(recipe)  # a has 2 more tokens: without a tokenizer merge the shapes differ
     same = recipe.replace(str(a), str(base) + "2")
-    import shutil
-
     shutil.copytree(base, str(base) + "2")
     merge(same, tmp_path / "out", progress=False)
     embed = "model.embed_tokens.weight"
     assert torch.equal(tensors_of(tmp_path / "out")[embed], tensors_of(base)[embed])
     assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out")).chat_template.strip() == TEMPLATE.strip()
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Why?"},
+]
+RENDERED = {  # each family's published format, written out by hand, with the generation prompt
+    "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nWhy?<|im_end|>\n<|im_start|>assistant\n",
+    "llama3": "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    "Hello.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhy?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "alpaca": "Be brief.\n\n### Instruction:\nHi\n\n### Response:\nHello.\n\n### Instruction:\nWhy?\n\n### Response:\n",
+    "mistral": "<s>[INST] Be brief.\n\nHi [/INST] Hello.</s>[INST] Why? [/INST]",
+    "exaone": "[|system|]Be brief.[|endofturn|]\n[|user|]Hi\n[|assistant|]Hello.[|endofturn|]\n[|user|]Why?\n"
+    "[|assistant|]",
+}
+
+
+@pytest.mark.parametrize("name", list(RENDERED))
+def test_a_named_chat_template_renders_its_familys_format(models, tmp_path, name):
+    base, _, _ = models
+    shutil.copytree(base, tmp_path / "twin")
+    recipe = f"merge_method: linear\nmodels: [{base}, {tmp_path / 'twin'}]\nparameters: {{weight: 1.0}}\n"
+    merge(recipe + f"chat_template: {name}\n", tmp_path / "out", progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    rendered = tok.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    assert rendered == RENDERED[name]
+
+
+def test_the_exaone_template_adds_an_empty_system_turn_and_mistral_checks_roles(models, tmp_path):
+    base, _, _ = models
+    shutil.copytree(base, tmp_path / "twin")
+    recipe = f"merge_method: linear\nmodels: [{base}, {tmp_path / 'twin'}]\nparameters: {{weight: 1.0}}\n"
+    for name in ("exaone", "mistral"):
+        merge(recipe + f"chat_template: {name}\n", tmp_path / name, progress=False)
+    exaone = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "exaone"))
+    assert exaone.apply_chat_template(CONVERSATION[1:2], tokenize=False) == "[|system|][|endofturn|]\n[|user|]Hi\n"
+    mistral = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "mistral"))
+    with pytest.raises(Exception, match="roles must alternate"):
+        mistral.apply_chat_template(CONVERSATION[1:2] * 2, tokenize=False)
 
 
 @pytest.mark.parametrize(
@@ -227,7 +270,7 @@ dtype: float32
         ("tokenizer: {source: union, colour: red}", "tokenizer.colour"),
         ("tokenizer: {tokens: {x: {source: {kind: sideways}}}}", "tokenizer.tokens.x.source"),
         ("tokenizer: {tokens: {x: {source: {kind: model_token, model: m}}}}", "token_id or token"),
-        ("chat_template: chatml", "chat_template"),
+        ("chat_template: vicuna", "chat_template: expected 'auto', one of"),
     ],
 )
 def test_bad_tokenizer_settings_are_refused_by_name(models, extra, message):

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import RecipeError
+from .chat_templates import NAMED
 from .writer import TOKENIZER_FILES
 
 LOG = logging.getLogger(__name__)
@@ -293,7 +294,8 @@ def _set_chat_template(tokenizer, template: str | None, tokenizers: list) -> Non
 
 
 def _chat_template(template: str, tokenizers: list) -> str | None:
-    """``auto``: the template most of the models carry; otherwise a Jinja template itself."""
+    """``auto``: the template most of the models carry; a name of chat_templates.NAMED: that template;
+    otherwise a Jinja template itself."""
     if template == "auto":
         found = []
         for tokenizer in tokenizers:
@@ -302,9 +304,10 @@ def _chat_template(template: str, tokenizers: list) -> str | None:
             if t:
                 found.append(t.strip())
         return Counter(found).most_common(1)[0][0] if found else None
+    if template in NAMED:
+        return NAMED[template]
     if "{" not in template or len(template) < 20:
         raise RecipeError(
-            f"chat_template: expected 'auto' or a Jinja template, got {template[:60]!r} (mergekit's named "
-            "templates: write the template itself)"
+            f"chat_template: expected 'auto', one of {sorted(NAMED)} or a Jinja template, got {template[:60]!r}"
         )
     return template

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,12 +126,13 @@ class Plan:
         return "\n".join(lines)
 
 
-def _num_layers(reference: Checkpoint, names: list[str]) -> int:
-    config = reference.config or {}
+def _num_layers(reference, names: list[str], pattern: re.Pattern = LAYER) -> int:
+    """The layer count: the config's, else one past the largest layer index of ``names``."""
+    config = (reference.config if reference is not None else None) or {}
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(config.get(key), int):
             return config[key]
-    indices = [int(m.group(1)) for m in map(LAYER.search, names) if m]
+    indices = [int(m.group(1)) for m in map(pattern.search, names) if m]
     return max(indices) + 1 if indices else 1
 
 
@@ -226,11 +228,12 @@ def _outer_settings(recipe: Recipe) -> Settings:
     return [*module, ("parameters", recipe.parameters)]
 
 
-def _model_tasks(recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint], vocabulary=None) -> list[TensorTask]:
-    """A models recipe: every tensor of the models, merged by name."""
-    reference = checkpoints[0]  # the base model when there is one
+def _model_tasks(recipe: Recipe, paths: list[Path], checkpoints: list, vocabulary=None) -> list[TensorTask]:
+    """A models recipe: every tensor of its models, merged by name (checkpoints it does not read: None)."""
+    used = [c for c, p in zip(checkpoints, paths, strict=True) if p in recipe.inputs]
+    reference = used[0]  # the base model when there is one
     names = list(reference.tensors)
-    for c in checkpoints:
+    for c in used:
         missing = [n for n in names if n not in c.tensors]
         extra = [n for n in c.tensors if n not in reference.tensors]
         if missing or extra:
@@ -238,7 +241,7 @@ def _model_tasks(recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint
             raise RecipeError(
                 f"model {c.path}: {what} ({len(missing)} missing, {len(extra)} extra tensors against {reference.path})"
             )
-    num_layers = _num_layers(reference, names)
+    positions = _layer_positions(reference, names)
     merged = tuple(paths.index(m.path) for m in recipe.merged)
     base = paths.index(recipe.base_model) if recipe.base_model is not None else None
     if METHODS[recipe.merge_method].base_merged:
@@ -247,11 +250,109 @@ def _model_tasks(recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint
     per_model = [[(f"models[{recipe.models.index(m)}].parameters", m.parameters), *shared] for m in recipe.merged]
     tasks = []
     for name in names:
-        t = layer_position(name, num_layers)
-        inputs = [c.tensors[name] for c in checkpoints]
+        t = positions[name]
+        inputs = [c.tensors[name] if p in recipe.inputs else None for c, p in zip(checkpoints, paths, strict=True)]
         params = lambda name=name, t=t: _resolve_params(recipe.merge_method, shared, per_model, name, t)  # noqa: E731
         tasks.append(_task(recipe, name, inputs, paths, (base, merged), params, vocabulary))
     return tasks
+
+
+def _layer_positions(reference, names: list[str]) -> dict[str, float]:
+    """Each tensor's t; in a model of several modules, over the layers of its own module, as mergekit."""
+    modules = model_modules(names)
+    if len(modules) == 1:
+        count = _num_layers(reference, names)
+        return {name: layer_position(name, count) for name in names}
+    positions = {}
+    for members in modules.values():
+        count = _num_layers(None, members)
+        positions.update((name, layer_position(name, count)) for name in members)
+    return positions
+
+
+STACK = re.compile(r"\.(\d+)\.")  # mergekit's inference: a layer stack is the name before a first ".N."
+
+
+def model_modules(names: list[str]) -> dict[str, list[str]]:
+    """A model's modules as mergekit names them where it infers the architecture: one per layer
+    stack, named by the tensors' prefix before the layer index (``model.language_model.layers``),
+    and ``default`` for the tensors outside layers; a model of one stack is one module, ``default``."""
+    stacks: dict[str, list[str]] = {}
+    loose = []
+    for name in names:
+        match = STACK.search(name)
+        if match:
+            stacks.setdefault(name[: match.start()], []).append(name)
+        else:
+            loose.append(name)
+    if len(stacks) <= 1:
+        return {"default": list(names)}
+    return {**stacks, **({"default": loose} if loose else {})}
+
+
+def _module_key(key: str, modules: dict[str, list[str]], path: Path) -> str:
+    """The module of ``modules`` a recipe's key names: the same name, or the same once the ``model``
+    segments are dropped (mergekit names modules in transformers' layout, e.g.
+    ``model.language_model.layers``, which checkpoints may store as ``language_model.model.layers``)."""
+    if key in modules:
+        return key
+    bare = lambda name: tuple(part for part in name.split(".") if part != "model")  # noqa: E731
+    found = [name for name in modules if bare(name) == bare(key)]
+    if len(found) != 1:
+        raise RecipeError(f"modules.{key}: model {path} has no such module; its modules are {sorted(modules)}")
+    return found[0]
+
+
+@dataclass
+class _ModuleView:
+    """The tensors of one module of a checkpoint, for planning as if they were the whole model."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    config: dict | None = None
+
+
+def _module_tasks(
+    recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint], vocabulary=None
+) -> tuple[list[TensorTask], dict]:
+    """A ``modules`` recipe: each module's tensors planned by its own recipe (models or slices). A
+    model of one module is planned whole (a slices recipe then sets the config's layer count)."""
+    parts = recipe.modules
+    whole = [model_modules(list(c.tensors)) for c in checkpoints]
+    if len(parts) == 1 and all(len(m) == 1 for m in whole):
+        part = parts[0]
+        return (
+            (_model_tasks(part, paths, checkpoints, vocabulary), {})
+            if part.slices is None
+            else _slice_tasks(part, paths, checkpoints, vocabulary)
+        )
+    tasks = []
+    for part in parts:
+        views = []
+        for c, p, modules in zip(checkpoints, paths, whole, strict=True):
+            members = modules[_module_key(part.module_name, modules, p)] if p in part.inputs else []
+            views.append(_ModuleView(p, {n: c.tensors[n] for n in members}))
+        if part.slices is None:
+            tasks += _model_tasks(part, paths, views, vocabulary)
+            continue
+        layers = sum(piece.length for piece in part.slices)
+        before = {_num_layers(None, list(v.tensors), STACK) for v in views if any(map(STACK.search, v.tensors))}
+        if before and before != {layers}:
+            raise RecipeError(
+                f"modules.{part.module_name}.slices: {layers} output layers from models of {sorted(before)}; "
+                "changing the layer count of one module of several is not supported (which config key counts "
+                "its layers is not known)"
+            )
+        tasks += _slice_tasks(part, paths, views, vocabulary, STACK)[0]
+    planned = {t.out.name for t in tasks}
+    left = [n for n in checkpoints[0].tensors if n not in planned]
+    if left:
+        warnings.warn(
+            f"modules: the recipe merges {len(parts)} of the models' modules; {len(left)} tensors of the others "
+            f"(e.g. {left[0]!r}) are not written, as mergekit writes only the modules a recipe names",
+            stacklevel=3,
+        )
+    return tasks, {}
 
 
 # Tensors outside the layers that come before them (embeddings); the others (final norm, LM head)
@@ -259,22 +360,23 @@ def _model_tasks(recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint
 BEFORE_LAYERS = re.compile(r"embed|wte|wpe|word_embeddings")
 
 
-def _layer_templates(checkpoint: Checkpoint) -> dict[int, list[str]]:
+def _layer_templates(checkpoint: Checkpoint, pattern: re.Pattern) -> dict[int, list[str]]:
     """Layer index -> its tensors' names with the index replaced by ``{}``."""
     layers: dict[int, list[str]] = {}
     for name in checkpoint.tensors:
-        match = LAYER.search(name)
+        match = pattern.search(name)
         if match:
             layers.setdefault(int(match.group(1)), []).append(name[: match.start(1)] + "{}" + name[match.end(1) :])
     return layers
 
 
 def _slice_tasks(
-    recipe: Recipe, paths: list[Path], checkpoints: list[Checkpoint], vocabulary=None
+    recipe: Recipe, paths: list[Path], checkpoints: list, vocabulary=None, pattern: re.Pattern = LAYER
 ) -> tuple[list[TensorTask], dict]:
-    """A slices recipe: the output's layers, slice by slice, and the tensors outside the layers."""
+    """A slices recipe: the output's layers (tensors whose names ``pattern`` finds a layer index in),
+    slice by slice, and the tensors outside the layers."""
     index = {p: k for k, p in enumerate(paths)}
-    templates = {k: _layer_templates(c) for k, c in enumerate(checkpoints)}
+    templates = {k: _layer_templates(c, pattern) for k, c in enumerate(checkpoints) if c is not None}
     method = recipe.merge_method
 
     def task(piece: Slice, n: int, out_name: str, names: list[str], t: float) -> TensorTask:
@@ -296,14 +398,14 @@ def _slice_tasks(
     for n, piece in enumerate(recipe.slices):
         for i, source in enumerate(piece.sources):
             k = index[source.path]
-            count = _num_layers(checkpoints[k], list(checkpoints[k].tensors))
+            count = _num_layers(checkpoints[k], list(checkpoints[k].tensors), pattern)
             if source.layer_range[1] > count:
                 raise RecipeError(
                     f"slices[{n}].sources[{i}].layer_range: {list(source.layer_range)} reaches past the "
                     f"{count} layers of {source.path}"
                 )
     first, last = recipe.slices[0], recipe.slices[-1]
-    outside = [name for name in checkpoints[index[first.sources[0].path]].tensors if not LAYER.search(name)]
+    outside = [name for name in checkpoints[index[first.sources[0].path]].tensors if not pattern.search(name)]
     before = [name for name in outside if BEFORE_LAYERS.search(name)]
     tasks = [task(first, 0, name, [name] * len(first.sources), 0.0) for name in before]
     layer = 0
@@ -345,9 +447,18 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
     vocabulary = None
     if spec is not None and spec.source is not None:
         vocabulary = build_vocabulary(spec, recipe.base_model, paths)
-    if recipe.slices is None:
+    if recipe.modules is not None:
+        tasks, overrides = _module_tasks(recipe, paths, checkpoints, vocabulary)
+    elif recipe.slices is None:
         tasks = _model_tasks(recipe, paths, checkpoints, vocabulary)
     else:
+        several = next((c for c in checkpoints if len(model_modules(list(c.tensors))) > 1), None)
+        if several is not None:
+            found = sorted(model_modules(list(several.tensors)))
+            raise RecipeError(
+                f"slices: model {several.path} has several modules ({found}); slice them under 'modules', "
+                "as mergekit asks"
+            )
         tasks, overrides = _slice_tasks(recipe, paths, checkpoints, vocabulary)
     if vocabulary is not None:
         overrides["vocab_size"] = vocabulary.rows

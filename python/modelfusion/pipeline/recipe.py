@@ -22,14 +22,15 @@ looked up in the source, then the slice, then the recipe; a shared one in the sl
 
 ``tokenizer_source: base | union | MODEL`` (or a ``tokenizer:`` block with ``source``, ``tokens`` and
 ``pad_to_multiple_of``) writes that tokenizer and aligns every model's embedding and LM-head rows to
-its token ids (modelfusion.io.vocabulary); ``chat_template: auto | <Jinja>`` sets its chat template.
+its token ids (modelfusion.io.vocabulary); ``chat_template: auto | chatml | llama3 | alpaca | mistral |
+exaone | <Jinja>`` sets its chat template (modelfusion.io.chat_templates).
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from fusion_kernels import methods as fk_methods
 from fusion_kernels.methods import REQUIRED, Param
 
 from ..errors import RecipeError, short_repr
+from ..io.chat_templates import NAMED
 from ..io.vocabulary import TokenizerSpec, TokenRule
 
 METHODS = tuple(fk_methods.METHODS)
@@ -115,8 +117,9 @@ class Recipe:
     device: str = "cpu"
     max_shard_size: int = 5 * 10**9
     slices: list[Slice] | None = None  # a slices recipe (models then lists every source model once)
-    module_parameters: dict[str, Any] = field(default_factory=dict)  # of the one entry of ``modules``
+    module_parameters: dict[str, Any] = field(default_factory=dict)  # of its entry of ``modules``
     module_name: str = ""
+    modules: list[Recipe] | None = None  # a recipe of several modules: one recipe each
     source: str = ""
     model_card: bool = True  # write README.md and mergekit_config.yml beside the model
     tokenizer: TokenizerSpec | None = None  # tokenizer_source / tokenizer / chat_template
@@ -223,10 +226,11 @@ def _tokenizer(raw: dict) -> TokenizerSpec | None:
     source, block, template = raw.get("tokenizer_source"), raw.get("tokenizer"), raw.get("chat_template")
     if source is not None and block is not None:
         raise RecipeError("tokenizer_source: give tokenizer_source or a tokenizer block, not both")
-    if template is not None and (not isinstance(template, str) or (template != "auto" and "{" not in template)):
+    if template is not None and (
+        not isinstance(template, str) or (template != "auto" and template not in NAMED and "{" not in template)
+    ):
         raise RecipeError(
-            f"chat_template: expected 'auto' or a Jinja template, got {short_repr(template)} (mergekit's named "
-            "templates such as chatml: write the template itself)"
+            f"chat_template: expected 'auto', one of {sorted(NAMED)} or a Jinja template, got {short_repr(template)}"
         )
     tokens, pad = {}, None
     if block is not None:
@@ -305,10 +309,10 @@ def _slices(raw: Any, method: str, shared: dict[str, Param], per_model: dict[str
                 isinstance(layer_range, list)
                 and len(layer_range) == 2
                 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in layer_range)
-                and layer_range[0] < layer_range[1]
+                and layer_range[0] <= layer_range[1]
             ):
                 raise RecipeError(
-                    f"{at}.layer_range: expected [start, end], two ints with 0 <= start < end, "
+                    f"{at}.layer_range: expected [start, end], two ints with 0 <= start <= end, "
                     f"got {short_repr(layer_range)}"
                 )
             params = _parameters(source.get("parameters"), f"{at}.parameters", per_model, method)
@@ -324,26 +328,25 @@ def _slices(raw: Any, method: str, shared: dict[str, Param], per_model: dict[str
     return slices
 
 
-def _module(raw: dict) -> tuple[str, dict | None]:
-    """mergekit's ``modules: {name: {models | slices, parameters}}``, for models of one module (every
-    decoder-only LLM: mergekit names it ``default``); its parameters rank between a slice's and the
-    recipe's."""
+def _modules(raw: dict) -> list[tuple[str, dict | None]]:
+    """mergekit's ``modules: {name: {models | slices, parameters}}`` as (name, module) pairs; one
+    unnamed pair without a module for a ``models`` or ``slices`` recipe. A module's parameters rank
+    between a slice's and the recipe's; its name is one of the models' modules (plan.model_modules)."""
     if "modules" not in raw:
-        return "", None
+        return [("", None)]
     modules = raw["modules"]
     if "models" in raw or "slices" in raw:
         raise RecipeError("modules: give 'modules', 'models' or 'slices', only one of them")
-    if not isinstance(modules, dict) or len(modules) != 1:
-        count = len(modules) if isinstance(modules, dict) else short_repr(modules)
-        raise RecipeError(
-            f"modules: expected one module (a decoder-only model's, e.g. 'default'), got {count}; models of "
-            "several modules (vision-language) merge whole through 'models' here"
-        )
-    ((name, module),) = modules.items()
-    if not isinstance(module, dict) or set(module) - {"models", "slices", "parameters"}:
-        expected = "{models | slices, parameters}"
-        raise RecipeError(f"modules.{short_repr(name)}: expected {expected}, got {short_repr(module)}")
-    return str(name), module
+    if not isinstance(modules, dict) or not modules:
+        expected = "a mapping of module name to {models | slices}"
+        raise RecipeError(f"modules: expected {expected}, got {short_repr(modules)}")
+    for name, module in modules.items():
+        if not isinstance(module, dict) or set(module) - {"models", "slices", "parameters"}:
+            expected = "{models | slices, parameters}"
+            raise RecipeError(f"modules.{short_repr(name)}: expected {expected}, got {short_repr(module)}")
+        if ("models" in module) == ("slices" in module):
+            raise RecipeError(f"modules.{short_repr(name)}: give either 'models' or 'slices', not both and not neither")
+    return [(str(name), module) for name, module in modules.items()]
 
 
 MAX_RECIPE_BYTES = 4 * 2**20
@@ -393,7 +396,23 @@ def load_recipe(text_or_path: str | Path) -> Recipe:
     method = raw.get("merge_method")
     if method not in METHODS:
         raise RecipeError(f"merge_method: expected one of {list(METHODS)}, got {short_repr(method)}")
-    module_name, module = _module(raw)
+    if "modules" not in raw:
+        return _recipe(raw, text, method, "", None)
+    parts = []
+    for name, module in _modules(raw):
+        try:
+            parts.append(_recipe(raw, text, method, name, module))
+        except RecipeError as e:
+            message = str(e)
+            where = f"modules.{name}." if message.startswith(("models", "slices")) else ""
+            raise RecipeError(where + message) from e
+    # each module merges its own tensors (plan.model_modules); the whole reads every module's models
+    models = list({m.path: m for part in parts for m in part.models}.values())
+    return replace(parts[0], models=models, slices=None, module_name="", module_parameters={}, modules=parts)
+
+
+def _recipe(raw: dict, text: str, method: str, module_name: str, module: dict | None) -> Recipe:
+    """The recipe of one module (or of a recipe without ``modules``)."""
     if module is not None:
         inner = {k: v for k, v in module.items() if k != "parameters"}  # its models or slices
         raw = {**{k: v for k, v in raw.items() if k != "modules"}, **inner}
