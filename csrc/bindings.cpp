@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/linear_assignment.h"
+#include "cpu/gram.h"
 #include "cpu/permute.h"
 #include "cpu/runtime.h"
 #include "cpu/sinkhorn.h"
@@ -191,6 +192,17 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("out"), py::arg("a"), py::arg("b"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("t"),
       py::arg("dot_threshold"), py::arg("eps"), py::arg("threads"), nogil);
+  m.def(
+      "gram",
+      [](uintptr_t out, const fk::Ptrs& xs, uintptr_t base, int dtype, int64_t rows, int64_t cols, int threads) {
+        if (dtype < 0 || dtype >= fk::kNumDTypes) throw std::invalid_argument("gram: unknown dtype code");
+        if (xs.empty() || rows < 0 || cols < 0) throw std::invalid_argument("gram: need inputs, rows >= 0, cols >= 0");
+        std::vector<const void*> ptrs;
+        for (auto p : xs) ptrs.push_back(reinterpret_cast<const void*>(p));
+        fk::gram(reinterpret_cast<double*>(out), ptrs, reinterpret_cast<const void*>(base), dtype, rows, cols, threads);
+      },
+      py::arg("out"), py::arg("xs"), py::arg("base"), py::arg("dtype"), py::arg("rows"), py::arg("cols"),
+      py::arg("threads"), nogil);
   m.def("permute_many", &fk::permute_many_flat, py::arg("outs"), py::arg("ins"), py::arg("element_sizes"),
         py::arg("shapes"), py::arg("perms"), py::arg("threads"), nogil);
   m.def(

@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
+from . import spherical
 from .errors import FusionError, ParameterError, short_repr
+from .ops.gram import gram
 from .ops.slerp import slerp
 from .ops.sparse_merge import sparse_merge
 from .ops.task_arithmetic import task_arithmetic
@@ -313,19 +315,19 @@ def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str,
         return composite.ram(base, others, params["epsilon"], r=params["r"], alpha=params["alpha"])
     if name == "karcher":
         uniform = [1 / len(others)] * len(others)
-        return composite.karcher(others, uniform, max_iter=params["max_iter"], tol=params["tol"])
+        return spherical.karcher(others, uniform, params["max_iter"], params["tol"])
+    if name == "nuslerp" and params["nuslerp_flatten"]:
+        w = params["weight"]
+        return spherical.nuslerp(0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w), others, base)
+    if name == "multislerp":
+        return spherical.multislerp(others, base, params["weight"], params["normalize_weights"], params["eps"])
     if base is not None:  # task vectors, in the float32 arithmetic the result is computed in
         wide = torch.float64 if base.dtype == torch.float64 else torch.float32
         origin = base.to(wide)
         others = [x.to(wide) - origin for x in others]
-    if name == "nuslerp":
-        w = params["weight"]
-        t = 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
-        row_wise, flatten = params["nuslerp_row_wise"], params["nuslerp_flatten"]
-        merged = composite.nuslerp(t, others[0], others[1], row_wise=row_wise, flatten=flatten)
-    else:
-        normalize = params["normalize_weights"]
-        merged = composite.multislerp(others, params["weight"], normalize=normalize, eps=params["eps"])
+    w = params["weight"]  # nuslerp of vectors along a dimension: per-vector coefficients
+    t = 0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w)
+    merged = composite.nuslerp(t, others[0], others[1], row_wise=params["nuslerp_row_wise"], flatten=False)
     return merged if base is None else (origin + merged).to(base.dtype)
 
 
@@ -362,26 +364,18 @@ def model_stock(base: torch.Tensor, others: list[torch.Tensor], filter_wise: boo
     c the mean pairwise cosine of the dᵢ (per vector along the last dimension when ``filter_wise``),
     t = N·c / (1 + (N − 1)·c)   (0 where the denominator vanishes),
     out = t·mean(xᵢ) + (1 − t)·base.
-    The statistics run in float64 over chunks of ``MODEL_STOCK_CHUNK`` elements in buffers allocated
+    The statistics are one float64 Gram pass over the offsets (:func:`fusion_kernels.gram`); the
+    per-vector combination runs over chunks of ``MODEL_STOCK_CHUNK`` elements in buffers allocated
     once (no offset, no float64 copy of a whole tensor; see :func:`scratch_bytes`)."""
     n = len(others)
     rows = base.numel() // base.shape[-1] if filter_wise and base.dim() > 1 and base.numel() else 1
     flat = [x.reshape(rows, -1) for x in [base, *others]]
     cols = flat[0].shape[1]
-    size = min(rows * cols, MODEL_STOCK_CHUNK)
-    buffers = torch.empty(n + 2, size, dtype=torch.float64, device=base.device)
-    gram = torch.zeros(rows, n, n, dtype=torch.float64, device=base.device)
-    for r, c, k in _chunks(rows, cols):
-        b = buffers[n, : k * _width(c, cols)].view(k, -1)
-        b.copy_(flat[0][r, c])
-        d = buffers[:n, : b.numel()].view(n, k, -1)
-        for i, x in enumerate(flat[1:]):
-            d[i].copy_(x[r, c]).sub_(b)
-        gram[r] += torch.einsum("irc,jrc->rij", d, d)
-    norms = gram.diagonal(dim1=1, dim2=2).sqrt()
+    products = gram(others, base, rows=rows).to(base.device)  # [rows, n, n] of the offsets, in float64
+    norms = products.diagonal(dim1=1, dim2=2).sqrt()
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     cos = torch.stack(
-        [(gram[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=1e-6)).clamp(-1, 1) for i, j in pairs]
+        [(products[:, i, j] / (norms[:, i] * norms[:, j]).clamp(min=1e-6)).clamp(-1, 1) for i, j in pairs]
     ).mean(0)
     denominator = 1 + (n - 1) * cos
     t = torch.where(denominator.abs() < 1e-6, 0.0, n * cos / torch.where(denominator.abs() < 1e-6, 1.0, denominator))
@@ -390,9 +384,10 @@ def model_stock(base: torch.Tensor, others: list[torch.Tensor], filter_wise: boo
         return weighted_sum([base, *others], [1 - w] + [w / n] * n)
     result = torch.empty_like(base)
     flat_out = result.reshape(rows, cols)
+    buffers = torch.empty(2, min(rows * cols, MODEL_STOCK_CHUNK), dtype=torch.float64, device=base.device)
     for r, c, k in _chunks(rows, cols):
-        acc = buffers[n, : k * _width(c, cols)].view(k, -1)
-        part = buffers[n + 1, : acc.numel()].view(k, -1)
+        acc = buffers[0, : k * _width(c, cols)].view(k, -1)
+        part = buffers[1, : acc.numel()].view(k, -1)
         acc.copy_(flat[0][r, c]).mul_(1 - t[r, None])
         for x in flat[1:]:
             acc.add_(part.copy_(x[r, c]).mul_(t[r, None] / n))

@@ -37,6 +37,7 @@ def test_public_api_is_exactly_the_documented_names():
         "compat",
         "triton",
         "methods",
+        "spherical",
     }  # present once something imports them
     public = {name for name in dir(fk) if not name.startswith("_")} - subpackages
     assert set(fk.__all__) - {"__version__"} == public

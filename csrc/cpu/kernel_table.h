@@ -1,6 +1,7 @@
 // Builds a KernelTable from lane types; included once by each ISA translation unit.
 #pragma once
 #include "fisher_merge.h"
+#include "gram_kernels.h"
 #include "kernels.h"
 #include "sinkhorn_kernels.h"
 #include "sparse_kernels.h"
@@ -34,6 +35,10 @@ KernelTable make_kernel_table() {
   t.sinkhorn32 = make_sinkhorn_kernels<V, S, float>();
   t.sinkhorn64 = make_sinkhorn_kernels<DoubleLane, DoubleLane, double>();
   t.lsa_relax = &lsa_relax_scalar;
+  t.gram[kFloat32] = &gram_range<float>;
+  t.gram[kFloat16] = &gram_range<f16>;
+  t.gram[kBFloat16] = &gram_range<bf16>;
+  t.gram[kFloat64] = &gram_range<double>;
   return t;
 }
 

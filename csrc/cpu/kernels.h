@@ -6,7 +6,13 @@
 #include "sinkhorn_args.h"
 #include "sparse_args.h"
 
+#include <vector>
+
 namespace fk {
+
+// out[r][i][j] over [rows, cols] views of xs (less base when not null); see gram_kernels.h
+using GramFn = void (*)(double* out, const std::vector<const void*>& xs, const void* base, int64_t rows,
+                        int64_t cols, int threads);
 
 struct KernelTable {
   RangeFn weighted_sum[kNumDTypes];
@@ -19,6 +25,7 @@ struct KernelTable {
   SinkhornKernels<float> sinkhorn32;
   SinkhornKernels<double> sinkhorn64;
   LsaRelaxFn lsa_relax;
+  GramFn gram[kNumDTypes];
 };
 
 const KernelTable& portable_kernels();

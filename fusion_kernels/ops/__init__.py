@@ -1,6 +1,7 @@
 """Public ops: validation at the boundary, a custom_op per op, dispatch to a backend."""
 
 from .fisher_merge import fisher_merge
+from .gram import gram
 from .linear_assignment import linear_assignment
 from .magnitude_prune import magnitude_prune, magnitude_threshold
 from .permute import permute, permute_many
@@ -15,6 +16,7 @@ __all__ = [
     "dare_merge",
     "della_merge",
     "fisher_merge",
+    "gram",
     "linear_assignment",
     "magnitude_prune",
     "magnitude_threshold",

@@ -4,6 +4,7 @@ They take already-validated arguments (weights as Python floats) and import only
 """
 
 from .fisher_merge import fisher_merge
+from .gram import gram
 from .linear_assignment import linear_assignment
 from .magnitude_prune import magnitude_prune, magnitude_threshold, top_k_mask
 from .permute import inverse_permutation, permute
@@ -16,6 +17,7 @@ from .weighted_sum import weighted_sum
 
 __all__ = [
     "fisher_merge",
+    "gram",
     "inverse_permutation",
     "linear_assignment",
     "magnitude_prune",

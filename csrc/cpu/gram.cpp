@@ -1,0 +1,14 @@
+// gram: dispatches to the active ISA's kernel (gram_kernels.h).
+#include "gram.h"
+
+#include "kernels.h"
+#include "runtime.h"
+
+namespace fk {
+
+void gram(double* out, const std::vector<const void*>& xs, const void* base, int dtype, int64_t rows, int64_t cols,
+          int threads) {
+  active_kernels().gram[dtype](out, xs, base, rows, cols, threads);
+}
+
+}  // namespace fk
