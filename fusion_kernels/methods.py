@@ -25,6 +25,7 @@ import torch
 from . import spherical
 from .errors import FusionError, ParameterError, short_repr
 from .ops.gram import gram
+from .ops.magnitude_prune import magnitude_prune, magnitude_threshold
 from .ops.slerp import slerp
 from .ops.sparse_merge import sparse_merge
 from .ops.task_arithmetic import task_arithmetic
@@ -304,15 +305,22 @@ def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str,
         scale = params["scale"][0]
         return others[0] if scale is None else weighted_sum(others, [scale])
     if name == "nearswap":
-        return composite.nearswap(base, others[0], params["t"])
+        return _by_chunks(lambda b, xs, _: composite.nearswap(b, xs[0], params["t"]), base, others)
     if name == "sce":
-        return composite.sce(base, others, params["select_topk"])
+        return _sce(base, others, params["select_topk"])
     if name == "arcee_fusion":
-        return composite.arcee_fusion(base, others[0])
+        return _arcee_fusion(base, others[0])
     if name == "ram":
-        return composite.ram(base, others, params["epsilon"])
+        return _by_chunks(lambda b, xs, _: composite.ram(b, xs, params["epsilon"]), base, others)
     if name == "ramplus_tl":
-        return composite.ram(base, others, params["epsilon"], r=params["r"], alpha=params["alpha"])
+        eps = params["epsilon"]
+        counts = [(0, 0)] * len(others)
+        for b, xs, _ in _chunks_of(base, others):  # RAM+'s counts over the whole tensor first
+            counts = [
+                (s + s2, a + a2) for (s, a), (s2, a2) in zip(counts, composite.ram_counts(b, xs, eps), strict=True)
+            ]
+        scales = composite.ram_scales(counts, eps, params["r"], params["alpha"])
+        return _by_chunks(lambda b, xs, _: composite.ram(b, xs, eps, scales=scales), base, others)
     if name == "karcher":
         uniform = [1 / len(others)] * len(others)
         return spherical.karcher(others, uniform, params["max_iter"], params["tol"])
@@ -331,6 +339,65 @@ def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str,
     return merged if base is None else (origin + merged).to(base.dtype)
 
 
+ELEMENTWISE_CHUNK = 1 << 18  # elements per step of the elementwise composites: their temporaries stay in cache
+
+
+def _chunks_of(base: torch.Tensor, others: list[torch.Tensor]):
+    """(base piece, other pieces, their slice of the flat elements), ELEMENTWISE_CHUNK elements each."""
+    flat = [x.reshape(-1) for x in [base, *others]]
+    for start in range(0, max(base.numel(), 1), ELEMENTWISE_CHUNK):
+        where = slice(start, start + ELEMENTWISE_CHUNK)
+        yield flat[0][where], [x[where] for x in flat[1:]], where
+
+
+def _by_chunks(fn, base: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+    """An elementwise composite ``fn(base, others, where)`` evaluated piece by piece into one
+    output: the same values, with float32 temporaries of one piece instead of the whole tensor."""
+    result = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    flat = result.view(-1)
+    for b, xs, where in _chunks_of(base, others):
+        flat[where] = fn(b, xs, where)
+    return result
+
+
+def _arcee_fusion(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """reference.composite.arcee_fusion by pieces of whole vectors (its KL is per vector along the
+    last dim), its quartiles by radix selection (the importance is >= 0, so by magnitude)."""
+    if base.numel() == 0 or base.dim() == 0:
+        return composite.arcee_fusion(base, x)
+    width = base.shape[-1]
+    b2, x2 = base.reshape(-1, width), x.reshape(-1, width)
+    importance = torch.empty(b2.shape, dtype=torch.float32, device=base.device)
+    step = max(1, ELEMENTWISE_CHUNK // max(width, 1))
+    for r in range(0, b2.shape[0], step):
+        importance[r : r + step] = composite.arcee_importance(b2[r : r + step], x2[r : r + step])
+    n = importance.numel()
+    q1, median, q3 = (float(magnitude_threshold(importance, k=n - int(f * (n - 1)))) for f in (0.25, 0.5, 0.75))
+    cut = median + 1.5 * (q3 - q1)
+    flat = importance.view(-1)
+    return _by_chunks(lambda b, xs, where: composite.arcee_select(b, xs[0], flat[where], cut), base, [x])
+
+
+def _sce(base: torch.Tensor, others: list[torch.Tensor], density: float) -> torch.Tensor:
+    """reference.composite.sce's steps piece by piece; the top-k by variance by radix selection."""
+    mask = None
+    if density < 1:
+        var = torch.empty(base.numel(), dtype=torch.float32, device=base.device)
+        for b, xs, where in _chunks_of(base, others):
+            var[where] = composite.sce_variance(b, xs)
+        k = int(int(torch.count_nonzero(var)) * density)
+        mask = magnitude_prune(var, k=k) != 0 if k > 0 else torch.zeros_like(var, dtype=torch.bool)
+        del var
+    energies = [0.0] * len(others)
+    for b, xs, where in _chunks_of(base, others):
+        part = composite.sce_energies(b, xs, None if mask is None else mask[where])
+        energies = [e + p for e, p in zip(energies, part, strict=True)]
+    weights = composite.sce_weights([e / max(base.numel(), 1) for e in energies])
+    return _by_chunks(
+        lambda b, xs, where: composite.sce_combine(b, xs, None if mask is None else mask[where], weights), base, others
+    )
+
+
 MODEL_STOCK_CHUNK = 1 << 20  # elements per step of model_stock's float64 passes: bounds its scratch memory
 
 
@@ -339,8 +406,11 @@ def scratch_bytes(name: str, numel: int, models: int) -> int:
     merged from ``models`` tensors (the base included): what a memory budget must count."""
     if name == "model_stock":  # its float64 chunk buffers (see model_stock)
         return 8 * min(numel, MODEL_STOCK_CHUNK) * (models + 2)
+    whole = COMPOSITE_BYTES.get(name, 0) * (numel if name in ("sce", "arcee_fusion") else models * numel)
+    if name in CHUNKED_BYTES:  # temporaries of one piece at a time
+        return whole + CHUNKED_BYTES[name] * models * min(numel, ELEMENTWISE_CHUNK)
     if name in COMPOSITE_BYTES:
-        return COMPOSITE_BYTES[name] * models * numel
+        return whole
     return 4 * numel  # the kernels' float32 scratch (DELLA's ranks and keep probabilities included)
 
 
@@ -348,15 +418,19 @@ def scratch_bytes(name: str, numel: int, models: int) -> int:
 # methods, measured with bf16 and float32 inputs (the larger, rounded up); passthrough makes none
 COMPOSITE_BYTES = {
     "passthrough": 0,
+    "nuslerp": 8,  # along a dimension (flattened: from the Gram matrix, as multislerp and karcher)
+    "multislerp": 0,
+    "karcher": 0,
+    "sce": 9,  # the float32 variances, the pruned copy selecting the mask and the mask itself
+    "arcee_fusion": 4,  # the float32 importance, beside the pieces' temporaries
+}
+CHUNKED_BYTES = {
     "nearswap": 9,
-    "nuslerp": 8,
-    "multislerp": 18,
-    "karcher": 16,
-    "sce": 14,
-    "arcee_fusion": 16,
     "ram": 12,
     "ramplus_tl": 12,
-}
+    "sce": 14,
+    "arcee_fusion": 16,
+}  # the same, per piece (_by_chunks)
 
 
 def model_stock(base: torch.Tensor, others: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:

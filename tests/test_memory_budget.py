@@ -1,11 +1,10 @@
 """The memory budget is a hard promise: every method × {bf16, float32 compute, float32 compute
-with bf16 output} (the pure-PyTorch composite methods in bf16 only and on smaller tensors, for
-time) at the smallest
-budget the planner accepts (and a few at twice that) raises the peak RSS of a fresh process
-(tests/memory_probe.py) at most budget + 96 MiB above what the process held before the merge: the
-writer's 32 MiB staging buffer, thread stacks and what the allocator's per-thread arenas keep (the
-excess measured from run to run: 4 to 68 MiB, largest for model_stock filter_wise). What the process held before (the
-interpreter and torch, about 230 MB on the CI machine) depends on the machine, not on the merge."""
+with bf16 output} at the smallest budget the planner accepts (and a few at twice that) raises the
+peak RSS of a fresh process (tests/memory_probe.py) at most budget + 96 MiB above what the process
+held before the merge: the writer's 32 MiB staging buffer, thread stacks and what the allocator's
+per-thread arenas keep (the excess measured from run to run: 4 to 68 MiB, largest for model_stock
+filter_wise). What the process held before (the interpreter and torch, about 230 MB on the CI
+machine) depends on the machine, not on the merge."""
 
 from __future__ import annotations
 
@@ -21,19 +20,7 @@ from fusion_kernels.methods import METHODS
 PROBE = Path(__file__).with_name("memory_probe.py")
 SLACK = 96 * 2**20
 CONFIGS = [{}, {"dtype": "float32"}, {"dtype": "float32", "out_dtype": "bfloat16"}]
-COMPOSITE = (
-    "passthrough",
-    "nearswap",
-    "nuslerp",
-    "multislerp",
-    "karcher",
-    "sce",
-    "arcee_fusion",
-    "ram",
-    "ramplus_tl",
-)  # slow in pure PyTorch: bf16 only
-CASES = [{"method": m, **c} for m in METHODS if m not in COMPOSITE for c in CONFIGS]
-CASES += [{"method": m, "family": "small"} for m in COMPOSITE]
+CASES = [{"method": m, **c} for m in METHODS for c in CONFIGS]
 CASES += [{"method": "model_stock", "filter_wise": True, **c} for c in CONFIGS[:2]]
 DOUBLE = [{"method": m, "budget_factor": 2} for m in ("linear", "ties", "model_stock")]
 

@@ -24,6 +24,7 @@ import math
 import torch
 
 from ..errors import WeightError
+from .magnitude_prune import top_k_mask
 
 
 def _work(x: torch.Tensor) -> torch.Tensor:
@@ -124,68 +125,117 @@ def karcher(xs: list[torch.Tensor], weights: list[float], *, max_iter: int = 10,
 
 
 def sce(base: torch.Tensor, xs: list[torch.Tensor], select_topk: float = 1.0) -> torch.Tensor:
+    """SCE in four steps (each a function here, so the engine can run them piece by piece):
+    the variance across models, the top-k mask by it, each model's energy, the merge."""
     if not xs:
         return base
+    mask = sce_mask(sce_variance(base, xs), select_topk) if select_topk < 1 else None
+    energies = [e / base.numel() for e in sce_energies(base, xs, mask)] if base.numel() else [0.0] * len(xs)
+    return sce_combine(base, xs, mask, sce_weights(energies))
+
+
+def sce_variance(base: torch.Tensor, xs: list[torch.Tensor]) -> torch.Tensor:
+    """Each element's variance across the task vectors (float32; as torch.var(0, unbiased=False),
+    written out: torch's var over a short leading dim takes seconds per 10⁷ elements)."""
+    b = _work(base)
+    tvs = [_work(x) - b for x in xs]
+    mean = sum(tvs) / len(tvs)
+    return sum((tv - mean).square_() for tv in tvs) / len(tvs)
+
+
+def sce_mask(var: torch.Tensor, density: float) -> torch.Tensor:
+    """The elements whose variance is among the ⌊density · nonzero⌋ largest (ties: lowest index)."""
+    k = int(int(torch.count_nonzero(var)) * density)
+    return top_k_mask(var, k) if density > 0 and k > 0 else torch.zeros_like(var, dtype=torch.bool)
+
+
+def sce_energies(base: torch.Tensor, xs: list[torch.Tensor], mask: torch.Tensor | None) -> list[float]:
+    """Σ of each (masked) task vector's squares, in float64."""
+    b = _work(base)
+    tvs = [_work(x) - b for x in xs]
+    return [float((tv if mask is None else tv * mask).double().square().sum()) for tv in tvs]
+
+
+def sce_weights(energies: list[float]) -> list[float]:
+    """Weights ∝ each model's mean square; equal where they all vanish."""
+    s = sum(energies)
+    return [1 / len(energies)] * len(energies) if abs(s) < 1e-6 else [e / s for e in energies]
+
+
+def sce_combine(base: torch.Tensor, xs: list[torch.Tensor], mask: torch.Tensor | None, weights: list[float]):
+    """TIES' sign election (the sign of the sum; 0 counts as +), then the weighted mean of the agreeing."""
     b = _work(base)
     tv = torch.stack([_work(x) - b for x in xs])
-    if select_topk < 1:
-        tv = tv * _variance_mask(tv, select_topk)
+    if mask is not None:
+        tv = tv * mask
     total = tv.sum(0)
-    agree = torch.where(total >= 0, tv > 0, tv < 0)  # TIES' election: the sign of the sum (0 counts as +)
-    energy = tv.square().reshape(len(xs), -1).mean(1)
-    s = float(energy.sum())
-    weights = torch.full_like(energy, 1 / len(xs)) if abs(s) < 1e-6 else energy / s
-    weights = weights.reshape(-1, *([1] * base.dim())) * agree
-    merged = (tv * weights).sum(0) / weights.sum(0).clamp(min=1e-6)
+    agree = torch.where(total >= 0, tv > 0, tv < 0)
+    w = torch.tensor(weights, dtype=tv.dtype, device=tv.device).reshape(-1, *([1] * base.dim())) * agree
+    merged = (tv * w).sum(0) / w.sum(0).clamp(min=1e-6)
     return (b + merged).to(base.dtype)
-
-
-def _variance_mask(tv: torch.Tensor, density: float) -> torch.Tensor:
-    """The elements whose variance across models is among the ⌊density · nonzero⌋ largest."""
-    var = tv.var(0, unbiased=False)
-    k = int(int(torch.count_nonzero(var)) * density)
-    mask = torch.zeros_like(var, dtype=torch.bool)
-    if density > 0 and k > 0:
-        mask.view(-1)[torch.topk(var.reshape(-1), k).indices] = True
-    return mask
 
 
 def arcee_fusion(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Quantiles are exact: mergekit takes them from a random sample of 10⁶ elements when there
     are more, which makes its result vary from run to run."""
+    importance = arcee_importance(base, x)
+    flat = importance.reshape(-1)
+    last = flat.numel() - 1
+    # mergekit's index rule on the sorted values, by selection (no sort: it allocates int64 indices)
+    q1, median, q3 = (float(flat.kthvalue(int(f * last) + 1).values) for f in (0.25, 0.5, 0.75))
+    return arcee_select(base, x, importance, median + 1.5 * (q3 - q1))
+
+
+def arcee_importance(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """|x − b| · KL(softmax(x) ‖ softmax(b)), the KL per vector along the last dim (float32)."""
     b, x32 = _work(base), _work(x)
     p = torch.softmax(x32, dim=-1).add_(1e-8)
     q = torch.softmax(b, dim=-1).add_(1e-8)
     kl = (p * (p / q).log_()).sum(-1, keepdim=True)
     del p, q
-    importance = (x32 - b).abs_().mul_(kl)
-    flat = importance.reshape(-1)
-    last = flat.numel() - 1
-    # mergekit's index rule on the sorted values, by selection (no sort: it allocates int64 indices)
-    q1, median, q3 = (flat.kthvalue(int(f * last) + 1).values for f in (0.25, 0.5, 0.75))
-    keep = importance >= median + 1.5 * (q3 - q1)
-    return torch.where(keep, x32, b).to(base.dtype)
+    return (x32 - b).abs_().mul_(kl)
 
 
-def ram(base: torch.Tensor, xs: list[torch.Tensor], epsilon: float, r: float | None = None, alpha: float = 0.0):
-    """Reinforced Agent Merging; with ``r``, RAM+ (tensor-local): see the module docstring."""
+def arcee_select(base: torch.Tensor, x: torch.Tensor, importance: torch.Tensor, cut: float) -> torch.Tensor:
+    """x where its importance reaches ``cut`` (median + 1.5·IQR), else the base."""
+    return torch.where(importance >= cut, _work(x), _work(base)).to(base.dtype)
+
+
+def ram(
+    base: torch.Tensor,
+    xs: list[torch.Tensor],
+    epsilon: float,
+    r: float | None = None,
+    alpha: float = 0.0,
+    scales: list[float] | None = None,
+):
+    """Reinforced Agent Merging; with ``r``, RAM+ (tensor-local): see the module docstring.
+    ``scales``: the λᵢ already computed (from :func:`ram_counts` over the whole tensor)."""
     if not xs:
         return base
     b = _work(base)
     merged = torch.zeros_like(b)
-    count = torch.zeros(b.shape, dtype=torch.int32)
+    count = torch.zeros(b.shape, dtype=torch.int32, device=b.device)
     for x in xs:
         count += (_work(x) - b).abs_() > epsilon
-    scales = [1.0] * len(xs)
-    if r is not None:
-        for i, x in enumerate(xs):
-            kept = (_work(x) - b).abs_() > epsilon
-            shared, alone = int((kept & (count > 1)).sum()), int((kept & (count == 1)).sum())
-            rho = shared / max(alone, epsilon)
-            scales[i] = 1 + r * min(max(rho, 0.0), alpha)
+    if scales is None:
+        scales = [1.0] * len(xs) if r is None else ram_scales(ram_counts(base, xs, epsilon), epsilon, r, alpha)
     divisor = count.clamp(min=1).to(b.dtype)
     for x, scale in zip(xs, scales, strict=True):
         tau = _work(x) - b
         kept = tau.abs() > epsilon
         merged += torch.where(kept, torch.where(count == 1, tau * scale, tau / divisor), 0)
     return (b + merged).to(base.dtype)
+
+
+def ram_counts(base: torch.Tensor, xs: list[torch.Tensor], epsilon: float) -> list[tuple[int, int]]:
+    """Per model: (its kept elements that another model keeps too, those only it keeps)."""
+    b = _work(base)
+    kept = [(_work(x) - b).abs_() > epsilon for x in xs]
+    count = torch.stack(kept).sum(0)
+    return [(int((k & (count > 1)).sum()), int((k & (count == 1)).sum())) for k in kept]
+
+
+def ram_scales(counts: list[tuple[int, int]], epsilon: float, r: float, alpha: float) -> list[float]:
+    """RAM+'s λᵢ = 1 + r·clamp(ρᵢ, 0, α), ρᵢ = shared / max(alone, ε)."""
+    return [1 + r * min(max(shared / max(alone, epsilon), 0.0), alpha) for shared, alone in counts]
