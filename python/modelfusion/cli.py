@@ -1,4 +1,4 @@
-"""The modelfusion command: merge (in one process, or one rank of many), inspect and demo."""
+"""The modelfusion command: merge (in one process, or one rank of many), extract-lora, inspect and demo."""
 
 from __future__ import annotations
 
@@ -81,6 +81,20 @@ def _report(out, stats) -> None:
         f"read {stats.read_bytes / 2**30:.2f} GiB at {stats.read_bytes / max(stats.seconds, 1e-9) / 2**30:.2f} GiB/s; "
         f"peak tensors in flight {stats.budget_high_water / 2**20:.0f} MiB, peak RSS {stats.peak_rss / 2**20:.0f} MiB"
     )
+
+
+def _extract_lora(args) -> int:
+    from .pipeline.extract import extract_lora
+
+    budget = parse_size(args.memory_budget, "--memory-budget") if args.memory_budget else None
+    done = extract_lora(args.base, args.tuned, args.out, args.rank, memory_budget=budget, progress=not args.quiet)
+    whole = f"; saved whole: {len(done.saved_whole)} tensors" if done.saved_whole else ""
+    print(
+        f"extracted into {args.out}: {done.modules} linear layers at rank {done.rank}{whole}; relative error "
+        f"{done.relative_error:.4f} of the task matrices; {done.seconds:.1f} s, "
+        f"peak RSS {done.peak_rss / 2**20:.0f} MiB"
+    )
+    return 0
 
 
 def _inspect(args) -> int:
@@ -203,6 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         help="distributed: seconds a silent rank is waited for before the run fails (default 300)",
     )
     m.set_defaults(run=_merge)
+    x = sub.add_parser("extract-lora", help="write a fine-tuned model's change to its base as a PEFT LoRA adapter")
+    x.add_argument("base", help="the base model")
+    x.add_argument("tuned", help="the fine-tuned model (same architecture)")
+    x.add_argument("out", help="the adapter directory (created; must be empty)")
+    x.add_argument("--rank", type=int, required=True, help="the LoRA rank (singular values kept per matrix)")
+    x.add_argument("--memory-budget", help="refuse when the largest matrix's SVD needs more, e.g. 4GiB")
+    x.add_argument("--quiet", action="store_true", help="no progress bar")
+    x.set_defaults(run=_extract_lora)
     i = sub.add_parser("inspect", help="tensors, dtypes, bytes and architecture of a model")
     i.add_argument("model", help="a model directory, .safetensors file or index json")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
