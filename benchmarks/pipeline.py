@@ -1,6 +1,6 @@
 """Streaming-merge benchmark: our pipeline against mergekit on a generated Llama-shaped family.
 
-    python benchmarks/pipeline.py                      # 3 × 1.1B bf16 (base + 2 fine-tunes), all methods
+    python benchmarks/pipeline.py                      # 3 × 1.1B bf16 (base + 2 fine-tunes), all 20 methods
     python benchmarks/pipeline.py --layers 2 --methods linear --skip-mergekit   # a quick smoke run
 
 Generates the models (HF format, 1 GB shards) under --workdir, measures the disk bounds (every
@@ -28,7 +28,9 @@ from modelfusion.io import Checkpoint, OutputTensor, ShardWriter
 from modelfusion.pipeline import load_recipe
 from roofline import git_sha, machine
 
-METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"]
+from fusion_kernels import methods as fk_methods
+
+METHODS = list(fk_methods.METHODS)  # every method of the table; with mergekit beside them about 40 minutes
 
 OURS = """
 import json, sys

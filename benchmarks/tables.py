@@ -64,7 +64,6 @@ def render() -> str:
 def headline() -> str:
     """Two measured claims: the averaging kernel against eager PyTorch, and the pipeline against mergekit."""
     roof = json.loads((RESULTS / "roofline-cpu.json").read_text())
-    pipe = json.loads((RESULTS / "pipeline-cpu.json").read_text())
     lines = [
         f"Kernels (`benchmarks/roofline.py`; {roof['machine']}, git `{roof['git_sha'][:7]}`, "
         f"{roof['date'][:10]}; copy bandwidth {roof['copy_gbps']:.1f} GB/s; 4 models × 64M elements):",
@@ -78,8 +77,14 @@ def headline() -> str:
                 f"| {r['op']} | {r['dtype']} | {r['gbps']:.1f} | {r['fraction_of_copy']:.0%} | "
                 f"{r['speedup_vs_stack']:.0f}× | {r['speedup_vs_loop']:.0f}× |"
             )
-    lines += [
-        "",
+    for name in ("pipeline-cpu.json", "pipeline-cpu-mergekit-methods.json"):
+        if (RESULTS / name).exists():
+            lines += ["", *_pipeline_table(json.loads((RESULTS / name).read_text()))]
+    return "\n".join(lines) + "\n"
+
+
+def _pipeline_table(pipe: dict) -> list[str]:
+    lines = [
         f"Pipeline (`benchmarks/pipeline.py`; {pipe['machine']}, "
         + (f"git `{pipe['git_sha'][:7]}`, {pipe['date'][:10]}, " if pipe.get("git_sha") else "commit unrecorded, ")
         + f"torch {pipe['torch']}; "
@@ -97,7 +102,7 @@ def headline() -> str:
                 f"{r['ours_peak_rss_mib']:.0f} | {r['mergekit_s']:.1f} | {r['mergekit_peak_rss_mib']:.0f} | "
                 f"{r['speedup']:.1f}× |"
             )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> int:

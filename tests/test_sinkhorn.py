@@ -211,3 +211,27 @@ def test_opcheck():
     log_a = torch.full((2, 5), -math.log(5), dtype=torch.float64)
     log_b = torch.full((2, 6), -math.log(6), dtype=torch.float64)
     torch.library.opcheck(torch.ops.fusion_kernels.sinkhorn.default, (cost, log_a, log_b, 0.5, 200, 1e-9, 10, False))
+
+
+def test_the_loop_reads_the_device_only_at_its_checks(monkeypatch):
+    """The shared loop (the torch and Triton backends) syncs with the device once per check, not per
+    iteration: on a GPU a sync per iteration costs more than the iteration."""
+    loop = importlib.import_module("fusion_kernels.reference.sinkhorn")
+    reads = []
+    original = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: reads.append(1) or original(self))
+    cost = torch.rand(2, 6, 7, dtype=torch.float64)
+    log_a = torch.full((2, 6), -math.log(6), dtype=torch.float64)
+    log_b = torch.full((2, 7), -math.log(7), dtype=torch.float64)
+    _, _, iterations, _ = loop.iterate(
+        cost,
+        log_a,
+        log_b,
+        0.5,
+        100,
+        -1.0,  # never met: every check runs
+        10,
+        lambda c, g: torch.logsumexp((g.unsqueeze(1) - c) / 0.5, dim=2),
+        lambda c, f: torch.logsumexp((f.unsqueeze(2) - c) / 0.5, dim=1),
+    )
+    assert iterations.tolist() == [100, 100] and len(reads) == 10  # one read at each of the 10 checks

@@ -50,7 +50,8 @@ def iterate(cost, log_a, log_b, reg, max_iter, tol, check_every, lse_rows, lse_c
     iterations = torch.zeros(batch, dtype=torch.int64, device=cost.device)
     error = torch.zeros(batch, dtype=torch.float64, device=cost.device)
     it = 0
-    while bool(active.any()):
+    running = batch > 0  # read back from the device only where ``active`` changes: at the checks
+    while running:
         f_next = reg * (log_a - lse_rows(cost, g))
         if it > 0 and (it % check_every == 0 or it == max_iter):
             err = (log_a.double().exp() * torch.expm1((f - f_next).double() / reg).abs()).sum(1)
@@ -58,6 +59,7 @@ def iterate(cost, log_a, log_b, reg, max_iter, tol, check_every, lse_rows, lse_c
             error = torch.where(done, err.detach(), error)
             iterations = torch.where(done, it, iterations)
             active = active & ~done
+            running = bool(active.any())
         f = torch.where(active.unsqueeze(1), f_next, f)
         g_next = reg * (log_b - lse_cols(cost, f))
         g = torch.where(active.unsqueeze(1), g_next, g)
