@@ -214,17 +214,16 @@ def ram(
     if not xs:
         return base
     b = _work(base)
-    merged = torch.zeros_like(b)
-    count = torch.zeros(b.shape, dtype=torch.int32, device=b.device)
-    for x in xs:
-        count += (_work(x) - b).abs_() > epsilon
+    taus = [_work(x) - b for x in xs]
+    kept = [tau.abs() > epsilon for tau in taus]
+    count = sum(k.to(torch.int32) for k in kept)
     if scales is None:
         scales = [1.0] * len(xs) if r is None else ram_scales(ram_counts(base, xs, epsilon), epsilon, r, alpha)
-    divisor = count.clamp(min=1).to(b.dtype)
-    for x, scale in zip(xs, scales, strict=True):
-        tau = _work(x) - b
-        kept = tau.abs() > epsilon
-        merged += torch.where(kept, torch.where(count == 1, tau * scale, tau / divisor), 0)
+    total = sum(torch.where(k, tau, 0) for k, tau in zip(kept, taus, strict=True))  # Σ of the kept τᵢ
+    merged = total / count.clamp(min=1)  # their mean where several keep an element
+    if any(scale != 1.0 for scale in scales):  # RAM+: an element only one model keeps, scaled by its λ
+        alone = sum(torch.where(k, tau * scale, 0) for k, tau, scale in zip(kept, taus, scales, strict=True))
+        merged = torch.where(count == 1, alone, merged)
     return (b + merged).to(base.dtype)
 
 
