@@ -18,14 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from modelfusion.demos.streaming import make_llama_family
 from modelfusion.io import Checkpoint
 from modelfusion.io.lora import open_model
-from roofline import git_sha, machine
+from roofline import header
 
 RSS = "import resource, sys; print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, file=sys.stderr)"
 
@@ -73,11 +72,7 @@ def main() -> None:
                          "relative_error": relative_error(base, tuned, root / "theirs", name)})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
         result = {
-            "benchmark": "extract-lora",
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "machine": machine("cpu"),
-            "git_sha": git_sha(),
-            "torch": torch.__version__,
+            **header("extract-lora"),
             "layers": args.layers,
             "rank": args.rank,
             "params": sum(t.nbytes // 2 for t in Checkpoint(base).tensors.values()),

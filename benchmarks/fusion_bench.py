@@ -16,7 +16,6 @@ import argparse
 import json
 import subprocess
 import sys
-from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -71,7 +70,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(c[0] for c in BENCH))
     parser.add_argument("--json", type=Path, default=HERE / "results" / "fusion-bench-cpu.json")
     args = parser.parse_args()
-    from roofline import git_sha, machine
+    from roofline import git_sha, header
 
     wanted = args.methods.split(",")
     rows = []
@@ -103,11 +102,7 @@ def main() -> None:
     import torch
 
     report = {
-        "benchmark": "fusion_bench",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine("cpu"),
-        "git_sha": git_sha(),
-        "torch": torch.__version__,
+        **header("fusion_bench"),
         "threads": torch.get_num_threads(),
         "shape": f"CLIP ViT-B/32 vision ({args.layers} layers), {args.tasks} task vectors, float32",
         "results": rows,

@@ -317,6 +317,17 @@ def git_sha() -> str | None:
         return None
 
 
+def header(benchmark: str, device: str = "cpu") -> dict:
+    """The fields every results JSON starts with: what ran, when, where, on which commit and torch."""
+    return {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(device),
+        "git_sha": git_sha(),
+        "torch": torch.__version__,
+    }
+
+
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(device)
