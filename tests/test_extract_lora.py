@@ -128,3 +128,20 @@ def test_the_command_line(models, tmp_path, capsys):
     assert main(["extract-lora", str(base), str(tuned), str(tmp_path / "adapter"), "--rank", "2"]) == 2
     assert "not an empty directory" in capsys.readouterr().err
     assert sys.executable  # the command runs in-process here; the wheel check runs the installed one
+
+
+def test_ctrl_c_leaves_nothing_and_says_so(models, tmp_path, monkeypatch, capsys):
+    base, tuned = models
+    calls = []
+    real_svd = torch.linalg.svd
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_svd(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", interrupted)
+    assert main(["extract-lora", str(base), str(tuned), str(tmp_path / "adapter"), "--rank", "2", "--quiet"]) == 130
+    assert "interrupted; nothing was written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -302,3 +302,14 @@ def test_an_lm_head_bias_is_aligned_like_its_weight(models):
     assert aligned[2][vocab["fish"]] == 200 + vocab_of(b)["fish"]  # b's own entry
     assert aligned[0][vocab["fish"]] == 200 + vocab_of(b)["fish"]  # base lacks it: from b, its only holder
     assert aligned[2][vocab["w3"]] == vocab_of(base)["w3"]  # b lacks it: the base's
+
+
+def test_a_chat_template_for_a_model_without_a_tokenizer_is_refused_before_writing(tmp_path):
+    from modelfusion.demos.streaming import make_llama_family
+    from modelfusion.errors import CheckpointError
+
+    base, tuned = make_llama_family(tmp_path / "family", 1, torch.float32, hidden=32, layers=1, intermediate=48)
+    recipe = f"merge_method: linear\nmodels: [{base}, {tuned}]\nparameters: {{weight: 1.0}}\nchat_template: chatml\n"
+    with pytest.raises(CheckpointError, match="cannot load its tokenizer: it has no tokenizer.json"):
+        merge(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

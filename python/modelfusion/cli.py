@@ -247,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (KeyboardInterrupt, Terminated) as e:
         what, code = ("terminated", 143) if isinstance(e, Terminated) else ("interrupted", 130)
-        print(f"modelfusion {args.command}: {what}; run again with --resume to continue", file=sys.stderr)
+        after = "run again with --resume to continue" if args.command == "merge" else "nothing was written"
+        print(f"modelfusion {args.command}: {what}; {after}", file=sys.stderr)
         return code
     finally:
         if previous is not None:

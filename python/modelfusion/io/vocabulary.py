@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import RecipeError
+from ..errors import CheckpointError, RecipeError, short_repr
 from .chat_templates import NAMED
 from .writer import TOKENIZER_FILES
 
@@ -75,7 +75,23 @@ def _transformers():
 
 
 def _load(transformers, path: Path):
-    return transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir(path)), use_fast=True)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir(path)), use_fast=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, ImportError, ...
+        where = tokenizer_dir(path)
+        if not any((where / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            why = "it has no tokenizer.json, tokenizer_config.json or tokenizer.model"
+        else:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            why = short_repr(" ".join(lines[-1:] if len(lines) > 1 else lines), 200)
+        raise CheckpointError(f"{where}: cannot load its tokenizer: {why}") from e
+
+
+def check_chat_template_target(spec: TokenizerSpec, base: Path) -> None:
+    """Before anything is written: with only a chat template asked for, the base model's tokenizer
+    (which takes the template) must load."""
+    if spec.source is None and spec.chat_template is not None:
+        _load(_transformers(), base)
 
 
 def tokenizer_dir(path: Path) -> Path:

@@ -17,7 +17,7 @@ from fusion_kernels.methods import METHODS, REQUIRED, scratch_bytes, tensor_seed
 from ..errors import RecipeError
 from ..io.checkpoint import FLOAT8, Checkpoint, TensorInfo
 from ..io.lora import open_model
-from ..io.vocabulary import Vocabulary, build_vocabulary
+from ..io.vocabulary import Vocabulary, build_vocabulary, check_chat_template_target
 from ..io.writer import OutputTensor, plan_shards, shard_name
 from .recipe import LAYER, Recipe, Slice, layer_position, model_params, resolve, shared_params, slice_roles
 
@@ -447,6 +447,8 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
     vocabulary = None
     if spec is not None and spec.source is not None:
         vocabulary = build_vocabulary(spec, recipe.base_model, paths)
+    elif spec is not None:
+        check_chat_template_target(spec, paths[0])
     if recipe.modules is not None:
         tasks, overrides = _module_tasks(recipe, paths, checkpoints, vocabulary)
     elif recipe.slices is None:
