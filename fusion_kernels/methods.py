@@ -393,6 +393,10 @@ def _sce(base: torch.Tensor, others: list[torch.Tensor], density: float) -> torc
         part = composite.sce_energies(b, xs, None if mask is None else mask[where])
         energies = [e + p for e, p in zip(energies, part, strict=True)]
     weights = composite.sce_weights([e / max(base.numel(), 1) for e in energies])
+    if not any(0 < w < 1e-6 for w in weights):  # else the reference's 1e-6 floor on Σ agreeing wᵢ applies
+        # the same election and weighted mean as the sparse engine's: one fused pass
+        masks = None if mask is None else [mask.view(base.shape)] * len(others)
+        return sparse_merge(base, others, weights, sparsify=None, masks=masks, elect_on="unweighted")
     return _by_chunks(
         lambda b, xs, where: composite.sce_combine(b, xs, None if mask is None else mask[where], weights), base, others
     )
@@ -421,7 +425,7 @@ COMPOSITE_BYTES = {
     "nuslerp": 8,  # along a dimension (flattened: from the Gram matrix, as multislerp and karcher)
     "multislerp": 0,
     "karcher": 0,
-    "sce": 9,  # the float32 variances, the pruned copy selecting the mask and the mask itself
+    "sce": 13,  # the float32 variances, the pruned copy selecting the mask, the mask, the fused merge's scratch
     "arcee_fusion": 4,  # the float32 importance, beside the pieces' temporaries
 }
 CHUNKED_BYTES = {

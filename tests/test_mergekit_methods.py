@@ -230,3 +230,17 @@ def test_methods_run_piece_by_piece_as_their_references(monkeypatch, dtype, name
     expected = reference(tensors[0], tensors[1:])
     assert got.dtype == expected.dtype == dtype
     assert_peer_close(got.float(), expected.float(), "float32_formula")
+
+
+def test_sce_with_a_nearly_silent_model_keeps_the_references_floor():
+    """A model whose weight (share of the energy) is below 1e-6 takes the reference's path, where the
+    weighted mean divides by at least 1e-6: where it alone moves an element, the fused path would
+    divide by its tiny weight alone and keep its whole τ."""
+    base = torch.zeros(64, 32)
+    loud = base.clone()
+    loud[32:] = 1e4  # moves only the second half, with all the energy
+    quiet = base + torch.where(torch.arange(64 * 32).reshape(64, 32) % 2 == 0, 1.0, -1.0)
+    got = _ours("sce", base, [loud, quiet], select_topk=1.0)
+    expected = composite.sce(base, [loud, quiet], 1.0)
+    assert expected[:32].abs().max() < 0.1  # the floor: 2e-8 / 1e-6 of quiet's τ
+    assert_peer_close(got, expected, "float32_formula")
