@@ -98,7 +98,8 @@ def _pipeline_table(pipe: dict) -> list[str]:
     for r in pipe["rows"]:
         if r.get("mergekit_s"):
             lines.append(
-                f"| {r['method']} | {r['budget']} | {r['ours_s']:.2f} | {r['ours_fraction_of_disk_bound']:.0%} | "
+                f"| {r['method']}{' (re-run: ' + r['rerun'][:11] + ')' if r.get('rerun') else ''} | {r['budget']} | "
+                f"{r['ours_s']:.2f} | {r['ours_fraction_of_disk_bound']:.0%} | "
                 f"{r['ours_peak_rss_mib']:.0f} | {r['mergekit_s']:.1f} | {r['mergekit_peak_rss_mib']:.0f} | "
                 f"{r['speedup']:.1f}× |"
             )
