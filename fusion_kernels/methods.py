@@ -410,31 +410,26 @@ def scratch_bytes(name: str, numel: int, models: int) -> int:
     merged from ``models`` tensors (the base included): what a memory budget must count."""
     if name == "model_stock":  # its float64 chunk buffers (see model_stock)
         return 8 * min(numel, MODEL_STOCK_CHUNK) * (models + 2)
-    whole = COMPOSITE_BYTES.get(name, 0) * (numel if name in ("sce", "arcee_fusion") else models * numel)
-    if name in CHUNKED_BYTES:  # temporaries of one piece at a time
-        return whole + CHUNKED_BYTES[name] * models * min(numel, ELEMENTWISE_CHUNK)
     if name in COMPOSITE_BYTES:
-        return whole
+        per_model, once, per_piece = COMPOSITE_BYTES[name]
+        return (per_model * models + once) * numel + per_piece * models * min(numel, ELEMENTWISE_CHUNK)
     return 4 * numel  # the kernels' float32 scratch (DELLA's ranks and keep probabilities included)
 
 
-# bytes per element and model of the whole-tensor float32 temporaries of reference.composite's
-# methods, measured with bf16 and float32 inputs (the larger, rounded up); passthrough makes none
+# bytes per element of the float32 temporaries of the methods beyond task arithmetic, measured with
+# bf16 and float32 inputs (the larger, rounded up): (whole tensor, per model), (whole tensor, once),
+# (one piece of ELEMENTWISE_CHUNK elements, per model: the methods run by _by_chunks)
 COMPOSITE_BYTES = {
-    "passthrough": 0,
-    "nuslerp": 8,  # along a dimension (flattened: from the Gram matrix, as multislerp and karcher)
-    "multislerp": 0,
-    "karcher": 0,
-    "sce": 13,  # the float32 variances, the pruned copy selecting the mask, the mask, the fused merge's scratch
-    "arcee_fusion": 4,  # the float32 importance, beside the pieces' temporaries
+    "passthrough": (0, 0, 0),
+    "nuslerp": (8, 0, 0),  # along a dimension (flattened: from the Gram matrix, as multislerp and karcher)
+    "multislerp": (0, 0, 0),
+    "karcher": (0, 0, 0),
+    "nearswap": (0, 0, 9),
+    "ram": (0, 0, 12),
+    "ramplus_tl": (0, 0, 12),
+    "sce": (0, 13, 14),  # once: the float32 variances, the pruned copy giving the mask, the mask, the merge scratch
+    "arcee_fusion": (0, 4, 16),  # once: the float32 importance
 }
-CHUNKED_BYTES = {
-    "nearswap": 9,
-    "ram": 12,
-    "ramplus_tl": 12,
-    "sce": 14,
-    "arcee_fusion": 16,
-}  # the same, per piece (_by_chunks)
 
 
 def model_stock(base: torch.Tensor, others: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:

@@ -27,9 +27,9 @@ from ..io import Checkpoint
 from ..io.lora import ADAPTER_PREFIX
 from ..io.writer import OutputTensor, ShardWriter, write_json_atomic
 from .executor import peak_rss
-from .plan import human_bytes
+from .plan import BEFORE_LAYERS, human_bytes
 
-WHOLE = re.compile(r"embed|wte|wpe|word_embeddings|lm_head")  # saved whole, as mergekit does by default
+WHOLE = re.compile(BEFORE_LAYERS.pattern + "|lm_head")  # embeddings and the head: saved whole, as mergekit does
 
 
 @dataclass
