@@ -83,6 +83,33 @@ void fisher_merge(uintptr_t out, const Ptrs& xs, const Ptrs& fs, const std::vect
   parallel_run(active_kernels().fisher_merge[dtype], h.args, threads);
 }
 
+void ram_merge(uintptr_t out, uintptr_t base, const Ptrs& xs, const std::vector<double>& scales, double eps,
+               int64_t numel, int dtype, int threads) {
+  ArgsHolder h(out, xs, scales, numel, dtype);
+  h.args.base = reinterpret_cast<const void*>(base);
+  h.args.eps32 = static_cast<float>(eps);
+  h.args.eps64 = eps;
+  parallel_run(active_kernels().ram_merge[dtype], h.args, threads);
+}
+
+// [shared_0, alone_0, shared_1, alone_1, ...]: per model, the kept elements another model keeps too
+// and those only it keeps (one partial count per thread, added here).
+std::vector<int64_t> ram_counts(uintptr_t base, const Ptrs& xs, double eps, int64_t numel, int dtype, int threads) {
+  ArgsHolder h(0, xs, std::vector<double>(xs.size(), 1.0), numel, dtype);
+  h.args.base = reinterpret_cast<const void*>(base);
+  h.args.eps32 = static_cast<float>(eps);
+  h.args.eps64 = eps;
+  const size_t slots = 2 * xs.size();
+  const int t = plan_threads(numel, threads);
+  std::vector<int64_t> partial(slots * size_t(std::max(t, 1)), 0), counts(slots, 0);
+  const RamCountsFn fn = active_kernels().ram_counts[dtype];
+  parallel_pieces(numel, t, [&](int id, int64_t begin, int64_t end) {
+    if (begin < end) fn(h.args, begin, end, partial.data() + slots * id);
+  });
+  for (size_t i = 0; i < partial.size(); ++i) counts[i % slots] += partial[i];
+  return counts;
+}
+
 TaskSource task_source(uintptr_t base, const Ptrs& xs, int dtype, int64_t numel) {
   if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
     throw std::invalid_argument("sparse kernels take float32, float16 or bfloat16, got dtype code " +
@@ -146,6 +173,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
   m.def("fisher_merge", &fk::fisher_merge, py::arg("out"), py::arg("xs"), py::arg("fisher"), py::arg("weights"),
         py::arg("eps"), py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
+  m.def("ram_merge", &fk::ram_merge, py::arg("out"), py::arg("base"), py::arg("xs"), py::arg("scales"), py::arg("eps"),
+        py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
+  m.def("ram_counts", &fk::ram_counts, py::arg("base"), py::arg("xs"), py::arg("eps"), py::arg("numel"),
+        py::arg("dtype"), py::arg("threads"), nogil);
   m.def("magnitude_select", &fk::magnitude_select_flat, py::arg("base"), py::arg("xs"), py::arg("dtype"),
         py::arg("numel"), py::arg("models"), py::arg("ks"), py::arg("threads"), nogil);
   py::enum_<fk::KeepKind>(m, "KeepKind")
@@ -199,7 +230,8 @@ PYBIND11_MODULE(_C, m) {
         if (xs.empty() || rows < 0 || cols < 0) throw std::invalid_argument("gram: need inputs, rows >= 0, cols >= 0");
         std::vector<const void*> ptrs;
         for (auto p : xs) ptrs.push_back(reinterpret_cast<const void*>(p));
-        fk::gram(reinterpret_cast<double*>(out), ptrs, reinterpret_cast<const void*>(base), dtype, rows, cols, threads);
+        fk::gram(reinterpret_cast<double*>(out), ptrs.data(), int(ptrs.size()), reinterpret_cast<const void*>(base),
+                 dtype, rows, cols, threads);
       },
       py::arg("out"), py::arg("xs"), py::arg("base"), py::arg("dtype"), py::arg("rows"), py::arg("cols"),
       py::arg("threads"), nogil);

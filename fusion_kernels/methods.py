@@ -26,6 +26,7 @@ from . import spherical
 from .errors import FusionError, ParameterError, short_repr
 from .ops.gram import gram
 from .ops.magnitude_prune import magnitude_prune, magnitude_threshold
+from .ops.ram_merge import ram_counts, ram_merge
 from .ops.slerp import slerp
 from .ops.sparse_merge import sparse_merge
 from .ops.task_arithmetic import task_arithmetic
@@ -311,16 +312,11 @@ def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str,
     if name == "arcee_fusion":
         return _arcee_fusion(base, others[0])
     if name == "ram":
-        return _by_chunks(lambda b, xs, _: composite.ram(b, xs, params["epsilon"]), base, others)
-    if name == "ramplus_tl":
+        return ram_merge(base, others, params["epsilon"])
+    if name == "ramplus_tl":  # RAM+'s counts over the whole tensor first, then one fused pass
         eps = params["epsilon"]
-        counts = [(0, 0)] * len(others)
-        for b, xs, _ in _chunks_of(base, others):  # RAM+'s counts over the whole tensor first
-            counts = [
-                (s + s2, a + a2) for (s, a), (s2, a2) in zip(counts, composite.ram_counts(b, xs, eps), strict=True)
-            ]
-        scales = composite.ram_scales(counts, eps, params["r"], params["alpha"])
-        return _by_chunks(lambda b, xs, _: composite.ram(b, xs, eps, scales=scales), base, others)
+        scales = composite.ram_scales(ram_counts(base, others, eps), eps, params["r"], params["alpha"])
+        return ram_merge(base, others, eps, scales)
     if name == "karcher":
         uniform = [1 / len(others)] * len(others)
         return spherical.karcher(others, uniform, params["max_iter"], params["tol"])
@@ -425,8 +421,8 @@ COMPOSITE_BYTES = {
     "multislerp": (0, 0, 0),
     "karcher": (0, 0, 0),
     "nearswap": (0, 0, 9),
-    "ram": (0, 0, 12),
-    "ramplus_tl": (0, 0, 12),
+    "ram": (0, 0, 0),  # fused (ram_merge)
+    "ramplus_tl": (0, 0, 0),
     "sce": (0, 13, 14),  # once: the float32 variances, the pruned copy giving the mask, the mask, the merge scratch
     "arcee_fusion": (0, 4, 16),  # once: the float32 importance
 }

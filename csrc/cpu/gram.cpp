@@ -6,9 +6,9 @@
 
 namespace fk {
 
-void gram(double* out, const std::vector<const void*>& xs, const void* base, int dtype, int64_t rows, int64_t cols,
+void gram(double* out, const void* const* xs, int n, const void* base, int dtype, int64_t rows, int64_t cols,
           int threads) {
-  active_kernels().gram[dtype](out, xs, base, rows, cols, threads);
+  active_kernels().gram[dtype](out, xs, n, base, rows, cols, threads);
 }
 
 }  // namespace fk

@@ -2,11 +2,12 @@
 // sums kept apart and added in block order, so results do not depend on threads. Inside a block,
 // kLanes independent accumulators per pair let the compiler vectorise without reassociating
 // (the sums are therefore in a fixed order too, the same on every ISA). Included by each ISA's
-// translation unit (kernel_table.h). Semantics: fusion_kernels/reference/gram.py.
+// translation unit (kernel_table.h), so plain arrays only: a standard container's code compiled
+// there for AVX2 could be the copy the linker keeps for every caller. Semantics:
+// fusion_kernels/reference/gram.py.
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <vector>
 
 #include "lanes.h"
 #include "runtime.h"
@@ -25,31 +26,30 @@ double load64(const T* p) {
 inline double load64(const double* p) { return *p; }
 
 template <class T>
-void gram_range(double* out, const std::vector<const void*>& inputs, const void* base_ptr, int64_t rows,
-                int64_t cols, int threads) {
-  const int n = static_cast<int>(inputs.size());
-  std::vector<const T*> xs(n);
-  for (int i = 0; i < n; ++i) xs[i] = static_cast<const T*>(inputs[i]);
+void gram_range(double* out, const void* const* inputs, int n, const void* base_ptr, int64_t rows, int64_t cols,
+                int threads) {
+  const T* const* xs = reinterpret_cast<const T* const*>(inputs);
   const T* base = static_cast<const T*>(base_ptr);
   const int pairs = n * (n + 1) / 2;
   const int64_t blocks = std::max<int64_t>(1, (cols + kGramBlock - 1) / kGramBlock);
   const int64_t tasks = rows * blocks;
-  std::vector<double> partial(size_t(tasks) * pairs, 0.0);
+  double* partial = new double[size_t(tasks) * pairs];
   const int nt = static_cast<int>(std::min<int64_t>(plan_threads(rows * cols * n, threads), std::max<int64_t>(1, tasks)));
   parallel_pieces(tasks, nt, [&](int, int64_t begin, int64_t end) {
     // each piece of kPiece elements converted once into float64 buffers (L1-resident), then one
     // vectorisable dot product per pair with kLanes independent accumulators
-    std::vector<double> acc(size_t(pairs) * kLanes), d(size_t(n) * kPiece);
+    double* acc = new double[size_t(pairs) * kLanes];
+    double* d = new double[size_t(n) * kPiece];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / blocks, block = task % blocks;
       const int64_t c0 = row * cols + block * kGramBlock;
       const int64_t c1 = row * cols + std::min(cols, (block + 1) * kGramBlock);
-      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int p = 0; p < pairs * kLanes; ++p) acc[p] = 0.0;
       for (int64_t c = c0; c < c1; c += kPiece) {
         const int64_t width = std::min<int64_t>(kPiece, c1 - c);
         const int64_t padded = (width + kLanes - 1) / kLanes * kLanes;
         for (int i = 0; i < n; ++i) {
-          double* di = d.data() + i * kPiece;
+          double* di = d + i * kPiece;
           const T* x = xs[i] + c;
           if (base) {
             const T* b = base + c;
@@ -57,18 +57,18 @@ void gram_range(double* out, const std::vector<const void*>& inputs, const void*
           } else {
             for (int64_t l = 0; l < width; ++l) di[l] = load64(x + l);
           }
-          std::fill(di + width, di + padded, 0.0);
+          for (int64_t l = width; l < padded; ++l) di[l] = 0.0;
         }
         int p = 0;
         for (int i = 0; i < n; ++i) {
-          const double* di = d.data() + i * kPiece;
+          const double* di = d + i * kPiece;
           for (int j = i; j < n; ++j, ++p) {
-            const double* dj = d.data() + j * kPiece;
+            const double* dj = d + j * kPiece;
             double a[kLanes];
-            std::copy(acc.begin() + p * kLanes, acc.begin() + (p + 1) * kLanes, a);
+            for (int l = 0; l < kLanes; ++l) a[l] = acc[p * kLanes + l];
             for (int64_t e = 0; e < padded; e += kLanes)
               for (int l = 0; l < kLanes; ++l) a[l] += di[e + l] * dj[e + l];
-            std::copy(a, a + kLanes, acc.begin() + p * kLanes);
+            for (int l = 0; l < kLanes; ++l) acc[p * kLanes + l] = a[l];
           }
         }
       }
@@ -78,6 +78,8 @@ void gram_range(double* out, const std::vector<const void*>& inputs, const void*
         partial[size_t(task) * pairs + p] = s;
       }
     }
+    delete[] acc;
+    delete[] d;
   });
   for (int64_t row = 0; row < rows; ++row) {
     double* g = out + row * n * n;
@@ -90,6 +92,7 @@ void gram_range(double* out, const std::vector<const void*>& inputs, const void*
       }
     }
   }
+  delete[] partial;
 }
 
 }  // namespace

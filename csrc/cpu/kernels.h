@@ -6,13 +6,13 @@
 #include "sinkhorn_args.h"
 #include "sparse_args.h"
 
-#include <vector>
-
 namespace fk {
 
 // out[r][i][j] over [rows, cols] views of xs (less base when not null); see gram_kernels.h
-using GramFn = void (*)(double* out, const std::vector<const void*>& xs, const void* base, int64_t rows,
-                        int64_t cols, int threads);
+using GramFn = void (*)(double* out, const void* const* xs, int n, const void* base, int64_t rows, int64_t cols,
+                        int threads);
+// counts[2k], counts[2k + 1] over [begin, end): RAM+'s shared and lone kept elements of model k (ram_merge.h)
+using RamCountsFn = void (*)(const MergeArgs& a, int64_t begin, int64_t end, int64_t* counts);
 
 struct KernelTable {
   RangeFn weighted_sum[kNumDTypes];
@@ -26,6 +26,8 @@ struct KernelTable {
   SinkhornKernels<double> sinkhorn64;
   LsaRelaxFn lsa_relax;
   GramFn gram[kNumDTypes];
+  RangeFn ram_merge[kNumDTypes];
+  RamCountsFn ram_counts[kNumDTypes];
 };
 
 const KernelTable& portable_kernels();

@@ -28,6 +28,20 @@ struct OneElementLane {
   static F hsum(R v) { return v; }
   static F hmax(R v) { return v; }
   static R exp(R v) { return std::exp(v); }
+
+  // Comparisons and masks: M holds one truth value per element.
+  using M = bool;
+  static M fgt(R a, R b) { return a > b; }
+  static M fge(R a, R b) { return a >= b; }
+  static M feq(R a, R b) { return a == b; }
+  static M mall() { return true; }
+  static M mand(M a, M b) { return a && b; }
+  static M mor(M a, M b) { return a || b; }
+  static M mandnot(M a, M b) { return a && !b; }
+  static R select(M m, R a, R b) { return m ? a : b; }
+  static R keep_if(M m, R a) { return m ? a : R(0); }
+  static R one_if(M m) { return m ? R(1) : R(0); }
+  static R abs(R v) { return std::fabs(v); }
 };
 
 struct ScalarLane : OneElementLane<float> {
@@ -41,10 +55,9 @@ struct ScalarLane : OneElementLane<float> {
   static R fma(R a, R b, R c) { return __builtin_fmaf(a, b, c); }
 #endif
 
-  // Integer and mask operations of the sparse kernels: I holds int32 keys or uint32 hash state
-  // (wrapping arithmetic), M one truth value per element.
+  // Integer operations of the sparse kernels: I holds int32 keys or uint32 hash state (wrapping
+  // arithmetic).
   using I = int32_t;
-  using M = bool;
   static I iset1(int32_t v) { return v; }
   static I iota() { return 0; }
   static I iadd(I a, I b) { return int32_t(uint32_t(a) + uint32_t(b)); }
@@ -55,17 +68,7 @@ struct ScalarLane : OneElementLane<float> {
   static I isrl(I a) { return int32_t(uint32_t(a) >> k); }
   static M igt(I a, I b) { return a > b; }
   static M ieq(I a, I b) { return a == b; }
-  static M fgt(R a, R b) { return a > b; }
-  static M fge(R a, R b) { return a >= b; }
-  static M feq(R a, R b) { return a == b; }
-  static M mall() { return true; }
-  static M mand(M a, M b) { return a && b; }
-  static M mor(M a, M b) { return a || b; }
-  static M mandnot(M a, M b) { return a && !b; }
   static int movemask(M m) { return m ? 1 : 0; }
-  static R select(M m, R a, R b) { return m ? a : b; }
-  static R keep_if(M m, R a) { return m ? a : 0.f; }
-  static R one_if(M m) { return m ? 1.f : 0.f; }
   static R abs(R v) { return bits_to_float(float_to_bits(v) & 0x7fffffffu); }
   static I abs_bits(R v) { return int32_t(float_to_bits(v) & 0x7fffffffu); }
   static I key16(const f16* p) { return p->bits & 0x7fff; }

@@ -5,6 +5,7 @@ from .gram import gram
 from .linear_assignment import linear_assignment
 from .magnitude_prune import magnitude_prune, magnitude_threshold
 from .permute import permute, permute_many
+from .ram_merge import ram_counts, ram_merge
 from .sinkhorn import SinkhornResult, sinkhorn
 from .slerp import slerp
 from .sparse_merge import breadcrumbs_merge, dare_merge, della_merge, sparse_merge, ties_merge
@@ -22,6 +23,8 @@ __all__ = [
     "magnitude_threshold",
     "permute",
     "permute_many",
+    "ram_counts",
+    "ram_merge",
     "SinkhornResult",
     "sinkhorn",
     "slerp",
