@@ -363,15 +363,24 @@ def _arcee_fusion(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return composite.arcee_fusion(base, x)
     width = base.shape[-1]
     b2, x2 = base.reshape(-1, width), x.reshape(-1, width)
-    importance = torch.empty(b2.shape, dtype=torch.float32, device=base.device)
+    wide = torch.float64 if base.dtype == torch.float64 else torch.float32
+    importance = torch.empty(b2.shape, dtype=wide, device=base.device)
     step = max(1, ELEMENTWISE_CHUNK // max(width, 1))
-    for r in range(0, b2.shape[0], step):
-        importance[r : r + step] = composite.arcee_importance(b2[r : r + step], x2[r : r + step])
+    for r in range(0, b2.shape[0], step):  # the reference's float32 steps, written into the importance
+        b, x32 = b2[r : r + step].to(wide), x2[r : r + step].to(wide)
+        torch.sub(x32, b, out=importance[r : r + step]).abs_().mul_(composite.arcee_kl(b, x32))
     n = importance.numel()
     q1, median, q3 = (float(magnitude_threshold(importance, k=n - int(f * (n - 1)))) for f in (0.25, 0.5, 0.75))
     cut = median + 1.5 * (q3 - q1)
-    flat = importance.view(-1)
-    return _by_chunks(lambda b, xs, where: composite.arcee_select(b, xs[0], flat[where], cut), base, [x])
+    result = torch.empty_like(base)
+    for r in range(0, b2.shape[0], step):  # x or the base as they are: no float32 round trip
+        torch.where(
+            importance[r : r + step] >= cut,
+            x2[r : r + step],
+            b2[r : r + step],
+            out=result.view(-1, width)[r : r + step],
+        )
+    return result
 
 
 def _sce(base: torch.Tensor, others: list[torch.Tensor], density: float) -> torch.Tensor:

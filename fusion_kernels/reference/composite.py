@@ -189,11 +189,15 @@ def arcee_fusion(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def arcee_importance(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """|x − b| · KL(softmax(x) ‖ softmax(b)), the KL per vector along the last dim (float32)."""
     b, x32 = _work(base), _work(x)
-    p = torch.softmax(x32, dim=-1).add_(1e-8)
+    return (x32 - b).abs_().mul_(arcee_kl(b, x32))
+
+
+def arcee_kl(b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(x) + 1e-8 ‖ softmax(b) + 1e-8) per vector along the last dim, kept as a size-1 dim
+    (b and x already in the working precision)."""
+    p = torch.softmax(x, dim=-1).add_(1e-8)
     q = torch.softmax(b, dim=-1).add_(1e-8)
-    kl = (p * (p / q).log_()).sum(-1, keepdim=True)
-    del p, q
-    return (x32 - b).abs_().mul_(kl)
+    return (p * (p / q).log_()).sum(-1, keepdim=True)
 
 
 def arcee_select(base: torch.Tensor, x: torch.Tensor, importance: torch.Tensor, cut: float) -> torch.Tensor:
