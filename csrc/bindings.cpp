@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/linear_assignment.h"
+#include "cpu/global_threshold.h"
 #include "cpu/gram.h"
 #include "cpu/permute.h"
 #include "cpu/runtime.h"
@@ -102,11 +103,29 @@ std::vector<int64_t> ram_counts(uintptr_t base, const Ptrs& xs, double eps, int6
   const size_t slots = 2 * xs.size();
   const int t = plan_threads(numel, threads);
   std::vector<int64_t> partial(slots * size_t(std::max(t, 1)), 0), counts(slots, 0);
-  const RamCountsFn fn = active_kernels().ram_counts[dtype];
+  const CountsFn fn = active_kernels().ram_counts[dtype];
   parallel_pieces(numel, t, [&](int id, int64_t begin, int64_t end) {
     if (begin < end) fn(h.args, begin, end, partial.data() + slots * id);
   });
   for (size_t i = 0; i < partial.size(); ++i) counts[i % slots] += partial[i];
+  return counts;
+}
+
+// [balance, ties] of TIES' election over the elements kept by per-model magnitude thresholds
+// (sign_tally.h); thresholds are float32 values, already rounded up to float32.
+std::vector<int64_t> sign_tally(uintptr_t base, const Ptrs& xs, const std::vector<double>& thresholds, int64_t numel,
+                                int dtype, int threads) {
+  ArgsHolder h(0, xs, thresholds, numel, dtype);
+  if (base == 0) throw std::invalid_argument("sign_tally: needs a base");
+  h.args.base = reinterpret_cast<const void*>(base);
+  const CountsFn fn = active_kernels().sign_tally[dtype];
+  if (fn == nullptr) throw std::invalid_argument("sign_tally takes float32, float16 or bfloat16");
+  const int t = plan_threads(numel, threads);
+  std::vector<int64_t> partial(2 * size_t(std::max(t, 1)), 0), counts(2, 0);
+  parallel_pieces(numel, t, [&](int id, int64_t begin, int64_t end) {
+    if (begin < end) fn(h.args, begin, end, partial.data() + 2 * id);
+  });
+  for (size_t i = 0; i < partial.size(); ++i) counts[i % 2] += partial[i];
   return counts;
 }
 
@@ -177,6 +196,24 @@ PYBIND11_MODULE(_C, m) {
         py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
   m.def("ram_counts", &fk::ram_counts, py::arg("base"), py::arg("xs"), py::arg("eps"), py::arg("numel"),
         py::arg("dtype"), py::arg("threads"), nogil);
+  m.def(
+      "global_threshold",
+      [](const fk::Ptrs& xs, const fk::Ptrs& bases, const std::vector<int64_t>& numels, int models,
+         const std::vector<int64_t>& ks, int dtype, int threads) {
+        if (dtype != fk::kFloat32 && dtype != fk::kFloat16 && dtype != fk::kBFloat16)
+          throw std::invalid_argument("global_threshold takes float32, float16 or bfloat16");
+        fk::GlobalThresholdArgs a;
+        a.models = models;
+        for (auto p : xs) a.xs.push_back(reinterpret_cast<const void*>(p));
+        for (auto p : bases) a.bases.push_back(reinterpret_cast<const void*>(p));
+        a.numels = numels;
+        a.ks = ks;
+        return fk::global_threshold(a, dtype, threads);
+      },
+      py::arg("xs"), py::arg("bases"), py::arg("numels"), py::arg("models"), py::arg("ks"), py::arg("dtype"),
+      py::arg("threads"), nogil);
+  m.def("sign_tally", &fk::sign_tally, py::arg("base"), py::arg("xs"), py::arg("thresholds"), py::arg("numel"),
+        py::arg("dtype"), py::arg("threads"), nogil);
   m.def("magnitude_select", &fk::magnitude_select_flat, py::arg("base"), py::arg("xs"), py::arg("dtype"),
         py::arg("numel"), py::arg("models"), py::arg("ks"), py::arg("threads"), nogil);
   py::enum_<fk::KeepKind>(m, "KeepKind")
@@ -185,7 +222,8 @@ PYBIND11_MODULE(_C, m) {
       .value("magnitude_outliers", fk::KeepKind::kMagnitudeOutliers)
       .value("random", fk::KeepKind::kRandom)
       .value("della", fk::KeepKind::kDella)
-      .value("mask", fk::KeepKind::kMask);
+      .value("mask", fk::KeepKind::kMask)
+      .value("threshold", fk::KeepKind::kThreshold);
   py::enum_<fk::Rescale>(m, "Rescale")
       .value("none", fk::Rescale::kNone)
       .value("inverse_density", fk::Rescale::kInverseDensity)
@@ -197,7 +235,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("gamma", &fk::ModelKeep::gamma)
       .def_readwrite("epsilon", &fk::ModelKeep::epsilon)
       .def_readwrite("keep", &fk::ModelKeep::keep)
-      .def_readwrite("mask", &fk::ModelKeep::mask);
+      .def_readwrite("mask", &fk::ModelKeep::mask)
+      .def_readwrite("threshold_key", &fk::ModelKeep::threshold_key);
   py::class_<fk::SparseMergeSpec>(m, "SparseMergeSpec", "One sparse merge but its tensors (see csrc/cpu/sparse.h).")
       .def(py::init<>())
       .def_readwrite("models", &fk::SparseMergeSpec::models)
@@ -207,6 +246,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("elect_weighted", &fk::SparseMergeSpec::elect_weighted)
       .def_readwrite("combine", &fk::SparseMergeSpec::combine)
       .def_readwrite("lam", &fk::SparseMergeSpec::lam)
+      .def_readwrite("tie_up", &fk::SparseMergeSpec::tie_up)
       .def_readwrite("seed", &fk::SparseMergeSpec::seed);
   m.attr("L1_RESCALE_EPS") = fk::kL1RescaleEps;
   m.def("sparse_merge", &fk::sparse_merge_one, py::arg("out"), py::arg("base"), py::arg("xs"), py::arg("dtype"),

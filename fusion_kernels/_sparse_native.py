@@ -7,6 +7,7 @@ import torch
 
 from . import _native
 from .reference.magnitude_prune import magnitude_threshold as ref_threshold
+from .reference.sparse_merge import threshold_key
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -36,6 +37,8 @@ def sparse_merge(
     epsilons,
     lam,
     seed,
+    thresholds,
+    tie_sign,
     masks,
     ks=None,
 ) -> None:
@@ -52,8 +55,13 @@ def sparse_merge(
             m.keep = ks[i]
         if masks:
             m.mask = masks[i].data_ptr()
+        elif sparsify == "threshold":
+            m.threshold_key = threshold_key(
+                thresholds[i], xs[0].dtype, keys16=base is None and xs[0].dtype != torch.float32
+            )
         models.append(m)
     spec.models, spec.weights, spec.lam, spec.seed = models, list(weights), lam, seed
+    spec.tie_up = tie_sign > 0
     spec.rescale = getattr(lib.Rescale, rescale or "none")
     spec.consensus = {None: 0, "sum": 1, "count": 2}[consensus]
     spec.elect_weighted = elect_on == "weighted"

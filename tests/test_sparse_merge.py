@@ -241,6 +241,8 @@ def test_opcheck(op_name):
         [0.1, 0.1],
         1.0,
         0,
+        [0.0, 0.0],
+        1,
         [],
     )
     args += (torch.zeros(6, 7),) if op_name.endswith("_out") else ()

@@ -11,8 +11,9 @@ namespace fk {
 // out[r][i][j] over [rows, cols] views of xs (less base when not null); see gram_kernels.h
 using GramFn = void (*)(double* out, const void* const* xs, int n, const void* base, int64_t rows, int64_t cols,
                         int threads);
-// counts[2k], counts[2k + 1] over [begin, end): RAM+'s shared and lone kept elements of model k (ram_merge.h)
-using RamCountsFn = void (*)(const MergeArgs& a, int64_t begin, int64_t end, int64_t* counts);
+// Counting passes over [begin, end), adding into counts: RAM+'s shared and lone kept elements per
+// model (ram_merge.h), TIES' sign balance and ties (sign_tally.h).
+using CountsFn = void (*)(const MergeArgs& a, int64_t begin, int64_t end, int64_t* counts);
 
 struct KernelTable {
   RangeFn weighted_sum[kNumDTypes];
@@ -27,7 +28,8 @@ struct KernelTable {
   LsaRelaxFn lsa_relax;
   GramFn gram[kNumDTypes];
   RangeFn ram_merge[kNumDTypes];
-  RamCountsFn ram_counts[kNumDTypes];
+  CountsFn ram_counts[kNumDTypes];
+  CountsFn sign_tally[kNumDTypes];  // float32, float16 and bfloat16 only (null for float64)
 };
 
 const KernelTable& portable_kernels();

@@ -41,7 +41,7 @@ std::vector<TopK> magnitude_select(const TaskSource& s, const std::vector<int>& 
 // How one model's task vector is sparsified: the typed keep rule the Python layer fills in (bound
 // as fusion_kernels._C.ModelKeep). Semantics: keep_mask_and_probability in
 // fusion_kernels/reference/sparse_merge.py.
-enum class KeepKind : int { kAll, kMagnitude, kMagnitudeOutliers, kRandom, kDella, kMask };
+enum class KeepKind : int { kAll, kMagnitude, kMagnitudeOutliers, kRandom, kDella, kMask, kThreshold };
 
 struct ModelKeep {
   KeepKind kind = KeepKind::kAll;
@@ -50,6 +50,7 @@ struct ModelKeep {
   double epsilon = 0.0;  // kDella: keep probabilities spread over density ± epsilon along each row
   int64_t keep = -1;     // an exact top-k size instead of floor(density·numel) (magnitude_prune); -1: none
   uintptr_t mask = 0;    // kMask: the address of a bool tensor shaped like the inputs
+  int64_t threshold_key = 0;  // kThreshold: keep |tau| keys >= this one (the caller rounds it up into the key space)
 };
 
 enum class Rescale : int { kNone, kInverseDensity, kL1 };
@@ -64,6 +65,7 @@ struct SparseMergeSpec {
   bool elect_weighted = true;
   int combine = 0;
   double lam = 1.0;
+  bool tie_up = true;  // the sign elected where the tally is 0: + (mergekit, PEFT) or - (FusionBench's majority)
   uint64_t seed = 0;  // DARE's and DELLA's draws (reference/random_mask.py's stream_keys)
 };
 

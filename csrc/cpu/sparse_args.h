@@ -49,6 +49,7 @@ struct SparseMergeArgs {
   int combine = 0;                        // 0 sum, 1 mean_count, 2 mean_weight
   float weight_total = 0.f;               // mean_weight without consensus: the sum of the weights
   float lam = 1.f;
+  bool tie_up = true;                     // a zero tally elects +
 };
 
 constexpr int kMaxLaneWidth = 8;  // floats per register of the widest lane (AVX2)

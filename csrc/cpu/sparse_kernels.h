@@ -258,7 +258,7 @@ FK_ALWAYS_INLINE void merge_chunk(const SparseMergeArgs& a, const View& v, T* ou
   for (int u = 0; u < U; ++u) {
     R r = up[u], agreeing = L::set1(float(n));
     if constexpr (Consensus != 0) {
-      const auto elected_up = L::fge(tally[u], zero);
+      const auto elected_up = a.tie_up ? L::fge(tally[u], zero) : L::fgt(tally[u], zero);
       r = L::select(elected_up, up[u], down[u]);
       if constexpr (Agree) agreeing = L::select(elected_up, agree_up[u], agree_down[u]);
     }

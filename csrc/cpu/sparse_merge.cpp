@@ -130,6 +130,11 @@ std::vector<KeepRule> keep_rules(const TaskSource& s, int64_t rows, int64_t cols
       std::tie(r.s1, r.s2) = stream_keys(spec.seed, static_cast<int>(i));
       r.key0 = r.s1 ^ mix(r.s2);
       r.mode = r.p16 == (1 << 16) ? kKeepAll : kKeepRandom;
+    } else if (m.kind == KeepKind::kThreshold) {  // key >= threshold: key > threshold - 1, no index cut
+      r.mode = kKeepTopK;
+      r.hi.t = m.threshold_key - 1;
+      r.hi.cut = 0;
+      r.hi_key = key_threshold(r.hi.t);
     } else if (m.kind == KeepKind::kMask) {
       if (m.mask == 0) throw std::invalid_argument("sparse_merge: a mask rule without a mask");
       r.mode = kKeepMask;
@@ -182,6 +187,7 @@ void sparse_merge(void* out, const TaskSource& s, int64_t rows, int64_t cols, co
   a.combine = spec.combine;
   a.weight_total = static_cast<float>(std::abs(total) >= 1e-8 ? total : 1.0);
   a.lam = static_cast<float>(spec.lam);
+  a.tie_up = spec.tie_up;
   const SparseMergeFn fn = active_kernels().sparse_merge[s.dtype];
   parallel_chunks(s.numel, plan_threads(s.numel, threads), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }

@@ -3,12 +3,12 @@
 from .fisher_merge import fisher_merge
 from .gram import gram
 from .linear_assignment import linear_assignment
-from .magnitude_prune import magnitude_prune, magnitude_threshold
+from .magnitude_prune import global_magnitude_threshold, magnitude_prune, magnitude_threshold
 from .permute import permute, permute_many
 from .ram_merge import ram_counts, ram_merge
 from .sinkhorn import SinkhornResult, sinkhorn
 from .slerp import slerp
-from .sparse_merge import breadcrumbs_merge, dare_merge, della_merge, sparse_merge, ties_merge
+from .sparse_merge import breadcrumbs_merge, dare_merge, della_merge, sign_tally, sparse_merge, ties_merge
 from .task_arithmetic import task_arithmetic
 from .weighted_sum import weighted_average, weighted_sum
 
@@ -17,6 +17,7 @@ __all__ = [
     "dare_merge",
     "della_merge",
     "fisher_merge",
+    "global_magnitude_threshold",
     "gram",
     "linear_assignment",
     "magnitude_prune",
@@ -26,6 +27,7 @@ __all__ = [
     "ram_counts",
     "ram_merge",
     "SinkhornResult",
+    "sign_tally",
     "sinkhorn",
     "slerp",
     "sparse_merge",

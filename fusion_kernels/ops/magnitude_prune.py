@@ -1,11 +1,13 @@
-"""``magnitude_threshold`` and ``magnitude_prune``: exact top-k by magnitude, deterministic ties."""
+"""``magnitude_threshold`` and ``magnitude_prune``: exact top-k by magnitude, deterministic ties;
+``global_magnitude_threshold``: the k-th largest magnitude over all the tensors of a model."""
 
 import torch
 
-from .. import _sparse_native, _validate
+from .. import _native, _sparse_native, _validate
 from .. import reference as ref
 from .. import triton as _triton
-from ..errors import WeightError
+from .._dispatch import select
+from ..errors import DTypeError, ShapeError, WeightError
 from ._engine import custom_op, empty_like, fake_like, run
 
 OP = "magnitude_prune"
@@ -17,7 +19,24 @@ def _torch_prune(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
 
 def _cpu_prune(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
     _sparse_native.sparse_merge(
-        out, None, [x], [1.0], "magnitude", None, None, "weighted", "sum", [1.0], [0.0], [0.0], 1.0, 0, [], ks=[k]
+        out,
+        None,
+        [x],
+        [1.0],
+        "magnitude",
+        None,
+        None,
+        "weighted",
+        "sum",
+        [1.0],
+        [0.0],
+        [0.0],
+        1.0,
+        0,
+        [0.0],
+        1,
+        [],
+        ks=[k],
     )
 
 
@@ -101,3 +120,106 @@ def magnitude_threshold(x: torch.Tensor, density: float | None = None, *, k: int
     if k < 1:
         raise WeightError(f"magnitude_threshold: needs k >= 1 (a non-empty x and density >= 1/numel), got k={k}")
     return _magnitude_threshold(x, k)
+
+
+def _global_torch(xs, bases, models, ks):
+    per_model = [xs[m::models] for m in range(models)]
+    return ref.global_magnitude_threshold(per_model, bases or None, ks)
+
+
+def _global_cpu(xs, bases, models, ks):
+    numels = [x.numel() for x in xs[::models]]
+    keys = _native.lib().global_threshold(
+        _native.pointers(xs),
+        _native.pointers(bases),
+        numels,
+        models,
+        ks,
+        _native.dtype_code(xs[0].dtype),
+        _native.threads(),
+    )
+    return torch.tensor(keys, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+_global_cpu.declines = lambda xs, bases, models, ks: (
+    "the C++ global threshold takes float32, float16 and bfloat16 (float64 runs on 'torch')"
+    if xs[0].dtype == torch.float64
+    else None
+)
+GLOBAL_IMPLS = {"torch": _global_torch, "cpu": _global_cpu}
+
+
+@custom_op("fusion_kernels::global_magnitude_threshold", mutates_args=())
+def _global_magnitude_threshold(
+    xs: list[torch.Tensor], bases: list[torch.Tensor], models: int, ks: list[int]
+) -> torch.Tensor:
+    args = ([x.contiguous() for x in xs], [b.contiguous() for b in bases], models, ks)
+    return select(GLOBAL_OP, GLOBAL_IMPLS, xs[0].device, xs[0].dtype, args)(*args).to(xs[0].device)
+
+
+@_global_magnitude_threshold.register_fake
+def _(xs, bases, models, ks):
+    return xs[0].new_empty(models, dtype=torch.float32)
+
+
+GLOBAL_OP = "global_magnitude_threshold"
+
+
+def global_magnitude_threshold(models, k, base=None) -> torch.Tensor:
+    """The k-th largest |x − base| over all the tensors of a model, without concatenating them:
+    FusionBench's TIES threshold (``kthvalue`` over the flattened model) in two histogram passes.
+    τ = x − base in float32, ranked as float32 keys (NaN above inf); see
+    :func:`fusion_kernels.reference.global_magnitude_threshold`.
+
+    Args:
+        models: one model's tensors (a list), or M such lists of the same shapes (one sweep for all).
+        k: 1 ≤ k ≤ the model's element count; one int or one per model.
+        base: a list of tensors like each model's (subtracted: task vectors), or None.
+
+    Returns:
+        float32: a 0-dim tensor for one list, ``[M]`` for M lists. Keep ``|τ| ≥`` it with
+        ``sparse_merge(..., sparsify="threshold")``.
+    """
+    op = GLOBAL_OP
+    nested = isinstance(models, (list, tuple)) and bool(models) and isinstance(models[0], (list, tuple))
+    groups = [list(m) for m in models] if nested else [list(models)]
+    if not groups[0]:
+        raise ShapeError(f"{op}: argument 'models' expected at least one tensor, got none")
+    first = groups[0]
+    for m, group in enumerate(groups):
+        if len(group) != len(first):
+            raise ShapeError(
+                f"{op}: argument 'models[{m}]' expected {len(first)} tensors like models[0], got {len(group)}"
+            )
+        for t, x in enumerate(group):
+            x = _validate.check_tensor(op, f"models[{m}][{t}]", x)
+            _validate.check_float(op, f"models[{m}][{t}]", x)
+            _validate.check_like(op, f"models[{m}][{t}]", x, first[t], f"models[0][{t}]")
+            if x.dtype != first[0].dtype:
+                raise DTypeError(f"{op}: argument 'models[{m}][{t}]' expected dtype {first[0].dtype}, got {x.dtype}")
+    bases = []
+    if base is not None:
+        bases = list(base)
+        if len(bases) != len(first):
+            raise ShapeError(f"{op}: argument 'base' expected {len(first)} tensors (one per tensor), got {len(bases)}")
+        for t, b in enumerate(bases):
+            _validate.check_like(
+                op, f"base[{t}]", _validate.check_tensor(op, f"base[{t}]", b), first[t], f"models[0][{t}]"
+            )
+    total = sum(x.numel() for x in first)
+    ks = (
+        [k] * len(groups)
+        if isinstance(k, int) and not isinstance(k, bool)
+        else list(k)
+        if isinstance(k, (list, tuple))
+        else None
+    )
+    if (
+        ks is None
+        or len(ks) != len(groups)
+        or any(not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= total for v in ks)
+    ):
+        raise WeightError(f"{op}: argument 'k' expected an int in [1, {total}] (or one per model), got {k!r}")
+    flat = [groups[m][t] for t in range(len(first)) for m in range(len(groups))]  # tensor-major
+    result = _global_magnitude_threshold(flat, bases, len(groups), ks)
+    return result if nested else result[0]

@@ -7,14 +7,16 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _sparse_native, _validate
+from .. import _native, _sparse_native, _validate
 from .. import reference as ref
 from .. import triton as _triton
+from .._dispatch import select
 from ..errors import ShapeError, WeightError
+from ..reference.sparse_merge import threshold_key
 from ._engine import custom_op, empty_like, fake_like, run
 
 OP = "sparse_merge"
-SPARSIFY = (None, "magnitude", "random", "magnitude_outliers", "della")
+SPARSIFY = (None, "magnitude", "random", "magnitude_outliers", "della", "threshold")
 RESCALE = (None, "inverse_density", "l1")
 CONSENSUS = (None, "sum", "count")
 ELECT_ON = ("weighted", "unweighted")
@@ -22,7 +24,7 @@ COMBINE = ("sum", "mean_count", "mean_weight")
 
 
 def _torch_impl(out, base, xs, weights, sparsify, rescale, consensus, elect_on, combine, *rest):
-    densities, gammas, epsilons, lam, seed, masks = rest
+    densities, gammas, epsilons, lam, seed, thresholds, tie_sign, masks = rest
     out.copy_(
         ref.sparse_merge(
             base,
@@ -39,6 +41,8 @@ def _torch_impl(out, base, xs, weights, sparsify, rescale, consensus, elect_on, 
             lam=lam,
             seed=seed,
             masks=masks or None,
+            thresholds=thresholds,
+            tie_sign=tie_sign,
         )
     )
 
@@ -78,10 +82,26 @@ def _sparse_merge(
     epsilons: list[float],
     lam: float,
     seed: int,
+    thresholds: list[float],
+    tie_sign: int,
     masks: list[torch.Tensor],
 ) -> torch.Tensor:
     out = empty_like(xs[0])
-    args = (sparsify, rescale, consensus, elect_on, combine, densities, gammas, epsilons, lam, seed, masks)
+    args = (
+        sparsify,
+        rescale,
+        consensus,
+        elect_on,
+        combine,
+        densities,
+        gammas,
+        epsilons,
+        lam,
+        seed,
+        thresholds,
+        tie_sign,
+    )
+    args = (*args, masks)
     run(OP, IMPLS, out, base, xs, weights, *args)
     return out
 
@@ -106,10 +126,26 @@ def _sparse_merge_out(
     epsilons: list[float],
     lam: float,
     seed: int,
+    thresholds: list[float],
+    tie_sign: int,
     masks: list[torch.Tensor],
     out: torch.Tensor,
 ) -> None:
-    args = (sparsify, rescale, consensus, elect_on, combine, densities, gammas, epsilons, lam, seed, masks)
+    args = (
+        sparsify,
+        rescale,
+        consensus,
+        elect_on,
+        combine,
+        densities,
+        gammas,
+        epsilons,
+        lam,
+        seed,
+        thresholds,
+        tie_sign,
+    )
+    args = (*args, masks)
     run(OP, IMPLS, out, base, xs, weights, *args)
 
 
@@ -134,6 +170,8 @@ def sparse_merge(
     lam: float = 1.0,
     seed: int = 0,
     masks: Sequence[torch.Tensor] | None = None,
+    threshold: float | Sequence[float] = 0.0,
+    tie_sign: int = 1,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """General sparse task-vector merge: sparsify each τᵢ = xᵢ − base, rescale, elect signs, combine.
@@ -143,7 +181,9 @@ def sparse_merge(
             (then the result is the merged task vector, as PEFT's functions return).
         xs: N fine-tuned tensors (or task vectors) like ``base``, or stacked ``[N, *shape]``.
         weights: N floats (one float for all; None: 1 each).
-        sparsify: ``"magnitude"`` | ``"random"`` | ``"magnitude_outliers"`` | ``"della"`` | None.
+        sparsify: ``"magnitude"`` | ``"random"`` | ``"magnitude_outliers"`` | ``"della"`` |
+            ``"threshold"`` (keep |τᵢ| ≥ ``threshold``, e.g. a model-wide one from
+            :func:`~fusion_kernels.global_magnitude_threshold`) | None.
         density: kept fraction in [0, 1], one or per model; k = ⌊density·numel⌋ for magnitude.
         gamma: ``magnitude_outliers``: fraction of largest magnitudes dropped, in [0, 1].
         epsilon: ``della``: spread of keep probabilities around density.
@@ -154,6 +194,8 @@ def sparse_merge(
         lam: λ, scales the merged task vector.
         seed: 0 ≤ seed < 2⁶³, for ``random`` and ``della``: same seed, same masks on every backend.
         masks: N bool tensors like ``xs`` replacing the sparsify step (for testing, or a caller's own).
+        threshold: ``threshold``: the magnitude each |τᵢ| must reach, ≥ 0, one or per model.
+        tie_sign: +1 or −1, the sign elected where the tally is exactly 0 (FusionBench: its majority).
         out: optional output, may be ``base`` or one of ``xs``.
 
     The exact formulas are in :mod:`fusion_kernels.reference.sparse_merge`.
@@ -186,6 +228,11 @@ def sparse_merge(
         raise WeightError(f"{op}: argument 'density' must be > 0 with rescale='inverse_density', got {densities}")
     lam = _validate.finite_float(op, "lam", lam)
     seed = _validate.seed(op, seed)
+    thresholds = _validate.per_model(op, "threshold", threshold, n, 0.0, float("inf"))
+    if sparsify == "threshold" and rescale == "inverse_density":
+        raise WeightError(f"{op}: rescale='inverse_density' needs keep probabilities; sparsify='threshold' has none")
+    if tie_sign not in (1, -1) or isinstance(tie_sign, bool):
+        raise WeightError(f"{op}: argument 'tie_sign' expected +1 or -1, got {tie_sign!r}")
     if masks is not None:
         masks = _validate.tensor_list(op, "masks", masks)
         if len(masks) != n:
@@ -207,6 +254,8 @@ def sparse_merge(
         epsilons,
         lam,
         seed,
+        thresholds,
+        tie_sign,
         list(masks) if masks is not None else [],
     )
     if out is None:
@@ -345,3 +394,42 @@ def della_merge(
         lam=lam,
         out=out,
     )
+
+
+def _tally_torch(base, xs, thresholds):
+    return list(ref.sign_tally(base, xs, thresholds))
+
+
+def _tally_cpu(base, xs, thresholds):
+    lib = _native.lib()
+    code = _native.dtype_code(base.dtype)
+    return lib.sign_tally(base.data_ptr(), _native.pointers(xs), thresholds, base.numel(), code, _native.threads())
+
+
+_tally_cpu.declines = lambda base, xs, thresholds: (
+    "the C++ sign tally takes float32, float16 and bfloat16 (float64 runs on 'torch')"
+    if base.dtype == torch.float64
+    else None
+)
+TALLY_IMPLS = {"torch": _tally_torch, "cpu": _tally_cpu}
+
+
+def sign_tally(base: torch.Tensor, xs, threshold: float | Sequence[float]) -> tuple[int, int]:
+    """TIES' election over the elements ``sparsify="threshold"`` keeps, counted in one pass:
+    with s = Σᵢ kept τᵢ per element, (#(s > 0) − #(s < 0), #(s = 0 with some kept τᵢ ≠ 0)).
+    FusionBench elects its majority sign — the sign of the first, summed over a model — where
+    s = 0; the second says whether any element depends on it. Formula:
+    :func:`fusion_kernels.reference.sign_tally`. Thresholds are rounded up to float32."""
+    op = "sign_tally"
+    base = _validate.check_tensor(op, "base", base)
+    _validate.check_float(op, "base", base)
+    xs = _validate.tensor_list(op, "xs", xs)
+    _validate.inputs_like(op, "xs", xs, base, "base")
+    thresholds = _validate.per_model(op, "threshold", threshold, len(xs), 0.0, float("inf"))
+    key = threshold_key
+    thresholds = [
+        float(torch.tensor([key(t, torch.float32, False)], dtype=torch.int32).view(torch.float32)) for t in thresholds
+    ]
+    args = (base.contiguous(), [x.contiguous() for x in xs], thresholds)
+    balance, ties = select(op, TALLY_IMPLS, base.device, base.dtype, args)(*args)
+    return int(balance), int(ties)

@@ -6,17 +6,18 @@ They take already-validated arguments (weights as Python floats) and import only
 from .fisher_merge import fisher_merge
 from .gram import gram
 from .linear_assignment import linear_assignment
-from .magnitude_prune import magnitude_prune, magnitude_threshold, top_k_mask
+from .magnitude_prune import global_magnitude_threshold, magnitude_prune, magnitude_threshold, top_k_mask
 from .permute import inverse_permutation, permute
 from .random_mask import random_keep_mask
 from .sinkhorn import sinkhorn
 from .slerp import slerp
-from .sparse_merge import sparse_merge
+from .sparse_merge import sign_tally, sparse_merge
 from .task_arithmetic import task_arithmetic
 from .weighted_sum import weighted_sum
 
 __all__ = [
     "fisher_merge",
+    "global_magnitude_threshold",
     "gram",
     "inverse_permutation",
     "linear_assignment",
@@ -26,6 +27,7 @@ __all__ = [
     "random_keep_mask",
     "sinkhorn",
     "slerp",
+    "sign_tally",
     "sparse_merge",
     "task_arithmetic",
     "top_k_mask",

@@ -44,3 +44,15 @@ def magnitude_threshold(x: torch.Tensor, k: int) -> torch.Tensor:
 def magnitude_prune(x: torch.Tensor, k: int) -> torch.Tensor:
     """``x`` with all but its k largest-magnitude elements set to zero."""
     return torch.where(top_k_mask(x, k), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def global_magnitude_threshold(models: list[list[torch.Tensor]], bases: list[torch.Tensor] | None, ks: list[int]):
+    """Per model m, the ks[m]-th largest |x − base| (float32 arithmetic, ranked as float32 keys: NaN
+    above inf) over all of its tensors ``models[m]`` (``bases[t]`` subtracted from tensor t), as
+    float32 ``[M]``. Concatenates the keys: the reference, not for large models."""
+    out = []
+    for xs, k in zip(models, ks, strict=True):
+        taus = [x.float() - (0 if bases is None else b.float()) for x, b in zip(xs, bases or xs, strict=True)]
+        keys = torch.cat([t.abs().reshape(-1).view(torch.int32) for t in taus])
+        out.append(torch.kthvalue(keys, keys.numel() - k + 1).values)
+    return torch.stack(out).view(torch.float32) if out else torch.zeros(0)

@@ -10,13 +10,15 @@ For models i = 1..N with task vectors τᵢ = xᵢ − base (or xᵢ itself when
      (fewer dropped when kᵢ + ⌊γᵢ·n⌋ > n);
    - ``"della"``: Bernoulli(pᵢⱼ), pᵢⱼ = (densityᵢ − εᵢ) + 2εᵢ·(rⱼ − 1)/(m − 1), with rⱼ the rank
      (1 = smallest |τ|, ties by index) of the element along dim 1 (a 1-D tensor is one row of m);
+   - ``"threshold"``: |τᵢ| ≥ thresholdᵢ (NaN counts as above every threshold, as in the ranking);
    - ``None``: keep everything.
 2. rescale the kept values: ``"inverse_density"`` × 1/pᵢⱼ (their keep probability, densityᵢ for
    random and magnitude), ``"l1"`` × ‖τᵢ‖₁/‖mᵢ⊙τᵢ‖₁ (skipped when either is < 1e-7), or None.
    Call the result tᵢ.
 3. consensus (sign election) on vᵢ = wᵢ·tᵢ (``elect_on="weighted"``) or vᵢ = tᵢ (``"unweighted"``):
-   ``"sum"``: s = sign⁺(Σᵢ vᵢ); ``"count"``: s = sign⁺(Σᵢ sign(vᵢ)); sign⁺(0) = +1. Model i takes
-   part where sign(vᵢ) = s (a zero never agrees). ``None``: every model takes part everywhere.
+   ``"sum"``: s = sign⁺(Σᵢ vᵢ); ``"count"``: s = sign⁺(Σᵢ sign(vᵢ)); sign⁺(0) = ``tie_sign`` (+1 as
+   mergekit and PEFT; FusionBench's majority can make it −1). Model i takes part where
+   sign(vᵢ) = s (a zero never agrees). ``None``: every model takes part everywhere.
 4. combine the agreeing wᵢ·tᵢ: ``"sum"``; ``"mean_count"`` ÷ max(1, number agreeing);
    ``"mean_weight"`` ÷ Σ agreeing wᵢ (1 where that is 0; without consensus ÷ Σᵢ wᵢ, 1 where
    |Σᵢ wᵢ| < 1e-8).
@@ -54,11 +56,22 @@ def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> to
     return probs.reshape(tau.shape)
 
 
+def threshold_key(threshold: float, dtype: torch.dtype, keys16: bool) -> int:
+    """The smallest magnitude key k with value ≥ ``threshold`` (the key space: float32 bits, or the
+    16-bit inputs' own bits without a base), so that key ≥ k ⟺ |τ| ≥ threshold exactly."""
+    space = dtype if keys16 else torch.float32
+    value = torch.tensor(threshold, dtype=torch.float64).to(space)
+    key = int(value.view(torch.int16 if keys16 else torch.int32)) & (0x7FFF if keys16 else 0x7FFFFFFF)
+    return key + 1 if float(value) < threshold else key
+
+
 def keep_mask_and_probability(
-    tau, model: int, sparsify: str | None, density: float, gamma: float, epsilon: float, seed: int
+    tau, model: int, sparsify: str | None, density: float, gamma: float, epsilon: float, seed: int, threshold=0.0
 ):
     """(mask, keep probability: float or per-element float32 tensor) of one model's task vector."""
     n = tau.numel()
+    if sparsify == "threshold":  # compared exactly (in float64), NaN kept
+        return (tau.abs().double() >= threshold) | tau.isnan(), 1.0
     if sparsify is None:
         return torch.ones(tau.shape, dtype=torch.bool, device=tau.device), 1.0
     if sparsify == "magnitude":
@@ -90,6 +103,8 @@ def sparse_merge(
     lam: float,
     seed: int,
     masks: Sequence[torch.Tensor] | None = None,
+    thresholds: Sequence[float] | None = None,
+    tie_sign: int = 1,
 ) -> torch.Tensor:
     """See the module docstring. ``masks`` (bool, one per model) replace step 1's masks when given."""
     dtype = xs[0].dtype
@@ -103,7 +118,10 @@ def sparse_merge(
         else:
             # The ranking uses τ in the precision it is computed in (x's own dtype when base is None).
             ranked = tau if b is not None else x
-            mask, prob = keep_mask_and_probability(ranked, i, sparsify, densities[i], gammas[i], epsilons[i], seed)
+            threshold = thresholds[i] if thresholds else 0.0
+            mask, prob = keep_mask_and_probability(
+                ranked, i, sparsify, densities[i], gammas[i], epsilons[i], seed, threshold
+            )
         t = torch.where(mask, tau, torch.zeros((), dtype=acc))
         if rescale == "inverse_density":
             t = t / (prob.to(acc) if isinstance(prob, torch.Tensor) else prob)
@@ -117,7 +135,7 @@ def sparse_merge(
     if consensus is not None:
         votes = [t * w if elect_on == "weighted" else t for t, w in zip(kept, weights, strict=True)]
         tally = sum(votes) if consensus == "sum" else sum(v.sign() for v in votes)
-        majority = torch.where(tally >= 0, 1.0, -1.0).to(acc)
+        majority = torch.where((tally > 0) | ((tally == 0) & (tie_sign > 0)), 1.0, -1.0).to(acc)
         agree = [v.sign() == majority for v in votes]
 
     zero = torch.zeros((), dtype=acc)
@@ -137,3 +155,20 @@ def sparse_merge(
     if b is not None:
         out = b + out
     return out.to(dtype)
+
+
+def sign_tally(base: torch.Tensor, xs: Sequence[torch.Tensor], thresholds: Sequence[float]) -> tuple[int, int]:
+    """TIES' election over the elements ``"threshold"`` keeps (float32 arithmetic): with
+    s = Σᵢ kept τᵢ per element (summed in model order), returns (#(s > 0) − #(s < 0), the number
+    of elements where s = 0 although some kept τᵢ ≠ 0, whose elected sign is therefore the tie's).
+    FusionBench's majority sign is the sign of the first; only the second kind of element depends on it."""
+    b = base.float()
+    s = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
+    nonzero = torch.zeros(base.shape, dtype=torch.bool, device=base.device)
+    for x, threshold in zip(xs, thresholds, strict=True):
+        tau = x.float() - b
+        mask, _ = keep_mask_and_probability(tau, 0, "threshold", 1.0, 0.0, 0.0, 0, threshold)
+        kept = torch.where(mask, tau, torch.zeros((), dtype=torch.float32))
+        s += kept
+        nonzero |= kept != 0
+    return int((s > 0).sum()) - int((s < 0).sum()), int((nonzero & (s == 0)).sum())

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..reference.random_mask import keep_threshold, stream_keys
-from ..reference.sparse_merge import L1_RESCALE_EPS
+from ..reference.sparse_merge import L1_RESCALE_EPS, threshold_key
 from ._launch import BLOCK, grid, offsets, store_rounded
 
 KEEP_ALL, KEEP_TOPK, KEEP_RANDOM, KEEP_MASK, KEEP_BAND = 0, 1, 2, 3, 4
@@ -151,6 +151,7 @@ def _sparse_merge_kernel(
     CONSENSUS: tl.constexpr,  # 0 none, 1 sum, 2 count
     WEIGHTED: tl.constexpr,  # elect on weighted votes
     COMBINE: tl.constexpr,  # 0 sum, 1 mean_count, 2 mean_weight
+    TIE_UP: tl.constexpr,  # a zero tally elects +
     BLOCK: tl.constexpr,
 ):
     offs, mask = offsets(numel, BLOCK)
@@ -169,7 +170,7 @@ def _sparse_merge_kernel(
             else:
                 tally += vote
     if CONSENSUS != 0:  # second pass: the models agreeing with the elected sign (a zero never agrees)
-        elected = tl.where(tally >= 0, 1.0, -1.0)
+        elected = tl.where(tally >= 0, 1.0, -1.0) if TIE_UP else tl.where(tally > 0, 1.0, -1.0)
         agreeing = tl.zeros((BLOCK,), dtype=tl.float32)
         for i in tl.static_range(N):
             k, _, _ = _kept(xs[i], base, offs, mask, i, scales[i], DIVIDE, HAS_BASE, MODE, rules)
@@ -267,7 +268,7 @@ def declines(base, xs, weights, sparsify, rescale, consensus, elect_on, combine,
     return None
 
 
-def _rules(base, xs, sparsify, densities, gammas, seed, masks, ks):
+def _rules(base, xs, sparsify, densities, gammas, seed, masks, ks, thresholds):
     """(mode, rules tuple) of the merge kernel for every model."""
     n, numel = len(xs), xs[0].numel()
     hi, lo = [(ALL_KEYS, 0)] * n, [(NO_KEY, 0)] * n
@@ -282,6 +283,9 @@ def _rules(base, xs, sparsify, densities, gammas, seed, masks, ks):
         hi = [select(base, x, d + k) for x, d, k in zip(xs, drop, keep, strict=True)]
         lo = [select(base, x, d) for x, d in zip(xs, drop, strict=True)]
         mode = KEEP_BAND if sparsify == "magnitude_outliers" else KEEP_TOPK
+    elif sparsify == "threshold":  # key >= the threshold's: key > it - 1, no index cut
+        hi = [(threshold_key(t, x.dtype, keys16=False) - 1, 0) for x, t in zip(xs, thresholds, strict=True)]
+        mode = KEEP_TOPK
     elif sparsify == "random":
         mode = KEEP_RANDOM
         keys = [stream_keys(seed, i) for i in range(n)]
@@ -335,6 +339,8 @@ def sparse_merge(
     epsilons,
     lam,
     seed,
+    thresholds,
+    tie_sign,
     masks,
     ks=None,
 ):
@@ -342,7 +348,7 @@ def sparse_merge(
     n, numel = len(xs), out.numel()
     if sparsify == "della" and not masks:
         masks = della_masks(base, xs, densities, epsilons, seed)
-    mode, rules = _rules(base, xs, sparsify or None, densities, gammas, seed, masks, ks)
+    mode, rules = _rules(base, xs, sparsify or None, densities, gammas, seed, masks, ks, thresholds)
     scales, divide = [1.0] * n, False
     if rescale == "inverse_density" and (sparsify or masks):
         scales, divide = list(densities), True
@@ -367,12 +373,15 @@ def sparse_merge(
             CONSENSUS={"": 0, "sum": 1, "count": 2}[consensus or ""],
             WEIGHTED=elect_on == "weighted",
             COMBINE={"sum": 0, "mean_count": 1, "mean_weight": 2}[combine],
+            TIE_UP=tie_sign > 0,
             BLOCK=BLOCK,
         )
 
 
 def magnitude_prune(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
-    sparse_merge(out, None, [x], [1.0], "magnitude", "", "", "weighted", "sum", [1.0], [0.0], [0.0], 1.0, 0, [], ks=[k])
+    sparse_merge(
+        out, None, [x], [1.0], "magnitude", "", "", "weighted", "sum", [1.0], [0.0], [0.0], 1.0, 0, [0.0], 1, [], ks=[k]
+    )
 
 
 def magnitude_threshold(out: torch.Tensor, x: torch.Tensor, k: int) -> None:

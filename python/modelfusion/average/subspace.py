@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+import fusion_kernels as fk
+
 from ..errors import ParameterError
 from .state import State, StateLike, aligned
 
@@ -136,6 +138,34 @@ def _global_threshold(tensors: Callable[[], Iterator[torch.Tensor]], rank: int) 
     return torch.tensor([value], dtype=torch.int32).view(torch.float32)[0]
 
 
+def _ties_global_fused(tv: _TaskVectors, keys: list[str], k: int, merge_func: str, scaling_factor: float) -> State:
+    """ties_global on the engine, float32 state dicts, ``sum``/``mean``: the thresholds in one
+    sweep over every model (:func:`fusion_kernels.global_magnitude_threshold`), FusionBench's
+    majority sign from a tally pass (:func:`fusion_kernels.sign_tally`), then per tensor one fused
+    ``sparse_merge`` keeping |τᵢ| ≥ its model's threshold with that majority as the tie's sign."""
+    n = len(tv.models)
+    bases = [tv.base[key] for key in keys]
+    per_model = [[tv.models[i][key] for key in keys] for i in range(n)]
+    cuts = [float(c) for c in fk.global_magnitude_threshold(per_model, k, base=bases)]
+    balance = sum(fk.sign_tally(tv.base[key], [m[key] for m in tv.models], cuts)[0] for key in keys)
+    merged = {
+        key: fk.sparse_merge(
+            tv.base[key],
+            [m[key] for m in tv.models],
+            [1.0] * n,
+            sparsify="threshold",
+            threshold=cuts,
+            consensus="sum",
+            elect_on="unweighted",
+            combine="sum" if merge_func == "sum" else "mean_count",
+            lam=scaling_factor,
+            tie_sign=1 if balance > 0 else -1,  # a zero majority leaves σ = 0, which keeps the negatives
+        )
+        for key in keys
+    }
+    return {key: merged[key] if key in merged else t.clone() for key, t in tv.base.items()}
+
+
 def ties_global(
     base: StateLike,
     models: Sequence[StateLike],
@@ -160,6 +190,10 @@ def ties_global(
     total = sum(ref[k].numel() for k in keys)
 
     rank = total - int(total * keep)
+    fused = drop is None and merge_func != "max"
+    fused = fused and all(s[k].dtype == torch.float32 for s in (ref, *tv.models) for k in keys)
+    if fused and total:
+        return _ties_global_fused(tv, keys, total - rank + 1, merge_func, scaling_factor)
     cuts = [_global_threshold(lambda i=i: (tv.one(i, k) for k in keys), rank) for i in range(len(tv.models))]
 
     def trimmed(k: str) -> torch.Tensor:  # [T, ...]: the kept task vectors of tensor k
