@@ -247,7 +247,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("combine", &fk::SparseMergeSpec::combine)
       .def_readwrite("lam", &fk::SparseMergeSpec::lam)
       .def_readwrite("tie_up", &fk::SparseMergeSpec::tie_up)
-      .def_readwrite("seed", &fk::SparseMergeSpec::seed);
+      .def_readwrite("seed", &fk::SparseMergeSpec::seed)
+      .def_readwrite("first_model", &fk::SparseMergeSpec::first_model);
   m.attr("L1_RESCALE_EPS") = fk::kL1RescaleEps;
   m.def("sparse_merge", &fk::sparse_merge_one, py::arg("out"), py::arg("base"), py::arg("xs"), py::arg("dtype"),
         py::arg("rows"), py::arg("cols"), py::arg("spec"), py::arg("threads"), nogil);

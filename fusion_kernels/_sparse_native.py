@@ -39,6 +39,7 @@ def sparse_merge(
     seed,
     thresholds,
     tie_sign,
+    first_model,
     masks,
     ks=None,
 ) -> None:
@@ -62,6 +63,7 @@ def sparse_merge(
         models.append(m)
     spec.models, spec.weights, spec.lam, spec.seed = models, list(weights), lam, seed
     spec.tie_up = tie_sign > 0
+    spec.first_model = first_model
     spec.rescale = getattr(lib.Rescale, rescale or "none")
     spec.consensus = {None: 0, "sum": 1, "count": 2}[consensus]
     spec.elect_weighted = elect_on == "weighted"

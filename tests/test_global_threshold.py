@@ -184,3 +184,36 @@ def test_bad_input(call, error, argument):
     with pytest.raises(error) as info:
         call(torch.randn(3, 4, device=device()))
     assert argument in str(info.value)
+
+
+@pytest.mark.parametrize("sparsify", ["random", "della"])
+def test_first_model_draws_that_models_stream(backend, sparsify):
+    """One model's draws alone (first_model=i) equal its draws in a call with all the models."""
+    xs = [randn((17, 33), torch.float32, 20 + i) for i in range(3)]
+    kw = dict(sparsify=sparsify, density=0.6, epsilon=0.2, rescale=None, consensus=None, combine="sum", seed=7)
+    together = [
+        fk.sparse_merge(None, [x if j == i else torch.zeros_like(x) for j, x in enumerate(xs)], **kw) for i in range(3)
+    ]
+    for i in range(3):
+        alone = fk.sparse_merge(None, [xs[i]], first_model=i, **kw)
+        assert torch.equal(alone, together[i])
+    assert not torch.equal(fk.sparse_merge(None, [xs[1]], first_model=0, **kw), together[1])
+
+
+def test_dare_drop_on_the_engine_equals_its_call():
+    drop = average.dare_drop(0.7, seed=3, names={"a.weight"})
+    tau = torch.randn(40, 30)
+    for i in range(3):
+        assert torch.equal(drop.engine(i, "a.weight", tau), drop(i, "a.weight", tau))
+    assert torch.equal(drop.engine(1, "a.bias", tau), tau)  # not among the names: kept whole
+
+
+@pytest.mark.parametrize("merge_func", ["sum", "mean"])
+@pytest.mark.parametrize("rescale", [True, False])
+def test_dare_ties_fused_equals_streaming_path(merge_func, rescale):
+    base, models = _pool(8)
+    drop = average.dare_drop(0.5, rescale=rescale, seed=11, names={"a.weight", "b.weight"})
+    fused = average.ties_global(base, models, 20, merge_func, 0.4, drop=drop)
+    streaming = average.ties_global(base, models, 20, merge_func, 0.4, drop=lambda i, k, tau: drop(i, k, tau))
+    for k in base:
+        assert torch.allclose(fused[k].float(), streaming[k].float(), rtol=1e-6, atol=1e-6), k

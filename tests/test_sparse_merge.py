@@ -243,6 +243,7 @@ def test_opcheck(op_name):
         0,
         [0.0, 0.0],
         1,
+        0,
         [],
     )
     args += (torch.zeros(6, 7),) if op_name.endswith("_out") else ()

@@ -67,6 +67,7 @@ struct SparseMergeSpec {
   double lam = 1.0;
   bool tie_up = true;  // the sign elected where the tally is 0: + (mergekit, PEFT) or - (FusionBench's majority)
   uint64_t seed = 0;  // DARE's and DELLA's draws (reference/random_mask.py's stream_keys)
+  int first_model = 0;  // the stream of input i is model first_model + i's
 };
 
 // mergekit's L1 rescale leaves a model alone when either norm is below this (reference.sparse_merge.L1_RESCALE_EPS).

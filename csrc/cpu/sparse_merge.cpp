@@ -63,7 +63,7 @@ void della_keep(const TaskSource& s, int64_t rows, int64_t cols, const SparseMer
   for (size_t i = 0; i < spec.models.size(); ++i) {
     const ModelKeep& m = spec.models[i];
     if (m.kind != KeepKind::kDella) continue;
-    const auto [s1, s2] = stream_keys(spec.seed, static_cast<int>(i));
+    const auto [s1, s2] = stream_keys(spec.seed, spec.first_model + static_cast<int>(i));
     della.xs.push_back(s.xs[i]);
     a.low.push_back(static_cast<float>(m.density - m.epsilon));
     a.spread.push_back(static_cast<float>(2 * m.epsilon));
@@ -127,7 +127,7 @@ std::vector<KeepRule> keep_rules(const TaskSource& s, int64_t rows, int64_t cols
       r.hi_key = key_threshold(r.hi.t);
     } else if (m.kind == KeepKind::kRandom) {
       r.p16 = keep_threshold(m.density);
-      std::tie(r.s1, r.s2) = stream_keys(spec.seed, static_cast<int>(i));
+      std::tie(r.s1, r.s2) = stream_keys(spec.seed, spec.first_model + static_cast<int>(i));
       r.key0 = r.s1 ^ mix(r.s2);
       r.mode = r.p16 == (1 << 16) ? kKeepAll : kKeepRandom;
     } else if (m.kind == KeepKind::kThreshold) {  // key >= threshold: key > threshold - 1, no index cut

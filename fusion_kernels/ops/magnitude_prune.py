@@ -35,6 +35,7 @@ def _cpu_prune(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
         0,
         [0.0],
         1,
+        0,
         [],
         ks=[k],
     )

@@ -24,7 +24,7 @@ COMBINE = ("sum", "mean_count", "mean_weight")
 
 
 def _torch_impl(out, base, xs, weights, sparsify, rescale, consensus, elect_on, combine, *rest):
-    densities, gammas, epsilons, lam, seed, thresholds, tie_sign, masks = rest
+    densities, gammas, epsilons, lam, seed, thresholds, tie_sign, first_model, masks = rest
     out.copy_(
         ref.sparse_merge(
             base,
@@ -43,6 +43,7 @@ def _torch_impl(out, base, xs, weights, sparsify, rescale, consensus, elect_on, 
             masks=masks or None,
             thresholds=thresholds,
             tie_sign=tie_sign,
+            first_model=first_model,
         )
     )
 
@@ -84,6 +85,7 @@ def _sparse_merge(
     seed: int,
     thresholds: list[float],
     tie_sign: int,
+    first_model: int,
     masks: list[torch.Tensor],
 ) -> torch.Tensor:
     out = empty_like(xs[0])
@@ -101,7 +103,7 @@ def _sparse_merge(
         thresholds,
         tie_sign,
     )
-    args = (*args, masks)
+    args = (*args, first_model, masks)
     run(OP, IMPLS, out, base, xs, weights, *args)
     return out
 
@@ -128,6 +130,7 @@ def _sparse_merge_out(
     seed: int,
     thresholds: list[float],
     tie_sign: int,
+    first_model: int,
     masks: list[torch.Tensor],
     out: torch.Tensor,
 ) -> None:
@@ -145,7 +148,7 @@ def _sparse_merge_out(
         thresholds,
         tie_sign,
     )
-    args = (*args, masks)
+    args = (*args, first_model, masks)
     run(OP, IMPLS, out, base, xs, weights, *args)
 
 
@@ -172,6 +175,7 @@ def sparse_merge(
     masks: Sequence[torch.Tensor] | None = None,
     threshold: float | Sequence[float] = 0.0,
     tie_sign: int = 1,
+    first_model: int = 0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """General sparse task-vector merge: sparsify each τᵢ = xᵢ − base, rescale, elect signs, combine.
@@ -196,6 +200,8 @@ def sparse_merge(
         masks: N bool tensors like ``xs`` replacing the sparsify step (for testing, or a caller's own).
         threshold: ``threshold``: the magnitude each |τᵢ| must reach, ≥ 0, one or per model.
         tie_sign: +1 or −1, the sign elected where the tally is exactly 0 (FusionBench: its majority).
+        first_model: ``random``/``della``: xs[i] draws model ``first_model + i``'s stream (≥ 0), so
+            one model's mask can be drawn alone exactly as in a call with all of them.
         out: optional output, may be ``base`` or one of ``xs``.
 
     The exact formulas are in :mod:`fusion_kernels.reference.sparse_merge`.
@@ -233,6 +239,8 @@ def sparse_merge(
         raise WeightError(f"{op}: rescale='inverse_density' needs keep probabilities; sparsify='threshold' has none")
     if tie_sign not in (1, -1) or isinstance(tie_sign, bool):
         raise WeightError(f"{op}: argument 'tie_sign' expected +1 or -1, got {tie_sign!r}")
+    if not isinstance(first_model, int) or isinstance(first_model, bool) or not 0 <= first_model < 2**31 - n:
+        raise WeightError(f"{op}: argument 'first_model' expected an int in [0, 2^31 - {n}), got {first_model!r}")
     if masks is not None:
         masks = _validate.tensor_list(op, "masks", masks)
         if len(masks) != n:
@@ -256,6 +264,7 @@ def sparse_merge(
         seed,
         thresholds,
         tie_sign,
+        first_model,
         list(masks) if masks is not None else [],
     )
     if out is None:

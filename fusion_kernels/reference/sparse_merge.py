@@ -5,7 +5,8 @@ For models i = 1..N with task vectors τᵢ = xᵢ − base (or xᵢ itself when
 
 1. sparsify: a keep mask mᵢ per model
    - ``"magnitude"``: the kᵢ = ⌊densityᵢ·n⌋ largest |τᵢ| (ties: lowest flat index first);
-   - ``"random"`` (DARE): Bernoulli(densityᵢ) from the counter-based hash (``random_mask``);
+   - ``"random"`` (DARE): Bernoulli(densityᵢ) from the counter-based hash (``random_mask``), the
+     stream of model ``first_model + i`` (one model's draws alone, as in a call with all of them);
    - ``"magnitude_outliers"`` (breadcrumbs): drop the ⌊γᵢ·n⌋ largest, keep the next kᵢ
      (fewer dropped when kᵢ + ⌊γᵢ·n⌋ > n);
    - ``"della"``: Bernoulli(pᵢⱼ), pᵢⱼ = (densityᵢ − εᵢ) + 2εᵢ·(rⱼ − 1)/(m − 1), with rⱼ the rank
@@ -105,6 +106,7 @@ def sparse_merge(
     masks: Sequence[torch.Tensor] | None = None,
     thresholds: Sequence[float] | None = None,
     tie_sign: int = 1,
+    first_model: int = 0,
 ) -> torch.Tensor:
     """See the module docstring. ``masks`` (bool, one per model) replace step 1's masks when given."""
     dtype = xs[0].dtype
@@ -120,7 +122,7 @@ def sparse_merge(
             ranked = tau if b is not None else x
             threshold = thresholds[i] if thresholds else 0.0
             mask, prob = keep_mask_and_probability(
-                ranked, i, sparsify, densities[i], gammas[i], epsilons[i], seed, threshold
+                ranked, first_model + i, sparsify, densities[i], gammas[i], epsilons[i], seed, threshold
             )
         t = torch.where(mask, tau, torch.zeros((), dtype=acc))
         if rescale == "inverse_density":

@@ -228,7 +228,7 @@ def _della_kernel(
     tl.store(masks + i.to(tl.int64) * (rows * cols) + j, keep.to(tl.int8), mask=inside)
 
 
-def della_masks(base, xs, densities, epsilons, seed) -> list[torch.Tensor]:
+def della_masks(base, xs, densities, epsilons, seed, first_model=0) -> list[torch.Tensor]:
     """Each model's DELLA keep mask (bool like xs[0]), ranked along rows (a 1-D tensor is one row)."""
     n, shape = len(xs), xs[0].shape
     rows, cols = (1, shape[0]) if len(shape) == 1 else shape
@@ -237,7 +237,7 @@ def della_masks(base, xs, densities, epsilons, seed) -> list[torch.Tensor]:
         f32 = [
             torch.tensor([d - e, 2 * e], dtype=torch.float32).tolist() for d, e in zip(densities, epsilons, strict=True)
         ]
-        keys = [stream_keys(seed, i) for i in range(n)]
+        keys = [stream_keys(seed, first_model + i) for i in range(n)]
         block = triton.next_power_of_2(cols)
         tile_rows = min(triton.next_power_of_2(rows), max(1, DELLA_TILE // block))
         _della_kernel[(triton.cdiv(rows, tile_rows), n)](
@@ -268,7 +268,7 @@ def declines(base, xs, weights, sparsify, rescale, consensus, elect_on, combine,
     return None
 
 
-def _rules(base, xs, sparsify, densities, gammas, seed, masks, ks, thresholds):
+def _rules(base, xs, sparsify, densities, gammas, seed, masks, ks, thresholds, first_model):
     """(mode, rules tuple) of the merge kernel for every model."""
     n, numel = len(xs), xs[0].numel()
     hi, lo = [(ALL_KEYS, 0)] * n, [(NO_KEY, 0)] * n
@@ -288,7 +288,7 @@ def _rules(base, xs, sparsify, densities, gammas, seed, masks, ks, thresholds):
         mode = KEEP_TOPK
     elif sparsify == "random":
         mode = KEEP_RANDOM
-        keys = [stream_keys(seed, i) for i in range(n)]
+        keys = [stream_keys(seed, first_model + i) for i in range(n)]
         p16 = [keep_threshold(d) for d in densities]
     else:
         mode = KEEP_ALL
@@ -341,14 +341,15 @@ def sparse_merge(
     seed,
     thresholds,
     tie_sign,
+    first_model,
     masks,
     ks=None,
 ):
     """The ops-layer implementation (same arguments as the cpu backend's; "" stands for None)."""
     n, numel = len(xs), out.numel()
     if sparsify == "della" and not masks:
-        masks = della_masks(base, xs, densities, epsilons, seed)
-    mode, rules = _rules(base, xs, sparsify or None, densities, gammas, seed, masks, ks, thresholds)
+        masks = della_masks(base, xs, densities, epsilons, seed, first_model)
+    mode, rules = _rules(base, xs, sparsify or None, densities, gammas, seed, masks, ks, thresholds, first_model)
     scales, divide = [1.0] * n, False
     if rescale == "inverse_density" and (sparsify or masks):
         scales, divide = list(densities), True
@@ -380,7 +381,25 @@ def sparse_merge(
 
 def magnitude_prune(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
     sparse_merge(
-        out, None, [x], [1.0], "magnitude", "", "", "weighted", "sum", [1.0], [0.0], [0.0], 1.0, 0, [0.0], 1, [], ks=[k]
+        out,
+        None,
+        [x],
+        [1.0],
+        "magnitude",
+        "",
+        "",
+        "weighted",
+        "sum",
+        [1.0],
+        [0.0],
+        [0.0],
+        1.0,
+        0,
+        [0.0],
+        1,
+        0,
+        [],
+        ks=[k],
     )
 
 

@@ -12,7 +12,8 @@ weights); the others keep their whole τᵢ.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -31,6 +32,47 @@ def _check(sparsity: float, rescale: bool) -> None:
         raise ParameterError(f"sparsity_ratio: expected a fraction in [0, 1] (below 1 with rescale), got {sparsity!r}")
 
 
+@dataclass(frozen=True)
+class DareDrop:
+    """``drop(i, name, τ)``: model ``i``'s task vector of tensor ``name`` after DARE (made by
+    :func:`dare_drop`; :func:`~modelfusion.average.ties_global` reads its fields to run the drop on
+    the engine, :meth:`engine` below, instead of calling it per pass)."""
+
+    sparsity: float
+    rescale: bool
+    seed: int
+    names: Collection[str] | None
+    masks: Masks | None
+
+    def __call__(self, i: int, name: str, tau: torch.Tensor) -> torch.Tensor:
+        if self.names is not None and name not in self.names:
+            return tau
+        if self.masks is not None:
+            keep = self.masks[(i, name)].to(tau.device)
+        else:
+            keep = random_keep_mask(tau.shape, 1.0 - self.sparsity, tensor_seed(self.seed, name), i, device=tau.device)
+        kept = torch.where(keep, tau, 0)
+        return kept / (1.0 - self.sparsity) if self.rescale else kept
+
+    def engine(self, i: int, name: str, tau: torch.Tensor) -> torch.Tensor:
+        """The same as calling it (the engine draws the same masks: model i's stream of the tensor's
+        seed), in one fused pass; ``masks`` given: the call itself."""
+        if self.masks is not None or (self.names is not None and name not in self.names):
+            return self(i, name, tau)
+        return fk.sparse_merge(
+            None,
+            [tau],
+            [1.0],
+            sparsify="random",
+            density=1.0 - self.sparsity,
+            rescale="inverse_density" if self.rescale else None,
+            consensus=None,
+            combine="sum",
+            seed=tensor_seed(self.seed, name),
+            first_model=i,
+        )
+
+
 def dare_drop(
     sparsity: float,
     *,
@@ -38,21 +80,10 @@ def dare_drop(
     seed: int = 0,
     names: Collection[str] | None = None,
     masks: Masks | None = None,
-) -> Callable[[int, str, torch.Tensor], torch.Tensor]:
+) -> DareDrop:
     """``drop(i, name, τ)``: model ``i``'s task vector of tensor ``name`` after DARE."""
     _check(sparsity, rescale)
-
-    def drop(i: int, name: str, tau: torch.Tensor) -> torch.Tensor:
-        if names is not None and name not in names:
-            return tau
-        if masks is not None:
-            keep = masks[(i, name)].to(tau.device)
-        else:
-            keep = random_keep_mask(tau.shape, 1.0 - sparsity, tensor_seed(seed, name), i, device=tau.device)
-        kept = torch.where(keep, tau, 0)
-        return kept / (1.0 - sparsity) if rescale else kept
-
-    return drop
+    return DareDrop(sparsity, rescale, seed, None if names is None else frozenset(names), masks)
 
 
 def dare_task_arithmetic(

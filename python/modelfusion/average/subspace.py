@@ -31,6 +31,7 @@ import torch
 import fusion_kernels as fk
 
 from ..errors import ParameterError
+from .dare import DareDrop
 from .state import State, StateLike, aligned
 
 
@@ -138,20 +139,30 @@ def _global_threshold(tensors: Callable[[], Iterator[torch.Tensor]], rank: int) 
     return torch.tensor([value], dtype=torch.int32).view(torch.float32)[0]
 
 
-def _ties_global_fused(tv: _TaskVectors, keys: list[str], k: int, merge_func: str, scaling_factor: float) -> State:
+def _ties_global_fused(
+    tv: _TaskVectors, keys: list[str], k: int, merge_func: str, scaling_factor: float, drop: DareDrop | None
+) -> State:
     """ties_global on the engine, float32 state dicts, ``sum``/``mean``: the thresholds in one
     sweep over every model (:func:`fusion_kernels.global_magnitude_threshold`), FusionBench's
     majority sign from a tally pass (:func:`fusion_kernels.sign_tally`), then per tensor one fused
-    ``sparse_merge`` keeping |τᵢ| ≥ its model's threshold with that majority as the tie's sign."""
+    ``sparse_merge`` keeping |τᵢ| ≥ its model's threshold with that majority as the tie's sign.
+    With DARE's ``drop``, the dropped τ̃ᵢ are drawn once by the engine and kept (N float32 copies
+    of the model, as FusionBench's flattened [N, D] matrix) and play the models' part, base 0."""
     n = len(tv.models)
-    bases = [tv.base[key] for key in keys]
-    per_model = [[tv.models[i][key] for key in keys] for i in range(n)]
-    cuts = [float(c) for c in fk.global_magnitude_threshold(per_model, k, base=bases)]
-    balance = sum(fk.sign_tally(tv.base[key], [m[key] for m in tv.models], cuts)[0] for key in keys)
+    if drop is None:
+        bases = {key: tv.base[key] for key in keys}
+        inputs = {key: [m[key] for m in tv.models] for key in keys}
+    else:
+        bases = {key: torch.zeros_like(tv.base[key]) for key in keys}
+        inputs = {key: [drop.engine(i, key, m[key] - tv.base[key]) for i, m in enumerate(tv.models)] for key in keys}
+    per_model = [[inputs[key][i] for key in keys] for i in range(n)]
+    base_list = None if drop is not None else [bases[key] for key in keys]
+    cuts = [float(c) for c in fk.global_magnitude_threshold(per_model, k, base=base_list)]
+    balance = sum(fk.sign_tally(bases[key], inputs[key], cuts)[0] for key in keys)
     merged = {
         key: fk.sparse_merge(
-            tv.base[key],
-            [m[key] for m in tv.models],
+            None if drop is not None else tv.base[key],
+            inputs[key],
             [1.0] * n,
             sparsify="threshold",
             threshold=cuts,
@@ -163,6 +174,8 @@ def _ties_global_fused(tv: _TaskVectors, keys: list[str], k: int, merge_func: st
         )
         for key in keys
     }
+    if drop is not None:  # λ·τ merged without a base: θ₀ + it, as the streaming path adds
+        merged = {key: tv.base[key] + value for key, value in merged.items()}
     return {key: merged[key] if key in merged else t.clone() for key, t in tv.base.items()}
 
 
@@ -190,10 +203,10 @@ def ties_global(
     total = sum(ref[k].numel() for k in keys)
 
     rank = total - int(total * keep)
-    fused = drop is None and merge_func != "max"
+    fused = (drop is None or isinstance(drop, DareDrop)) and merge_func != "max"
     fused = fused and all(s[k].dtype == torch.float32 for s in (ref, *tv.models) for k in keys)
     if fused and total:
-        return _ties_global_fused(tv, keys, total - rank + 1, merge_func, scaling_factor)
+        return _ties_global_fused(tv, keys, total - rank + 1, merge_func, scaling_factor, drop)
     cuts = [_global_threshold(lambda i=i: (tv.one(i, k) for k in keys), rank) for i in range(len(tv.models))]
 
     def trimmed(k: str) -> torch.Tensor:  # [T, ...]: the kept task vectors of tensor k
