@@ -2,7 +2,9 @@
 (transformers' default CLIPVisionConfig, 88M parameters, generated weights), each method run by
 FusionBench 0.2.33's own class and by ours (modelfusion.integrations.fusion_bench) on the same
 pool, each in a fresh process: seconds of ``run(modelpool)`` and the peak RSS it adds above the
-pool. Needs fusion-bench (``pip install fusion-kernels[fusion-bench]``; a separate venv works).
+pool; for the classes ``fusion_kernels.compat.fusion_bench.install()`` routes, FusionBench's own
+class once more with it installed. Needs fusion-bench (``pip install fusion-kernels[fusion-bench]``;
+a separate venv works).
 
     python benchmarks/fusion_bench.py                          # every method, ViT-B/32 shape
     python benchmarks/fusion_bench.py --layers 2 --methods ties_sum,magmax   # a quick run
@@ -22,6 +24,8 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from fusion_bench_golden import CASES, DARE_CASES, POOL_TASKS  # noqa: E402  (the methods the tests check)
 
+from fusion_kernels.compat.fusion_bench import ROUTES  # noqa: E402
+
 # every class the tests check: (case, FusionBench module, class, arguments)
 BENCH = [
     *CASES,
@@ -29,6 +33,8 @@ BENCH = [
     ("emr", "fusion_bench.method.emr_merging", "EMRMerging", {}),
     ("tall_masks", "fusion_bench.method.tall_mask", "TallMaskTaskArithmeticAlgorithm", {"tall_mask_lambda": 0.4}),
 ]
+
+ROUTED = {name for _, name, _ in ROUTES}  # the classes install() routes
 
 RUN = """
 import importlib, json, sys, time, torch
@@ -45,8 +51,11 @@ for i in range(tasks):
     model = CLIPVisionModel(config)
     model.load_state_dict({k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()})
     pool[f"task{i}"] = model
-if impl == "fusion_bench":
+if impl.startswith("fusion_bench"):
     from fusion_bench.modelpool import BaseModelPool
+    if impl == "fusion_bench_installed":
+        from fusion_kernels.compat import fusion_bench as compat
+        compat.install()
     algorithm, pool = getattr(importlib.import_module(module), name)(**kwargs), BaseModelPool(pool)
 else:
     from modelfusion.integrations import fusion_bench
@@ -83,7 +92,10 @@ def main() -> None:
         if isinstance(kwargs.get("alpha"), list):
             kwargs = {**kwargs, "alpha": [1.0] * tasks}
         row = {"method": case, "tasks": tasks, "git_sha": git_sha()}  # a re-run of some methods keeps the others
-        for impl in ("fusion_bench", "ours"):
+        impls = ["fusion_bench", "ours"]
+        if name in ROUTED:  # FusionBench's own class with fusion_kernels.compat.fusion_bench.install()
+            impls.append("fusion_bench_installed")
+        for impl in impls:
             cmd = [sys.executable, "-c", RUN, impl, module, name, json.dumps(kwargs), str(args.layers), str(tasks)]
             # run from / : this file's name would shadow the fusion_bench package
             run = subprocess.run(cmd, capture_output=True, text=True, cwd="/")
@@ -97,6 +109,8 @@ def main() -> None:
             row[f"{impl}_peak_mib"] = round(result["peak_above_pool"] / 2**20)
         if "fusion_bench_s" in row and "ours_s" in row:
             row["speedup"] = round(row["fusion_bench_s"] / row["ours_s"], 2)
+        if "fusion_bench_s" in row and "fusion_bench_installed_s" in row:
+            row["installed_speedup"] = round(row["fusion_bench_s"] / row["fusion_bench_installed_s"], 2)
         rows.append(row)
         print(json.dumps(row), flush=True)
     import torch

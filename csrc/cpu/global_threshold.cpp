@@ -9,11 +9,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
 #include "lanes.h"
 #include "runtime.h"
+#include "kernels.h"
 #include "sparse_kernels.h"
 
 namespace fk {
@@ -95,7 +97,6 @@ std::vector<uint32_t> radix_keys(const GlobalThresholdArgs& a, int threads) {
 }
 
 constexpr int64_t kSample = int64_t(1) << 18;
-
 // Per model, keys [lo, hi] holding its k-th largest with overwhelming probability: from a fixed
 // strided sample of its keys, the sample's ranks around k·S/N ± 4 binomial deviations + slack.
 template <class T>
@@ -127,43 +128,53 @@ void choose_brackets(const GlobalThresholdArgs& a, int64_t total, std::vector<ui
 // The fast path: per model, count the keys above hi and collect those in [lo, hi]; the k-th
 // largest is among the collected when above < k <= above + collected. Returns false otherwise.
 template <class T>
-bool bracket_keys(const GlobalThresholdArgs& a, int64_t total, int threads, std::vector<uint32_t>& out) {
+bool bracket_keys(const GlobalThresholdArgs& a, int64_t total, int dtype, int threads, std::vector<uint32_t>& out) {
   const int m_count = a.models;
   std::vector<uint32_t> lo(m_count), hi(m_count);
   choose_brackets<T>(a, total, lo, hi);
   const int t = std::max(1, threads);
-  std::vector<int64_t> above(size_t(t) * m_count, 0);
-  std::vector<std::vector<uint32_t>> inside(size_t(t) * m_count);
+  // Room per thread and model for about 4x the candidates a bracket is expected to hold; past it
+  // (a skewed model, or one too large to collect for) the radix passes take over.
+  const double expected = 2.0 * (4.0 * std::sqrt(double(kSample) / 4.0) + 16.0) / double(kSample);
+  const int64_t cap = std::min<int64_t>(int64_t(1) << 24, int64_t(4.0 * expected * double(total) / t) + 4096);
+  std::vector<int64_t> above(size_t(t) * m_count, 0), found(size_t(t) * m_count, 0);
+  std::vector<std::unique_ptr<uint32_t[]>> buffers;  // uninitialised: pages are touched as keys arrive
+  for (size_t slot = 0; slot < size_t(t) * m_count; ++slot) buffers.emplace_back(new uint32_t[size_t(cap)]);
+  std::vector<char> overflow(size_t(t), 0);
+  const ThresholdScanFn scan = active_kernels().threshold_scan[dtype];
   for (size_t tensor = 0; tensor < a.numels.size(); ++tensor) {
     const int64_t n = a.numels[tensor];
-    const T* base = static_cast<const T*>(a.bases.empty() ? nullptr : a.bases[tensor]);
+    const void* base = a.bases.empty() ? nullptr : a.bases[tensor];
     const void* const* xs = a.xs.data() + tensor * m_count;
     parallel_pieces(n, plan_threads(n * m_count, t), [&](int tid, int64_t begin, int64_t end) {
       for (int64_t b0 = begin; b0 < end; b0 += kBlock) {  // the base's block stays in cache for every model
         const int64_t b1 = std::min(end, b0 + kBlock);
-        for (int m = 0; m < m_count; ++m) {
-          const T* x = static_cast<const T*>(xs[m]);
-          const uint32_t l = lo[m], h = hi[m], width = h - l;
-          int64_t count = 0;
-          std::vector<uint32_t>& found = inside[size_t(tid) * m_count + m];
-          for (int64_t j = b0; j < b1; ++j) {
-            const uint32_t key = key_of(x, base, j);
-            count += key > h;
-            // one unsigned comparison, true only for the rare keys in [l, h]: a predictable branch
-            if (key - l <= width) found.push_back(key);
-          }
-          above[size_t(tid) * m_count + m] += count;
+        for (int m = 0; m < m_count && !overflow[tid]; ++m) {
+          const size_t slot = size_t(tid) * m_count + m;
+          ThresholdScanArgs s;
+          s.x = xs[m];
+          s.base = base;
+          s.lo = int32_t(lo[m]);
+          s.hi = int32_t(std::min<uint32_t>(hi[m], 0x7fffffffu));
+          s.buffer = buffers[slot].get();
+          s.found = &found[slot];
+          s.cap = cap;
+          const int64_t count = scan(s, b0, b1);
+          if (count < 0) overflow[tid] = 1;
+          else above[slot] += count;
         }
       }
     });
   }
+  for (char o : overflow)
+    if (o) return false;
   for (int m = 0; m < m_count; ++m) {
     int64_t over = 0;
     std::vector<uint32_t> keys;
     for (int tid = 0; tid < t; ++tid) {
-      over += above[size_t(tid) * m_count + m];
-      const auto& found = inside[size_t(tid) * m_count + m];
-      keys.insert(keys.end(), found.begin(), found.end());
+      const size_t slot = size_t(tid) * m_count + m;
+      over += above[slot];
+      keys.insert(keys.end(), buffers[slot].get(), buffers[slot].get() + found[slot]);
     }
     const int64_t need = a.ks[m] - over;  // the need-th largest of the collected keys
     if (need < 1 || need > int64_t(keys.size())) return false;
@@ -174,9 +185,9 @@ bool bracket_keys(const GlobalThresholdArgs& a, int64_t total, int threads, std:
 }
 
 template <class T>
-std::vector<uint32_t> select_keys(const GlobalThresholdArgs& a, int64_t total, int threads) {
+std::vector<uint32_t> select_keys(const GlobalThresholdArgs& a, int64_t total, int dtype, int threads) {
   std::vector<uint32_t> keys(a.models);
-  if (bracket_keys<T>(a, total, threads, keys)) return keys;
+  if (bracket_keys<T>(a, total, dtype, threads, keys)) return keys;
   return radix_keys<T>(a, threads);
 }
 
@@ -193,7 +204,7 @@ std::vector<uint32_t> global_threshold(const GlobalThresholdArgs& a, int dtype, 
   for (int64_t k : a.ks)
     if (k < 1 || k > total) throw std::invalid_argument("global_threshold: k must be in [1, total elements]");
   std::vector<uint32_t> keys;
-  with_storage(dtype, [&](auto tag) { keys = select_keys<decltype(tag)>(a, total, threads); });
+  with_storage(dtype, [&](auto tag) { keys = select_keys<decltype(tag)>(a, total, dtype, threads); });
   return keys;
 }
 

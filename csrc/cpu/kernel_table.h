@@ -5,6 +5,7 @@
 #include "kernels.h"
 #include "ram_merge.h"
 #include "sign_tally.h"
+#include "threshold_scan.h"
 #include "sinkhorn_kernels.h"
 #include "sparse_kernels.h"
 #include "task_arithmetic.h"
@@ -34,6 +35,7 @@ KernelTable make_kernel_table() {
   FK_FILL_DTYPES(t, ram_merge, V, S)
   FK_FILL_DTYPES(t, ram_counts, V, S)
   FK_FILL_SPARSE(t, sign_tally, sign_tally_range, V, S)
+  FK_FILL_SPARSE(t, threshold_scan, threshold_scan_range, V, S)
   FK_FILL_SPARSE(t, sparse_merge, sparse_merge_range, V, S)
   FK_FILL_SPARSE(t, bracket, bracket_range, V, S)
   FK_FILL_SPARSE(t, kept_l1, kept_l1_range, V, S)

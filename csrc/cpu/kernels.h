@@ -15,6 +15,17 @@ using GramFn = void (*)(double* out, const void* const* xs, int n, const void* b
 // model (ram_merge.h), TIES' sign balance and ties (sign_tally.h).
 using CountsFn = void (*)(const MergeArgs& a, int64_t begin, int64_t end, int64_t* counts);
 
+// One tensor of one model in global_threshold's counting sweep (threshold_scan.h).
+struct ThresholdScanArgs {
+  const void* x = nullptr;
+  const void* base = nullptr;  // or null
+  int32_t lo = 0, hi = 0;      // keys in [lo, hi] are collected, keys > hi counted
+  uint32_t* buffer = nullptr;  // the collected keys: buffer[0 .. *found), at most cap
+  int64_t* found = nullptr;
+  int64_t cap = 0;
+};
+using ThresholdScanFn = int64_t (*)(const ThresholdScanArgs& a, int64_t begin, int64_t end);
+
 struct KernelTable {
   RangeFn weighted_sum[kNumDTypes];
   RangeFn task_arithmetic[kNumDTypes];
@@ -30,6 +41,7 @@ struct KernelTable {
   RangeFn ram_merge[kNumDTypes];
   CountsFn ram_counts[kNumDTypes];
   CountsFn sign_tally[kNumDTypes];  // float32, float16 and bfloat16 only (null for float64)
+  ThresholdScanFn threshold_scan[kNumDTypes];  // float32, float16 and bfloat16 only
 };
 
 const KernelTable& portable_kernels();

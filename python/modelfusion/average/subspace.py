@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-import fusion_kernels as fk
+from fusion_kernels.compat.fusion_bench import ties_state
 
 from ..errors import ParameterError
 from .dare import DareDrop
@@ -142,40 +142,13 @@ def _global_threshold(tensors: Callable[[], Iterator[torch.Tensor]], rank: int) 
 def _ties_global_fused(
     tv: _TaskVectors, keys: list[str], k: int, merge_func: str, scaling_factor: float, drop: DareDrop | None
 ) -> State:
-    """ties_global on the engine, float32 state dicts, ``sum``/``mean``: the thresholds in one
-    sweep over every model (:func:`fusion_kernels.global_magnitude_threshold`), FusionBench's
-    majority sign from a tally pass (:func:`fusion_kernels.sign_tally`), then per tensor one fused
-    ``sparse_merge`` keeping |τᵢ| ≥ its model's threshold with that majority as the tie's sign.
+    """ties_global on the engine (float32, ``sum``/``mean``): :func:`fusion_kernels.compat.fusion_bench.ties_state`.
     With DARE's ``drop``, the dropped τ̃ᵢ are drawn once by the engine and kept (N float32 copies
-    of the model, as FusionBench's flattened [N, D] matrix) and play the models' part, base 0."""
-    n = len(tv.models)
-    if drop is None:
-        bases = {key: tv.base[key] for key in keys}
-        inputs = {key: [m[key] for m in tv.models] for key in keys}
-    else:
-        bases = {key: torch.zeros_like(tv.base[key]) for key in keys}
-        inputs = {key: [drop.engine(i, key, m[key] - tv.base[key]) for i, m in enumerate(tv.models)] for key in keys}
-    per_model = [[inputs[key][i] for key in keys] for i in range(n)]
-    base_list = None if drop is not None else [bases[key] for key in keys]
-    cuts = [float(c) for c in fk.global_magnitude_threshold(per_model, k, base=base_list)]
-    balance = sum(fk.sign_tally(bases[key], inputs[key], cuts)[0] for key in keys)
-    merged = {
-        key: fk.sparse_merge(
-            None if drop is not None else tv.base[key],
-            inputs[key],
-            [1.0] * n,
-            sparsify="threshold",
-            threshold=cuts,
-            consensus="sum",
-            elect_on="unweighted",
-            combine="sum" if merge_func == "sum" else "mean_count",
-            lam=scaling_factor,
-            tie_sign=1 if balance > 0 else -1,  # a zero majority leaves σ = 0, which keeps the negatives
-        )
-        for key in keys
-    }
-    if drop is not None:  # λ·τ merged without a base: θ₀ + it, as the streaming path adds
-        merged = {key: tv.base[key] + value for key, value in merged.items()}
+    of the model, as FusionBench's flattened [N, D] matrix) instead of redrawn in every pass."""
+    dropped = None
+    if drop is not None:
+        dropped = [{key: drop.engine(i, key, m[key] - tv.base[key]) for key in keys} for i, m in enumerate(tv.models)]
+    merged = ties_state(tv.base, tv.models, keys, k, merge_func, scaling_factor, task_vectors=dropped)
     return {key: merged[key] if key in merged else t.clone() for key, t in tv.base.items()}
 
 
