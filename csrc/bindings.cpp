@@ -93,6 +93,13 @@ void ram_merge(uintptr_t out, uintptr_t base, const Ptrs& xs, const std::vector<
   parallel_run(active_kernels().ram_merge[dtype], h.args, threads);
 }
 
+void magmax(uintptr_t out, uintptr_t base, const Ptrs& xs, const std::vector<double>& lam, int64_t numel, int dtype,
+            int threads) {
+  ArgsHolder h(out, xs, lam, numel, dtype);
+  h.args.base = reinterpret_cast<const void*>(base);
+  parallel_run(active_kernels().magmax[dtype], h.args, threads);
+}
+
 // [shared_0, alone_0, shared_1, alone_1, ...]: per model, the kept elements another model keeps too
 // and those only it keeps (one partial count per thread, added here).
 std::vector<int64_t> ram_counts(uintptr_t base, const Ptrs& xs, double eps, int64_t numel, int dtype, int threads) {
@@ -194,6 +201,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("eps"), py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
   m.def("ram_merge", &fk::ram_merge, py::arg("out"), py::arg("base"), py::arg("xs"), py::arg("scales"), py::arg("eps"),
         py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
+  m.def("magmax", &fk::magmax, py::arg("out"), py::arg("base"), py::arg("xs"), py::arg("lam"), py::arg("numel"),
+        py::arg("dtype"), py::arg("threads"), nogil);
   m.def("ram_counts", &fk::ram_counts, py::arg("base"), py::arg("xs"), py::arg("eps"), py::arg("numel"),
         py::arg("dtype"), py::arg("threads"), nogil);
   m.def(

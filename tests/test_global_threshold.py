@@ -120,7 +120,7 @@ def _pool(seed, n=3, dtype=torch.float32):
     return cast(base), [cast(m) for m in models]
 
 
-@pytest.mark.parametrize("merge_func", ["sum", "mean"])
+@pytest.mark.parametrize("merge_func", ["sum", "mean", "max"])
 @pytest.mark.parametrize("threshold", [20, 0.5, 0.0])
 def test_ties_global_fused_equals_streaming_path(merge_func, threshold):
     """The engine path against the streaming torch one (an identity ``drop`` takes that path)."""
@@ -208,7 +208,7 @@ def test_dare_drop_on_the_engine_equals_its_call():
     assert torch.equal(drop.engine(1, "a.bias", tau), tau)  # not among the names: kept whole
 
 
-@pytest.mark.parametrize("merge_func", ["sum", "mean"])
+@pytest.mark.parametrize("merge_func", ["sum", "mean", "max"])
 @pytest.mark.parametrize("rescale", [True, False])
 def test_dare_ties_fused_equals_streaming_path(merge_func, rescale):
     base, models = _pool(8)

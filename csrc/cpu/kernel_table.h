@@ -3,6 +3,7 @@
 #include "fisher_merge.h"
 #include "gram_kernels.h"
 #include "kernels.h"
+#include "magmax.h"
 #include "ram_merge.h"
 #include "sign_tally.h"
 #include "threshold_scan.h"
@@ -33,6 +34,7 @@ KernelTable make_kernel_table() {
   FK_FILL_DTYPES(t, task_arithmetic, V, S)
   FK_FILL_DTYPES(t, fisher_merge, V, S)
   FK_FILL_DTYPES(t, ram_merge, V, S)
+  FK_FILL_DTYPES(t, magmax, V, S)
   FK_FILL_DTYPES(t, ram_counts, V, S)
   FK_FILL_SPARSE(t, sign_tally, sign_tally_range, V, S)
   FK_FILL_SPARSE(t, threshold_scan, threshold_scan_range, V, S)

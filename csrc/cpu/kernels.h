@@ -39,6 +39,7 @@ struct KernelTable {
   LsaRelaxFn lsa_relax;
   GramFn gram[kNumDTypes];
   RangeFn ram_merge[kNumDTypes];
+  RangeFn magmax[kNumDTypes];
   CountsFn ram_counts[kNumDTypes];
   CountsFn sign_tally[kNumDTypes];  // float32, float16 and bfloat16 only (null for float64)
   ThresholdScanFn threshold_scan[kNumDTypes];  // float32, float16 and bfloat16 only

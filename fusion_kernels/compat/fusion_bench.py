@@ -5,7 +5,7 @@
 on the engine — one fused pass per tensor instead of a new tensor per key and operation, and TIES
 without its ``[N, D]`` flattening (:func:`ties_state`: model-wide thresholds in one sweep) — and
 hands every other case to FusionBench's own ``run``: pools of ``LazyStateDict`` models, tensors that
-are not float32, TIES' ``max``, T5's shared-embedding keys. ``uninstall()`` restores them. Results
+are not float32, T5's shared-embedding keys. ``uninstall()`` restores them. Results
 equal FusionBench's within float32 rounding (the sums are formed in another order). fusion-bench
 is imported by ``install()`` only.
 """
@@ -41,7 +41,8 @@ def ties_state(
     model's |τᵢ| ≥ its k-th largest over all ``keys`` (:func:`~fusion_kernels.global_magnitude_threshold`,
     one sweep for every model), elect σ = sign(Σᵢ kept τᵢ) with FusionBench's majority where it is 0
     (:func:`~fusion_kernels.sign_tally`; a zero majority keeps the negatives), combine the agreeing
-    by ``sum`` or ``mean`` (one fused :func:`~fusion_kernels.sparse_merge` per tensor).
+    by ``sum`` or ``mean`` (one fused :func:`~fusion_kernels.sparse_merge` per tensor) or ``max``
+    (σ·the largest agreeing magnitude, in torch per tensor).
     ``task_vectors``: the τᵢ themselves (e.g. after DARE) in place of ``models`` − ``base``."""
     n = len(models) if task_vectors is None else len(task_vectors)
     if task_vectors is None:
@@ -56,6 +57,9 @@ def ties_state(
     balance = sum(sign_tally(origin[key], inputs[key], cuts)[0] for key in keys)
     merged = {}
     for key in keys:
+        if merge_func == "max":
+            merged[key] = _ties_max(base[key], origin[key], inputs[key], cuts, balance, scaling_factor)
+            continue
         value = sparse_merge(
             None if task_vectors is not None else base[key],
             inputs[key],
@@ -70,6 +74,18 @@ def ties_state(
         )
         merged[key] = value if task_vectors is None else base[key] + value  # θ₀ + λ·τ, as FusionBench adds
     return merged
+
+
+def _ties_max(base, origin, inputs, cuts, balance: int, scaling_factor: float) -> torch.Tensor:
+    """TIES ``max`` for one tensor in torch (the engine's combine has no maximum): σ·max |agreeing
+    kept τᵢ|, σ = sign(Σ kept τᵢ), FusionBench's majority sign(balance) where that is 0 (0 stays 0)."""
+    taus = torch.stack([x - origin for x in inputs])
+    cut = torch.tensor(cuts, dtype=taus.dtype, device=taus.device).reshape(-1, *([1] * origin.dim()))
+    kept = torch.where((taus.abs() >= cut) | taus.isnan(), taus, 0.0)
+    sign = torch.sign(kept.sum(0))
+    sign = torch.where(sign == 0, float((balance > 0) - (balance < 0)), sign)
+    agree = torch.where(sign > 0, kept > 0, kept < 0)
+    return base + scaling_factor * (kept * agree).abs().amax(0) * sign
 
 
 # --- the patched run() methods: each returns None when the pool is not one it handles ---
@@ -151,7 +167,7 @@ def _ties(algorithm, modelpool, **kwargs):
     remove_keys = list(algorithm.config.get("remove_keys", []) or [])
     merge_func = algorithm.config.get("merge_func", "sum")
     keep = algorithm.threshold / 100 if algorithm.threshold > 1 else algorithm.threshold
-    if merge_func not in ("sum", "mean") or not 0 <= keep < 1:
+    if merge_func not in ("sum", "mean", "max") or not 0 <= keep < 1:
         return None
     loaded = _models(algorithm, modelpool, with_pretrained=True)
     if loaded is None:

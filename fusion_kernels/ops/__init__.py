@@ -3,6 +3,7 @@
 from .fisher_merge import fisher_merge
 from .gram import gram
 from .linear_assignment import linear_assignment
+from .magmax import magmax
 from .magnitude_prune import global_magnitude_threshold, magnitude_prune, magnitude_threshold
 from .permute import permute, permute_many
 from .ram_merge import ram_counts, ram_merge
@@ -20,6 +21,7 @@ __all__ = [
     "global_magnitude_threshold",
     "gram",
     "linear_assignment",
+    "magmax",
     "magnitude_prune",
     "magnitude_threshold",
     "permute",

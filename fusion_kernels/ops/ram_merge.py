@@ -6,16 +6,16 @@ from collections.abc import Sequence
 import torch
 
 from .. import _native, _validate
-from .. import reference as ref
 from .._dispatch import select
 from ..errors import WeightError
+from ..reference import composite
 from ._engine import custom_op, empty_like, fake_like, native_kernels, run
 
 OP = "ram_merge"
 
 
 def _torch_impl(out, base: torch.Tensor, xs: list[torch.Tensor], scales: list[float], epsilon: float) -> None:
-    out.copy_(ref.composite.ram(base, xs, epsilon, scales=scales))
+    out.copy_(composite.ram(base, xs, epsilon, scales=scales))
 
 
 _cpu_impl, _ = native_kernels(
@@ -37,7 +37,7 @@ def _(base, xs, scales, epsilon):
 
 
 def _counts_torch(base, xs, epsilon):
-    return [n for pair in ref.composite.ram_counts(base, xs, epsilon) for n in pair]
+    return [n for pair in composite.ram_counts(base, xs, epsilon) for n in pair]
 
 
 def _counts_cpu(base, xs, epsilon):

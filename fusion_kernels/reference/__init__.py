@@ -6,6 +6,7 @@ They take already-validated arguments (weights as Python floats) and import only
 from .fisher_merge import fisher_merge
 from .gram import gram
 from .linear_assignment import linear_assignment
+from .magmax import magmax
 from .magnitude_prune import global_magnitude_threshold, magnitude_prune, magnitude_threshold, top_k_mask
 from .permute import inverse_permutation, permute
 from .random_mask import random_keep_mask
@@ -19,6 +20,7 @@ __all__ = [
     "fisher_merge",
     "global_magnitude_threshold",
     "gram",
+    "magmax",
     "inverse_permutation",
     "linear_assignment",
     "magnitude_prune",

@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+import fusion_kernels as fk
 from fusion_kernels.compat.fusion_bench import ties_state
 
 from ..errors import ParameterError
@@ -109,16 +110,11 @@ def _polar(x: torch.Tensor) -> torch.Tensor:
 
 
 def magmax(base: StateLike, models: Sequence[StateLike], scaling_factor: float = 1.0) -> State:
-    """MagMax: θ₀ + λ·(per element, the τᵢ of largest magnitude; ties go to the later model)."""
+    """MagMax: θ₀ + λ·(per element, the τᵢ of largest magnitude; ties go to the later model), one
+    fused pass per tensor (:func:`fusion_kernels.magmax`, float32 arithmetic)."""
     tv = _TaskVectors(base, models)
-    merged = {}
-    for k in tv.keys:
-        taus = tv.of(k)
-        best = taus[0]
-        for tau in taus[1:]:
-            best = torch.where(tau.abs() >= best.abs(), tau, best)
-        merged[k] = best
-    return _result(tv.base, merged, scaling_factor)
+    merged = {k: fk.magmax(tv.base[k], [m[k].to(tv.base[k].dtype) for m in tv.models], scaling_factor) for k in tv.keys}
+    return {k: merged[k] if k in merged else t.clone() for k, t in tv.base.items()}
 
 
 def _global_threshold(tensors: Callable[[], Iterator[torch.Tensor]], rank: int) -> torch.Tensor:
@@ -176,7 +172,7 @@ def ties_global(
     total = sum(ref[k].numel() for k in keys)
 
     rank = total - int(total * keep)
-    fused = (drop is None or isinstance(drop, DareDrop)) and merge_func != "max"
+    fused = drop is None or isinstance(drop, DareDrop)
     fused = fused and all(s[k].dtype == torch.float32 for s in (ref, *tv.models) for k in keys)
     if fused and total:
         return _ties_global_fused(tv, keys, total - rank + 1, merge_func, scaling_factor, drop)
