@@ -8,6 +8,7 @@ from .. import reference as ref
 from .. import triton as _triton
 from .._dispatch import select
 from ..errors import DTypeError, ShapeError, WeightError
+from ..reference.sparse_merge import PRUNE_OPTIONS
 from ._engine import custom_op, empty_like, fake_like, run
 
 OP = "magnitude_prune"
@@ -18,27 +19,7 @@ def _torch_prune(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
 
 
 def _cpu_prune(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
-    _sparse_native.sparse_merge(
-        out,
-        None,
-        [x],
-        [1.0],
-        "magnitude",
-        None,
-        None,
-        "weighted",
-        "sum",
-        [1.0],
-        [0.0],
-        [0.0],
-        1.0,
-        0,
-        [0.0],
-        1,
-        0,
-        [],
-        ks=[k],
-    )
+    _sparse_native.sparse_merge(out, None, [x], *PRUNE_OPTIONS, ks=[k])
 
 
 def _cpu_declines(x, k):

@@ -37,6 +37,10 @@ from .random_mask import random_keep_mask, uniform24
 from .weighted_sum import accumulation_dtype
 
 L1_RESCALE_EPS = 1e-7
+# magnitude_prune as a sparse merge of one input without base: the backends' arguments after
+# (out, base, xs) — weights, sparsify, rescale, consensus, elect_on, combine, densities, gammas,
+# epsilons, lam, seed, thresholds, tie_sign, first_model, masks — with k given apart.
+PRUNE_OPTIONS = ([1.0], "magnitude", None, None, "weighted", "sum", [1.0], [0.0], [0.0], 1.0, 0, [0.0], 1, 0, [])
 
 
 def _outlier_mask(tau: torch.Tensor, keep: int, drop_top: int) -> torch.Tensor:

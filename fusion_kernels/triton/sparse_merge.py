@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from ..reference.random_mask import keep_threshold, stream_keys
-from ..reference.sparse_merge import L1_RESCALE_EPS, threshold_key
+from ..reference.sparse_merge import L1_RESCALE_EPS, PRUNE_OPTIONS, threshold_key
 from ._launch import BLOCK, grid, offsets, store_rounded
 
 KEEP_ALL, KEEP_TOPK, KEEP_RANDOM, KEEP_MASK, KEEP_BAND = 0, 1, 2, 3, 4
@@ -380,27 +380,7 @@ def sparse_merge(
 
 
 def magnitude_prune(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
-    sparse_merge(
-        out,
-        None,
-        [x],
-        [1.0],
-        "magnitude",
-        "",
-        "",
-        "weighted",
-        "sum",
-        [1.0],
-        [0.0],
-        [0.0],
-        1.0,
-        0,
-        [0.0],
-        1,
-        0,
-        [],
-        ks=[k],
-    )
+    sparse_merge(out, None, [x], *PRUNE_OPTIONS, ks=[k])
 
 
 def magnitude_threshold(out: torch.Tensor, x: torch.Tensor, k: int) -> None:
