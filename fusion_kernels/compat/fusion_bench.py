@@ -76,16 +76,27 @@ def ties_state(
     return merged
 
 
+MAX_CHUNK = 1 << 16  # elements per step of TIES max's torch steps: their temporaries stay in cache
+
+
 def _ties_max(base, origin, inputs, cuts, balance: int, scaling_factor: float) -> torch.Tensor:
     """TIES ``max`` for one tensor in torch (the engine's combine has no maximum): σ·max |agreeing
-    kept τᵢ|, σ = sign(Σ kept τᵢ), FusionBench's majority sign(balance) where that is 0 (0 stays 0)."""
-    taus = torch.stack([x - origin for x in inputs])
-    cut = torch.tensor(cuts, dtype=taus.dtype, device=taus.device).reshape(-1, *([1] * origin.dim()))
-    kept = torch.where((taus.abs() >= cut) | taus.isnan(), taus, 0.0)
-    sign = torch.sign(kept.sum(0))
-    sign = torch.where(sign == 0, float((balance > 0) - (balance < 0)), sign)
-    agree = torch.where(sign > 0, kept > 0, kept < 0)
-    return base + scaling_factor * (kept * agree).abs().amax(0) * sign
+    kept τᵢ|, σ = sign(Σ kept τᵢ), FusionBench's majority sign(balance) where that is 0 (0 stays 0),
+    elementwise, so piece by piece."""
+    majority = float((balance > 0) - (balance < 0))
+    cut = torch.tensor(cuts, dtype=base.dtype, device=base.device)[:, None]
+    flat_o, flat_x = origin.reshape(-1), [x.reshape(-1) for x in inputs]
+    out = torch.empty_like(base)
+    flat_out = out.view(-1)
+    for start in range(0, base.numel(), MAX_CHUNK):
+        piece = slice(start, start + MAX_CHUNK)
+        taus = torch.stack([x[piece] for x in flat_x]).sub_(flat_o[piece])
+        kept = torch.where((taus.abs() >= cut) | taus.isnan(), taus, 0.0)
+        sign = torch.sign(kept.sum(0))
+        sign = torch.where(sign == 0, majority, sign)
+        agree = torch.where(sign > 0, kept > 0, kept < 0)
+        flat_out[piece] = base.reshape(-1)[piece] + scaling_factor * (kept * agree).abs().amax(0) * sign
+    return out
 
 
 # --- the patched run() methods: each returns None when the pool is not one it handles ---
