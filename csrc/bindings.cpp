@@ -255,7 +255,7 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("elect_weighted", &fk::SparseMergeSpec::elect_weighted)
       .def_readwrite("combine", &fk::SparseMergeSpec::combine)
       .def_readwrite("lam", &fk::SparseMergeSpec::lam)
-      .def_readwrite("tie_up", &fk::SparseMergeSpec::tie_up)
+      .def_readwrite("tie", &fk::SparseMergeSpec::tie)
       .def_readwrite("seed", &fk::SparseMergeSpec::seed)
       .def_readwrite("first_model", &fk::SparseMergeSpec::first_model);
   m.attr("L1_RESCALE_EPS") = fk::kL1RescaleEps;

@@ -62,12 +62,12 @@ def sparse_merge(
             )
         models.append(m)
     spec.models, spec.weights, spec.lam, spec.seed = models, list(weights), lam, seed
-    spec.tie_up = tie_sign > 0
+    spec.tie = tie_sign
     spec.first_model = first_model
     spec.rescale = getattr(lib.Rescale, rescale or "none")
     spec.consensus = {None: 0, "sum": 1, "count": 2}[consensus]
     spec.elect_weighted = elect_on == "weighted"
-    spec.combine = {"sum": 0, "mean_count": 1, "mean_weight": 2}[combine]
+    spec.combine = {"sum": 0, "mean_count": 1, "mean_weight": 2, "max": 3}[combine]
     shape = xs[0].shape
     rows, cols = (1, xs[0].numel()) if len(shape) != 2 else shape
     lib.sparse_merge(

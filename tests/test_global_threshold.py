@@ -53,9 +53,11 @@ def test_global_threshold_ties_and_nan(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES3, ids=DT_IDS)
-@pytest.mark.parametrize("tie_sign", [1, -1])
-@pytest.mark.parametrize("combine", ["sum", "mean_count"])
+@pytest.mark.parametrize("tie_sign", [1, -1, 0])
+@pytest.mark.parametrize("combine", ["sum", "mean_count", "max"])
 def test_sparse_merge_threshold_matches_reference(backend, dtype, tie_sign, combine):
+    if backend == "triton" and (combine == "max" or tie_sign == 0):
+        pytest.skip("the Triton kernel sums the agreeing (it declines max and tie_sign=0)")
     base = randn((33, 65), dtype, 1, 0.01)
     xs = [randn((33, 65), dtype, 2 + i, 0.1) for i in range(3)]
     xs.append(2 * base - xs[0])  # τ₃ = −τ₀ exactly: where only these two keep, the tally is 0
@@ -81,7 +83,7 @@ def test_sparse_merge_threshold_matches_reference(backend, dtype, tie_sign, comb
         )
 
     assert_within_reference_error(got, expected, base, xs, [1.0] * 4)
-    other = fk.sparse_merge(base, xs, None, lam=0.7, tie_sign=-tie_sign, **kw)
+    other = fk.sparse_merge(base, xs, None, lam=0.7, tie_sign=-1 if tie_sign == 1 else 1, **kw)
     assert not torch.equal(got, other)  # the cancelled elements follow the tie
 
 
@@ -149,6 +151,11 @@ def test_ties_global_majority_of_a_cancelled_pool():
     cut = fk.global_magnitude_threshold([models[0][k] for k in floats], int(total * 0.5) + 1)  # FusionBench's rank
     kept = models[0]["a.weight"].abs() >= cut
     assert torch.equal(fused["a.weight"], torch.where(kept, -models[0]["a.weight"].abs(), 0.0))
+    # max multiplies by σ = 0 instead: nothing moves
+    fused = average.ties_global(base, models, 50, "max", 1.0)
+    streaming = average.ties_global(base, models, 50, "max", 1.0, drop=lambda i, k, tau: tau)
+    assert all(torch.equal(fused[k], streaming[k]) for k in base)
+    assert torch.equal(fused["a.weight"], base["a.weight"])
 
 
 def test_opcheck():
@@ -170,15 +177,29 @@ def test_opcheck():
         (lambda a: fk.global_magnitude_threshold([a], 1, base=[a, a]), fk.ShapeError, "'base'"),
         (lambda a: fk.global_magnitude_threshold([], 1), fk.ShapeError, "'models'"),
         (lambda a: fk.sparse_merge(a, [a], sparsify="threshold", threshold=-1.0), fk.WeightError, "'threshold[0]'"),
-        (lambda a: fk.sparse_merge(a, [a], tie_sign=0), fk.WeightError, "'tie_sign'"),
+        (lambda a: fk.sparse_merge(a, [a], tie_sign=2), fk.WeightError, "'tie_sign'"),
         (
             lambda a: fk.sparse_merge(a, [a], sparsify="threshold", rescale="inverse_density"),
             fk.WeightError,
             "inverse_density",
         ),
         (lambda a: fk.sign_tally(a, [a, a], [0.1]), fk.WeightError, "'threshold'"),
+        (lambda a: fk.sparse_merge(a, [a], consensus=None, combine="max"), fk.WeightError, "consensus"),
     ],
-    ids=["k-zero", "k-large", "count", "shape", "dtype", "base-count", "empty", "neg", "tie", "rescale", "tally"],
+    ids=[
+        "k-zero",
+        "k-large",
+        "count",
+        "shape",
+        "dtype",
+        "base-count",
+        "empty",
+        "neg",
+        "tie",
+        "rescale",
+        "tally",
+        "max",
+    ],
 )
 def test_bad_input(call, error, argument):
     with pytest.raises(error) as info:

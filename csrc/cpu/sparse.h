@@ -56,7 +56,7 @@ struct ModelKeep {
 enum class Rescale : int { kNone, kInverseDensity, kL1 };
 
 // Everything about one sparse merge but the tensors. consensus: 0 none, 1 sum, 2 count;
-// combine: 0 sum, 1 mean_count, 2 mean_weight (the codes of SparseMergeArgs).
+// combine: 0 sum, 1 mean_count, 2 mean_weight, 3 max (the codes of SparseMergeArgs).
 struct SparseMergeSpec {
   std::vector<ModelKeep> models;
   std::vector<double> weights;
@@ -65,7 +65,7 @@ struct SparseMergeSpec {
   bool elect_weighted = true;
   int combine = 0;
   double lam = 1.0;
-  bool tie_up = true;  // the sign elected where the tally is 0: + (mergekit, PEFT) or - (FusionBench's majority)
+  int tie = 1;  // elected where the tally is 0: + (mergekit, PEFT), - or no one (FusionBench's majority)
   uint64_t seed = 0;  // DARE's and DELLA's draws (reference/random_mask.py's stream_keys)
   int first_model = 0;  // the stream of input i is model first_model + i's
 };

@@ -46,10 +46,10 @@ struct SparseMergeArgs {
   bool divide = false;                    // divide: tau / scale, rounded as the reference does
   int consensus = 0;                      // 0 none, 1 sum, 2 count
   bool elect_weighted = true;
-  int combine = 0;                        // 0 sum, 1 mean_count, 2 mean_weight
+  int combine = 0;                        // 0 sum, 1 mean_count, 2 mean_weight, 3 max
   float weight_total = 0.f;               // mean_weight without consensus: the sum of the weights
   float lam = 1.f;
-  bool tie_up = true;                     // a zero tally elects +
+  int tie = 1;                            // a zero tally elects + (1), - (-1) or no one (0)
 };
 
 constexpr int kMaxLaneWidth = 8;  // floats per register of the widest lane (AVX2)

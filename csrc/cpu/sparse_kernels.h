@@ -208,9 +208,10 @@ FK_ALWAYS_INLINE void chunk_keeps(const KeepRule& rule, const View& v, int i, in
 // elected sign, known only after the last model; so both candidates are summed as the votes
 // arrive: up = the sum of w·k over votes > 0, down = over votes < 0, each in model order (a
 // non-agreeing model adds +0, as the reference's masked sum does), and the election picks one.
-// Agree: each side's agreement weight (1 for mean_count, w for mean_weight) is summed the same way.
+// Agg 1: each side's agreement weight (1 for mean_count, w for mean_weight) is summed the same way;
+// Agg 2 (combine max): each side keeps its largest |w·k| instead of the sum.
 // Mode: the keep mode of every model, or kMixedModes.
-template <int Consensus, bool Agree, bool Divide, int Mode, int U, class L, class View, class T>
+template <int Consensus, int Agg, bool Divide, int Mode, int U, class L, class View, class T>
 FK_ALWAYS_INLINE void merge_chunk(const SparseMergeArgs& a, const View& v, T* out, int64_t j) {
   using R = typename L::R;
   constexpr int W = L::width;
@@ -246,9 +247,14 @@ FK_ALWAYS_INLINE void merge_chunk(const SparseMergeArgs& a, const View& v, T* ou
         const R vote = a.elect_weighted ? weighted : kept;
         const auto is_up = L::fgt(vote, zero), is_down = L::fgt(zero, vote);  // a zero vote never agrees
         tally[u] = L::add(tally[u], Consensus == 2 ? L::sub(L::one_if(is_up), L::one_if(is_down)) : vote);
-        up[u] = L::add(up[u], L::keep_if(is_up, weighted));
-        down[u] = L::add(down[u], L::keep_if(is_down, weighted));
-        if constexpr (Agree) {
+        if constexpr (Agg == 2) {
+          up[u] = L::max(up[u], L::keep_if(is_up, L::abs(weighted)));
+          down[u] = L::max(down[u], L::keep_if(is_down, L::abs(weighted)));
+        } else {
+          up[u] = L::add(up[u], L::keep_if(is_up, weighted));
+          down[u] = L::add(down[u], L::keep_if(is_down, weighted));
+        }
+        if constexpr (Agg == 1) {
           agree_up[u] = L::add(agree_up[u], L::keep_if(is_up, agree_w));
           agree_down[u] = L::add(agree_down[u], L::keep_if(is_down, agree_w));
         }
@@ -258,9 +264,10 @@ FK_ALWAYS_INLINE void merge_chunk(const SparseMergeArgs& a, const View& v, T* ou
   for (int u = 0; u < U; ++u) {
     R r = up[u], agreeing = L::set1(float(n));
     if constexpr (Consensus != 0) {
-      const auto elected_up = a.tie_up ? L::fge(tally[u], zero) : L::fgt(tally[u], zero);
-      r = L::select(elected_up, up[u], down[u]);
-      if constexpr (Agree) agreeing = L::select(elected_up, agree_up[u], agree_down[u]);
+      const auto elected_up = a.tie > 0 ? L::fge(tally[u], zero) : L::fgt(tally[u], zero);
+      r = L::select(elected_up, up[u], Agg == 2 ? L::sub(zero, down[u]) : down[u]);
+      if constexpr (Agg == 1) agreeing = L::select(elected_up, agree_up[u], agree_down[u]);
+      if (a.tie == 0) r = L::select(L::feq(tally[u], zero), zero, r);  // a zero tally elects no one
     }
     if (a.combine == 1) {
       r = L::div(r, L::max(agreeing, one));
@@ -288,8 +295,8 @@ void sparse_merge_range(const SparseMergeArgs& a, int64_t begin, int64_t end) {
   T* out = static_cast<T*>(a.out);
   with_task_view<T>(a.task, [&](const auto& v) {
     const auto run = [&](auto consensus, auto agree, auto divide, auto mode) {
-      constexpr int c = decltype(consensus)::value, md = decltype(mode)::value;
-      constexpr bool g = decltype(agree)::value, d = decltype(divide)::value;
+      constexpr int c = decltype(consensus)::value, md = decltype(mode)::value, g = decltype(agree)::value;
+      constexpr bool d = decltype(divide)::value;
       constexpr int U = kMergeUnroll;
       int64_t j = begin;  // a multiple of 64: every U-register step starts on a 16-element group
       for (; j + U * V::width <= end; j += U * V::width) merge_chunk<c, g, d, md, U, V>(a, v, out, j);
@@ -305,16 +312,18 @@ void sparse_merge_range(const SparseMergeArgs& a, int64_t begin, int64_t end) {
       if (a.divide) return with_mode(consensus, agree, std::true_type{});
       with_mode(consensus, agree, std::false_type{});
     };
-    const bool agree = a.combine != 0;
+    const auto with_agg = [&](auto consensus) {  // combine 3 (max): Agg 2; 1 and 2 (means): Agg 1
+      if (a.combine == 3) return with_divide(consensus, std::integral_constant<int, 2>{});
+      if (a.combine != 0) return with_divide(consensus, std::integral_constant<int, 1>{});
+      with_divide(consensus, std::integral_constant<int, 0>{});
+    };
     switch (a.consensus) {
       case 1:
-        if (agree) return with_divide(std::integral_constant<int, 1>{}, std::true_type{});
-        return with_divide(std::integral_constant<int, 1>{}, std::false_type{});
+        return with_agg(std::integral_constant<int, 1>{});
       case 2:
-        if (agree) return with_divide(std::integral_constant<int, 2>{}, std::true_type{});
-        return with_divide(std::integral_constant<int, 2>{}, std::false_type{});
+        return with_agg(std::integral_constant<int, 2>{});
       default:
-        return with_divide(std::integral_constant<int, 0>{}, std::false_type{});
+        return with_divide(std::integral_constant<int, 0>{}, std::integral_constant<int, 0>{});
     }
   });
 }

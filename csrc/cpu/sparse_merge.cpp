@@ -187,7 +187,7 @@ void sparse_merge(void* out, const TaskSource& s, int64_t rows, int64_t cols, co
   a.combine = spec.combine;
   a.weight_total = static_cast<float>(std::abs(total) >= 1e-8 ? total : 1.0);
   a.lam = static_cast<float>(spec.lam);
-  a.tie_up = spec.tie_up;
+  a.tie = spec.tie;
   const SparseMergeFn fn = active_kernels().sparse_merge[s.dtype];
   parallel_chunks(s.numel, plan_threads(s.numel, threads), [&](int64_t begin, int64_t end) { fn(a, begin, end); });
 }

@@ -41,8 +41,7 @@ def ties_state(
     model's |τᵢ| ≥ its k-th largest over all ``keys`` (:func:`~fusion_kernels.global_magnitude_threshold`,
     one sweep for every model), elect σ = sign(Σᵢ kept τᵢ) with FusionBench's majority where it is 0
     (:func:`~fusion_kernels.sign_tally`; a zero majority keeps the negatives), combine the agreeing
-    by ``sum`` or ``mean`` (one fused :func:`~fusion_kernels.sparse_merge` per tensor) or ``max``
-    (σ·the largest agreeing magnitude, in torch per tensor).
+    by ``sum``, ``mean`` or ``max`` (one fused :func:`~fusion_kernels.sparse_merge` per tensor).
     ``task_vectors``: the τᵢ themselves (e.g. after DARE) in place of ``models`` − ``base``."""
     n = len(models) if task_vectors is None else len(task_vectors)
     if task_vectors is None:
@@ -55,11 +54,11 @@ def ties_state(
     bases = None if task_vectors is not None else [origin[key] for key in keys]
     cuts = [float(c) for c in global_magnitude_threshold(per_model, k, base=bases)]
     balance = sum(sign_tally(origin[key], inputs[key], cuts)[0] for key in keys)
+    # FusionBench's σ where the tally is 0 is the majority sign(balance); σ = 0 selects the negatives
+    # (its agreement test is σ > 0 ? τ > 0 : τ < 0) and zeroes max's σ·max|τ|
+    tie = 1 if balance > 0 else -1 if balance < 0 or merge_func != "max" else 0
     merged = {}
     for key in keys:
-        if merge_func == "max":
-            merged[key] = _ties_max(base[key], origin[key], inputs[key], cuts, balance, scaling_factor)
-            continue
         value = sparse_merge(
             None if task_vectors is not None else base[key],
             inputs[key],
@@ -68,35 +67,12 @@ def ties_state(
             threshold=cuts,
             consensus="sum",
             elect_on="unweighted",
-            combine="sum" if merge_func == "sum" else "mean_count",
+            combine={"sum": "sum", "mean": "mean_count", "max": "max"}[merge_func],
             lam=scaling_factor,
-            tie_sign=1 if balance > 0 else -1,
+            tie_sign=tie,
         )
         merged[key] = value if task_vectors is None else base[key] + value  # θ₀ + λ·τ, as FusionBench adds
     return merged
-
-
-MAX_CHUNK = 1 << 16  # elements per step of TIES max's torch steps: their temporaries stay in cache
-
-
-def _ties_max(base, origin, inputs, cuts, balance: int, scaling_factor: float) -> torch.Tensor:
-    """TIES ``max`` for one tensor in torch (the engine's combine has no maximum): σ·max |agreeing
-    kept τᵢ|, σ = sign(Σ kept τᵢ), FusionBench's majority sign(balance) where that is 0 (0 stays 0),
-    elementwise, so piece by piece."""
-    majority = float((balance > 0) - (balance < 0))
-    cut = torch.tensor(cuts, dtype=base.dtype, device=base.device)[:, None]
-    flat_o, flat_x = origin.reshape(-1), [x.reshape(-1) for x in inputs]
-    out = torch.empty_like(base)
-    flat_out = out.view(-1)
-    for start in range(0, base.numel(), MAX_CHUNK):
-        piece = slice(start, start + MAX_CHUNK)
-        taus = torch.stack([x[piece] for x in flat_x]).sub_(flat_o[piece])
-        kept = torch.where((taus.abs() >= cut) | taus.isnan(), taus, 0.0)
-        sign = torch.sign(kept.sum(0))
-        sign = torch.where(sign == 0, majority, sign)
-        agree = torch.where(sign > 0, kept > 0, kept < 0)
-        flat_out[piece] = base.reshape(-1)[piece] + scaling_factor * (kept * agree).abs().amax(0) * sign
-    return out
 
 
 # --- the patched run() methods: each returns None when the pool is not one it handles ---

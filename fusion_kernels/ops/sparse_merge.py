@@ -20,7 +20,7 @@ SPARSIFY = (None, "magnitude", "random", "magnitude_outliers", "della", "thresho
 RESCALE = (None, "inverse_density", "l1")
 CONSENSUS = (None, "sum", "count")
 ELECT_ON = ("weighted", "unweighted")
-COMBINE = ("sum", "mean_count", "mean_weight")
+COMBINE = ("sum", "mean_count", "mean_weight", "max")
 
 
 def _torch_impl(out, base, xs, weights, sparsify, rescale, consensus, elect_on, combine, *rest):
@@ -194,12 +194,14 @@ def sparse_merge(
         rescale: ``"inverse_density"`` | ``"l1"`` | None.
         consensus: ``"sum"`` | ``"count"`` | None (sign election).
         elect_on: ``"weighted"`` (mergekit) or ``"unweighted"`` (PEFT) deltas vote.
-        combine: ``"sum"`` | ``"mean_count"`` (PEFT) | ``"mean_weight"`` (mergekit ``normalize``).
+        combine: ``"sum"`` | ``"mean_count"`` (PEFT) | ``"mean_weight"`` (mergekit ``normalize``) |
+            ``"max"`` (σ·the largest agreeing |wᵢ·tᵢ|, FusionBench's TIES ``max``; needs a consensus).
         lam: λ, scales the merged task vector.
         seed: 0 ≤ seed < 2⁶³, for ``random`` and ``della``: same seed, same masks on every backend.
         masks: N bool tensors like ``xs`` replacing the sparsify step (for testing, or a caller's own).
         threshold: ``threshold``: the magnitude each |τᵢ| must reach, ≥ 0, one or per model.
-        tie_sign: +1 or −1, the sign elected where the tally is exactly 0 (FusionBench: its majority).
+        tie_sign: +1, −1 or 0, the sign elected where the tally is exactly 0 (0: no model agrees
+            there); FusionBench's TIES passes its majority sign.
         first_model: ``random``/``della``: xs[i] draws model ``first_model + i``'s stream (≥ 0), so
             one model's mask can be drawn alone exactly as in a call with all of them.
         out: optional output, may be ``base`` or one of ``xs``.
@@ -237,8 +239,10 @@ def sparse_merge(
     thresholds = _validate.per_model(op, "threshold", threshold, n, 0.0, float("inf"))
     if sparsify == "threshold" and rescale == "inverse_density":
         raise WeightError(f"{op}: rescale='inverse_density' needs keep probabilities; sparsify='threshold' has none")
-    if tie_sign not in (1, -1) or isinstance(tie_sign, bool):
-        raise WeightError(f"{op}: argument 'tie_sign' expected +1 or -1, got {tie_sign!r}")
+    if tie_sign not in (1, -1, 0) or isinstance(tie_sign, bool):
+        raise WeightError(f"{op}: argument 'tie_sign' expected +1, -1 or 0, got {tie_sign!r}")
+    if combine == "max" and consensus is None:
+        raise WeightError(f"{op}: combine='max' takes the elected sign's largest magnitude; it needs a consensus")
     if not isinstance(first_model, int) or isinstance(first_model, bool) or not 0 <= first_model < 2**31 - n:
         raise WeightError(f"{op}: argument 'first_model' expected an int in [0, 2^31 - {n}), got {first_model!r}")
     if masks is not None:

@@ -19,8 +19,10 @@ For models i = 1..N with task vectors τᵢ = xᵢ − base (or xᵢ itself when
 3. consensus (sign election) on vᵢ = wᵢ·tᵢ (``elect_on="weighted"``) or vᵢ = tᵢ (``"unweighted"``):
    ``"sum"``: s = sign⁺(Σᵢ vᵢ); ``"count"``: s = sign⁺(Σᵢ sign(vᵢ)); sign⁺(0) = ``tie_sign`` (+1 as
    mergekit and PEFT; FusionBench's majority can make it −1). Model i takes part where
-   sign(vᵢ) = s (a zero never agrees). ``None``: every model takes part everywhere.
-4. combine the agreeing wᵢ·tᵢ: ``"sum"``; ``"mean_count"`` ÷ max(1, number agreeing);
+   sign(vᵢ) = s (a zero never agrees; where the tally is 0 and ``tie_sign`` is 0, no model does).
+   ``None``: every model takes part everywhere.
+4. combine the agreeing wᵢ·tᵢ: ``"sum"``; ``"max"``: s·max |wᵢ·tᵢ| (0 where none agrees);
+   ``"mean_count"`` ÷ max(1, number agreeing);
    ``"mean_weight"`` ÷ Σ agreeing wᵢ (1 where that is 0; without consensus ÷ Σᵢ wᵢ, 1 where
    |Σᵢ wᵢ| < 1e-8).
 5. out = base + λ·merged (or λ·merged without base), rounded once to the input dtype.
@@ -143,12 +145,19 @@ def sparse_merge(
         tally = sum(votes) if consensus == "sum" else sum(v.sign() for v in votes)
         majority = torch.where((tally > 0) | ((tally == 0) & (tie_sign > 0)), 1.0, -1.0).to(acc)
         agree = [v.sign() == majority for v in votes]
+        if tie_sign == 0:
+            agree = [a & (tally != 0) for a in agree]
 
     zero = torch.zeros((), dtype=acc)
     merged = torch.zeros(xs[0].shape, dtype=acc, device=xs[0].device)
     for t, w, a in zip(kept, weights, agree, strict=True):
-        merged += torch.where(a, t * w, zero)
-    if combine == "mean_count":
+        if combine == "max":
+            merged = torch.maximum(merged, torch.where(a, (t * w).abs(), zero))
+        else:
+            merged += torch.where(a, t * w, zero)
+    if combine == "max":
+        merged = merged * majority
+    elif combine == "mean_count":
         merged = merged / torch.clamp(sum(a.to(acc) for a in agree), min=1.0)
     elif combine == "mean_weight":
         if consensus is not None:

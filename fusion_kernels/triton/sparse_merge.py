@@ -258,7 +258,9 @@ def della_masks(base, xs, densities, epsilons, seed, first_model=0) -> list[torc
 
 
 def declines(base, xs, weights, sparsify, rescale, consensus, elect_on, combine, *rest) -> str | None:
-    masks = rest[-1]
+    tie_sign, masks = rest[-3], rest[-1]
+    if combine == "max" or tie_sign == 0:
+        return "combine='max' and tie_sign=0 run on 'torch' (the Triton kernel sums the agreeing)"
     if sparsify != "della" or masks:
         return None
     if rescale == "inverse_density":
