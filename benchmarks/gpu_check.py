@@ -58,12 +58,12 @@ for method in ("linear", "ties", "dare_ties", "slerp", "della"):
     recipe = root / f"{method}.yaml"
     recipe.write_text(recipe_text(method, paths, dtype="bfloat16"))
     outs = {}
-    for where in ("cpu", device):
-        stats = merge(recipe, root / f"{method}-{where}-out", device=where, progress=False)
-        outs[where] = Checkpoint(root / f"{method}-{where}-out")
-    cpu, gpu = outs["cpu"], outs[device]
+    for tag, where in (("reference", "cpu"), ("checked", device)):
+        stats = merge(recipe, root / f"{method}-{tag}", device=where, progress=False)
+        outs[tag] = Checkpoint(root / f"{method}-{tag}")
+    cpu, gpu = outs["reference"], outs["checked"]
     worst = max(float((cpu.read(k).float() - gpu.read(k).float()).abs().max()) for k in cpu.tensors)
-    rows.append({"method": method, "max_abs_difference": worst, "gpu_seconds": stats.seconds})
+    rows.append({"method": method, "max_abs_difference": worst, "seconds_on_device": stats.seconds})
 print(json.dumps(rows))
 """
 
