@@ -366,6 +366,7 @@ def test_average_demo_merges_beat_the_base():
     rows = {r["method"]: r for r in result["rows"]}
     base = rows["pre-trained base"]["average"]
     assert rows["individual experts †"]["average"] > base
-    for method in ("ties", "RegMean", "Fisher merging", "task_arithmetic"):
+    for method in ("ties", "RegMean", "Fisher merging", "task_arithmetic", "TSV-M", "Iso-C", "MagMax", "EMR-merging †"):
         assert rows[method]["average"] > base, method
+    assert rows["TALL masks λ=0.4 †"]["average"] > rows["uniform soup"]["average"]  # one masked model per task
     assert result["seconds"] < 120

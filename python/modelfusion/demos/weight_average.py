@@ -164,6 +164,20 @@ def run_average_demo(seed: int = 0) -> dict:
     add("slerp (iterated)", load_merged(base, slerped), s, "t = 1/k for the k-th model")
     stock, s = timed(lambda: average.merge("model_stock", experts, base))
     add("model stock", load_merged(base, stock), s)
+    # the merges FusionBench's tables lead with: magnitude selection, singular-vector subspaces, masks
+    tuned(
+        "TIES, one threshold per model", LAMBDAS, lambda lam: average.ties_global(base, experts, 0.2, "sum", lam), "λ"
+    )
+    tuned("MagMax", LAMBDAS, lambda lam: average.magmax(base, experts, lam), "λ")
+    tuned("TSV-M", LAMBDAS, lambda lam: average.tsv_merge(base, experts, alpha=lam), "α")
+    tuned("Iso-C", LAMBDAS, lambda lam: average.iso_c(base, experts, lam), "λ")
+    tuned("Iso-CTS", LAMBDAS, lambda lam: average.iso_cts(base, experts, lam), "λ")
+    emr, s = timed(lambda: average.emr_merge(base, experts))
+    own = [task_accuracies(load_merged(base, emr.task(i)), splits["test"])[i] for i in range(len(experts))]
+    add("EMR-merging †", None, s, "each task by its own modulated model", own=own)
+    (_, tall), s = timed(lambda: average.tall_mask_models(base, experts, 0.4))
+    own = [task_accuracies(load_merged(base, m), splits["test"])[i] for i, m in enumerate(tall)]
+    add("TALL masks λ=0.4 †", None, s, "each task by its own masked model", own=own)
     fishers, fisher_s = timed(
         lambda: [average.estimate_fisher(e, batches(d)) for e, d in zip(experts, task_train, strict=True)]
     )
