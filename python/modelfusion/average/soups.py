@@ -88,11 +88,9 @@ def model_stock_by_angle(base: StateLike, models: Sequence[StateLike], ignore_ke
 
     def one(name: str, xs: list) -> torch.Tensor:
         w0, fine = xs[0], xs[1:]
-        mean = fk.weighted_average(fine)
         if name in ignore:
-            return mean
-        tau = torch.stack([(x - w0).float().flatten() for x in fine])
-        gram = (tau @ tau.T).double()
+            return fk.weighted_average(fine)
+        gram = fk.gram(fine, w0)[0]  # the task vectors' dot products in one pass (float64 sums)
         angles = [
             math.degrees(math.acos(max(-1.0, min(1.0, gram[i, j].item() / (math.sqrt(gram[i, i] * gram[j, j]) + eps)))))
             for i in range(k)
@@ -100,6 +98,6 @@ def model_stock_by_angle(base: StateLike, models: Sequence[StateLike], ignore_ke
         ]
         cos = math.cos(math.radians(sum(angles) / len(angles)))
         r = k * cos / ((k - 1) * cos + 1 + eps)
-        return fk.weighted_sum([mean, w0], [r, 1.0 - r])
+        return fk.weighted_sum([*fine, w0], [r / k] * k + [1.0 - r])  # r·θ̄ + (1 − r)·θ₀ in one pass
 
     return merge_states(states, one)
