@@ -19,6 +19,8 @@ import torch
 from ..errors import ParameterError
 from .state import State, StateLike, aligned
 
+PIECE = 1 << 16  # elements per step of the elementwise passes
+
 
 @dataclass
 class EMR:
@@ -47,17 +49,29 @@ def emr_merge(base: StateLike, models: Sequence[StateLike]) -> EMR:
     ref = states[0]
     unified: State = {}
     masks: list[State] = [{} for _ in range(n)]
-    scales = torch.zeros(n)
-    masked = torch.zeros(n)
+    scales = torch.zeros(n, dtype=torch.float64)
+    masked = torch.zeros(n, dtype=torch.float64)
     for k, t0 in ref.items():
         if not t0.is_floating_point():
             continue
-        taus = torch.stack([s[k].to(t0.dtype) - t0 for s in states[1:]])
-        sign = torch.where(taus.sum(0) > 0, 1, -1).to(t0.dtype)
-        agree = taus * sign > 0
-        unified[k] = torch.where(agree, taus.abs(), 0).amax(0) * sign
+        flat0, flats = t0.detach().reshape(-1), [s[k].detach().to(t0.dtype).reshape(-1) for s in states[1:]]
+        unified[k] = torch.empty_like(t0)
+        flat_u = unified[k].view(-1)
+        agree_all = torch.empty((n, t0.numel()), dtype=torch.bool, device=t0.device)
+        abs_sums, masked_sums = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        for start in range(0, t0.numel(), PIECE):  # elementwise: piece by piece, its temporaries in cache
+            piece = slice(start, start + PIECE)
+            taus = torch.stack([f[piece] for f in flats]).sub_(flat0[piece])
+            sign = torch.where(taus.sum(0) > 0, 1, -1).to(t0.dtype)
+            agree = taus * sign > 0
+            u = torch.where(agree, taus.abs(), 0).amax(0) * sign
+            flat_u[piece] = u
+            agree_all[:, piece] = agree
+            abs_sums += taus.abs().sum(1, dtype=torch.float64).cpu()
+            masked_sums += (u * agree).abs().sum(1, dtype=torch.float64).cpu()
         for i in range(n):
-            masks[i][k] = agree[i]
-            scales[i] += taus[i].abs().mean()
-            masked[i] += (unified[k] * agree[i]).abs().mean()
+            masks[i][k] = agree_all[i].view(t0.shape)
+        # per tensor the mean |τᵢ| and mean |Mᵢ ⊙ τ_u| (FusionBench's), summed over the tensors
+        scales += abs_sums / max(t0.numel(), 1)
+        masked += masked_sums / max(t0.numel(), 1)
     return EMR({k: t.detach().clone() for k, t in ref.items()}, unified, masks, (scales / masked).tolist())
