@@ -136,6 +136,33 @@ std::vector<int64_t> sign_tally(uintptr_t base, const Ptrs& xs, const std::vecto
   return counts;
 }
 
+// EMR's unified vector and masks written; returns [sum |tau_0|, sum |mask_0 * unified|, ...] (emr.h).
+std::vector<double> emr(uintptr_t unified, const Ptrs& masks, uintptr_t base, const Ptrs& xs, int64_t numel, int dtype,
+                        int threads) {
+  if (xs.empty() || masks.size() != xs.size()) throw std::invalid_argument("emr: one mask per input");
+  const EmrFn fn = active_kernels().emr[dtype < 0 || dtype >= kNumDTypes ? 0 : dtype];
+  if (dtype < 0 || dtype >= kNumDTypes || fn == nullptr)
+    throw std::invalid_argument("emr takes float32, float16 or bfloat16");
+  std::vector<const void*> x_ptrs;
+  std::vector<uint8_t*> mask_ptrs;
+  for (auto p : xs) x_ptrs.push_back(reinterpret_cast<const void*>(p));
+  for (auto p : masks) mask_ptrs.push_back(reinterpret_cast<uint8_t*>(p));
+  EmrArgs a;
+  a.n = static_cast<int>(xs.size());
+  a.base = reinterpret_cast<const void*>(base);
+  a.xs = x_ptrs.data();
+  a.unified = reinterpret_cast<void*>(unified);
+  a.masks = mask_ptrs.data();
+  const size_t slots = 2 * xs.size();
+  const int t = plan_threads(numel * int64_t(xs.size()), threads);
+  std::vector<double> partial(slots * size_t(std::max(t, 1)), 0.0), sums(slots, 0.0);
+  parallel_pieces(numel, t, [&](int id, int64_t begin, int64_t end) {
+    if (begin < end) fn(a, begin, end, partial.data() + slots * id);
+  });
+  for (size_t i = 0; i < partial.size(); ++i) sums[i % slots] += partial[i];
+  return sums;
+}
+
 TaskSource task_source(uintptr_t base, const Ptrs& xs, int dtype, int64_t numel) {
   if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
     throw std::invalid_argument("sparse kernels take float32, float16 or bfloat16, got dtype code " +
@@ -221,6 +248,8 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("xs"), py::arg("bases"), py::arg("numels"), py::arg("models"), py::arg("ks"), py::arg("dtype"),
       py::arg("threads"), nogil);
+  m.def("emr", &fk::emr, py::arg("unified"), py::arg("masks"), py::arg("base"), py::arg("xs"), py::arg("numel"),
+        py::arg("dtype"), py::arg("threads"), nogil);
   m.def("sign_tally", &fk::sign_tally, py::arg("base"), py::arg("xs"), py::arg("thresholds"), py::arg("numel"),
         py::arg("dtype"), py::arg("threads"), nogil);
   m.def("magnitude_select", &fk::magnitude_select_flat, py::arg("base"), py::arg("xs"), py::arg("dtype"),

@@ -1,5 +1,6 @@
 // Builds a KernelTable from lane types; included once by each ISA translation unit.
 #pragma once
+#include "emr.h"
 #include "fisher_merge.h"
 #include "gram_kernels.h"
 #include "kernels.h"
@@ -38,6 +39,7 @@ KernelTable make_kernel_table() {
   FK_FILL_DTYPES(t, ram_counts, V, S)
   FK_FILL_SPARSE(t, sign_tally, sign_tally_range, V, S)
   FK_FILL_SPARSE(t, threshold_scan, threshold_scan_range, V, S)
+  FK_FILL_SPARSE(t, emr, emr_range, V, S)
   FK_FILL_SPARSE(t, sparse_merge, sparse_merge_range, V, S)
   FK_FILL_SPARSE(t, bracket, bracket_range, V, S)
   FK_FILL_SPARSE(t, kept_l1, kept_l1_range, V, S)

@@ -26,6 +26,16 @@ struct ThresholdScanArgs {
 };
 using ThresholdScanFn = int64_t (*)(const ThresholdScanArgs& a, int64_t begin, int64_t end);
 
+// EMR's statistics over [begin, end) (emr.h): unified vector and masks written, sums added into.
+struct EmrArgs {
+  int n = 0;
+  const void* base = nullptr;
+  const void* const* xs = nullptr;
+  void* unified = nullptr;
+  uint8_t* const* masks = nullptr;
+};
+using EmrFn = void (*)(const EmrArgs& a, int64_t begin, int64_t end, double* sums);
+
 struct KernelTable {
   RangeFn weighted_sum[kNumDTypes];
   RangeFn task_arithmetic[kNumDTypes];
@@ -43,6 +53,7 @@ struct KernelTable {
   CountsFn ram_counts[kNumDTypes];
   CountsFn sign_tally[kNumDTypes];  // float32, float16 and bfloat16 only (null for float64)
   ThresholdScanFn threshold_scan[kNumDTypes];  // float32, float16 and bfloat16 only
+  EmrFn emr[kNumDTypes];  // float32, float16 and bfloat16 only
 };
 
 const KernelTable& portable_kernels();

@@ -1,5 +1,6 @@
 """Public ops: validation at the boundary, a custom_op per op, dispatch to a backend."""
 
+from .emr import emr_statistics
 from .fisher_merge import fisher_merge
 from .gram import gram
 from .linear_assignment import linear_assignment
@@ -17,6 +18,7 @@ __all__ = [
     "breadcrumbs_merge",
     "dare_merge",
     "della_merge",
+    "emr_statistics",
     "fisher_merge",
     "global_magnitude_threshold",
     "gram",

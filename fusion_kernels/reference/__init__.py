@@ -3,6 +3,7 @@
 They take already-validated arguments (weights as Python floats) and import only torch.
 """
 
+from .emr import emr_statistics
 from .fisher_merge import fisher_merge
 from .gram import gram
 from .linear_assignment import linear_assignment
@@ -17,6 +18,7 @@ from .task_arithmetic import task_arithmetic
 from .weighted_sum import weighted_sum
 
 __all__ = [
+    "emr_statistics",
     "fisher_merge",
     "global_magnitude_threshold",
     "gram",

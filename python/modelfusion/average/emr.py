@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+import fusion_kernels as fk
+
 from ..errors import ParameterError
 from .state import State, StateLike, aligned
 
@@ -53,6 +55,13 @@ def emr_merge(base: StateLike, models: Sequence[StateLike]) -> EMR:
     masked = torch.zeros(n, dtype=torch.float64)
     for k, t0 in ref.items():
         if not t0.is_floating_point():
+            continue
+        if all(s[k].dtype == torch.float32 for s in states):  # the engine: one pass
+            unified[k], agree_all, sums = fk.emr_statistics(t0.detach(), [s[k].detach() for s in states[1:]])
+            for i in range(n):
+                masks[i][k] = agree_all[i]
+            scales += sums[:, 0].cpu() / max(t0.numel(), 1)
+            masked += sums[:, 1].cpu() / max(t0.numel(), 1)
             continue
         flat0, flats = t0.detach().reshape(-1), [s[k].detach().to(t0.dtype).reshape(-1) for s in states[1:]]
         unified[k] = torch.empty_like(t0)
