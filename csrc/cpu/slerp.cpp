@@ -1,5 +1,7 @@
 // slerp: per row, sums of x², y² and x·y in float64 over fixed blocks (summed in block order, so
-// results do not depend on threads), coefficients in float64, then one combine pass.
+// results do not depend on threads; inside a block kLanes independent partial sums, added in lane
+// order, so the compiler can vectorise without reassociating), coefficients in float64, then one
+// combine pass, row by row.
 // Semantics: fusion_kernels/reference/slerp.py.
 #include <algorithm>
 #include <cmath>
@@ -14,6 +16,7 @@ namespace fk {
 namespace {
 
 constexpr int64_t kSlerpBlock = int64_t(1) << 16;
+constexpr int kLanes = 8;
 
 template <class T>
 void slerp_typed(void* out_ptr, const void* a_ptr, const void* b_ptr, int64_t rows, int64_t cols,
@@ -29,9 +32,26 @@ void slerp_typed(void* out_ptr, const void* a_ptr, const void* b_ptr, int64_t ro
     for (int64_t task = begin; task < end; ++task) {
       const int64_t row = task / blocks_per_row, block = task % blocks_per_row;
       const int64_t c0 = block * kSlerpBlock, c1 = std::min(cols, c0 + kSlerpBlock);
+      const T* ra = a + row * cols;
+      const T* rb = b + row * cols;
+      double lxx[kLanes] = {}, lyy[kLanes] = {}, lxy[kLanes] = {};
+      int64_t c = c0;
+      for (; c + kLanes <= c1; c += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+          const double x = ScalarLane::load(ra + c + l), y = ScalarLane::load(rb + c + l);
+          lxx[l] += x * x;
+          lyy[l] += y * y;
+          lxy[l] += x * y;
+        }
+      }
       double xx = 0, yy = 0, xy = 0;
-      for (int64_t c = c0; c < c1; ++c) {
-        const double x = ScalarLane::load(a + row * cols + c), y = ScalarLane::load(b + row * cols + c);
+      for (int l = 0; l < kLanes; ++l) {
+        xx += lxx[l];
+        yy += lyy[l];
+        xy += lxy[l];
+      }
+      for (; c < c1; ++c) {
+        const double x = ScalarLane::load(ra + c), y = ScalarLane::load(rb + c);
         xx += x * x;
         yy += y * y;
         xy += x * y;
@@ -65,9 +85,10 @@ void slerp_typed(void* out_ptr, const void* a_ptr, const void* b_ptr, int64_t ro
     }
   }
   parallel_chunks(rows * cols, plan_threads(rows * cols, threads), [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t row = cols ? j / cols : 0;
-      ScalarLane::store(out + j, coef_a[row] * ScalarLane::load(a + j) + coef_b[row] * ScalarLane::load(b + j));
+    for (int64_t j = begin; j < end;) {  // one row's stretch at a time: its coefficients fixed
+      const int64_t row = j / cols, stop = std::min(end, (row + 1) * cols);
+      const float ca = coef_a[row], cb = coef_b[row];
+      for (; j < stop; ++j) ScalarLane::store(out + j, ca * ScalarLane::load(a + j) + cb * ScalarLane::load(b + j));
     }
   });
 }
