@@ -241,3 +241,12 @@ def tensors_of(path) -> dict:
 
     c = Checkpoint(path)
     return {n: c.read(n) for n in c.tensors}
+
+
+def assert_refused(call, error: type[Exception], argument: str) -> None:
+    """``call(x)`` on a small float tensor (on the backend's device) raises ``error`` naming ``argument``."""
+    import pytest
+
+    with pytest.raises(error) as info:
+        call(torch.randn(3, 4, device=device()))
+    assert argument in str(info.value)
