@@ -89,7 +89,7 @@ def _float32_states(states: Sequence[Mapping[str, torch.Tensor]]) -> bool:
     )
 
 
-def _models(algorithm, modelpool, with_pretrained: bool):
+def _models(modelpool, with_pretrained: bool):
     from fusion_bench.modelpool import BaseModelPool
 
     pool = modelpool if isinstance(modelpool, BaseModelPool) else BaseModelPool(modelpool)
@@ -104,7 +104,7 @@ def _models(algorithm, modelpool, with_pretrained: bool):
 
 
 def _simple_average(algorithm, modelpool):
-    loaded = _models(algorithm, modelpool, with_pretrained=False)
+    loaded = _models(modelpool, with_pretrained=False)
     if loaded is None:
         return None
     _, models = loaded
@@ -119,7 +119,7 @@ def _simple_average(algorithm, modelpool):
 
 
 def _weighted_average(algorithm, modelpool):
-    loaded = _models(algorithm, modelpool, with_pretrained=False)
+    loaded = _models(modelpool, with_pretrained=False)
     if loaded is None:
         return None
     _, models = loaded
@@ -136,7 +136,7 @@ def _weighted_average(algorithm, modelpool):
 
 
 def _task_arithmetic(algorithm, modelpool):
-    loaded = _models(algorithm, modelpool, with_pretrained=True)
+    loaded = _models(modelpool, with_pretrained=True)
     if loaded is None:
         return None
     pretrained, models = loaded
@@ -156,7 +156,7 @@ def _ties(algorithm, modelpool, **kwargs):
     keep = algorithm.threshold / 100 if algorithm.threshold > 1 else algorithm.threshold
     if merge_func not in ("sum", "mean", "max") or not 0 <= keep < 1:
         return None
-    loaded = _models(algorithm, modelpool, with_pretrained=True)
+    loaded = _models(modelpool, with_pretrained=True)
     if loaded is None:
         return None
     pretrained, models = loaded
