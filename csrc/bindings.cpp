@@ -49,7 +49,25 @@ struct ArgsHolder {
     args.w32 = w32.data();
     args.w64 = w64.data();
   }
+  void set_base(uintptr_t base) { args.base = reinterpret_cast<const void*>(base); }
+  void set_eps(double eps) {
+    args.eps32 = static_cast<float>(eps);
+    args.eps64 = eps;
+  }
 };
+
+// Runs kernel(tid, begin, end, partial) on the threads' pieces of [0, numel), each thread adding
+// into its own `slots` partial sums, and returns their totals.
+template <class T, class Kernel>
+std::vector<T> per_thread_sums(int64_t numel, int threads, size_t slots, Kernel&& kernel) {
+  const int t = std::max(threads, 1);
+  std::vector<T> partial(slots * size_t(t), T(0)), total(slots, T(0));
+  parallel_pieces(numel, t, [&](int id, int64_t begin, int64_t end) {
+    if (begin < end) kernel(begin, end, partial.data() + slots * id);
+  });
+  for (size_t i = 0; i < partial.size(); ++i) total[i % slots] += partial[i];
+  return total;
+}
 
 void weighted_sum(uintptr_t out, const Ptrs& xs, const std::vector<double>& w, int64_t numel, int dtype,
                   int threads) {
@@ -60,7 +78,7 @@ void weighted_sum(uintptr_t out, const Ptrs& xs, const std::vector<double>& w, i
 void task_arithmetic(uintptr_t out, uintptr_t base, const Ptrs& xs, const std::vector<double>& w, int64_t numel,
                      int dtype, int threads) {
   ArgsHolder h(out, xs, w, numel, dtype);
-  h.args.base = reinterpret_cast<const void*>(base);
+  h.set_base(base);
   parallel_run(active_kernels().task_arithmetic[dtype], h.args, threads);
 }
 
@@ -79,24 +97,22 @@ void fisher_merge(uintptr_t out, const Ptrs& xs, const Ptrs& fs, const std::vect
   h.args.fs = h.fs.data();
   h.args.wavg32 = h.wavg32.data();
   h.args.wavg64 = h.wavg64.data();
-  h.args.eps32 = static_cast<float>(eps);
-  h.args.eps64 = eps;
+  h.set_eps(eps);
   parallel_run(active_kernels().fisher_merge[dtype], h.args, threads);
 }
 
 void ram_merge(uintptr_t out, uintptr_t base, const Ptrs& xs, const std::vector<double>& scales, double eps,
                int64_t numel, int dtype, int threads) {
   ArgsHolder h(out, xs, scales, numel, dtype);
-  h.args.base = reinterpret_cast<const void*>(base);
-  h.args.eps32 = static_cast<float>(eps);
-  h.args.eps64 = eps;
+  h.set_base(base);
+  h.set_eps(eps);
   parallel_run(active_kernels().ram_merge[dtype], h.args, threads);
 }
 
 void magmax(uintptr_t out, uintptr_t base, const Ptrs& xs, const std::vector<double>& lam, int64_t numel, int dtype,
             int threads) {
   ArgsHolder h(out, xs, lam, numel, dtype);
-  h.args.base = reinterpret_cast<const void*>(base);
+  h.set_base(base);
   parallel_run(active_kernels().magmax[dtype], h.args, threads);
 }
 
@@ -104,18 +120,11 @@ void magmax(uintptr_t out, uintptr_t base, const Ptrs& xs, const std::vector<dou
 // and those only it keeps (one partial count per thread, added here).
 std::vector<int64_t> ram_counts(uintptr_t base, const Ptrs& xs, double eps, int64_t numel, int dtype, int threads) {
   ArgsHolder h(0, xs, std::vector<double>(xs.size(), 1.0), numel, dtype);
-  h.args.base = reinterpret_cast<const void*>(base);
-  h.args.eps32 = static_cast<float>(eps);
-  h.args.eps64 = eps;
-  const size_t slots = 2 * xs.size();
-  const int t = plan_threads(numel, threads);
-  std::vector<int64_t> partial(slots * size_t(std::max(t, 1)), 0), counts(slots, 0);
+  h.set_base(base);
+  h.set_eps(eps);
   const CountsFn fn = active_kernels().ram_counts[dtype];
-  parallel_pieces(numel, t, [&](int id, int64_t begin, int64_t end) {
-    if (begin < end) fn(h.args, begin, end, partial.data() + slots * id);
-  });
-  for (size_t i = 0; i < partial.size(); ++i) counts[i % slots] += partial[i];
-  return counts;
+  return per_thread_sums<int64_t>(numel, plan_threads(numel, threads), 2 * xs.size(),
+                                  [&](int64_t begin, int64_t end, int64_t* sums) { fn(h.args, begin, end, sums); });
 }
 
 // [balance, ties] of TIES' election over the elements kept by per-model magnitude thresholds
@@ -124,16 +133,11 @@ std::vector<int64_t> sign_tally(uintptr_t base, const Ptrs& xs, const std::vecto
                                 int dtype, int threads) {
   ArgsHolder h(0, xs, thresholds, numel, dtype);
   if (base == 0) throw std::invalid_argument("sign_tally: needs a base");
-  h.args.base = reinterpret_cast<const void*>(base);
+  h.set_base(base);
   const CountsFn fn = active_kernels().sign_tally[dtype];
   if (fn == nullptr) throw std::invalid_argument("sign_tally takes float32, float16 or bfloat16");
-  const int t = plan_threads(numel, threads);
-  std::vector<int64_t> partial(2 * size_t(std::max(t, 1)), 0), counts(2, 0);
-  parallel_pieces(numel, t, [&](int id, int64_t begin, int64_t end) {
-    if (begin < end) fn(h.args, begin, end, partial.data() + 2 * id);
-  });
-  for (size_t i = 0; i < partial.size(); ++i) counts[i % 2] += partial[i];
-  return counts;
+  return per_thread_sums<int64_t>(numel, plan_threads(numel, threads), 2,
+                                  [&](int64_t begin, int64_t end, int64_t* sums) { fn(h.args, begin, end, sums); });
 }
 
 // EMR's unified vector and masks written; returns [sum |tau_0|, sum |mask_0 * unified|, ...] (emr.h).
@@ -153,14 +157,8 @@ std::vector<double> emr(uintptr_t unified, const Ptrs& masks, uintptr_t base, co
   a.xs = x_ptrs.data();
   a.unified = reinterpret_cast<void*>(unified);
   a.masks = mask_ptrs.data();
-  const size_t slots = 2 * xs.size();
-  const int t = plan_threads(numel * int64_t(xs.size()), threads);
-  std::vector<double> partial(slots * size_t(std::max(t, 1)), 0.0), sums(slots, 0.0);
-  parallel_pieces(numel, t, [&](int id, int64_t begin, int64_t end) {
-    if (begin < end) fn(a, begin, end, partial.data() + slots * id);
-  });
-  for (size_t i = 0; i < partial.size(); ++i) sums[i % slots] += partial[i];
-  return sums;
+  return per_thread_sums<double>(numel, plan_threads(numel * int64_t(xs.size()), threads), 2 * xs.size(),
+                                 [&](int64_t begin, int64_t end, double* sums) { fn(a, begin, end, sums); });
 }
 
 TaskSource task_source(uintptr_t base, const Ptrs& xs, int dtype, int64_t numel) {
