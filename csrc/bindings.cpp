@@ -161,6 +161,31 @@ std::vector<double> emr(uintptr_t unified, const Ptrs& masks, uintptr_t base, co
                                  [&](int64_t begin, int64_t end, double* sums) { fn(a, begin, end, sums); });
 }
 
+// arcee_fusion's importance into out (arcee.h), rows split over the threads; returns the rows left
+// unwritten because they hold a non-finite value.
+int64_t arcee_importance(uintptr_t out, uintptr_t base, uintptr_t x, int dtype, int64_t rows, int64_t cols, double eps,
+                         int threads) {
+  if (dtype < 0 || dtype >= kNumDTypes || rows < 0 || cols < 0)
+    throw std::invalid_argument("arcee_importance: bad dtype code or shape");
+  const ArceeFn fn = active_kernels().arcee_importance[dtype];
+  const int t = static_cast<int>(std::min<int64_t>(plan_threads(rows * cols, threads), std::max<int64_t>(rows, 1)));
+  return per_thread_sums<int64_t>(rows, t, 1, [&](int64_t begin, int64_t end, int64_t* skipped) {
+    *skipped += fn(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(base), reinterpret_cast<const void*>(x),
+                   cols, begin, end, eps);
+  })[0];
+}
+
+// out = importance >= cut ? x : base (arcee.h).
+void arcee_select(uintptr_t out, uintptr_t base, uintptr_t x, uintptr_t importance, double cut, int64_t numel,
+                  int dtype, int threads) {
+  ArgsHolder h(out, {x}, {1.0}, numel, dtype);
+  h.set_base(base);
+  h.set_eps(cut);
+  h.fs.push_back(reinterpret_cast<const void*>(importance));
+  h.args.fs = h.fs.data();
+  parallel_run(active_kernels().arcee_select[dtype], h.args, threads);
+}
+
 TaskSource task_source(uintptr_t base, const Ptrs& xs, int dtype, int64_t numel) {
   if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
     throw std::invalid_argument("sparse kernels take float32, float16 or bfloat16, got dtype code " +
@@ -248,6 +273,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("threads"), nogil);
   m.def("emr", &fk::emr, py::arg("unified"), py::arg("masks"), py::arg("base"), py::arg("xs"), py::arg("numel"),
         py::arg("dtype"), py::arg("threads"), nogil);
+  m.def("arcee_importance", &fk::arcee_importance, py::arg("out"), py::arg("base"), py::arg("x"), py::arg("dtype"),
+        py::arg("rows"), py::arg("cols"), py::arg("eps"), py::arg("threads"), nogil);
+  m.def("arcee_select", &fk::arcee_select, py::arg("out"), py::arg("base"), py::arg("x"), py::arg("importance"),
+        py::arg("cut"), py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
   m.def("sign_tally", &fk::sign_tally, py::arg("base"), py::arg("xs"), py::arg("thresholds"), py::arg("numel"),
         py::arg("dtype"), py::arg("threads"), nogil);
   m.def("magnitude_select", &fk::magnitude_select_flat, py::arg("base"), py::arg("xs"), py::arg("dtype"),

@@ -82,14 +82,21 @@ def sparse_merge(
     )
 
 
+def threshold_values(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """The k-th largest |x| for each k ≥ 1, as a 1-D tensor of x's dtype: the keys the C++ select
+    finds, all from one sample and one sweep over x."""
+    queries = [k for k in ks if k < x.numel()]  # select() answers "everything" without a value
+    keys = iter([t for t, _ in select(None, [x], [0] * len(queries), queries)] if queries else [])
+    bits = torch.int32 if x.dtype == torch.float32 else torch.int16
+    values = [
+        torch.tensor([next(keys)], dtype=bits).view(x.dtype)[0] if k < x.numel() else ref_threshold(x, k) for k in ks
+    ]
+    return torch.stack(values)
+
+
 def threshold_value(x: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest |x| (k ≥ 1) as a 0-dim tensor of x's dtype, from the key the C++ select finds."""
-    if k >= x.numel():  # select() answers "everything" without a value; the minimum is one kthvalue away
-        return ref_threshold(x, k)
-    ((t, _),) = select(None, [x], [0], [k])
-    if x.dtype == torch.float32:
-        return torch.tensor([t], dtype=torch.int32).view(torch.float32)[0]
-    return torch.tensor([t], dtype=torch.int16).view(x.dtype)[0]
+    """The k-th largest |x| (k ≥ 1) as a 0-dim tensor of x's dtype."""
+    return threshold_values(x, [k])[0]
 
 
 def sparse_declines(xs, sparsify, rescale, masks) -> str | None:

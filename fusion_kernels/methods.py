@@ -24,8 +24,9 @@ import torch
 
 from . import spherical
 from .errors import FusionError, ParameterError, short_repr
+from .ops.arcee import arcee_importance, arcee_select
 from .ops.gram import gram
-from .ops.magnitude_prune import magnitude_prune, magnitude_threshold
+from .ops.magnitude_prune import magnitude_prune, magnitude_thresholds
 from .ops.ram_merge import ram_counts, ram_merge
 from .ops.slerp import slerp
 from .ops.sparse_merge import sparse_merge
@@ -356,31 +357,38 @@ def _by_chunks(fn, base: torch.Tensor, others: list[torch.Tensor]) -> torch.Tens
     return result
 
 
+ARCEE_EXACT_NUMEL = 1_000_000  # mergekit takes exact quartiles up to this many elements, a random sample's above
+
+
 def _arcee_fusion(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """reference.composite.arcee_fusion by pieces of whole vectors (its KL is per vector along the
-    last dim), its quartiles by radix selection (the importance is >= 0, so by magnitude)."""
+    """reference.composite.arcee_fusion: x where its importance reaches median + 1.5·IQR, else the
+    base. For float32/float64 tensors of up to ARCEE_EXACT_NUMEL elements the importance takes the
+    reference's float32 steps (by pieces of whole vectors), so such a merge equals mergekit's bit for
+    bit. Otherwise it comes from the fused :func:`fusion_kernels.arcee_importance`, whose KL is far
+    closer to the float64 formula than the reference's (whose float32 rounding is of the order of
+    the KL of two close vectors): there mergekit's own result is not reproducible in bits anyway —
+    its cut comes from a random sample of 10⁶ elements, and it computes 16-bit merges in 16 bits."""
     if base.numel() == 0 or base.dim() == 0:
         return composite.arcee_fusion(base, x)
     width = base.shape[-1]
     b2, x2 = base.reshape(-1, width), x.reshape(-1, width)
-    wide = torch.float64 if base.dtype == torch.float64 else torch.float32
-    importance = torch.empty(b2.shape, dtype=wide, device=base.device)
-    step = max(1, ELEMENTWISE_CHUNK // max(width, 1))
-    for r in range(0, b2.shape[0], step):  # the reference's float32 steps, written into the importance
-        b, x32 = b2[r : r + step].to(wide), x2[r : r + step].to(wide)
-        torch.sub(x32, b, out=importance[r : r + step]).abs_().mul_(composite.arcee_kl(b, x32))
-    n = importance.numel()
-    q1, median, q3 = (float(magnitude_threshold(importance, k=n - int(f * (n - 1)))) for f in (0.25, 0.5, 0.75))
-    cut = median + 1.5 * (q3 - q1)
-    result = torch.empty_like(base)
-    for r in range(0, b2.shape[0], step):  # x or the base as they are: no float32 round trip
-        torch.where(
-            importance[r : r + step] >= cut,
-            x2[r : r + step],
-            b2[r : r + step],
-            out=result.view(-1, width)[r : r + step],
-        )
-    return result
+    if base.numel() > ARCEE_EXACT_NUMEL or base.dtype in (torch.float16, torch.bfloat16):
+        importance = arcee_importance(b2, x2)
+    else:
+        importance = torch.empty(b2.shape, dtype=base.dtype, device=base.device)
+        step = max(1, ELEMENTWISE_CHUNK // max(width, 1))
+        for r in range(0, b2.shape[0], step):  # the reference's steps, written into the importance
+            b, x_rows = b2[r : r + step], x2[r : r + step]
+            torch.sub(x_rows, b, out=importance[r : r + step]).abs_().mul_(composite.arcee_kl(b, x_rows))
+    q1, median, q3 = _quartiles(importance.reshape(-1))
+    return arcee_select(base, x, importance.view(base.shape), median + 1.5 * (q3 - q1))
+
+
+def _quartiles(values: torch.Tensor) -> list[float]:
+    """mergekit's quartiles of non-negative values, by selection: the sorted values at indices
+    ⌊f·(n − 1)⌋ for f = 0.25, 0.5, 0.75."""
+    n = values.numel()
+    return magnitude_thresholds(values, [n - int(f * (n - 1)) for f in (0.25, 0.5, 0.75)]).tolist()
 
 
 def _sce(base: torch.Tensor, others: list[torch.Tensor], density: float) -> torch.Tensor:

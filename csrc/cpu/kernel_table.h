@@ -1,5 +1,6 @@
 // Builds a KernelTable from lane types; included once by each ISA translation unit.
 #pragma once
+#include "arcee.h"
 #include "emr.h"
 #include "fisher_merge.h"
 #include "gram_kernels.h"
@@ -37,6 +38,8 @@ KernelTable make_kernel_table() {
   FK_FILL_DTYPES(t, ram_merge, V, S)
   FK_FILL_DTYPES(t, magmax, V, S)
   FK_FILL_DTYPES(t, ram_counts, V, S)
+  FK_FILL_DTYPES(t, arcee_importance, V, S)
+  FK_FILL_DTYPES(t, arcee_select, V, S)
   FK_FILL_SPARSE(t, sign_tally, sign_tally_range, V, S)
   FK_FILL_SPARSE(t, threshold_scan, threshold_scan_range, V, S)
   FK_FILL_SPARSE(t, emr, emr_range, V, S)

@@ -36,6 +36,11 @@ struct EmrArgs {
 };
 using EmrFn = void (*)(const EmrArgs& a, int64_t begin, int64_t end, double* sums);
 
+// arcee_fusion's importance over rows [row_begin, row_end) of [rows, cols] views (arcee.h); returns
+// the rows left unwritten because they hold a non-finite value. out: float32 (float64 for float64).
+using ArceeFn = int64_t (*)(void* out, const void* base, const void* x, int64_t cols, int64_t row_begin,
+                            int64_t row_end, double eps);
+
 struct KernelTable {
   RangeFn weighted_sum[kNumDTypes];
   RangeFn task_arithmetic[kNumDTypes];
@@ -54,6 +59,8 @@ struct KernelTable {
   CountsFn sign_tally[kNumDTypes];  // float32, float16 and bfloat16 only (null for float64)
   ThresholdScanFn threshold_scan[kNumDTypes];  // float32, float16 and bfloat16 only
   EmrFn emr[kNumDTypes];  // float32, float16 and bfloat16 only
+  ArceeFn arcee_importance[kNumDTypes];
+  RangeFn arcee_select[kNumDTypes];
 };
 
 const KernelTable& portable_kernels();

@@ -23,11 +23,14 @@ struct OneElementLane {
   static R mul(R a, R b) { return a * b; }
   static R div(R a, R b) { return a / b; }
   static R fma(R a, R b, R c) { return a * b + c; }
+  // a·b + c rounded once (the float product is exact in double), on every build, FMA hardware or not
+  static R fma_once(R a, R b, R c) { return R(double(a) * double(b) + double(c)); }
   static R select_nonzero(R cond, R a, R b) { return cond != R(0) ? a : b; }
   static R max(R a, R b) { return a > b ? a : b; }
   static F hsum(R v) { return v; }
   static F hmax(R v) { return v; }
   static R exp(R v) { return std::exp(v); }
+  static R log(R v) { return std::log(v); }
 
   // Comparisons and masks: M holds one truth value per element.
   using M = bool;

@@ -43,6 +43,7 @@ struct Avx2Lane {
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R div(R a, R b) { return _mm256_div_ps(a, b); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R fma_once(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R select_nonzero(R cond, R a, R b) {
     return _mm256_blendv_ps(b, a, _mm256_cmp_ps(cond, _mm256_setzero_ps(), _CMP_NEQ_UQ));
   }
@@ -108,6 +109,32 @@ struct Avx2Lane {
     const R tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3365447f), _CMP_LT_OQ);
     const R huge = _mm256_cmp_ps(x, _mm256_set1_ps(88.7228391f), _CMP_GT_OQ);
     return _mm256_blendv_ps(_mm256_andnot_ps(tiny, result), _mm256_set1_ps(INFINITY), huge);
+  }
+  // ln x for positive normal x, to about 1 ulp: x = m·2^e with m in [√½, √2), ln(m) = ln(1 + f) by
+  // Cephes' logf polynomial in f = m − 1, e·ln2 added in two parts (as exp's split of ln2).
+  static R log(R x) {
+    const __m256i bits = _mm256_castps_si256(x);
+    __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
+    R m = _mm256_castsi256_ps(
+        _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));
+    const R above = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356237f), _CMP_GT_OQ);
+    m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), above);
+    e = _mm256_sub_epi32(e, _mm256_castps_si256(above));  // a true lane is -1: e + 1
+    const R f = _mm256_sub_ps(m, _mm256_set1_ps(1.f)), ef = _mm256_cvtepi32_ps(e);
+    const R z = _mm256_mul_ps(f, f);
+    R p = _mm256_set1_ps(7.0376836292e-2f);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.1514610310e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.1676998740e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.2420140846e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.4249322787e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.6668057665e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.0000714765e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-2.4999993993e-1f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(3.3333331174e-1f));
+    R y = _mm256_mul_ps(_mm256_mul_ps(p, f), z);
+    y = _mm256_fmadd_ps(ef, _mm256_set1_ps(-2.12194440e-4f), y);
+    y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+    return _mm256_fmadd_ps(ef, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
   }
   static R abs(R v) { return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
   static I abs_bits(R v) { return _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff)); }

@@ -121,13 +121,19 @@ struct Bracket {
   bool usable = false;
 };
 
-// Sample keys at fixed strided positions and pick a bracket around the k-th largest that holds it
-// with overwhelming probability (± 4 binomial standard deviations + slack).
+// Keys at fixed strided positions of one model: the sample every query on that model brackets from.
 template <class K>
-void choose_bracket(const K& key_of, const Query& q, int64_t n, Bracket& b) {
+std::vector<uint32_t> sample_keys(const K& key_of, int model, int64_t n) {
   const int64_t samples = std::min(n, kSample);
   std::vector<uint32_t> keys(samples);
-  for (int64_t i = 0; i < samples; ++i) keys[i] = key_of(q.model, i * n / samples);
+  for (int64_t i = 0; i < samples; ++i) keys[i] = key_of(model, i * n / samples);
+  return keys;
+}
+
+// Pick a bracket around the k-th largest key that holds it with overwhelming probability (± 4
+// binomial standard deviations + slack around its rank in the sample; `keys` is reordered).
+inline void choose_bracket(std::vector<uint32_t>& keys, const Query& q, int64_t n, Bracket& b) {
+  const int64_t samples = static_cast<int64_t>(keys.size());
   const double r = double(q.k) / double(n);
   const double pos = r * double(samples);
   const double spread = 4.0 * std::sqrt(double(samples) * r * (1.0 - r)) + 16.0;
@@ -272,11 +278,22 @@ std::vector<TopK> magnitude_select(const TaskSource& s, const std::vector<int>& 
   const int64_t nq = static_cast<int64_t>(qs.size());
   const int t = plan_threads(s.numel, threads);
   std::vector<Bracket> bs(qs.size());
+  std::vector<int> sampled;  // the models some query brackets on: each sampled once
+  for (int64_t q = 0; q < nq; ++q) {
+    bs[q].usable = !qs[q].done && s.numel < (int64_t(1) << kCandidateIndexBits);
+    if (bs[q].usable && std::find(sampled.begin(), sampled.end(), qs[q].model) == sampled.end())
+      sampled.push_back(qs[q].model);
+  }
+  std::vector<std::vector<uint32_t>> samples(sampled.size());
   with_keys(s, [&](const auto& key_of) {
-    parallel_tasks(nq, t, [&](int64_t q) {
-      bs[q].usable = !qs[q].done && s.numel < (int64_t(1) << kCandidateIndexBits);
-      if (bs[q].usable) choose_bracket(key_of, qs[q], s.numel, bs[q]);
-    });
+    parallel_tasks(int64_t(sampled.size()), t,
+                   [&](int64_t m) { samples[m] = sample_keys(key_of, sampled[m], s.numel); });
+  });
+  parallel_tasks(nq, t, [&](int64_t q) {
+    if (!bs[q].usable) return;
+    const size_t m = size_t(std::find(sampled.begin(), sampled.end(), qs[q].model) - sampled.begin());
+    std::vector<uint32_t> keys = samples[m];
+    choose_bracket(keys, qs[q], s.numel, bs[q]);
   });
   bracket_pass(s, qs, bs, threads);
   with_keys(s, [&](const auto& key_of) {

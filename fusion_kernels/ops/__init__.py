@@ -1,11 +1,12 @@
 """Public ops: validation at the boundary, a custom_op per op, dispatch to a backend."""
 
+from .arcee import arcee_importance, arcee_select
 from .emr import emr_statistics
 from .fisher_merge import fisher_merge
 from .gram import gram
 from .linear_assignment import linear_assignment
 from .magmax import magmax
-from .magnitude_prune import global_magnitude_threshold, magnitude_prune, magnitude_threshold
+from .magnitude_prune import global_magnitude_threshold, magnitude_prune, magnitude_threshold, magnitude_thresholds
 from .permute import permute, permute_many
 from .ram_merge import ram_counts, ram_merge
 from .sinkhorn import SinkhornResult, sinkhorn
@@ -15,6 +16,8 @@ from .task_arithmetic import task_arithmetic
 from .weighted_sum import weighted_average, weighted_sum
 
 __all__ = [
+    "arcee_importance",
+    "arcee_select",
     "breadcrumbs_merge",
     "dare_merge",
     "della_merge",
@@ -26,6 +29,7 @@ __all__ = [
     "magmax",
     "magnitude_prune",
     "magnitude_threshold",
+    "magnitude_thresholds",
     "permute",
     "permute_many",
     "ram_counts",

@@ -104,6 +104,29 @@ def magnitude_threshold(x: torch.Tensor, density: float | None = None, *, k: int
     return _magnitude_threshold(x, k)
 
 
+def _thresholds_torch(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    return torch.stack([ref.magnitude_threshold(x, k) for k in ks])
+
+
+def _thresholds_cpu(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    return _sparse_native.threshold_values(x, ks)
+
+
+_thresholds_cpu.declines = lambda x, ks: _cpu_declines(x, 0)
+THRESHOLDS_IMPLS = {"torch": _thresholds_torch, "cpu": _thresholds_cpu}
+
+
+def magnitude_thresholds(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """:func:`magnitude_threshold` for several k at once (the cpu backend draws one sample and makes
+    one sweep for all): a 1-D tensor of x's dtype, one value per k (1 ≤ k ≤ numel)."""
+    x = _input("magnitude_thresholds", x)
+    for k in ks:
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= x.numel():
+            raise WeightError(f"magnitude_thresholds: argument 'ks' expected ints in [1, {x.numel()}], got {k!r}")
+    x = x.contiguous()
+    return select("magnitude_thresholds", THRESHOLDS_IMPLS, x.device, x.dtype, (x, list(ks)))(x, list(ks))
+
+
 def _global_torch(xs, bases, models, ks):
     per_model = [xs[m::models] for m in range(models)]
     return ref.global_magnitude_threshold(per_model, bases or None, ks)

@@ -1,0 +1,134 @@
+"""``arcee_importance`` and ``arcee_select``: arcee_fusion's per-element importance, |x − base| times
+the KL divergence of the softmaxes of each last-dim vector (one fused pass per row), and its merge
+once the cut is known."""
+
+import torch
+
+from .. import _native, _validate
+from .._dispatch import select
+from ..errors import DTypeError, ShapeError, WeightError
+from ..reference import composite
+from ._engine import custom_op, empty_like, fake_like, run
+
+OP = "arcee_importance"
+EPS = 1e-8  # mergekit's, added to both softmaxes
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _torch_impl(base, x):
+    return composite.arcee_importance(base, x)
+
+
+def _cpu_impl(base, x):
+    out = torch.empty(base.shape, dtype=_wide(base.dtype))
+    _native.advise_hugepages(out)
+    if base.numel() == 0:
+        return out
+    cols = base.shape[-1] if base.dim() else 1
+    rows = base.numel() // cols
+    skipped = _native.lib().arcee_importance(
+        out.data_ptr(),
+        base.data_ptr(),
+        x.data_ptr(),
+        _native.dtype_code(base.dtype),
+        rows,
+        cols,
+        EPS,
+        _native.threads(),
+    )
+    if skipped:  # rows holding inf or NaN: the reference's values (its NaN and -inf handling)
+        out.copy_(composite.arcee_importance(base, x))
+    return out
+
+
+IMPLS = {"torch": _torch_impl, "cpu": _cpu_impl}
+
+
+@custom_op("fusion_kernels::arcee_importance", mutates_args=())
+def _arcee_importance(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    impl = select(OP, IMPLS, base.device, base.dtype, (base, x))
+    return impl(base.contiguous(), x.contiguous())
+
+
+@_arcee_importance.register_fake
+def _(base, x):
+    return base.new_empty(base.shape, dtype=_wide(base.dtype))
+
+
+def arcee_importance(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """arcee_fusion's importance of each element of ``x`` over ``base`` (mergekit's formula), per
+    vector along the last dim, in float32 (float64 for float64 inputs)::
+
+        p = softmax(x) + 1e-8,  q = softmax(base) + 1e-8,  KL = Σ p·ln(p / q)
+        importance = |x − base| · KL
+
+    The result is float32 (float64) and shaped like ``base``. A vector holding inf or NaN gets the
+    reference's value. Example:
+
+        >>> imp = fk.arcee_importance(base_weight, tuned_weight)
+    """
+    base = _validate.check_tensor(OP, "base", base)
+    _validate.check_float(OP, "base", base)
+    _validate.check_like(OP, "x", _validate.check_tensor(OP, "x", x), base, "base")
+    return _arcee_importance(base, x)
+
+
+def _select_torch(out, base, x, importance, cut):
+    out.copy_(composite.arcee_select(base, x, importance, cut))
+
+
+def _select_cpu(out, base, x, importance, cut):
+    _native.lib().arcee_select(
+        out.data_ptr(),
+        base.data_ptr(),
+        x.data_ptr(),
+        importance.data_ptr(),
+        cut,
+        out.numel(),
+        _native.dtype_code(out.dtype),
+        _native.threads(),
+    )
+
+
+SELECT_IMPLS = {"torch": _select_torch, "cpu": _select_cpu}
+
+
+@custom_op("fusion_kernels::arcee_select", mutates_args=())
+def _arcee_select(base: torch.Tensor, x: torch.Tensor, importance: torch.Tensor, cut: float) -> torch.Tensor:
+    out = empty_like(base)
+    run("arcee_select", SELECT_IMPLS, out, base, x, importance, cut)
+    return out
+
+
+@_arcee_select.register_fake
+def _(base, x, importance, cut):
+    return fake_like(base)
+
+
+def arcee_select(base: torch.Tensor, x: torch.Tensor, importance: torch.Tensor, cut: float) -> torch.Tensor:
+    """arcee_fusion's merge once the cut is known: ``x`` where ``importance >= cut`` (compared in the
+    importance's dtype), else ``base``; the chosen elements copied bit for bit.
+
+    Args:
+        base, x: like tensors.
+        importance: shaped like them, float32 (float64 for float64 inputs), as :func:`arcee_importance` returns.
+        cut: a float; mergekit's is median + 1.5·IQR of the importance.
+    """
+    op = "arcee_select"
+    base = _validate.check_tensor(op, "base", base)
+    _validate.check_float(op, "base", base)
+    _validate.check_like(op, "x", _validate.check_tensor(op, "x", x), base, "base")
+    importance = _validate.check_tensor(op, "importance", importance)
+    if importance.dtype != _wide(base.dtype):
+        raise DTypeError(f"{op}: argument 'importance' expected dtype {_wide(base.dtype)}, got {importance.dtype}")
+    if importance.shape != base.shape or importance.device != base.device:
+        raise ShapeError(
+            f"{op}: argument 'importance' expected shape {tuple(base.shape)} on {base.device}, "
+            f"got {tuple(importance.shape)} on {importance.device}"
+        )
+    if not isinstance(cut, (int, float)) or isinstance(cut, bool):
+        raise WeightError(f"{op}: argument 'cut' expected a float, got {cut!r}")
+    return _arcee_select(base, x, importance, float(cut))
