@@ -186,6 +186,13 @@ void arcee_select(uintptr_t out, uintptr_t base, uintptr_t x, uintptr_t importan
   parallel_run(active_kernels().arcee_select[dtype], h.args, threads);
 }
 
+void nearswap(uintptr_t out, uintptr_t base, uintptr_t x, double t, int64_t numel, int dtype, int threads) {
+  ArgsHolder h(out, {x}, {1.0}, numel, dtype);
+  h.set_base(base);
+  h.set_eps(t);
+  parallel_run(active_kernels().nearswap[dtype], h.args, threads);
+}
+
 TaskSource task_source(uintptr_t base, const Ptrs& xs, int dtype, int64_t numel) {
   if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
     throw std::invalid_argument("sparse kernels take float32, float16 or bfloat16, got dtype code " +
@@ -277,6 +284,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("rows"), py::arg("cols"), py::arg("eps"), py::arg("threads"), nogil);
   m.def("arcee_select", &fk::arcee_select, py::arg("out"), py::arg("base"), py::arg("x"), py::arg("importance"),
         py::arg("cut"), py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
+  m.def("nearswap", &fk::nearswap, py::arg("out"), py::arg("base"), py::arg("x"), py::arg("t"), py::arg("numel"),
+        py::arg("dtype"), py::arg("threads"), nogil);
   m.def("sign_tally", &fk::sign_tally, py::arg("base"), py::arg("xs"), py::arg("thresholds"), py::arg("numel"),
         py::arg("dtype"), py::arg("threads"), nogil);
   m.def("magnitude_select", &fk::magnitude_select_flat, py::arg("base"), py::arg("xs"), py::arg("dtype"),

@@ -27,6 +27,7 @@ from .errors import FusionError, ParameterError, short_repr
 from .ops.arcee import arcee_importance, arcee_select
 from .ops.gram import gram
 from .ops.magnitude_prune import magnitude_prune, magnitude_thresholds
+from .ops.nearswap import nearswap
 from .ops.ram_merge import ram_counts, ram_merge
 from .ops.slerp import slerp
 from .ops.sparse_merge import sparse_merge
@@ -307,7 +308,7 @@ def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str,
         scale = params["scale"][0]
         return others[0] if scale is None else weighted_sum(others, [scale])
     if name == "nearswap":
-        return _by_chunks(lambda b, xs, _: composite.nearswap(b, xs[0], params["t"]), base, others)
+        return nearswap(base, others[0], params["t"])
     if name == "sce":
         return _sce(base, others, params["select_topk"])
     if name == "arcee_fusion":
@@ -437,7 +438,7 @@ COMPOSITE_BYTES = {
     "nuslerp": (8, 0, 0),  # along a dimension (flattened: from the Gram matrix, as multislerp and karcher)
     "multislerp": (0, 0, 0),
     "karcher": (0, 0, 0),
-    "nearswap": (0, 0, 9),
+    "nearswap": (0, 0, 0),
     "ram": (0, 0, 0),  # fused (ram_merge)
     "ramplus_tl": (0, 0, 0),
     "sce": (0, 13, 14),  # once: the float32 variances, the pruned copy giving the mask, the mask, the merge scratch

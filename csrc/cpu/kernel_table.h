@@ -6,6 +6,7 @@
 #include "gram_kernels.h"
 #include "kernels.h"
 #include "magmax.h"
+#include "nearswap.h"
 #include "ram_merge.h"
 #include "sign_tally.h"
 #include "threshold_scan.h"
@@ -40,6 +41,7 @@ KernelTable make_kernel_table() {
   FK_FILL_DTYPES(t, ram_counts, V, S)
   FK_FILL_DTYPES(t, arcee_importance, V, S)
   FK_FILL_DTYPES(t, arcee_select, V, S)
+  FK_FILL_DTYPES(t, nearswap, V, S)
   FK_FILL_SPARSE(t, sign_tally, sign_tally_range, V, S)
   FK_FILL_SPARSE(t, threshold_scan, threshold_scan_range, V, S)
   FK_FILL_SPARSE(t, emr, emr_range, V, S)

@@ -61,6 +61,7 @@ struct KernelTable {
   EmrFn emr[kNumDTypes];  // float32, float16 and bfloat16 only
   ArceeFn arcee_importance[kNumDTypes];
   RangeFn arcee_select[kNumDTypes];
+  RangeFn nearswap[kNumDTypes];
 };
 
 const KernelTable& portable_kernels();

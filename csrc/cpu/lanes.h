@@ -23,8 +23,11 @@ struct OneElementLane {
   static R mul(R a, R b) { return a * b; }
   static R div(R a, R b) { return a / b; }
   static R fma(R a, R b, R c) { return a * b + c; }
-  // a·b + c rounded once (the float product is exact in double), on every build, FMA hardware or not
-  static R fma_once(R a, R b, R c) { return R(double(a) * double(b) + double(c)); }
+  // a·b + c rounded once on every build, FMA hardware or not (a float product is exact in double)
+  static R fma_once(R a, R b, R c) {
+    if constexpr (sizeof(F) == sizeof(double)) return std::fma(a, b, c);
+    else return R(double(a) * double(b) + double(c));
+  }
   static R select_nonzero(R cond, R a, R b) { return cond != R(0) ? a : b; }
   static R max(R a, R b) { return a > b ? a : b; }
   static F hsum(R v) { return v; }

@@ -7,6 +7,7 @@ from .gram import gram
 from .linear_assignment import linear_assignment
 from .magmax import magmax
 from .magnitude_prune import global_magnitude_threshold, magnitude_prune, magnitude_threshold, magnitude_thresholds
+from .nearswap import nearswap
 from .permute import permute, permute_many
 from .ram_merge import ram_counts, ram_merge
 from .sinkhorn import SinkhornResult, sinkhorn
@@ -30,6 +31,7 @@ __all__ = [
     "magnitude_prune",
     "magnitude_threshold",
     "magnitude_thresholds",
+    "nearswap",
     "permute",
     "permute_many",
     "ram_counts",
