@@ -37,7 +37,7 @@ import json, sys
 from modelfusion.pipeline import merge
 from modelfusion.pipeline.recipe import parse_size
 stats = merge(open(sys.argv[1]).read(), sys.argv[2], memory_budget=parse_size(sys.argv[3], "budget"), progress=False)
-print(json.dumps({"seconds": stats.seconds, "peak_rss": stats.peak_rss}))
+print(json.dumps({"seconds": stats.seconds, "peak_rss": stats.peak_rss, "phases": stats.phases}))
 """
 MERGEKIT = """
 import json, sys, time, yaml
@@ -97,6 +97,7 @@ def main() -> None:
     p.add_argument("--budget", default="4GiB", help="our --memory-budget for every method")
     p.add_argument("--small-budget", default="1GiB", help="one more linear run under this budget ('' to skip)")
     p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print our seconds per phase: read, compute, write, wait")
     p.add_argument("--workdir", help="default: a temporary directory, removed after")
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "pipeline-cpu.json")
     args = p.parse_args()
@@ -138,6 +139,7 @@ def main() -> None:
                 "ours_fraction_of_disk_bound": max(bound_s * read / total, wb_s) / ours["seconds"],
                 "ours_peak_rss_mib": ours["peak_rss"] / 2**20,
                 "ours_process_s": ours["process_s"],
+                "ours_phases_s": ours["phases"],
                 "mergekit_s": theirs and theirs["seconds"],
                 "mergekit_gbs": theirs and read / theirs["seconds"] / 1e9,
                 "mergekit_peak_rss_mib": theirs and theirs["peak_rss"] / 2**20,
@@ -146,6 +148,9 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if args.profile:
+                phases = ", ".join(f"{k} {v:.2f} s" for k, v in ours["phases"].items())
+                print(f"# {method}: {ours['seconds']:.2f} s; per phase (threads overlap): {phases}", flush=True)
         result = {
             "benchmark": "pipeline",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -502,3 +502,17 @@ def test_a_tensor_float_in_one_model_and_integer_in_another_is_refused(tmp_path)
     recipe += f"  - model: {tmp_path / 'b'}\n    parameters: {{weight: 1}}\n"
     with pytest.raises(RecipeError, match=r"tensor 'w': stored as a float in some models and as an integer"):
         plan_merge(recipe)
+
+
+def test_profile_reports_each_phase(family, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(recipe_text("ties", family))
+    proc = cli("merge", recipe, tmp_path / "out", "--quiet", "--profile")
+    stdout, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    line = next(x for x in stdout.splitlines() if x.startswith("seconds per phase"))
+    phases = dict(part.split() for part in line.split(": ", 1)[1].split(", "))
+    assert set(phases) == {"read", "compute", "write", "wait"}
+    assert all(float(v) >= 0 for v in phases.values()) and float(phases["compute"]) > 0
+    stats = merge(recipe.read_text(), tmp_path / "again", progress=False)
+    assert set(stats.phases) == set(phases) and stats.phases["compute"] < stats.seconds

@@ -35,7 +35,7 @@ def _merge(args) -> int:
     except AlreadyMerged as e:
         print(f"modelfusion merge: {e}")  # a retry loop around --resume ends here, successfully
         return 0
-    _report(args.out, stats)
+    _report(args.out, stats, args.profile)
     return 0
 
 
@@ -67,13 +67,13 @@ def _merge_distributed(args, budget) -> int:
         print(f"modelfusion merge (rank {world.rank} of {world.size}): error: {e}", file=sys.stderr)
         return 2
     if world.rank == 0:
-        _report(args.out, stats)
+        _report(args.out, stats, args.profile)
         if args.node_local:
             print("--node-local: each node's OUT holds the shards of its ranks; copy them into this node's OUT")
     return 0
 
 
-def _report(out, stats) -> None:
+def _report(out, stats, profile: bool = False) -> None:
     resumed = f", {stats.shards_resumed} shards kept from before" if stats.shards_resumed else ""
     ranks = f" by {stats.processes} processes" if stats.processes > 1 else ""
     print(
@@ -81,6 +81,8 @@ def _report(out, stats) -> None:
         f"read {stats.read_bytes / 2**30:.2f} GiB at {stats.read_bytes / max(stats.seconds, 1e-9) / 2**30:.2f} GiB/s; "
         f"peak tensors in flight {stats.budget_high_water / 2**20:.0f} MiB, peak RSS {stats.peak_rss / 2**20:.0f} MiB"
     )
+    if profile and stats.phases:
+        print("seconds per phase (threads overlap): " + ", ".join(f"{k} {v:.2f}" for k, v in stats.phases.items()))
 
 
 def _extract_lora(args) -> int:
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     m.add_argument("--allow-pickle", action="store_true", help="read PyTorch .bin checkpoints (weights_only)")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument(
+        "--profile", action="store_true", help="print the seconds spent reading, merging, writing and waiting"
+    )
     m.add_argument(
         "--no-model-card", action="store_true", help="write no README.md and mergekit_config.yml beside the model"
     )

@@ -11,7 +11,7 @@ import resource
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -99,6 +99,7 @@ class RunStats:
     budget_high_water: int
     peak_rss: int  # of this process since it started, bytes
     processes: int = 1  # ranks of a distributed run: bytes and shards are their sums, peak_rss their maximum
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (Phases), this process's
 
     @property
     def read_gbs(self) -> float:
@@ -196,12 +197,27 @@ def release_freed_memory_promptly() -> None:
         pass
 
 
-def _reader(plan, tasks, budget, ready: queue.Queue, stop: threading.Event) -> None:
+@dataclass
+class Phases:
+    """Seconds each thread of a merge spent per phase: ``read`` (the reader mapping and populating
+    inputs), ``compute`` (the merge), ``write`` (the writer copying results out and committing shards,
+    the disk's time included), ``wait`` (the merge waiting for the reader). Threads overlap, so the
+    phases add up to more than the wall time when they do."""
+
+    read: float = 0.0
+    compute: float = 0.0
+    write: float = 0.0
+    wait: float = 0.0
+
+
+def _reader(plan, tasks, budget, ready: queue.Queue, stop: threading.Event, phases: Phases) -> None:
     try:
         for task in tasks:
             if not budget.acquire(task.peak_bytes, stop):
                 return
+            start = time.perf_counter()
             tensors = [None if i is None else plan.checkpoints[k].map(i.name) for k, i in enumerate(task.inputs)]
+            phases.read += time.perf_counter() - start
             while not stop.is_set():
                 try:
                     ready.put((task, tensors), timeout=0.1)
@@ -241,7 +257,14 @@ def _whole_buffer(t: torch.Tensor) -> torch.Tensor | None:
 
 
 def _writer(
-    out: Path, todo, budget: MemoryBudget, results: queue.Queue, journal_path: Path, journal: dict, failure: list
+    out: Path,
+    todo,
+    budget: MemoryBudget,
+    results: queue.Queue,
+    journal_path: Path,
+    journal: dict,
+    failure: list,
+    phases: Phases,
 ) -> None:
     """Writes the merged tensors in plan order, committing and journaling each shard; ``None`` in
     ``results`` means stop (the shard being written is removed)."""
@@ -255,14 +278,18 @@ def _writer(
                         writer.abort()
                         return
                     task, result = item
+                    start = time.perf_counter()
                     writer.write(result)
+                    phases.write += time.perf_counter() - start
                     del item
                     budget.give(None if task.passthrough else _whole_buffer(result), task.out.nbytes)
                     del result
             except BaseException:
                 writer.abort()
                 raise
+            start = time.perf_counter()
             journal["shards"][file] = writer.commit()
+            phases.write += time.perf_counter() - start
             write_json_atomic(journal_path, journal)
     except BaseException as e:  # raised in the main thread
         failure.append(e)
@@ -297,6 +324,7 @@ class Executed:
     read_bytes: int
     written_bytes: int
     budget_high_water: int
+    phases: Phases
 
 
 def execute(
@@ -323,10 +351,10 @@ def execute(
     tasks = [t for _, shard in todo for t in shard]
     budget, results, stop = MemoryBudget(plan.memory_budget), queue.Queue(), threading.Event()
     ready = queue.Queue(maxsize=PREFETCH)
-    failure = []
-    reader = threading.Thread(target=_reader, args=(plan, tasks, budget, ready, stop), daemon=True)
+    failure, phases = [], Phases()
+    reader = threading.Thread(target=_reader, args=(plan, tasks, budget, ready, stop, phases), daemon=True)
     writer = threading.Thread(
-        target=_writer, args=(out, todo, budget, results, journal_path, journal, failure), daemon=True
+        target=_writer, args=(out, todo, budget, results, journal_path, journal, failure, phases), daemon=True
     )
     previous_threads = torch.get_num_threads()
     if plan.recipe.threads or threads:
@@ -336,13 +364,17 @@ def execute(
     writer.start()
     try:
         for _ in tasks:
+            start = time.perf_counter()
             task, tensors = _next(ready, failure)
+            phases.wait += time.perf_counter() - start
             buffer = None
             writes_out = not task.passthrough and METHODS[task.method].writes_out
             if plan.recipe.device == "cpu" and task.compute_dtype == task.out.dtype and writes_out:
                 buffer = budget.take(task.out.nbytes).view(task.out.dtype).view(task.out.shape)
+            start = time.perf_counter()
             with torch.no_grad():
                 result = compute_task(plan, task, tensors, plan.recipe.device, buffer)
+            phases.compute += time.perf_counter() - start
             # the inputs' mappings go before their bytes are released (else the reader maps the next
             # tensor's inputs while these still count in RSS); the result's memory is pooled once written
             del tensors, buffer
@@ -369,6 +401,7 @@ def execute(
         read_bytes=sum(t.read_bytes for t in tasks),
         written_bytes=sum(journal["shards"][f] for f, _ in todo),
         budget_high_water=budget.high_water,
+        phases=phases,
     )
 
 
@@ -443,4 +476,5 @@ def run_plan(plan: Plan, out: str | Path, *, resume: bool = False, progress: boo
         shards_resumed=len(done),
         budget_high_water=executed.budget_high_water,
         peak_rss=peak_rss(),
+        phases=vars(executed.phases),
     )
