@@ -161,18 +161,25 @@ std::vector<double> emr(uintptr_t unified, const Ptrs& masks, uintptr_t base, co
                                  [&](int64_t begin, int64_t end, double* sums) { fn(a, begin, end, sums); });
 }
 
-// arcee_fusion's importance into out (arcee.h), rows split over the threads; returns the rows left
-// unwritten because they hold a non-finite value.
+// arcee_fusion's importance into out (arcee.h), in blocks of rows handed out one at a time (a core
+// taken by the pipeline's reader or writer delays one block, not half the tensor); returns the rows
+// left unwritten because they hold a non-finite value.
 int64_t arcee_importance(uintptr_t out, uintptr_t base, uintptr_t x, int dtype, int64_t rows, int64_t cols, double eps,
                          int threads) {
   if (dtype < 0 || dtype >= kNumDTypes || rows < 0 || cols < 0)
     throw std::invalid_argument("arcee_importance: bad dtype code or shape");
   const ArceeFn fn = active_kernels().arcee_importance[dtype];
   const int t = static_cast<int>(std::min<int64_t>(plan_threads(rows * cols, threads), std::max<int64_t>(rows, 1)));
-  return per_thread_sums<int64_t>(rows, t, 1, [&](int64_t begin, int64_t end, int64_t* skipped) {
-    *skipped += fn(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(base), reinterpret_cast<const void*>(x),
-                   cols, begin, end, eps);
-  })[0];
+  const int64_t per_block = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(cols, 1));
+  const int64_t blocks = (rows + per_block - 1) / per_block;
+  std::vector<int64_t> skipped(size_t(blocks), 0);
+  parallel_tasks(blocks, t, [&](int64_t b) {
+    skipped[b] = fn(reinterpret_cast<void*>(out), reinterpret_cast<const void*>(base), reinterpret_cast<const void*>(x),
+                    cols, b * per_block, std::min(rows, (b + 1) * per_block), eps);
+  });
+  int64_t total = 0;
+  for (int64_t n : skipped) total += n;
+  return total;
 }
 
 // out = importance >= cut ? x : base (arcee.h).

@@ -35,9 +35,10 @@ void gram_range(double* out, const void* const* inputs, int n, const void* base_
   const int64_t tasks = rows * blocks;
   double* partial = new double[size_t(tasks) * pairs];
   const int nt = static_cast<int>(std::min<int64_t>(plan_threads(rows * cols * n, threads), std::max<int64_t>(1, tasks)));
-  parallel_pieces(tasks, nt, [&](int, int64_t begin, int64_t end) {
-    // each piece of kPiece elements converted once into float64 buffers (L1-resident), then one
-    // vectorisable dot product per pair with kLanes independent accumulators
+  // tasks handed out in pieces (a core taken by the pipeline's reader or writer delays one piece);
+  // each piece of kPiece elements converted once into float64 buffers (L1-resident), then one
+  // vectorisable dot product per pair with kLanes independent accumulators
+  parallel_chunks(tasks, nt, [&](int64_t begin, int64_t end) {
     double* acc = new double[size_t(pairs) * kLanes];
     double* d = new double[size_t(n) * kPiece];
     for (int64_t task = begin; task < end; ++task) {
