@@ -86,11 +86,9 @@ def threshold_values(x: torch.Tensor, ks: list[int]) -> torch.Tensor:
     """The k-th largest |x| for each k ≥ 1, as a 1-D tensor of x's dtype: the keys the C++ select
     finds, all from one sample and one sweep over x."""
     queries = [k for k in ks if k < x.numel()]  # select() answers "everything" without a value
-    keys = iter([t for t, _ in select(None, [x], [0] * len(queries), queries)] if queries else [])
-    bits = torch.int32 if x.dtype == torch.float32 else torch.int16
-    values = [
-        torch.tensor([next(keys)], dtype=bits).view(x.dtype)[0] if k < x.numel() else ref_threshold(x, k) for k in ks
-    ]
+    keys = [t for t, _ in select(None, [x], [0] * len(queries), queries)] if queries else []
+    found = iter(torch.tensor(keys, dtype=torch.int32 if x.dtype == torch.float32 else torch.int16).view(x.dtype))
+    values = [next(found) if k < x.numel() else ref_threshold(x, k) for k in ks]
     return torch.stack(values)
 
 

@@ -2,9 +2,9 @@
 //   p = softmax(x) + eps,  q = softmax(base) + eps,  kl = sum_c p_c * ln(p_c / q_c)
 //   importance = |x - base| * kl
 // Each row is read from memory twice (maxima, then exponentials), its exponentials kept in a scratch
-// row between the passes; the row sums are taken in float64, and the KL is corrected for the rounding
-// of the softmax normalisers (see below). A row holding a non-finite value is counted and left unwritten: the caller
-// takes the reference for it. Semantics: fusion_kernels/reference/composite.py (arcee_importance).
+// row between the passes; the row sums are taken in float64, and the KL is corrected for the
+// rounding of the softmax normalisers (see below). A row holding a non-finite value is counted and
+// left unwritten: the caller takes the reference for it. Semantics: fusion_kernels/reference/composite.py (arcee_importance).
 // Included by each ISA's translation unit (kernel_table.h): plain arrays only, no library code.
 #pragma once
 #include <cmath>

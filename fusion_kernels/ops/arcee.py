@@ -8,14 +8,11 @@ from .. import _native, _validate
 from .._dispatch import select
 from ..errors import DTypeError, ShapeError, WeightError
 from ..reference import composite
+from ..reference.weighted_sum import accumulation_dtype
 from ._engine import custom_op, empty_like, fake_like, run
 
 OP = "arcee_importance"
 EPS = 1e-8  # mergekit's, added to both softmaxes
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _torch_impl(base, x):
@@ -23,7 +20,7 @@ def _torch_impl(base, x):
 
 
 def _cpu_impl(base, x):
-    out = torch.empty(base.shape, dtype=_wide(base.dtype))
+    out = torch.empty(base.shape, dtype=accumulation_dtype(base.dtype))
     _native.advise_hugepages(out)
     if base.numel() == 0:
         return out
@@ -55,7 +52,7 @@ def _arcee_importance(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 @_arcee_importance.register_fake
 def _(base, x):
-    return base.new_empty(base.shape, dtype=_wide(base.dtype))
+    return base.new_empty(base.shape, dtype=accumulation_dtype(base.dtype))
 
 
 def arcee_importance(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -122,8 +119,9 @@ def arcee_select(base: torch.Tensor, x: torch.Tensor, importance: torch.Tensor, 
     _validate.check_float(op, "base", base)
     _validate.check_like(op, "x", _validate.check_tensor(op, "x", x), base, "base")
     importance = _validate.check_tensor(op, "importance", importance)
-    if importance.dtype != _wide(base.dtype):
-        raise DTypeError(f"{op}: argument 'importance' expected dtype {_wide(base.dtype)}, got {importance.dtype}")
+    wide = accumulation_dtype(base.dtype)
+    if importance.dtype != wide:
+        raise DTypeError(f"{op}: argument 'importance' expected dtype {wide}, got {importance.dtype}")
     if importance.shape != base.shape or importance.device != base.device:
         raise ShapeError(
             f"{op}: argument 'importance' expected shape {tuple(base.shape)} on {base.device}, "
