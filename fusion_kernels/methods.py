@@ -157,14 +157,12 @@ METHODS: dict[str, Method] = {
         {"nuslerp_row_wise": Param(False, bool), "nuslerp_flatten": Param(True, bool)},
         needs_base=False,
         others=(2, 2),
-        writes_out=False,
     ),
     "multislerp": Method(
         "multislerp",
         {"weight": Param(REQUIRED, float)},
         {"normalize_weights": Param(True, bool), "eps": Param(1e-8, float, 0.0)},
         needs_base=False,
-        writes_out=False,
     ),
     "karcher": Method(
         "karcher",
@@ -172,7 +170,6 @@ METHODS: dict[str, Method] = {
         {"max_iter": Param(10, int, 1, 10_000), "tol": Param(1e-5, float, 0.0)},
         needs_base=False,
         base_merged=True,
-        writes_out=False,
     ),
     "sce": Method(
         "sce",
@@ -180,7 +177,7 @@ METHODS: dict[str, Method] = {
         {"select_topk": Param(1.0, float, 0.0, 1.0), "int8_mask": Param(False, bool)},
         writes_out=False,
     ),
-    "model_stock": Method("model_stock", {}, {"filter_wise": Param(False, bool)}, others=(2, None), writes_out=False),
+    "model_stock": Method("model_stock", {}, {"filter_wise": Param(False, bool)}, others=(2, None)),
     "arcee_fusion": Method("arcee_fusion", {}, {}, others=(1, 1), writes_out=False),
     "ram": Method("ram", {}, {"epsilon": Param(1e-5, float, 0.0)}, others=(0, None), writes_out=False),
     "ramplus_tl": Method(
@@ -270,7 +267,8 @@ def merge_tensor(
 ) -> torch.Tensor:
     """One output tensor of method ``name``. ``base``: the base model's tensor (None for ``linear``);
     ``others``: the merged models' tensors; ``params``: resolved values (per-model ones as lists in
-    the order of ``others``). All but ``slerp`` and ``model_stock`` write into ``out`` when given."""
+    the order of ``others``). Methods whose table entry has ``writes_out`` write into ``out`` when
+    given (nuslerp along a dimension returns a new tensor)."""
     m = method(name)
     if name == "linear":
         w = params["weight"]
@@ -297,11 +295,11 @@ def merge_tensor(
     if name == "slerp":
         return slerp(base, others[0], params["t"])  # the whole tensor, as mergekit's run_merge batches it
     if name == "model_stock":
-        return model_stock(base, others, filter_wise=params["filter_wise"])
-    return _composite(name, base, others, params)
+        return model_stock(base, others, filter_wise=params["filter_wise"], out=out)
+    return _composite(name, base, others, params, out)
 
 
-def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str, Any]) -> torch.Tensor:
+def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str, Any], out=None) -> torch.Tensor:
     """The methods composed in :mod:`fusion_kernels.reference.composite`; a base, where given, is the
     origin of the spherical ones (they interpolate the task vectors)."""
     if name == "passthrough":
@@ -321,12 +319,14 @@ def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str,
         return ram_merge(base, others, eps, scales)
     if name == "karcher":
         uniform = [1 / len(others)] * len(others)
-        return spherical.karcher(others, uniform, params["max_iter"], params["tol"])
+        return spherical.karcher(others, uniform, params["max_iter"], params["tol"], out=out)
     if name == "nuslerp" and params["nuslerp_flatten"]:
         w = params["weight"]
-        return spherical.nuslerp(0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w), others, base)
+        return spherical.nuslerp(0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w), others, base, out=out)
     if name == "multislerp":
-        return spherical.multislerp(others, base, params["weight"], params["normalize_weights"], params["eps"])
+        return spherical.multislerp(
+            others, base, params["weight"], params["normalize_weights"], params["eps"], out=out
+        )
     if base is not None:  # task vectors, in the float32 arithmetic the result is computed in
         wide = torch.float64 if base.dtype == torch.float64 else torch.float32
         origin = base.to(wide)
@@ -446,14 +446,17 @@ COMPOSITE_BYTES = {
 }
 
 
-def model_stock(base: torch.Tensor, others: list[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+def model_stock(
+    base: torch.Tensor, others: list[torch.Tensor], filter_wise: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Model Stock (Jang et al., 2024), as mergekit computes it: with offsets dᵢ = xᵢ − base and
     c the mean pairwise cosine of the dᵢ (per vector along the last dimension when ``filter_wise``),
     t = N·c / (1 + (N − 1)·c)   (0 where the denominator vanishes),
     out = t·mean(xᵢ) + (1 − t)·base.
     The statistics are one float64 Gram pass over the offsets (:func:`fusion_kernels.gram`); the
     per-vector combination runs over chunks of ``MODEL_STOCK_CHUNK`` elements in buffers allocated
-    once (no offset, no float64 copy of a whole tensor; see :func:`scratch_bytes`)."""
+    once (no offset, no float64 copy of a whole tensor; see :func:`scratch_bytes`). Written into
+    ``out`` when given (a tensor like ``base``)."""
     n = len(others)
     rows = base.numel() // base.shape[-1] if filter_wise and base.dim() > 1 and base.numel() else 1
     flat = [x.reshape(rows, -1) for x in [base, *others]]
@@ -468,8 +471,8 @@ def model_stock(base: torch.Tensor, others: list[torch.Tensor], filter_wise: boo
     t = torch.where(denominator.abs() < 1e-6, 0.0, n * cos / torch.where(denominator.abs() < 1e-6, 1.0, denominator))
     if rows == 1:
         w = float(t)
-        return weighted_sum([base, *others], [1 - w] + [w / n] * n)
-    result = torch.empty_like(base)
+        return weighted_sum([base, *others], [1 - w] + [w / n] * n, out=out)
+    result = torch.empty_like(base) if out is None else out
     flat_out = result.reshape(rows, cols)
     buffers = torch.empty(2, min(rows * cols, MODEL_STOCK_CHUNK), dtype=torch.float64, device=base.device)
     for r, c, k in _chunks(rows, cols):

@@ -4,7 +4,7 @@ odd, empty and strided shapes), the Gram-based spherical methods against their r
 import numpy as np
 import pytest
 import torch
-from helpers import DTYPES, assert_close, assert_peer_close, inputs, randn, to_numpy64
+from helpers import DTYPES, assert_close, assert_peer_close, inputs, randn, set_isa, to_numpy64
 
 import fusion_kernels as fk
 from fusion_kernels import methods, spherical
@@ -41,6 +41,26 @@ def test_backend_matches_reference(backend, dtype, shape, rows):
         assert got.dtype == torch.float64 and got.shape == (rows, 4, 4)
         assert_close(got.cpu(), ref.gram(xs, b, rows).cpu())
         assert torch.equal(got, got.transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_isas_add_in_the_same_order(dtype):
+    """The AVX2 kernel (registers only, for up to three inputs) adds the same products in the same
+    order as the portable one: equal bits, over odd lengths, several blocks and rows."""
+    from fusion_kernels import _native
+
+    if _native.unavailable_reason() or "avx2" not in _native.lib().supported_isas():
+        pytest.skip("no avx2 kernels in this build or on this CPU")
+    for n in (1, 2, 3, 4):
+        xs, base = inputs(n, (3, 40011), dtype, seed=n), randn((3, 40011), dtype, seed=11)
+        for b in (None, base):
+            for rows in (1, 3):
+                got = {}
+                for isa in ("avx2", "portable"):
+                    with fk.use_backend("cpu"), set_isa(isa):
+                        got[isa] = fk.gram(xs, b, rows=rows)
+                assert torch.equal(got["avx2"], got["portable"]), (n, b is not None, rows)
+                assert_close(got["avx2"], ref.gram(xs, b, rows))
 
 
 def test_strided_and_stacked_inputs(backend):

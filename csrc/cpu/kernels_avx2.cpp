@@ -1,5 +1,6 @@
 // AVX2/FMA/F16C kernels: this file alone is compiled with -mavx2 -mfma -mf16c (setup.py), and
 // only ever called after runtime.cpp has checked the CPU supports them.
+#include "gram_avx2.h"
 #include "kernel_table.h"
 #include "lanes_avx2.h"
 #include "lsa_relax_avx2.h"
@@ -9,6 +10,9 @@ const KernelTable& avx2_kernels() {
   static const KernelTable table = [] {
     KernelTable t = make_kernel_table<Avx2Lane, ScalarLane>();
     t.lsa_relax = &lsa_relax_avx2;
+    t.gram[kFloat32] = &gram_range<float, GramBlockAvx2<float>>;
+    t.gram[kFloat16] = &gram_range<f16, GramBlockAvx2<f16>>;
+    t.gram[kBFloat16] = &gram_range<bf16, GramBlockAvx2<bf16>>;
     return t;
   }();
   return table;

@@ -1,0 +1,86 @@
+// AVX2 block of gram (gram_kernels.h) for up to three 16/32-bit inputs: each step loads eight
+// elements of every input, converts them to float64 in registers and adds every pair's products
+// to its accumulators: no float64 buffers. The same lanes, the same order of additions and
+// separate multiply and add (no fused multiply-add) as gram_block_buffered, so the same results.
+#pragma once
+#include <immintrin.h>
+
+#include <type_traits>
+
+#include "gram_kernels.h"
+
+namespace fk {
+namespace {
+
+inline __m256 gram_load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 gram_load8(const f16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 gram_load8(const bf16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+template <int N, bool kBase, class T>
+void gram_block_fused(double* acc, const T* const* xs, const T* base, int64_t c0, int64_t c1) {
+  constexpr int P = N * (N + 1) / 2;
+  static_assert(kLanes == 8, "two float64 vectors of four lanes per pair");
+  __m256d lo[P], hi[P];
+  for (int p = 0; p < P; ++p) lo[p] = hi[p] = _mm256_setzero_pd();
+  int64_t c = c0;
+  for (; c + 8 <= c1; c += 8) {
+    __m256d dl[N], dh[N];
+    __m256d bl = _mm256_setzero_pd(), bh = _mm256_setzero_pd();
+    if constexpr (kBase) {
+      const __m256 b = gram_load8(base + c);
+      bl = _mm256_cvtps_pd(_mm256_castps256_ps128(b));
+      bh = _mm256_cvtps_pd(_mm256_extractf128_ps(b, 1));
+    }
+    for (int i = 0; i < N; ++i) {
+      const __m256 x = gram_load8(xs[i] + c);
+      dl[i] = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+      dh[i] = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+      if constexpr (kBase) {
+        dl[i] = _mm256_sub_pd(dl[i], bl);
+        dh[i] = _mm256_sub_pd(dh[i], bh);
+      }
+    }
+    int p = 0;
+    for (int i = 0; i < N; ++i) {
+      for (int j = i; j < N; ++j, ++p) {
+        lo[p] = _mm256_add_pd(lo[p], _mm256_mul_pd(dl[i], dl[j]));
+        hi[p] = _mm256_add_pd(hi[p], _mm256_mul_pd(dh[i], dh[j]));
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    _mm256_storeu_pd(acc + p * kLanes, lo[p]);
+    _mm256_storeu_pd(acc + p * kLanes + 4, hi[p]);
+  }
+  for (int64_t l = 0; c + l < c1; ++l) {  // the block's last elements: the lanes they fall on
+    double d[N];
+    for (int i = 0; i < N; ++i) d[i] = kBase ? load64(xs[i] + c + l) - load64(base + c + l) : load64(xs[i] + c + l);
+    int p = 0;
+    for (int i = 0; i < N; ++i)
+      for (int j = i; j < N; ++j, ++p) acc[p * kLanes + l] += d[i] * d[j];
+  }
+}
+
+template <class T>
+struct GramBlockAvx2 {
+  static void run(double* acc, double* d, const T* const* xs, int n, const T* base, int64_t c0, int64_t c1) {
+    if constexpr (!std::is_same_v<T, double>) {
+      if (base) {
+        if (n == 1) return gram_block_fused<1, true>(acc, xs, base, c0, c1);
+        if (n == 2) return gram_block_fused<2, true>(acc, xs, base, c0, c1);
+        if (n == 3) return gram_block_fused<3, true>(acc, xs, base, c0, c1);
+      } else {
+        if (n == 1) return gram_block_fused<1, false>(acc, xs, base, c0, c1);
+        if (n == 2) return gram_block_fused<2, false>(acc, xs, base, c0, c1);
+        if (n == 3) return gram_block_fused<3, false>(acc, xs, base, c0, c1);
+      }
+    }
+    gram_block_buffered(acc, d, xs, n, base, c0, c1);
+  }
+};
+
+}  // namespace
+}  // namespace fk
