@@ -324,9 +324,7 @@ def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str,
         w = params["weight"]
         return spherical.nuslerp(0.5 if abs(sum(w)) < 1e-6 else w[1] / sum(w), others, base, out=out)
     if name == "multislerp":
-        return spherical.multislerp(
-            others, base, params["weight"], params["normalize_weights"], params["eps"], out=out
-        )
+        return spherical.multislerp(others, base, params["weight"], params["normalize_weights"], params["eps"], out=out)
     if base is not None:  # task vectors, in the float32 arithmetic the result is computed in
         wide = torch.float64 if base.dtype == torch.float64 else torch.float32
         origin = base.to(wide)
