@@ -1,6 +1,6 @@
-"""fusion_kernels.compat.fusion_bench: with install(), FusionBench's averaging, task-arithmetic and
-TIES classes give its stored outputs (tests/fusion_bench_golden.py) within float32 rounding, on
-our kernels. Where fusion-bench is installed its own classes run; elsewhere (CI) stand-ins with
+"""fusion_kernels.compat.fusion_bench: with install(), FusionBench's averaging, task-arithmetic,
+TIES and DARE classes give its stored outputs (tests/fusion_bench_golden.py) within float32
+rounding, on our kernels (DARE seeded as the stored run was: the same masks). Where fusion-bench is installed its own classes run; elsewhere (CI) stand-ins with
 its class names, attributes and BaseModelPool interface take their place in sys.modules, so the
 routing and every patched run() are still exercised."""
 
@@ -10,7 +10,7 @@ import types
 
 import pytest
 import torch
-from fusion_bench_golden import CASES, DATA, TASKS, TEMPLATES, pool
+from fusion_bench_golden import CASES, DARE_CASES, DATA, TASKS, TEMPLATES, pool
 from helpers import assert_peer_close
 from safetensors.torch import load_file
 
@@ -81,6 +81,50 @@ def test_installed_classes_give_fusion_bench_outputs(fusion_bench, kind, case, m
     assert merged.keys() == expected.keys()
     for key, want in expected.items():
         assert_peer_close(merged[key], want, "fusion_bench", msg=f"{kind} {case} {key}")
+
+
+@pytest.mark.parametrize("kind", TEMPLATES)
+@pytest.mark.parametrize("case, name, kwargs", DARE_CASES, ids=lambda c: str(c))
+def test_installed_dare_gives_fusion_bench_outputs(fusion_bench, kind, case, name, kwargs):
+    """Seeded as the stored run: the routed run draws FusionBench's masks (torch.rand_like in its
+    order) and merges them on the engine."""
+    if kind == "clip":
+        pytest.importorskip("transformers")
+    compat.install()
+    torch.manual_seed(0)
+    algorithm = _algorithm(name, kwargs)
+    models = pool(kind, TASKS)
+    merged = algorithm.run(models if fusion_bench else _Pool(models)).state_dict()
+    expected = load_file(DATA / f"{kind}-{case}.safetensors")
+    assert merged.keys() == expected.keys()
+    for key, want in expected.items():
+        assert_peer_close(merged[key], want, "fusion_bench", msg=f"{kind} {case} {key}")
+
+
+def test_dare_with_frozen_parameters_goes_to_fusion_bench(fusion_bench):
+    """FusionBench's DARE draws masks for frozen parameters but neither subtracts nor merges them:
+    such pools take its own run (before any draw, so the seeded stream is untouched)."""
+    kwargs = {"scaling_factor": 0.3, "sparsity_ratio": 0.4, "only_on_linear_weights": False, "rescale": True}
+
+    def frozen_pool():
+        models = pool("mlp", 2)
+        for m in models.values():
+            m[0].bias.requires_grad_(False)
+        return models
+
+    compat.install()
+    if not fusion_bench:
+        with pytest.raises(NotImplementedError):
+            _algorithm("DareTaskArithmetic", kwargs).run(_Pool(frozen_pool()))
+        return
+    from fusion_bench.modelpool import BaseModelPool  # its own DARE takes no plain dict
+
+    torch.manual_seed(0)
+    routed = _algorithm("DareTaskArithmetic", kwargs).run(BaseModelPool(frozen_pool())).state_dict()
+    compat.uninstall()
+    torch.manual_seed(0)
+    own = _algorithm("DareTaskArithmetic", kwargs).run(BaseModelPool(frozen_pool())).state_dict()
+    assert all(torch.equal(routed[k], own[k]) for k in own)
 
 
 def test_uninstall_restores_their_own_run(fusion_bench):
