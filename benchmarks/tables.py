@@ -30,15 +30,16 @@ def _cell(value) -> str:
         return f"{value:.3g}" if abs(value) < 1e5 else f"{value:.3e}"
     if isinstance(value, list):
         return " / ".join(_cell(v) for v in value)
-    return str(value).replace("|", "\\|")
+    return " ".join(str(value).split()).replace("|", "\\|")
 
 
 def render_file(path: Path) -> str:
     data = json.loads(path.read_text())
-    rows = data.get("rows", [])
+    table = "rows" if "rows" in data else "results"  # fusion_bench.py names its rows "results"
+    rows = data.get(table, [])
     lines = [f"## {path.stem}", "", f"Source: `benchmarks/results/{path.name}`.", ""]
     facts = [f"{k}: {_cell(data[k])}" for k in META if k in data]
-    facts += [f"{k}: {_cell(v)}" for k, v in data.items() if k not in (*META, "rows", "environment")]
+    facts += [f"{k}: {_cell(v)}" for k, v in data.items() if k not in (*META, table, "environment")]
     lines += [f"- {fact}" for fact in facts] + [""]
     columns = list(dict.fromkeys(k for row in rows for k in row))
     if columns:
