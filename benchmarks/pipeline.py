@@ -2,18 +2,22 @@
 
     python benchmarks/pipeline.py                      # 3 × 1.1B bf16 (base + 2 fine-tunes), all 20 methods
     python benchmarks/pipeline.py --layers 2 --methods linear --skip-mergekit   # a quick smoke run
+    python benchmarks/pipeline.py --size 7b --methods linear,ties   # 3 × 6.7B (Llama-2-7B's shape)
 
 Generates the models (HF format, 1 GB shards) under --workdir, measures the disk bounds (every
-input byte read once through modelfusion.io from a warm page cache; the output's size written as
-one shard by modelfusion's writer and fsynced), then for each method runs
-``modelfusion merge`` and mergekit's ``run_merge`` on the same recipe, each in a fresh process
-reporting its own wall time and peak RSS. Writes JSON (default benchmarks/results/pipeline-cpu.json).
+input byte read once through modelfusion.io, the second of two passes: from the page cache where
+the models fit in it, from the disk where they do not; the output's size written by modelfusion's
+writer and fsynced), then for each method runs ``modelfusion merge`` and mergekit's ``run_merge``
+on the same recipe, each in a fresh process reporting its own wall time and peak RSS. Checks the
+free disk space first; removes what it generated unless --workdir is given. Writes JSON (default
+benchmarks/results/pipeline-cpu.json, or pipeline-cpu-7b.json for --size 7b).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -23,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from modelfusion.demos.streaming import make_llama_family, recipe_text
+from modelfusion.demos.streaming import llama_shapes, make_llama_family, recipe_text
 from modelfusion.io import Checkpoint, OutputTensor, ShardWriter
 from modelfusion.pipeline import load_recipe
 from roofline import git_sha, machine
@@ -31,6 +35,11 @@ from roofline import git_sha, machine
 from fusion_kernels import methods as fk_methods
 
 METHODS = list(fk_methods.METHODS)  # every method of the table; with mergekit beside them about 40 minutes
+SIZES = {  # Llama shapes: TinyLlama-1.1B's, and Llama-2-7B's (no grouped KV heads)
+    "1b": dict(hidden=2048, layers=22, intermediate=5632, vocab=32000, kv_heads=4, heads=32),
+    "7b": dict(hidden=4096, layers=32, intermediate=11008, vocab=32000, kv_heads=32, heads=32),
+}
+MERGEKIT_7B = "linear,ties"  # mergekit's other methods take long at 7B: --mergekit-methods adds them
 
 OURS = """
 import json, sys
@@ -78,33 +87,60 @@ def read_bound(paths: list[Path]) -> tuple[float, int]:
 
 def write_bound(directory: Path, nbytes: int) -> float:
     """Seconds to write ``nbytes`` as one shard and fsync it, through the pipeline's own writer
-    (O_DIRECT where the file system allows it) with nothing to merge: the output's floor."""
-    data = torch.zeros(nbytes, dtype=torch.uint8)
+    (O_DIRECT where the file system allows it) with nothing to merge: the output's floor. One
+    zero buffer of at most 1 GiB is written again and again."""
+    piece = min(nbytes, 2**30)
+    data = torch.zeros(piece, dtype=torch.uint8)
+    sizes = [piece] * (nbytes // piece) + ([nbytes % piece] if nbytes % piece else [])
+    outputs = [OutputTensor(f"x{i}", torch.uint8, (size,)) for i, size in enumerate(sizes)]
     start = time.perf_counter()
-    writer = ShardWriter(directory / "write-bound.safetensors", [OutputTensor("x", torch.uint8, (nbytes,))])
-    writer.write(data)
+    writer = ShardWriter(directory / "write-bound.safetensors", outputs)
+    for size in sizes:
+        writer.write(data[:size])
     writer.commit()
     seconds = time.perf_counter() - start
     (directory / "write-bound.safetensors").unlink()
     return seconds
 
 
+def check_disk(root: Path, shape: dict, models: int) -> None:
+    """Exit with a message unless ``root``'s file system has room for the models, one output at a
+    time beside them (ours, mergekit's and the write bound's are written and removed in turn), and
+    1 GB to spare."""
+    shapes, _ = llama_shapes(**shape)
+    model_bytes = 2 * sum(math.prod(s) for s in shapes.values())  # bf16
+    need = (models + 1) * model_bytes + 10**9
+    free = shutil.disk_usage(root).free
+    print(
+        f"# disk: needs {need / 1e9:.1f} GB in {root} ({models} models and one output of "
+        f"{model_bytes / 1e9:.1f} GB each, 1 GB to spare); {free / 1e9:.1f} GB free"
+    )
+    if free < need:
+        sys.exit(f"pipeline.py: not enough disk space in {root}: needs {need / 1e9:.1f} GB, has {free / 1e9:.1f} GB")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=22, help="22: TinyLlama-1.1B's shape")
+    p.add_argument("--size", choices=sorted(SIZES), default="1b", help="the models' shape (default 1b)")
+    p.add_argument("--layers", type=int, help="fewer layers of that shape (a smoke run)")
     p.add_argument("--finetunes", type=int, default=2, help="models besides the base")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--budget", default="4GiB", help="our --memory-budget for every method")
     p.add_argument("--small-budget", default="1GiB", help="one more linear run under this budget ('' to skip)")
     p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument("--mergekit-methods", help=f"mergekit beside these only (default: all; {MERGEKIT_7B} at 7b)")
     p.add_argument("--profile", action="store_true", help="print our seconds per phase: read, compute, write, wait")
     p.add_argument("--workdir", help="default: a temporary directory, removed after")
-    p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "pipeline-cpu.json")
+    p.add_argument("--json", type=Path, help="default benchmarks/results/pipeline-cpu[-7b].json")
     args = p.parse_args()
+    results = Path(__file__).parent / "results"
+    args.json = args.json or results / ("pipeline-cpu.json" if args.size == "1b" else f"pipeline-cpu-{args.size}.json")
+    shape = {**SIZES[args.size], **({"layers": args.layers} if args.layers else {})}
+    mergekit_methods = args.mergekit_methods or (MERGEKIT_7B if args.size == "7b" else ",".join(METHODS))
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="fk-pipeline-"))
     try:
-        shape = dict(hidden=2048, layers=args.layers, intermediate=5632, vocab=32000, kv_heads=4, heads=32)
+        check_disk(root, shape, 1 + args.finetunes)
         start = time.perf_counter()
         paths = make_llama_family(root / "models", args.finetunes, torch.bfloat16, max_shard_size=10**9, **shape)
         params = sum(t.nbytes // 2 for t in Checkpoint(paths[0]).tensors.values())
@@ -126,7 +162,7 @@ def main() -> None:
             ours = run(OURS, recipe, root / "out-ours", budget)
             shutil.rmtree(root / "out-ours")
             theirs = None
-            if not args.skip_mergekit and budget == args.budget:
+            if not args.skip_mergekit and budget == args.budget and method in mergekit_methods.split(","):
                 theirs = run(MERGEKIT, recipe, root / "out-mergekit")
                 shutil.rmtree(root / "out-mergekit")
             read = total * len(load_recipe(recipe.read_text()).inputs) // len(paths)  # the models it reads
@@ -158,6 +194,8 @@ def main() -> None:
             "git_sha": git_sha(),
             "cpus": torch.get_num_threads(),
             "torch": torch.__version__,
+            "size": args.size,
+            "shape": shape,
             "models": len(paths),
             "params_per_model": params,
             "input_bytes": total,

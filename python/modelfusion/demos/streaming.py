@@ -20,7 +20,7 @@ import fusion_kernels as fk
 from fusion_kernels.methods import METHODS
 
 from ..io import Checkpoint
-from ..io.writer import save_model
+from ..io.writer import OutputTensor, save_model, save_tensors
 from ..pipeline import merge, plan_merge
 from ..pipeline.executor import compute_task
 
@@ -77,15 +77,23 @@ def llama_shapes(hidden=512, layers=4, intermediate=1376, vocab=4096, kv_heads=4
 def make_llama_family(
     root: Path, n_finetunes: int = 3, dtype=torch.bfloat16, max_shard_size=2**24, **shape
 ) -> list[Path]:
-    """A random Llama-shaped base and ``n_finetunes`` fine-tunes (base + small dense deltas)."""
+    """A random Llama-shaped base and ``n_finetunes`` fine-tunes (base + small dense deltas), made
+    and written one tensor at a time: tensor k of the base draws from seed k, model m's delta from
+    seed (m, k), so memory holds one tensor whatever the model's size (a 7B family included)."""
     shapes, config = llama_shapes(**shape)
-    g = torch.Generator().manual_seed(0)
-    base = {n: (torch.randn(s, generator=g) * 0.02 if len(s) > 1 else torch.ones(s)) for n, s in shapes.items()}
+    outputs = [OutputTensor(n, dtype, s) for n, s in shapes.items()]
+    index = {n: k for k, n in enumerate(shapes)}
     paths = [root / "base"] + [root / f"finetune{i}" for i in range(n_finetunes)]
-    save_model(paths[0], {n: t.to(dtype) for n, t in base.items()}, config, max_shard_size)
-    for path in paths[1:]:
-        tuned = {n: (t + torch.randn(t.shape, generator=g) * 0.002).to(dtype) for n, t in base.items()}
-        save_model(path, tuned, config, max_shard_size)
+
+    def tensor(model: int, name: str) -> torch.Tensor:
+        s, k = shapes[name], index[name]
+        t = torch.ones(s) if len(s) == 1 else torch.randn(s, generator=torch.Generator().manual_seed(k)).mul_(0.02)
+        if model:
+            t.add_(torch.randn(s, generator=torch.Generator().manual_seed((model << 32) + k)), alpha=0.002)
+        return t.to(dtype)
+
+    for m, path in enumerate(paths):
+        save_tensors(path, outputs, lambda name, m=m: tensor(m, name), config, max_shard_size)
     return paths
 
 

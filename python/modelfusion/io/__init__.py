@@ -1,7 +1,7 @@
 """Checkpoint I/O: lazy readers and an atomic, streamed, sharded safetensors writer."""
 
 from .checkpoint import Checkpoint, TensorInfo, read_header
-from .writer import OutputTensor, ShardWriter, copy_model_files, plan_shards, save_model, write_index
+from .writer import OutputTensor, ShardWriter, copy_model_files, plan_shards, save_model, save_tensors, write_index
 
 __all__ = [
     "Checkpoint",
@@ -12,5 +12,6 @@ __all__ = [
     "copy_model_files",
     "plan_shards",
     "save_model",
+    "save_tensors",
     "write_index",
 ]

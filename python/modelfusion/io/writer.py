@@ -16,7 +16,7 @@ import mmap
 import os
 import shutil
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,12 +274,25 @@ def save_model(
 ) -> None:
     """Write a state dict as an HF model directory: sharded safetensors, index, and ``config``
     as ``config.json`` when given."""
+    outputs = [OutputTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    save_tensors(directory, outputs, tensors.__getitem__, config, max_shard_size)
+
+
+def save_tensors(
+    directory: Path,
+    outputs: list[OutputTensor],
+    tensor: Callable[[str], torch.Tensor],
+    config: dict | None = None,
+    max_shard_size: int = 5 * 10**9,
+) -> None:
+    """:func:`save_model` for tensors made one at a time: ``tensor(name)`` is called once per output,
+    in file order, so memory holds one tensor however large the model."""
     directory.mkdir(parents=True, exist_ok=True)
-    shards = plan_shards([OutputTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], max_shard_size)
+    shards = plan_shards(outputs, max_shard_size)
     for i, shard in enumerate(shards):
         writer = ShardWriter(directory / shard_name(i, len(shards)), shard)
         for o in shard:
-            writer.write(tensors[o.name])
+            writer.write(tensor(o.name))
         writer.commit()
     write_index(directory, shards)
     if config is not None:
