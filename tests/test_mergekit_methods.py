@@ -74,6 +74,28 @@ def test_each_method_equals_mergekits_own(name, with_base, n, params):
     assert_peer_close(ours, theirs.to(ours.dtype), "peer_iterative")
 
 
+@pytest.mark.parametrize(
+    "name, with_base, n, params",
+    [c for c in CASES if METHODS[c[0]].writes_out]
+    + [("model_stock", True, 2, {}), ("model_stock", True, 3, {"filter_wise": True})],
+    ids=lambda v: str(v)[:40],
+)
+def test_methods_that_write_out_give_the_same_tensor_in_the_callers_buffer(name, with_base, n, params):
+    """The pipeline hands writes_out methods a pooled buffer: the result lands there (nuslerp along a
+    dimension excepted: it returns a new tensor, which the pipeline takes as well)."""
+    tensors = _tensors(n)
+    base, others = (tensors[0], tensors[1:]) if with_base else (None, tensors[1:])
+    full = {k: p.default for k, p in METHODS[name].params.items()} | params
+    for key in METHODS[name].model_params:
+        full[key] = full[key] if isinstance(full[key], list) else [full[key]] * n
+    expected = merge_tensor(name, base, others, full, seed=0)
+    out = torch.full_like(tensors[1], float("nan"))
+    got = merge_tensor(name, base, others, full, seed=0, out=out)
+    assert torch.equal(got, expected)
+    if name != "nuslerp" or full["nuslerp_flatten"]:
+        assert got.data_ptr() == out.data_ptr() and torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("shape", [(37, 23), (8, 3, 4, 4), (23,)])
 @pytest.mark.parametrize("filter_wise", [False, True])
 def test_model_stock_equals_mergekits_own_on_every_rank(shape, filter_wise):
