@@ -1,8 +1,9 @@
 """fusion_kernels.compat.fusion_bench: with install(), FusionBench's averaging, task-arithmetic,
 TIES and DARE classes give its stored outputs (tests/fusion_bench_golden.py) within float32
-rounding, on our kernels (DARE seeded as the stored run was: the same masks). Where fusion-bench is installed its own classes run; elsewhere (CI) stand-ins with
-its class names, attributes and BaseModelPool interface take their place in sys.modules, so the
-routing and every patched run() are still exercised."""
+rounding, on our kernels (DARE seeded as the stored run was: the same masks). Where fusion-bench
+is installed its own classes run; elsewhere (CI) stand-ins with its class names, attributes and
+BaseModelPool interface take their place in sys.modules, so the routing and every patched run()
+are still exercised."""
 
 import importlib
 import sys

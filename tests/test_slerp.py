@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import DTYPES, assert_close, assert_within_reference_error, from_numpy64, randn, to_numpy64
+from helpers import DTYPES, assert_close, assert_within_reference_error, from_numpy64, randn, set_isa, to_numpy64
 
 import fusion_kernels as fk
 from fusion_kernels import reference as ref
@@ -43,12 +43,33 @@ def test_reference_matches_numpy_float64(dtype, rowwise):
     assert_close(got, from_numpy64(expected.reshape(a.shape), dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"]
+)
 def test_backend_matches_reference(backend, dtype):
     a, b = randn((64, 129), dtype, seed=3), randn((64, 129), dtype, seed=4)
     for rowwise in (False, True):
         got = fk.slerp(a, b, 0.7, rowwise=rowwise)
         assert_within_reference_error(got, ref.slerp, a, b, [0.7], rowwise=rowwise, dot_threshold=0.9995, eps=1e-8)
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"]
+)
+def test_isas_give_the_same_bits(dtype):
+    """The AVX2 kernel sums and combines in the portable kernel's order and roundings (no fused
+    multiply-add): equal bits, over several blocks, odd tails and per-row factors."""
+    from fusion_kernels import _native
+
+    if _native.unavailable_reason() or "avx2" not in _native.lib().supported_isas():
+        pytest.skip("no avx2 kernels in this build or on this CPU")
+    a, b = randn((3, 70001), dtype, seed=8), randn((3, 70001), dtype, seed=9)
+    for rowwise, t in ((False, 0.3), (True, [0.1, 0.5, 0.9])):
+        got = {}
+        for isa in ("avx2", "portable"):
+            with fk.use_backend("cpu"), set_isa(isa):
+                got[isa] = fk.slerp(a, b, t, rowwise=rowwise)
+        assert torch.equal(got["avx2"], got["portable"]), rowwise
 
 
 def test_rowwise_matches_mergekit():

@@ -11,6 +11,7 @@
 #include "sign_tally.h"
 #include "threshold_scan.h"
 #include "sinkhorn_kernels.h"
+#include "slerp_kernels.h"
 #include "sparse_kernels.h"
 #include "task_arithmetic.h"
 #include "weighted_sum.h"
@@ -55,6 +56,9 @@ KernelTable make_kernel_table() {
   t.gram[kFloat16] = &gram_range<f16>;
   t.gram[kBFloat16] = &gram_range<bf16>;
   t.gram[kFloat64] = &gram_range<double>;
+  t.slerp[kFloat32] = &slerp_rows<V, S, float>;
+  t.slerp[kFloat16] = &slerp_rows<V, S, f16>;
+  t.slerp[kBFloat16] = &slerp_rows<V, S, bf16>;
   return t;
 }
 

@@ -41,6 +41,10 @@ using EmrFn = void (*)(const EmrArgs& a, int64_t begin, int64_t end, double* sum
 using ArceeFn = int64_t (*)(void* out, const void* base, const void* x, int64_t cols, int64_t row_begin,
                             int64_t row_end, double eps);
 
+// slerp of [rows, cols] views (slerp_kernels.h); t: n_t factors (one, or one per row).
+using SlerpFn = void (*)(void* out, const void* a, const void* b, int64_t rows, int64_t cols, const double* t,
+                         int64_t n_t, double dot_threshold, double eps, int threads);
+
 struct KernelTable {
   RangeFn weighted_sum[kNumDTypes];
   RangeFn task_arithmetic[kNumDTypes];
@@ -62,6 +66,7 @@ struct KernelTable {
   ArceeFn arcee_importance[kNumDTypes];
   RangeFn arcee_select[kNumDTypes];
   RangeFn nearswap[kNumDTypes];
+  SlerpFn slerp[kNumDTypes];  // float32, float16 and bfloat16 only (null for float64)
 };
 
 const KernelTable& portable_kernels();
