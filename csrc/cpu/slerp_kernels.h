@@ -11,6 +11,9 @@
 
 #include "lanes.h"
 #include "runtime.h"
+#ifdef __AVX2__
+#include "gram_avx2.h"
+#endif
 
 namespace fk {
 namespace {
@@ -18,11 +21,25 @@ namespace {
 constexpr int64_t kSlerpBlock = int64_t(1) << 16;
 constexpr int kSlerpLanes = 8;
 
-// The float64 sums x², y², x·y of one block [c0, c1) of a row.
+// The float64 sums x², y², x·y of one block [c0, c1) of a row: lane l sums the elements
+// c0 + l + kSlerpLanes·k, the lanes are added in order, then the last (c1 - c0) % kSlerpLanes.
 template <class T>
 void slerp_block_sums(const T* ra, const T* rb, int64_t c0, int64_t c1, double* sums) {
   double lxx[kSlerpLanes] = {}, lyy[kSlerpLanes] = {}, lxy[kSlerpLanes] = {};
   int64_t c = c0;
+#ifdef __AVX2__
+  static_assert(kSlerpLanes == kLanes, "gram's register block has the same lanes");
+  const int64_t whole = c0 + (c1 - c0) / kSlerpLanes * kSlerpLanes;
+  double acc[3 * kLanes];  // pairs (x, x), (x, y), (y, y)
+  const T* xs[2] = {ra, rb};
+  gram_block_fused<2, false>(acc, xs, static_cast<const T*>(nullptr), c0, whole);
+  for (int l = 0; l < kSlerpLanes; ++l) {
+    lxx[l] = acc[l];
+    lxy[l] = acc[kLanes + l];
+    lyy[l] = acc[2 * kLanes + l];
+  }
+  c = whole;
+#endif
   for (; c + kSlerpLanes <= c1; c += kSlerpLanes) {
     for (int l = 0; l < kSlerpLanes; ++l) {
       const double x = ScalarLane::load(ra + c + l), y = ScalarLane::load(rb + c + l);
