@@ -141,6 +141,7 @@ def main() -> None:
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="fk-pipeline-"))
     try:
+        root.mkdir(parents=True, exist_ok=True)
         check_disk(root, shape, 1 + args.finetunes)
         start = time.perf_counter()
         paths = make_llama_family(root / "models", args.finetunes, torch.bfloat16, max_shard_size=10**9, **shape)
