@@ -8,16 +8,10 @@
 #include <type_traits>
 
 #include "gram_kernels.h"
+#include "lanes_avx2.h"
 
 namespace fk {
 namespace {
-
-inline __m256 gram_load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 gram_load8(const f16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-inline __m256 gram_load8(const bf16* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
 
 template <int N, bool kBase, class T>
 void gram_block_fused(double* acc, const T* const* xs, const T* base, int64_t c0, int64_t c1) {
@@ -30,12 +24,12 @@ void gram_block_fused(double* acc, const T* const* xs, const T* base, int64_t c0
     __m256d dl[N], dh[N];
     __m256d bl = _mm256_setzero_pd(), bh = _mm256_setzero_pd();
     if constexpr (kBase) {
-      const __m256 b = gram_load8(base + c);
+      const __m256 b = Avx2Lane::load(base + c);
       bl = _mm256_cvtps_pd(_mm256_castps256_ps128(b));
       bh = _mm256_cvtps_pd(_mm256_extractf128_ps(b, 1));
     }
     for (int i = 0; i < N; ++i) {
-      const __m256 x = gram_load8(xs[i] + c);
+      const __m256 x = Avx2Lane::load(xs[i] + c);
       dl[i] = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
       dh[i] = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
       if constexpr (kBase) {

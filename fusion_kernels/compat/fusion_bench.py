@@ -92,10 +92,15 @@ def _float32_states(states: Sequence[Mapping[str, torch.Tensor]]) -> bool:
     )
 
 
-def _models(modelpool, with_pretrained: bool):
+def _pool(modelpool):
+    """FusionBench's BaseModelPool of ``modelpool`` (a pool, or a dict of models)."""
     from fusion_bench.modelpool import BaseModelPool
 
-    pool = modelpool if isinstance(modelpool, BaseModelPool) else BaseModelPool(modelpool)
+    return modelpool if isinstance(modelpool, BaseModelPool) else BaseModelPool(modelpool)
+
+
+def _models(modelpool, with_pretrained: bool):
+    pool = _pool(modelpool)
     names = list(pool.model_names)
     models = [pool.load_model(name) for name in names]
     pretrained = pool.load_model("_pretrained_") if with_pretrained else None
@@ -186,9 +191,7 @@ def _dare_pool(modelpool):
     """FusionBench's DARE pool, loaded in its order (pretrained first), as (pretrained, models,
     their state dicts): None unless every state-dict entry is a float32 parameter that requires
     grad (its DARE subtracts parameters only, and draws for frozen ones too)."""
-    from fusion_bench.modelpool import BaseModelPool
-
-    pool = modelpool if isinstance(modelpool, BaseModelPool) else BaseModelPool(modelpool)
+    pool = _pool(modelpool)
     pretrained = pool.load_model("_pretrained_")
     models = [pool.load_model(name) for name in pool.model_names]
     everything = [pretrained, *models]
@@ -256,9 +259,7 @@ def _dare_task_arithmetic(algorithm, modelpool, scaling_factor: float | None = N
 
 
 def _dare_simple_average(algorithm, modelpool):
-    from fusion_bench.modelpool import BaseModelPool
-
-    pool = modelpool if isinstance(modelpool, BaseModelPool) else BaseModelPool(modelpool)
+    pool = _pool(modelpool)
     return _dare_task_arithmetic(algorithm, pool, scaling_factor=1 / len(pool.model_names))
 
 
