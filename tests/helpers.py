@@ -65,8 +65,10 @@ PEER_TOL = {
     "gram_vs_float32_sums": {"rtol": 2e-5, "atol": 1e-5},
     # FusionBench's stored outputs: the same float32 formulas in another order
     "fusion_bench": {"rtol": 2e-6, "atol": 2e-6},
-    # ... its SVD merges (TSV-M, Iso-C): LAPACK's one-matrix path there, batched here
-    "fusion_bench_svd": {"rtol": 1e-5, "atol": 1e-5},
+    # ... its SVD merges (TSV-M, Iso-C), stored from one CPU and compared on another: LAPACK's rounding
+    # moves with the CPU. FusionBench's own TSV-M on an AMD EPYC is 3.9e-5 from its stored output (an
+    # Intel Xeon's); ours is 6.3e-7 from FusionBench's on the same machine.
+    "fusion_bench_svd": {"rtol": 1e-4, "atol": 1e-4},
     # ... Iso-CTS: a subspace split at a rank where singular values are close
     "fusion_bench_iso_cts": {"rtol": 1e-4, "atol": 1e-4},
 }

@@ -205,7 +205,7 @@ def test_version_and_help_are_plain_text():
     assert helped.returncode == 0 and "``" not in helped.stdout and "the YAML recipe" in helped.stdout
 
 
-SIGNAL_RUNS = int(os.environ.get("MODELFUSION_SIGNAL_RUNS", "6"))
+SIGNAL_RUNS = int(os.environ.get("MODELFUSION_SIGNAL_RUNS", "4"))
 
 
 @pytest.fixture(scope="module")

@@ -29,4 +29,5 @@ def gram(xs: list[torch.Tensor], base: torch.Tensor | None, rows: int) -> torch.
         if b is not None:
             d -= b[:, c : c + step].double()
         out += torch.einsum("irc,jrc->rij", d, d)
-    return out
+    # G[j, i] is G[i, j] exactly: BLAS may round the two halves of a product differently (it does on AMD)
+    return out.triu() + out.triu(1).transpose(1, 2)
