@@ -125,8 +125,11 @@ def _byte_span(x: torch.Tensor) -> tuple[int, int]:
     return (start, x.data_ptr() + (last + 1) * x.element_size())
 
 
-def check_out(op: str, out: object, ref: torch.Tensor, ref_name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``out`` must look like ``ref``, have no self-overlapping elements, and alias inputs only exactly."""
+def check_out(
+    op: str, out: object, ref: torch.Tensor, ref_name: str, inputs: dict[str, torch.Tensor], may_alias: bool = True
+) -> torch.Tensor:
+    """``out`` must look like ``ref``, have no self-overlapping elements, and alias inputs only exactly
+    (not at all unless ``may_alias``)."""
     out = check_tensor(op, "out", out)
     check_like(op, "out", out, ref, ref_name)
     if any(st == 0 and size > 1 for size, st in zip(out.shape, out.stride(), strict=True)):
@@ -137,6 +140,8 @@ def check_out(op: str, out: object, ref: torch.Tensor, ref_name: str, inputs: di
     lo, hi = _byte_span(out)
     for name, x in inputs.items():
         x_lo, x_hi = _byte_span(x)
+        if lo < x_hi and x_lo < hi and not may_alias:
+            raise AliasError(f"{op}: argument 'out' overlaps argument '{name}'; pass a tensor disjoint from the inputs")
         if lo < x_hi and x_lo < hi and not (x.data_ptr() == out.data_ptr() and x.stride() == out.stride()):
             raise AliasError(
                 f"{op}: argument 'out' partially overlaps argument '{name}'; out may be the very "

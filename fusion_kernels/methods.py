@@ -34,6 +34,7 @@ from .ops.sparse_merge import sparse_merge
 from .ops.task_arithmetic import task_arithmetic
 from .ops.weighted_sum import weighted_sum
 from .reference import composite
+from .reference.weighted_sum import accumulation_dtype
 
 REQUIRED: Any = type("Required", (), {"__repr__": lambda self: "REQUIRED"})()
 
@@ -178,7 +179,7 @@ METHODS: dict[str, Method] = {
         writes_out=False,
     ),
     "model_stock": Method("model_stock", {}, {"filter_wise": Param(False, bool)}, others=(2, None)),
-    "arcee_fusion": Method("arcee_fusion", {}, {}, others=(1, 1), writes_out=False),
+    "arcee_fusion": Method("arcee_fusion", {}, {}, others=(1, 1)),
     "ram": Method("ram", {}, {"epsilon": Param(1e-5, float, 0.0)}, others=(0, None), writes_out=False),
     "ramplus_tl": Method(
         "ramplus_tl",
@@ -264,11 +265,14 @@ def merge_tensor(
     params: Mapping[str, Any],
     seed: int,
     out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One output tensor of method ``name``. ``base``: the base model's tensor (None for ``linear``);
     ``others``: the merged models' tensors; ``params``: resolved values (per-model ones as lists in
     the order of ``others``). Methods whose table entry has ``writes_out`` write into ``out`` when
-    given (nuslerp along a dimension returns a new tensor)."""
+    given (nuslerp along a dimension returns a new tensor). ``scratch``: a flat uint8 buffer of
+    :func:`scratch_buffer_bytes` bytes on the inputs' device that the method may use for its
+    temporaries (a reused one spares the page faults of fresh memory)."""
     m = method(name)
     if name == "linear":
         w = params["weight"]
@@ -296,7 +300,15 @@ def merge_tensor(
         return slerp(base, others[0], params["t"])  # the whole tensor, as mergekit's run_merge batches it
     if name == "model_stock":
         return model_stock(base, others, filter_wise=params["filter_wise"], out=out)
+    if name == "arcee_fusion":
+        return _arcee_fusion(base, others[0], out, scratch)
     return _composite(name, base, others, params, out)
+
+
+def scratch_buffer_bytes(name: str, numel: int, dtype: torch.dtype) -> int:
+    """Bytes of the ``scratch`` buffer :func:`merge_tensor` uses for method ``name`` on ``numel``
+    elements computed in ``dtype`` (0: none): arcee_fusion's importance, in the accumulation dtype."""
+    return numel * accumulation_dtype(dtype).itemsize if name == "arcee_fusion" else 0
 
 
 def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str, Any], out=None) -> torch.Tensor:
@@ -309,8 +321,6 @@ def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str,
         return nearswap(base, others[0], params["t"])
     if name == "sce":
         return _sce(base, others, params["select_topk"])
-    if name == "arcee_fusion":
-        return _arcee_fusion(base, others[0])
     if name == "ram":
         return ram_merge(base, others, params["epsilon"])
     if name == "ramplus_tl":  # RAM+'s counts over the whole tensor first, then one fused pass
@@ -359,20 +369,26 @@ def _by_chunks(fn, base: torch.Tensor, others: list[torch.Tensor]) -> torch.Tens
 ARCEE_EXACT_NUMEL = 1_000_000  # mergekit takes exact quartiles up to this many elements, a random sample's above
 
 
-def _arcee_fusion(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _arcee_fusion(
+    base: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """reference.composite.arcee_fusion: x where its importance reaches median + 1.5·IQR, else the
     base. For float32/float64 tensors of up to ARCEE_EXACT_NUMEL elements the importance takes the
     reference's float32 steps (by pieces of whole vectors), so such a merge equals mergekit's bit for
-    bit. Otherwise it comes from the fused :func:`fusion_kernels.arcee_importance`, whose KL is far
-    closer to the float64 formula than the reference's (whose float32 rounding is of the order of
-    the KL of two close vectors): there mergekit's own result is not reproducible in bits anyway —
-    its cut comes from a random sample of 10⁶ elements, and it computes 16-bit merges in 16 bits."""
+    bit. Otherwise it comes from the fused :func:`fusion_kernels.arcee_importance` (into ``scratch``
+    when given), whose KL is far closer to the float64 formula than the reference's (whose float32
+    rounding is of the order of the KL of two close vectors): there mergekit's own result is not
+    reproducible in bits anyway — its cut comes from a random sample of 10⁶ elements, and it
+    computes 16-bit merges in 16 bits."""
     if base.numel() == 0 or base.dim() == 0:
-        return composite.arcee_fusion(base, x)
+        merged = composite.arcee_fusion(base, x)
+        return merged if out is None else out.copy_(merged)
     width = base.shape[-1]
     b2, x2 = base.reshape(-1, width), x.reshape(-1, width)
     if base.numel() > ARCEE_EXACT_NUMEL or base.dtype in (torch.float16, torch.bfloat16):
-        importance = arcee_importance(b2, x2)
+        wide = accumulation_dtype(base.dtype)
+        buffer = None if scratch is None else scratch[: base.numel() * wide.itemsize].view(wide).view(b2.shape)
+        importance = arcee_importance(b2, x2, out=buffer)
     else:
         importance = torch.empty(b2.shape, dtype=base.dtype, device=base.device)
         step = max(1, ELEMENTWISE_CHUNK // max(width, 1))
@@ -380,7 +396,7 @@ def _arcee_fusion(base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             b, x_rows = b2[r : r + step], x2[r : r + step]
             torch.sub(x_rows, b, out=importance[r : r + step]).abs_().mul_(composite.arcee_kl(b, x_rows))
     q1, median, q3 = _quartiles(importance.reshape(-1))
-    return arcee_select(base, x, importance.view(base.shape), median + 1.5 * (q3 - q1))
+    return arcee_select(base, x, importance.view(base.shape), median + 1.5 * (q3 - q1), out=out)
 
 
 def _quartiles(values: torch.Tensor) -> list[float]:

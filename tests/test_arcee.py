@@ -110,6 +110,31 @@ def test_select_copies_the_chosen_bits(backend, dtype, shape):
     assert torch.equal(got.cpu().view(bits), expected.cpu().view(bits))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_out_forms_write_the_same_values_into_the_callers_tensors(backend, dtype):
+    """arcee_importance(out=) and arcee_select(out=) equal their plain calls, in the given tensors
+    (the select's out may be base itself); the method with a scratch buffer equals it without."""
+    base, x = _pair((33, 129), dtype, seed=3)
+    importance = fk.arcee_importance(base, x)
+    into = torch.full_like(importance, float("nan"))
+    assert fk.arcee_importance(base, x, out=into) is into
+    assert torch.equal(into, importance)
+    cut = float(importance.median())
+    expected = fk.arcee_select(base, x, importance, cut)
+    out = torch.full_like(base, float("nan"))
+    assert fk.arcee_select(base, x, importance, cut, out=out) is out
+    assert torch.equal(out, expected)
+    in_place = base.clone()
+    assert torch.equal(fk.arcee_select(in_place, x, importance, cut, out=in_place), expected)
+    if dtype.itemsize != 2:
+        return
+    big_base, big_x = _pair((8, 1024), dtype, seed=4)  # 16-bit: the fused importance, into the scratch
+    plain = methods.merge_tensor("arcee_fusion", big_base, [big_x], {}, seed=0)
+    nbytes = methods.scratch_buffer_bytes("arcee_fusion", big_base.numel(), dtype)
+    scratch = torch.full((nbytes,), 255, dtype=torch.uint8, device=big_base.device)
+    assert torch.equal(methods.merge_tensor("arcee_fusion", big_base, [big_x], {}, seed=0, scratch=scratch), plain)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_magnitude_thresholds_equal_one_at_a_time(backend, dtype):
     x = randn((5000,), dtype, seed=8)
@@ -144,10 +169,29 @@ def test_method_is_no_farther_from_float64_than_the_reference(dtype):
         (lambda a: fk.arcee_select(a, a, a[:1], 0.5), fk.ShapeError, "'importance'"),
         (lambda a: fk.arcee_select(a, a, a, "0.5"), fk.WeightError, "'cut'"),
         (lambda a: fk.arcee_select(a, a.half(), a, 0.5), fk.DTypeError, "'x'"),
+        (lambda a: fk.arcee_importance(a, a, out=a.double()), fk.DTypeError, "'out'"),
+        (lambda a: fk.arcee_importance(a, a, out=a[:2].clone()), fk.ShapeError, "'out'"),
+        (lambda a: fk.arcee_importance(a, a.clone(), out=a), fk.AliasError, "'out'"),
+        (lambda a: fk.arcee_select(a, a, a.clone(), 0.5, out=a.half()), fk.DTypeError, "'out'"),
         (lambda a: fk.magnitude_thresholds(a, [0]), fk.WeightError, "'ks'"),
         (lambda a: fk.magnitude_thresholds(a, [13]), fk.WeightError, "'ks'"),
     ],
-    ids=["shape", "dtype", "int", "none", "importance-dtype", "importance-shape", "cut", "select-dtype", "k0", "kbig"],
+    ids=[
+        "shape",
+        "dtype",
+        "int",
+        "none",
+        "importance-dtype",
+        "importance-shape",
+        "cut",
+        "select-dtype",
+        "out-dtype",
+        "out-shape",
+        "out-alias",
+        "select-out-dtype",
+        "k0",
+        "kbig",
+    ],
 )
 def test_bad_input(call, error, argument):
     assert_refused(call, error, argument)
@@ -157,3 +201,6 @@ def test_opcheck():
     base, x = torch.randn(5, 6), torch.randn(5, 6)
     torch.library.opcheck(torch.ops.fusion_kernels.arcee_importance.default, (base, x))
     torch.library.opcheck(torch.ops.fusion_kernels.arcee_select.default, (base, x, torch.rand(5, 6), 0.5))
+    out = torch.empty(5, 6)
+    torch.library.opcheck(torch.ops.fusion_kernels.arcee_importance_out.default, (base, x, out))
+    torch.library.opcheck(torch.ops.fusion_kernels.arcee_select_out.default, (base, x, torch.rand(5, 6), 0.5, out))

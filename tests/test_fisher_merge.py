@@ -11,6 +11,7 @@ from helpers import (
     inputs,
     randn,
     skip_if_interpreted,
+    skip_if_reference,
     to_numpy64,
 )
 
@@ -85,6 +86,7 @@ def test_out_and_non_contiguous(backend):
 @pytest.mark.slow
 def test_large_tensor_2pow24(backend):
     skip_if_interpreted(backend, "2^24 elements, one Python step per block")
+    skip_if_reference(backend)
     shape = ((1 << 24) + 7,)
     xs, fs = inputs(2, shape, torch.bfloat16), fishers(2, shape, torch.bfloat16)
     assert_within_reference_error(fk.fisher_merge(xs, fs, eps=1e-8), ref.fisher_merge, xs, fs, [1.0, 1.0], 1e-8)

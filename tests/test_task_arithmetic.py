@@ -10,6 +10,7 @@ from helpers import (
     inputs,
     randn,
     skip_if_interpreted,
+    skip_if_reference,
     to_numpy64,
 )
 
@@ -75,6 +76,7 @@ def test_non_contiguous(backend):
 @pytest.mark.slow
 def test_large_tensor_2pow24(backend):
     skip_if_interpreted(backend, "2^24 elements, one Python step per block")
+    skip_if_reference(backend)
     base, *xs = inputs(3, ((1 << 24) + 5,), torch.bfloat16)
     assert_within_reference_error(fk.task_arithmetic(base, xs, [0.6, 0.4]), ref.task_arithmetic, base, xs, [0.6, 0.4])
 

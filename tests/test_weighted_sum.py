@@ -12,6 +12,7 @@ from helpers import (
     inputs,
     randn,
     skip_if_interpreted,
+    skip_if_reference,
     to_numpy64,
 )
 
@@ -165,6 +166,7 @@ def test_single_input_weight_one_is_identity(backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_large_tensor_2pow24(backend, dtype):
     skip_if_interpreted(backend, "2^24 elements, one Python step per block")
+    skip_if_reference(backend)
     n = (1 << 24) + 3
     xs = inputs(2, (n,), dtype)
     assert_within_reference_error(fk.weighted_sum(xs, [0.75, -0.5]), ref.weighted_sum, xs, [0.75, -0.5])

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "lanes.h"
 #include "runtime.h"
@@ -17,54 +18,92 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 16;
 
+// The row's |tau| keys; returns the bits in which some key differs from the first.
 template <class T>
-void row_keys(const TaskSource& s, int model, int64_t row, int64_t cols, uint32_t* keys) {
+uint32_t row_keys(const TaskSource& s, int model, int64_t row, int64_t cols, uint32_t* keys) {
   const T* x = static_cast<const T*>(s.xs[size_t(model)]) + row * cols;
   const T* b = s.base ? static_cast<const T*>(s.base) + row * cols : nullptr;
   for (int64_t j = 0; j < cols; ++j) {
     const float tau = b ? ScalarLane::load(x + j) - ScalarLane::load(b + j) : ScalarLane::load(x + j);
     keys[j] = float_to_bits(tau) & 0x7fffffffu;
   }
+  uint32_t varying = 0;
+  for (int64_t j = 0; j < cols; ++j) varying |= keys[j] ^ keys[0];
+  return varying;
 }
 
-// order = the indices 0..cols-1 sorted by key, stably (equal keys keep index order).
-void stable_order(const uint32_t* keys, int64_t cols, uint32_t* order, uint32_t* spare) {
-  uint32_t hist[4][256] = {};
-  for (int64_t j = 0; j < cols; ++j)
-    for (int p = 0; p < 4; ++p) ++hist[p][(keys[j] >> (8 * p)) & 255u];
+// One stable counting pass on the byte at `shift` of keys[src[k]]: dst = src ordered by that byte.
+// The four quarters of src are counted and scattered side by side, each with its own positions
+// (a quarter's elements of a bucket after those of the quarters before it), so that four
+// independent chains of increments run where one would stall on the few buckets of an exponent byte.
+void counting_pass(const uint32_t* keys, int64_t cols, int shift, const uint32_t* src, uint32_t* dst) {
+  constexpr int kParts = 4;
+  const int64_t part = (cols + kParts - 1) / kParts, last = cols - (kParts - 1) * part;  // 0 < last <= part
+  uint32_t at[kParts][256] = {};
+  const auto bucket = [&](int64_t k) { return (keys[src[k]] >> shift) & 255u; };
+  for (int64_t k = 0; k < part; ++k)
+    for (int q = 0; q < kParts; ++q)
+      if (q < kParts - 1 || k < last) ++at[q][bucket(q * part + k)];
+  uint32_t sum = 0;
+  for (int v = 0; v < 256; ++v)
+    for (auto& counts : at) sum += std::exchange(counts[v], sum);
+  for (int64_t k = 0; k < part; ++k)
+    for (int q = 0; q < kParts; ++q)
+      if (q < kParts - 1 || k < last) dst[at[q][bucket(q * part + k)]++] = src[q * part + k];
+}
+
+// order = the indices 0..cols-1 sorted by key, stably (equal keys keep index order): an LSD radix
+// sort by bytes, skipping the bytes every key shares (`varying`: the bits where keys differ).
+void stable_order(const uint32_t* keys, int64_t cols, uint32_t varying, uint32_t* order, uint32_t* spare) {
   for (int64_t j = 0; j < cols; ++j) order[j] = uint32_t(j);
   uint32_t *src = order, *dst = spare;
-  for (int p = 0; p < 4; ++p) {
-    if (std::any_of(hist[p], hist[p] + 256, [&](uint32_t c) { return int64_t(c) == cols; })) continue;
-    uint32_t at[256], sum = 0;
-    for (int v = 0; v < 256; ++v) at[v] = sum, sum += hist[p][v];
-    for (int64_t k = 0; k < cols; ++k) {
-      const uint32_t j = src[k];
-      dst[at[(keys[j] >> (8 * p)) & 255u]++] = j;
-    }
+  for (int shift = 0; shift < 32; shift += 8) {
+    if (((varying >> shift) & 255u) == 0) continue;
+    counting_pass(keys, cols, shift, src, dst);
     std::swap(src, dst);
   }
   if (src != order) std::memcpy(order, src, size_t(cols) * sizeof(uint32_t));
+}
+
+// The keep threshold of each rank along a row, floor(p·2^24): the same for every row of a model.
+std::vector<float> rank_thresholds(int64_t cols, float low, float spread) {
+  std::vector<float> thresholds(static_cast<size_t>(cols));
+  const float last = float(cols - 1);
+  for (int64_t rank = 0; rank < cols; ++rank) {
+    const float rank_norm = cols > 1 ? float(rank) / last : 0.f;
+    const float p = low + rank_norm * spread;
+    thresholds[size_t(rank)] = std::floor(p * 16777216.f);
+  }
+  return thresholds;
+}
+
+// The 24-bit draws of flat elements j0 .. j0+cols-1, as floats (exact): a loop over consecutive
+// elements the compiler vectorises, where hashing in rank order could not be.
+void row_draws(int64_t j0, int64_t cols, uint32_t s1, uint32_t s2, float* draws) {
+  for (int64_t c = 0; c < cols; ++c) {
+    const uint64_t j = uint64_t(j0 + c);
+    const uint32_t inner = uint32_t(mix32<ScalarLane>(static_cast<int32_t>(uint32_t(j >> 32) ^ s2)));
+    const uint32_t h = uint32_t(mix32<ScalarLane>(static_cast<int32_t>(uint32_t(j) ^ s1 ^ inner)));
+    draws[c] = float(h >> 8);
+  }
 }
 
 template <class T>
 void della_rows(const TaskSource& s, const DellaArgs& a, int model, int64_t r0, int64_t r1, uint8_t* masks) {
   const int64_t cols = a.cols;
   std::vector<uint32_t> keys(static_cast<size_t>(cols)), order(keys.size()), spare(keys.size());
-  const float low = a.low[size_t(model)], spread = a.spread[size_t(model)];
-  const float last = float(cols - 1);
+  std::vector<float> draws(keys.size());
+  const std::vector<float> thresholds = rank_thresholds(cols, a.low[size_t(model)], a.spread[size_t(model)]);
   const uint32_t s1 = a.s1[size_t(model)], s2 = a.s2[size_t(model)];
   uint8_t* out = masks + int64_t(model) * a.rows * cols;
   for (int64_t row = r0; row < r1; ++row) {
-    row_keys<T>(s, model, row, cols, keys.data());
-    stable_order(keys.data(), cols, order.data(), spare.data());
+    const uint32_t varying = row_keys<T>(s, model, row, cols, keys.data());
+    stable_order(keys.data(), cols, varying, order.data(), spare.data());
+    row_draws(row * cols, cols, s1, s2, draws.data());
+    uint8_t* o = out + row * cols;
     for (int64_t rank = 0; rank < cols; ++rank) {
-      const int64_t j = row * cols + order[size_t(rank)];
-      const float rank_norm = cols > 1 ? float(rank) / last : 0.f;
-      const float p = low + rank_norm * spread;
-      const uint32_t inner = uint32_t(mix32<ScalarLane>(static_cast<int32_t>(uint32_t(uint64_t(j) >> 32) ^ s2)));
-      const uint32_t h = uint32_t(mix32<ScalarLane>(static_cast<int32_t>(uint32_t(j) ^ s1 ^ inner)));
-      out[j] = float(h >> 8) < std::floor(p * 16777216.f) ? 1 : 0;
+      const uint32_t c = order[size_t(rank)];
+      o[c] = draws[c] < thresholds[size_t(rank)] ? 1 : 0;
     }
   }
 }

@@ -121,28 +121,39 @@ struct Bracket {
   bool usable = false;
 };
 
-// Keys at fixed strided positions of one model: the sample every query on that model brackets from.
+// Keys at fixed strided positions of one model, sorted in descending order: the sample every query on
+// that model brackets from.
 template <class K>
 std::vector<uint32_t> sample_keys(const K& key_of, int model, int64_t n) {
   const int64_t samples = std::min(n, kSample);
-  std::vector<uint32_t> keys(samples);
-  for (int64_t i = 0; i < samples; ++i) keys[i] = key_of(model, i * n / samples);
+  std::vector<uint32_t> keys(samples), spare(samples);
+  for (int64_t i = 0; i < samples; ++i) keys[i] = ~key_of(model, i * n / samples);  // ascending ~key: descending key
+  // LSD radix sort, 11-bit digits, skipping a digit every key shares: a few passes, where each
+  // query's nth_element pair cost more on several queries per model (arcee_fusion's quartiles)
+  constexpr int kDigit = 11, kRadix = 1 << kDigit;
+  for (int shift = 0; shift < 32; shift += kDigit) {
+    std::vector<uint32_t> at(kRadix, 0);
+    for (const uint32_t k : keys) ++at[(k >> shift) & (kRadix - 1)];
+    if (std::find(at.begin(), at.end(), uint32_t(samples)) != at.end()) continue;
+    uint32_t sum = 0;
+    for (uint32_t& a : at) sum += std::exchange(a, sum);
+    for (const uint32_t k : keys) spare[at[(k >> shift) & (kRadix - 1)]++] = k;
+    keys.swap(spare);
+  }
+  for (uint32_t& k : keys) k = ~k;
   return keys;
 }
 
 // Pick a bracket around the k-th largest key that holds it with overwhelming probability (± 4
-// binomial standard deviations + slack around its rank in the sample; `keys` is reordered).
-inline void choose_bracket(std::vector<uint32_t>& keys, const Query& q, int64_t n, Bracket& b) {
+// binomial standard deviations + slack around its rank in the sample, sorted in descending order).
+inline void choose_bracket(const std::vector<uint32_t>& keys, const Query& q, int64_t n, Bracket& b) {
   const int64_t samples = static_cast<int64_t>(keys.size());
   const double r = double(q.k) / double(n);
   const double pos = r * double(samples);
   const double spread = 4.0 * std::sqrt(double(samples) * r * (1.0 - r)) + 16.0;
   const int64_t top = std::max<int64_t>(0, int64_t(pos - spread));
   const int64_t bottom = std::min<int64_t>(samples - 1, int64_t(pos + spread));
-  const auto desc = [](uint32_t a, uint32_t c) { return a > c; };
-  std::nth_element(keys.begin(), keys.begin() + bottom, keys.end(), desc);
   b.lo = key_threshold(bottom >= samples - 1 ? 0 : keys[bottom]);
-  std::nth_element(keys.begin(), keys.begin() + top, keys.begin() + bottom, desc);
   b.hi = key_threshold(top == 0 ? int64_t(0x7fffffff) : keys[top]);
 }
 
@@ -289,12 +300,11 @@ std::vector<TopK> magnitude_select(const TaskSource& s, const std::vector<int>& 
     parallel_tasks(int64_t(sampled.size()), t,
                    [&](int64_t m) { samples[m] = sample_keys(key_of, sampled[m], s.numel); });
   });
-  parallel_tasks(nq, t, [&](int64_t q) {
-    if (!bs[q].usable) return;
+  for (int64_t q = 0; q < nq; ++q) {
+    if (!bs[q].usable) continue;
     const size_t m = size_t(std::find(sampled.begin(), sampled.end(), qs[q].model) - sampled.begin());
-    std::vector<uint32_t> keys = samples[m];
-    choose_bracket(keys, qs[q], s.numel, bs[q]);
-  });
+    choose_bracket(samples[m], qs[q], s.numel, bs[q]);
+  }
   bracket_pass(s, qs, bs, threads);
   with_keys(s, [&](const auto& key_of) {
     parallel_tasks(nq, t, [&](int64_t q) {

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from fusion_kernels import __version__
-from fusion_kernels.methods import METHODS, merge_tensor
+from fusion_kernels.methods import METHODS, merge_tensor, scratch_buffer_bytes
 
 from ..errors import OutputError, short_repr
 from ..io.checkpoint import FLOAT8, SAFETENSORS_INDEX
@@ -231,8 +231,16 @@ def _reader(plan, tasks, budget, ready: queue.Queue, stop: threading.Event, phas
         ready.put((None, e))
 
 
-def compute_task(plan: Plan, task: TensorTask, tensors: list, device: str, out: torch.Tensor | None = None):
-    """The merged tensor of ``task`` (written into ``out`` when the method can)."""
+def compute_task(
+    plan: Plan,
+    task: TensorTask,
+    tensors: list,
+    device: str,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+):
+    """The merged tensor of ``task`` (written into ``out`` when the method can; ``scratch``: the
+    method's reusable scratch buffer, see :func:`fusion_kernels.methods.merge_tensor`)."""
     if task.passthrough:
         return next(t for t in tensors if t is not None)
     tensors = [None if t is None else t.to(device=device, dtype=task.compute_dtype) for t in tensors]
@@ -240,7 +248,7 @@ def compute_task(plan: Plan, task: TensorTask, tensors: list, device: str, out: 
         tensors = task.vocabulary.align(tensors)
     base = tensors[task.base] if task.base is not None else None
     others = [tensors[k] for k in task.merged]
-    result = merge_tensor(plan.recipe.merge_method, base, others, task.params, task.seed, out=out)
+    result = merge_tensor(plan.recipe.merge_method, base, others, task.params, task.seed, out=out, scratch=scratch)
     return result.to(device="cpu", dtype=task.out.dtype)
 
 
@@ -367,18 +375,23 @@ def execute(
             start = time.perf_counter()
             task, tensors = _next(ready, failure)
             phases.wait += time.perf_counter() - start
-            buffer = None
-            writes_out = not task.passthrough and METHODS[task.method].writes_out
-            if plan.recipe.device == "cpu" and task.compute_dtype == task.out.dtype and writes_out:
+            buffer = scratch = None
+            on_cpu = plan.recipe.device == "cpu" and not task.passthrough
+            if on_cpu and task.compute_dtype == task.out.dtype and METHODS[task.method].writes_out:
                 buffer = budget.take(task.out.nbytes).view(task.out.dtype).view(task.out.shape)
+            numel = task.out.nbytes // task.out.dtype.itemsize
+            scratch_bytes = scratch_buffer_bytes(task.method, numel, task.compute_dtype) if on_cpu else 0
+            if scratch_bytes:  # pooled like the outputs: its pages are touched once per run, not per tensor
+                scratch = budget.take(scratch_bytes)
             start = time.perf_counter()
             with torch.no_grad():
-                result = compute_task(plan, task, tensors, plan.recipe.device, buffer)
+                result = compute_task(plan, task, tensors, plan.recipe.device, buffer, scratch)
             phases.compute += time.perf_counter() - start
             # the inputs' mappings go before their bytes are released (else the reader maps the next
             # tensor's inputs while these still count in RSS); the result's memory is pooled once written
             del tensors, buffer
-            budget.release(task.peak_bytes - task.out.nbytes)
+            budget.give(scratch, task.peak_bytes - task.out.nbytes)
+            del scratch
             results.put((task, result))
             del result
             bar.update(task.read_bytes)
