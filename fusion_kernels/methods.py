@@ -416,11 +416,7 @@ def _sce(base: torch.Tensor, others: list[torch.Tensor], density: float) -> torc
         k = int(int(torch.count_nonzero(var)) * density)
         mask = magnitude_prune(var, k=k) != 0 if k > 0 else torch.zeros_like(var, dtype=torch.bool)
         del var
-    energies = [0.0] * len(others)
-    for b, xs, where in _chunks_of(base, others):
-        part = composite.sce_energies(b, xs, None if mask is None else mask[where])
-        energies = [e + p for e, p in zip(energies, part, strict=True)]
-    weights = composite.sce_weights([e / max(base.numel(), 1) for e in energies])
+    weights = composite.sce_weights([e / max(base.numel(), 1) for e in _sce_energies(base, others, mask)])
     if not any(0 < w < 1e-6 for w in weights):  # else the reference's 1e-6 floor on Σ agreeing wᵢ applies
         # the same election and weighted mean as the sparse engine's: one fused pass
         masks = None if mask is None else [mask.view(base.shape)] * len(others)
@@ -428,6 +424,29 @@ def _sce(base: torch.Tensor, others: list[torch.Tensor], density: float) -> torc
     return _by_chunks(
         lambda b, xs, where: composite.sce_combine(b, xs, None if mask is None else mask[where], weights), base, others
     )
+
+
+SCE_ENERGY_CHUNK = 1 << 20  # elements per Gram call of masked energies: its per-call overhead stays small
+BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _sce_energies(base: torch.Tensor, others: list[torch.Tensor], mask: torch.Tensor | None) -> list[float]:
+    """reference.composite.sce_energies: Σ (mask·(xᵢ − base))², the diagonal of the task vectors'
+    float64 Gram matrix; where the mask drops an element, xᵢ takes the base's bits there (a bitwise
+    select: torch.where on 16-bit floats costs several times more)."""
+    if base.numel() == 0:
+        return [0.0] * len(others)
+    if mask is None:
+        return gram(others, base).diagonal(dim1=1, dim2=2).sum(0).tolist()
+    bits = BITS[base.element_size()]
+    flat_b, flat_xs = base.reshape(-1).view(bits), [x.reshape(-1).view(bits) for x in others]
+    total = torch.zeros(len(others), dtype=torch.float64, device=base.device)
+    for start in range(0, base.numel(), SCE_ENERGY_CHUNK):
+        where = slice(start, start + SCE_ENERGY_CHUNK)
+        keep, b = mask[where].to(bits).neg_(), flat_b[where]
+        kept = [((x[where] ^ b) & keep).bitwise_xor_(b).view(base.dtype) for x in flat_xs]
+        total += gram(kept, b.view(base.dtype))[0].diagonal()
+    return total.tolist()
 
 
 MODEL_STOCK_CHUNK = 1 << 20  # elements per step of model_stock's float64 passes: bounds its scratch memory
