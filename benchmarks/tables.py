@@ -84,6 +84,15 @@ def headline() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _rerun_label(row: dict) -> str:
+    """' (re-run: git abc1234)' for a row measured again after the table's run ('git sha, date' and,
+    when another machine measured it, ', machine'), else ''."""
+    if not row.get("rerun"):
+        return ""
+    sha, _, *machine = row["rerun"].split(", ")
+    return f" (re-run: {sha}{' on ' + machine[0] if machine else ''})"
+
+
 def _pipeline_table(pipe: dict) -> list[str]:
     lines = [
         f"Pipeline (`benchmarks/pipeline.py`; {pipe['machine']}, "
@@ -99,7 +108,7 @@ def _pipeline_table(pipe: dict) -> list[str]:
     for r in pipe["rows"]:
         if r.get("mergekit_s"):
             lines.append(
-                f"| {r['method']}{' (re-run: ' + r['rerun'][:11] + ')' if r.get('rerun') else ''} | {r['budget']} | "
+                f"| {r['method']}{_rerun_label(r)} | {r['budget']} | "
                 f"{r['ours_s']:.2f} | {r['ours_fraction_of_disk_bound']:.0%} | "
                 f"{r['ours_peak_rss_mib']:.0f} | {r['mergekit_s']:.1f} | {r['mergekit_peak_rss_mib']:.0f} | "
                 f"{r['speedup']:.1f}× |"
