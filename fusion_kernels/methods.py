@@ -147,11 +147,11 @@ METHODS: dict[str, Method] = {
         base_merged=True,
     ),
     **{name: _gta(name, *spec) for name, spec in _GTA.items()},
-    "slerp": Method("slerp", {}, {"t": Param(REQUIRED, float, 0.0, 1.0)}, others=(1, 1), writes_out=False),
+    "slerp": Method("slerp", {}, {"t": Param(REQUIRED, float, 0.0, 1.0)}, others=(1, 1)),
     "passthrough": Method(
         "passthrough", {"scale": Param(None, float)}, {}, needs_base=False, others=(1, 1), writes_out=False
     ),
-    "nearswap": Method("nearswap", {}, {"t": Param(REQUIRED, float, 0.0)}, others=(1, 1), writes_out=False),
+    "nearswap": Method("nearswap", {}, {"t": Param(REQUIRED, float, 0.0)}, others=(1, 1)),
     "nuslerp": Method(
         "nuslerp",
         {"weight": Param(REQUIRED, float)},
@@ -180,13 +180,12 @@ METHODS: dict[str, Method] = {
     ),
     "model_stock": Method("model_stock", {}, {"filter_wise": Param(False, bool)}, others=(2, None)),
     "arcee_fusion": Method("arcee_fusion", {}, {}, others=(1, 1)),
-    "ram": Method("ram", {}, {"epsilon": Param(1e-5, float, 0.0)}, others=(0, None), writes_out=False),
+    "ram": Method("ram", {}, {"epsilon": Param(1e-5, float, 0.0)}, others=(0, None)),
     "ramplus_tl": Method(
         "ramplus_tl",
         {},
         {"r": Param(0.1, float), "alpha": Param(0.2, float), "epsilon": Param(1e-5, float, 0.0)},
         others=(0, None),
-        writes_out=False,
     ),
 }
 GTA_METHODS = tuple(name for name, m in METHODS.items() if m.gta)
@@ -297,7 +296,7 @@ def merge_tensor(
             **options,
         )
     if name == "slerp":
-        return slerp(base, others[0], params["t"])  # the whole tensor, as mergekit's run_merge batches it
+        return slerp(base, others[0], params["t"], out=out)  # the whole tensor, as mergekit's run_merge batches it
     if name == "model_stock":
         return model_stock(base, others, filter_wise=params["filter_wise"], out=out)
     if name == "arcee_fusion":
@@ -318,15 +317,15 @@ def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str,
         scale = params["scale"][0]
         return others[0] if scale is None else weighted_sum(others, [scale])
     if name == "nearswap":
-        return nearswap(base, others[0], params["t"])
+        return nearswap(base, others[0], params["t"], out=out)
     if name == "sce":
         return _sce(base, others, params["select_topk"])
     if name == "ram":
-        return ram_merge(base, others, params["epsilon"])
+        return ram_merge(base, others, params["epsilon"], out=out)
     if name == "ramplus_tl":  # RAM+'s counts over the whole tensor first, then one fused pass
         eps = params["epsilon"]
         scales = composite.ram_scales(ram_counts(base, others, eps), eps, params["r"], params["alpha"])
-        return ram_merge(base, others, eps, scales)
+        return ram_merge(base, others, eps, scales, out=out)
     if name == "karcher":
         uniform = [1 / len(others)] * len(others)
         return spherical.karcher(others, uniform, params["max_iter"], params["tol"], out=out)

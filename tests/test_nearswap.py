@@ -54,6 +54,22 @@ def test_strided_inputs_and_caller_tensors_untouched(backend):
     assert torch.equal(base, before[0]) and torch.equal(x, before[1])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_out_is_written_in_place(backend, dtype):
+    """out= gives the plain call's values in the caller's tensor, which may be base or x itself;
+    a strided out gets them too."""
+    base, x = _pair((33, 129), dtype, seed=6)
+    expected = fk.nearswap(base, x, 0.01)
+    out = torch.full_like(base, float("nan"))
+    assert fk.nearswap(base, x, 0.01, out=out) is out and torch.equal(out, expected)
+    for which in (0, 1):
+        pair = [base.clone(), x.clone()]
+        assert torch.equal(fk.nearswap(*pair, 0.01, out=pair[which]), expected)
+    wide = torch.zeros(33, 258, dtype=dtype, device=base.device)
+    fk.nearswap(base, x, 0.01, out=wide[:, ::2])
+    assert torch.equal(wide[:, ::2], expected) and not wide[:, 1::2].any()
+
+
 def test_pipeline_method_runs_on_it():
     base, x = _pair((65, 33), torch.bfloat16, seed=5)
     assert torch.equal(methods.merge_tensor("nearswap", base, [x], {"t": 0.01}, seed=0), fk.nearswap(base, x, 0.01))
@@ -67,8 +83,11 @@ def test_pipeline_method_runs_on_it():
         (lambda a: fk.nearswap(a.int(), a.int(), 0.1), fk.DTypeError, "'base'"),
         (lambda a: fk.nearswap(a, a, -0.1), fk.WeightError, "'t'"),
         (lambda a: fk.nearswap(a, a, float("inf")), fk.WeightError, "'t'"),
+        (lambda a: fk.nearswap(a, a.clone(), 0.1, out=a.half()), fk.DTypeError, "'out'"),
+        (lambda a: fk.nearswap(a, a.clone(), 0.1, out=a[1:].clone()), fk.ShapeError, "'out'"),
+        (lambda a: fk.nearswap(a[1:], a[:-1].clone(), 0.1, out=a[:-1]), fk.AliasError, "'out'"),
     ],
-    ids=["shape", "dtype", "int", "negative-t", "inf-t"],
+    ids=["shape", "dtype", "int", "negative-t", "inf-t", "out-dtype", "out-shape", "out-overlap"],
 )
 def test_bad_input(call, error, argument):
     assert_refused(call, error, argument)
@@ -76,3 +95,5 @@ def test_bad_input(call, error, argument):
 
 def test_opcheck():
     torch.library.opcheck(torch.ops.fusion_kernels.nearswap.default, (torch.randn(5, 6), torch.randn(5, 6), 0.5))
+    args = (torch.randn(5, 6), torch.randn(5, 6), 0.5, torch.empty(5, 6))
+    torch.library.opcheck(torch.ops.fusion_kernels.nearswap_out.default, args)

@@ -105,6 +105,17 @@ def test_pipeline_methods_use_it():
     assert torch.equal(got, composite.ram(base, xs, 1e-2))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_out_is_written_in_place(backend, dtype):
+    """out= gives the plain call's values in the caller's tensor, which may be one of the inputs."""
+    base, *xs = [randn((33, 129), dtype, seed=20 + i) for i in range(3)]
+    expected = fk.ram_merge(base, xs, 0.2, [1.5, 0.5])
+    out = torch.full_like(base, float("nan"))
+    assert fk.ram_merge(base, xs, 0.2, [1.5, 0.5], out=out) is out and torch.equal(out, expected)
+    inputs = [t.clone() for t in (base, *xs)]
+    assert torch.equal(fk.ram_merge(inputs[0], inputs[1:], 0.2, [1.5, 0.5], out=inputs[2]), expected)
+
+
 @pytest.mark.parametrize(
     "call, error, argument",
     [
@@ -117,8 +128,22 @@ def test_pipeline_methods_use_it():
         (lambda a: fk.ram_merge(a, [], 0.1), fk.ShapeError, "'xs'"),
         (lambda a: fk.ram_counts(a, [a[:1]], 0.1), fk.ShapeError, "'xs[0]'"),
         (lambda a: fk.ram_counts(a, [a], None), fk.WeightError, "'epsilon'"),
+        (lambda a: fk.ram_merge(a, [a.clone()], 0.1, out=a.double()), fk.DTypeError, "'out'"),
+        (lambda a: fk.ram_merge(a[1:], [a[:-1].clone()], 0.1, out=a[:-1]), fk.AliasError, "'out'"),
     ],
-    ids=["shape", "dtype", "int", "negative-eps", "nan-eps", "scales-count", "empty", "counts-shape", "counts-eps"],
+    ids=[
+        "shape",
+        "dtype",
+        "int",
+        "negative-eps",
+        "nan-eps",
+        "scales-count",
+        "empty",
+        "counts-shape",
+        "counts-eps",
+        "out-dtype",
+        "out-overlap",
+    ],
 )
 def test_bad_input(call, error, argument):
     assert_refused(call, error, argument)
@@ -127,3 +152,5 @@ def test_bad_input(call, error, argument):
 def test_opcheck():
     base, xs = torch.randn(5, 6), [torch.randn(5, 6), torch.randn(5, 6)]
     torch.library.opcheck(torch.ops.fusion_kernels.ram_merge.default, (base, xs, [1.0, 2.0], 0.5))
+    args = (base, xs, [1.0, 2.0], 0.5, torch.empty(5, 6))
+    torch.library.opcheck(torch.ops.fusion_kernels.ram_merge_out.default, args)

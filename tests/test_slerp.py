@@ -85,6 +85,21 @@ def test_rowwise_matches_mergekit():
 
 
 @pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"]
+)
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_out_is_written_in_place(backend, dtype, rowwise):
+    """out= gives the plain call's values in the caller's tensor, which may be a or b itself."""
+    a, b = randn((33, 129), dtype, seed=31), randn((33, 129), dtype, seed=32)
+    expected = fk.slerp(a, b, 0.3, rowwise=rowwise)
+    out = torch.full_like(a, float("nan"))
+    assert fk.slerp(a, b, 0.3, rowwise=rowwise, out=out) is out and torch.equal(out, expected)
+    for which in (0, 1):
+        pair = [a.clone(), b.clone()]
+        assert torch.equal(fk.slerp(*pair, 0.3, rowwise=rowwise, out=pair[which]), expected)
+
+
+@pytest.mark.parametrize(
     "call, error, argument",
     [
         (lambda a: fk.slerp(a, a[:2], 0.5), fk.ShapeError, "'b'"),
@@ -93,8 +108,10 @@ def test_rowwise_matches_mergekit():
         (lambda a: fk.slerp(a, a, [0.5, 0.5], rowwise=True), fk.WeightError, "'t'"),
         (lambda a: fk.slerp(a.int(), a.int(), 0.5), fk.DTypeError, "'a'"),
         (lambda a: fk.slerp(a, a, 0.5, dot_threshold=2.0), fk.WeightError, "dot_threshold"),
+        (lambda a: fk.slerp(a, a, 0.5, out=a.half()), fk.DTypeError, "'out'"),
+        (lambda a: fk.slerp(a[1:], a[:-1].clone(), 0.5, out=a[:-1]), fk.AliasError, "'out'"),
     ],
-    ids=["shape", "dtype", "nan-t", "t-count", "int", "threshold"],
+    ids=["shape", "dtype", "nan-t", "t-count", "int", "threshold", "out-dtype", "out-overlap"],
 )
 def test_bad_input(call, error, argument):
     with pytest.raises(error) as info:
@@ -105,3 +122,5 @@ def test_bad_input(call, error, argument):
 def test_opcheck():
     a, b = torch.randn(5, 6), torch.randn(5, 6)
     torch.library.opcheck(torch.ops.fusion_kernels.slerp.default, (a, b, [0.4], False, 0.9995, 1e-8))
+    args = (a, b, [0.4], False, 0.9995, 1e-8, torch.empty(5, 6))
+    torch.library.opcheck(torch.ops.fusion_kernels.slerp_out.default, args)

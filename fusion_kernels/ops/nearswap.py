@@ -38,7 +38,17 @@ def _(base, x, t):
     return fake_like(base)
 
 
-def nearswap(base: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
+@custom_op("fusion_kernels::nearswap_out", mutates_args=("out",))
+def _nearswap_out(base: torch.Tensor, x: torch.Tensor, t: float, out: torch.Tensor) -> None:
+    run(OP, IMPLS, out, base, x, t)
+
+
+@_nearswap_out.register_fake
+def _(base, x, t, out):
+    return None
+
+
+def nearswap(base: torch.Tensor, x: torch.Tensor, t: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """Per element, in float32 (float64 for float64 inputs), rounded once to the inputs' dtype::
 
         w = clamp(t / max(|base − x|, 1e-6), 0, 1),   out = lerp(base, x, w)
@@ -48,6 +58,7 @@ def nearswap(base: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
     Args:
         base, x: like tensors (mergekit's base model and the one other).
         t: the distance scale (finite, ≥ 0).
+        out: optional tensor like ``base`` to write into; it may be ``base`` or ``x`` itself.
 
     Example:
         >>> fk.nearswap(base_weight, tuned_weight, t=1e-3)
@@ -57,4 +68,8 @@ def nearswap(base: torch.Tensor, x: torch.Tensor, t: float) -> torch.Tensor:
     _validate.check_like(OP, "x", _validate.check_tensor(OP, "x", x), base, "base")
     if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
         raise WeightError(f"{OP}: argument 't' expected a finite float >= 0, got {t!r}")
-    return _nearswap(base, x, float(t))
+    if out is None:
+        return _nearswap(base, x, float(t))
+    _validate.check_out(OP, out, base, "base", {"base": base, "x": x})
+    _nearswap_out(base, x, float(t), out)
+    return out

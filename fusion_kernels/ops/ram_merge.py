@@ -36,6 +36,18 @@ def _(base, xs, scales, epsilon):
     return fake_like(base)
 
 
+@custom_op("fusion_kernels::ram_merge_out", mutates_args=("out",))
+def _ram_merge_out(
+    base: torch.Tensor, xs: list[torch.Tensor], scales: list[float], epsilon: float, out: torch.Tensor
+) -> None:
+    run(OP, IMPLS, out, base, xs, scales, epsilon)
+
+
+@_ram_merge_out.register_fake
+def _(base, xs, scales, epsilon, out):
+    return None
+
+
 def _counts_torch(base, xs, epsilon):
     return [n for pair in composite.ram_counts(base, xs, epsilon) for n in pair]
 
@@ -63,6 +75,7 @@ def ram_merge(
     xs: Sequence[torch.Tensor] | torch.Tensor,
     epsilon: float,
     scales: Sequence[float] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reinforced Agent Merging (mergekit's ``ram``; with ``scales``, ``ramplus_tl``), one pass,
     float32 arithmetic (float64 for float64 inputs), rounded once::
@@ -77,13 +90,18 @@ def ram_merge(
         epsilon: the keep threshold on |τᵢ| (≥ 0).
         scales: N factors λᵢ for the elements only one model keeps (None: 1 each, plain RAM);
             RAM+ computes them from :func:`ram_counts`.
+        out: optional tensor like ``base`` to write into; it may be one of the inputs itself.
 
     Example:
         >>> fk.ram_merge(base, [math_ft, code_ft], epsilon=1e-5)
     """
     base, xs, epsilon = _check(OP, base, xs, epsilon)
     lam = _validate.weight_list(OP, "scales", scales, len(xs), default=1.0)
-    return _ram_merge(base, xs, lam, epsilon)
+    if out is None:
+        return _ram_merge(base, xs, lam, epsilon)
+    _validate.check_out(OP, out, base, "base", {"base": base, **{f"xs[{i}]": x for i, x in enumerate(xs)}})
+    _ram_merge_out(base, xs, lam, epsilon, out)
+    return out
 
 
 def ram_counts(base: torch.Tensor, xs: Sequence[torch.Tensor] | torch.Tensor, epsilon: float) -> list[tuple[int, int]]:

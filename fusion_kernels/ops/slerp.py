@@ -57,6 +57,24 @@ def _(a, b, t, rowwise, dot_threshold, eps):
     return fake_like(a)
 
 
+@custom_op("fusion_kernels::slerp_out", mutates_args=("out",))
+def _slerp_out(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: list[float],
+    rowwise: bool,
+    dot_threshold: float,
+    eps: float,
+    out: torch.Tensor,
+) -> None:
+    run(OP, IMPLS, out, a, b, t, rowwise, dot_threshold, eps)
+
+
+@_slerp_out.register_fake
+def _(a, b, t, rowwise, dot_threshold, eps, out):
+    return None
+
+
 def slerp(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -65,6 +83,7 @@ def slerp(
     rowwise: bool = False,
     dot_threshold: float = 0.9995,
     eps: float = 1e-8,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Spherical linear interpolation from ``a`` (t = 0) to ``b`` (t = 1); formula in
     :mod:`fusion_kernels.reference.slerp`.
@@ -76,6 +95,8 @@ def slerp(
             the whole tensor as one vector.
         dot_threshold: above this |cos θ| the inputs count as parallel and are interpolated linearly.
         eps: norms at or below it count as 1.
+        out: optional tensor like ``a`` to write into; it may be ``a`` or ``b`` itself (the dot
+            products are taken before any element is written).
 
     Example:
         >>> fk.slerp(model_a_weight, model_b_weight, 0.3)
@@ -95,4 +116,8 @@ def slerp(
     eps = _validate.finite_float(op, "eps", eps)
     if not 0.0 <= threshold <= 1.0 or eps < 0 or math.isnan(eps):
         raise WeightError(f"{op}: expected 0 <= dot_threshold <= 1 and eps >= 0, got {threshold} and {eps}")
-    return _slerp(a, b, ts, rowwise, threshold, eps)
+    if out is None:
+        return _slerp(a, b, ts, rowwise, threshold, eps)
+    _validate.check_out(op, out, a, "a", {"a": a, "b": b})
+    _slerp_out(a, b, ts, rowwise, threshold, eps, out)
+    return out
