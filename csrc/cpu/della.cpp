@@ -41,15 +41,18 @@ void counting_pass(const uint32_t* keys, int64_t cols, int shift, const uint32_t
   const int64_t part = (cols + kParts - 1) / kParts, last = cols - (kParts - 1) * part;  // 0 < last <= part
   uint32_t at[kParts][256] = {};
   const auto bucket = [&](int64_t k) { return (keys[src[k]] >> shift) & 255u; };
-  for (int64_t k = 0; k < part; ++k)
-    for (int q = 0; q < kParts; ++q)
-      if (q < kParts - 1 || k < last) ++at[q][bucket(q * part + k)];
+  // every part has `last` elements, all but the last part `part`
+  const auto each = [&](auto&& f) {
+    for (int64_t k = 0; k < last; ++k)
+      for (int q = 0; q < kParts; ++q) f(q, q * part + k);
+    for (int64_t k = last; k < part; ++k)
+      for (int q = 0; q < kParts - 1; ++q) f(q, q * part + k);
+  };
+  each([&](int q, int64_t k) { ++at[q][bucket(k)]; });
   uint32_t sum = 0;
   for (int v = 0; v < 256; ++v)
     for (auto& counts : at) sum += std::exchange(counts[v], sum);
-  for (int64_t k = 0; k < part; ++k)
-    for (int q = 0; q < kParts; ++q)
-      if (q < kParts - 1 || k < last) dst[at[q][bucket(q * part + k)]++] = src[q * part + k];
+  each([&](int q, int64_t k) { dst[at[q][bucket(k)]++] = src[k]; });
 }
 
 // order = the indices 0..cols-1 sorted by key, stably (equal keys keep index order): an LSD radix
