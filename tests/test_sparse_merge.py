@@ -153,7 +153,7 @@ def test_hand_worked_ties(backend):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape", [(1,), (257,), (1, 1), (37, 1), (9, 300)], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (257,), (1, 1), (37, 1), (9, 300), (6, 2), (5, 5), (4, 7), (3, 10)], ids=str)
 def test_della_masks_equal_the_reference_bit_for_bit(dtype, shape):
     """The C++ DELLA masks, read through the merge: with one-hot weights, no election, no rescale and
     ``combine="sum"``, the merged task vector is nonzero exactly where model i keeps a nonzero τ

@@ -33,20 +33,22 @@ uint32_t row_keys(const TaskSource& s, int model, int64_t row, int64_t cols, uin
 }
 
 // One stable counting pass on the byte at `shift` of keys[src[k]]: dst = src ordered by that byte.
-// The four quarters of src are counted and scattered side by side, each with its own positions
-// (a quarter's elements of a bucket after those of the quarters before it), so that four
-// independent chains of increments run where one would stall on the few buckets of an exponent byte.
+// src is counted and scattered as four consecutive parts side by side, each with its own positions
+// (a part's elements of a bucket after those of the parts before it), so that four independent
+// chains of increments run where one would stall on the few buckets of an exponent byte.
 void counting_pass(const uint32_t* keys, int64_t cols, int shift, const uint32_t* src, uint32_t* dst) {
   constexpr int kParts = 4;
-  const int64_t part = (cols + kParts - 1) / kParts, last = cols - (kParts - 1) * part;  // 0 < last <= part
+  int64_t begin[kParts + 1];
+  for (int q = 0; q <= kParts; ++q) begin[q] = q * cols / kParts;  // lengths differ by at most one
+  const int64_t shortest = cols / kParts, longest = (cols + kParts - 1) / kParts;
   uint32_t at[kParts][256] = {};
   const auto bucket = [&](int64_t k) { return (keys[src[k]] >> shift) & 255u; };
-  // every part has `last` elements, all but the last part `part`
   const auto each = [&](auto&& f) {
-    for (int64_t k = 0; k < last; ++k)
-      for (int q = 0; q < kParts; ++q) f(q, q * part + k);
-    for (int64_t k = last; k < part; ++k)
-      for (int q = 0; q < kParts - 1; ++q) f(q, q * part + k);
+    for (int64_t k = 0; k < shortest; ++k)
+      for (int q = 0; q < kParts; ++q) f(q, begin[q] + k);
+    for (int64_t k = shortest; k < longest; ++k)
+      for (int q = 0; q < kParts; ++q)
+        if (begin[q] + k < begin[q + 1]) f(q, begin[q] + k);
   };
   each([&](int q, int64_t k) { ++at[q][bucket(k)]; });
   uint32_t sum = 0;
