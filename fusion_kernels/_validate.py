@@ -125,11 +125,8 @@ def _byte_span(x: torch.Tensor) -> tuple[int, int]:
     return (start, x.data_ptr() + (last + 1) * x.element_size())
 
 
-def check_out(
-    op: str, out: object, ref: torch.Tensor, ref_name: str, inputs: dict[str, torch.Tensor], may_alias: bool = True
-) -> torch.Tensor:
-    """``out`` must look like ``ref``, have no self-overlapping elements, and alias inputs only exactly
-    (not at all unless ``may_alias``)."""
+def check_out(op: str, out: object, ref: torch.Tensor, ref_name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``out`` must look like ``ref``, have no self-overlapping elements, and alias inputs only exactly."""
     out = check_tensor(op, "out", out)
     check_like(op, "out", out, ref, ref_name)
     if any(st == 0 and size > 1 for size, st in zip(out.shape, out.stride(), strict=True)):
@@ -137,17 +134,25 @@ def check_out(
             f"{op}: argument 'out' has elements that share memory (stride {tuple(out.stride())}); "
             "pass a tensor with distinct elements"
         )
+    check_overlap(op, out, inputs)
+    return out
+
+
+def check_overlap(op: str, out: torch.Tensor, inputs: dict[str, torch.Tensor], may_alias: bool = True) -> None:
+    """``out`` may share memory with an input only by being that very tensor (not at all unless
+    ``may_alias``)."""
     lo, hi = _byte_span(out)
     for name, x in inputs.items():
         x_lo, x_hi = _byte_span(x)
-        if lo < x_hi and x_lo < hi and not may_alias:
+        if not (lo < x_hi and x_lo < hi):
+            continue
+        if not may_alias:
             raise AliasError(f"{op}: argument 'out' overlaps argument '{name}'; pass a tensor disjoint from the inputs")
-        if lo < x_hi and x_lo < hi and not (x.data_ptr() == out.data_ptr() and x.stride() == out.stride()):
+        if not (x.data_ptr() == out.data_ptr() and x.stride() == out.stride()):
             raise AliasError(
                 f"{op}: argument 'out' partially overlaps argument '{name}'; out may be the very "
                 "same tensor as an input, or disjoint from it"
             )
-    return out
 
 
 def per_model(op: str, name: str, value: object, n: int, lo: float, hi: float) -> list[float]:

@@ -306,8 +306,9 @@ def merge_tensor(
 
 def scratch_buffer_bytes(name: str, numel: int, dtype: torch.dtype) -> int:
     """Bytes of the ``scratch`` buffer :func:`merge_tensor` uses for method ``name`` on ``numel``
-    elements computed in ``dtype`` (0: none): arcee_fusion's importance, in the accumulation dtype."""
-    return numel * accumulation_dtype(dtype).itemsize if name == "arcee_fusion" else 0
+    elements computed in ``dtype`` (0: none): arcee_fusion's fused importance, in the accumulation dtype."""
+    fused = name == "arcee_fusion" and _arcee_fused(numel, dtype)
+    return numel * accumulation_dtype(dtype).itemsize if fused else 0
 
 
 def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str, Any], out=None) -> torch.Tensor:
@@ -368,6 +369,11 @@ def _by_chunks(fn, base: torch.Tensor, others: list[torch.Tensor]) -> torch.Tens
 ARCEE_EXACT_NUMEL = 1_000_000  # mergekit takes exact quartiles up to this many elements, a random sample's above
 
 
+def _arcee_fused(numel: int, dtype: torch.dtype) -> bool:
+    """Whether arcee_fusion takes the fused importance (else the reference's float32 steps)."""
+    return numel > ARCEE_EXACT_NUMEL or dtype in (torch.float16, torch.bfloat16)
+
+
 def _arcee_fusion(
     base: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -384,7 +390,7 @@ def _arcee_fusion(
         return merged if out is None else out.copy_(merged)
     width = base.shape[-1]
     b2, x2 = base.reshape(-1, width), x.reshape(-1, width)
-    if base.numel() > ARCEE_EXACT_NUMEL or base.dtype in (torch.float16, torch.bfloat16):
+    if _arcee_fused(base.numel(), base.dtype):
         wide = accumulation_dtype(base.dtype)
         buffer = None if scratch is None else scratch[: base.numel() * wide.itemsize].view(wide).view(b2.shape)
         importance = arcee_importance(b2, x2, out=buffer)

@@ -94,7 +94,7 @@ def arcee_importance(base: torch.Tensor, x: torch.Tensor, out: torch.Tensor | No
     _check_importance(OP, "out", out, base)
     if not out.is_contiguous():
         raise ShapeError(f"{OP}: argument 'out' expected a contiguous tensor, got strides {tuple(out.stride())}")
-    _validate.check_out(OP, out, out, "out", {"base": base, "x": x}, may_alias=False)  # its overlap checks
+    _validate.check_overlap(OP, out, {"base": base, "x": x}, may_alias=False)
     _arcee_importance_out(base, x, out)
     return out
 

@@ -379,8 +379,7 @@ def execute(
             on_cpu = plan.recipe.device == "cpu" and not task.passthrough
             if on_cpu and task.compute_dtype == task.out.dtype and METHODS[task.method].writes_out:
                 buffer = budget.take(task.out.nbytes).view(task.out.dtype).view(task.out.shape)
-            numel = task.out.nbytes // task.out.dtype.itemsize
-            scratch_bytes = scratch_buffer_bytes(task.method, numel, task.compute_dtype) if on_cpu else 0
+            scratch_bytes = scratch_buffer_bytes(task.method, task.numel, task.compute_dtype) if on_cpu else 0
             if scratch_bytes:  # pooled like the outputs: its pages are touched once per run, not per tensor
                 scratch = budget.take(scratch_bytes)
             start = time.perf_counter()

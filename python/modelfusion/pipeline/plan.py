@@ -45,6 +45,11 @@ class TensorTask:
         return sum(i.nbytes for i in self.inputs if i is not None)
 
     @property
+    def numel(self) -> int:
+        """Elements of the output tensor."""
+        return self.out.nbytes // self.out.dtype.itemsize
+
+    @property
     def peak_bytes(self) -> int:
         """Resident bytes while this tensor is merged: the inputs as read and converted, one float32
         scratch tensor of the kernels, and the output."""
@@ -57,7 +62,7 @@ class TensorTask:
         )
         if self.passthrough:
             return self.read_bytes + converted + self.out.nbytes
-        numel = self.out.nbytes // self.out.dtype.itemsize
+        numel = self.numel
         models = sum(i is not None for i in self.inputs)
         scratch = scratch_bytes(self.method, numel, models)
         if self.vocabulary is not None:  # each model's rows, aligned to the output's token ids
