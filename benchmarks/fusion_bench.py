@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(c[0] for c in BENCH))
     parser.add_argument("--json", type=Path, default=HERE / "results" / "fusion-bench-cpu.json")
     args = parser.parse_args()
-    from roofline import git_sha, header
+    from roofline import git_sha, header, machine
 
     wanted = args.methods.split(",")
     rows = []
@@ -91,7 +91,8 @@ def main() -> None:
             kwargs = {**kwargs, "weights": [1.0 / tasks] * tasks}
         if isinstance(kwargs.get("alpha"), list):
             kwargs = {**kwargs, "alpha": [1.0] * tasks}
-        row = {"method": case, "tasks": tasks, "git_sha": git_sha()}  # a re-run of some methods keeps the others
+        # a re-run of some methods keeps the others: each row names its commit and machine
+        row = {"method": case, "tasks": tasks, "git_sha": git_sha(), "machine": machine("cpu")}
         impls = ["fusion_bench", "ours"]
         if name in ROUTED:  # FusionBench's own class with fusion_kernels.compat.fusion_bench.install()
             impls.append("fusion_bench_installed")
@@ -126,7 +127,7 @@ def main() -> None:
         previous = json.loads(args.json.read_text())
         if previous.get("shape") == report["shape"]:
             done = {r["method"] for r in rows}
-            kept = [r for r in previous["results"] if r["method"] not in done]
+            kept = [{"machine": previous["machine"], **r} for r in previous["results"] if r["method"] not in done]
             order = [c[0] for c in BENCH]
             report["results"] = sorted(kept + rows, key=lambda r: order.index(r["method"]))
     args.json.write_text(json.dumps(report, indent=2) + "\n")

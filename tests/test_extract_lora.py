@@ -19,6 +19,8 @@ from modelfusion.io import Checkpoint, save_model
 from modelfusion.io.lora import open_model
 from modelfusion.pipeline.extract import extract_lora
 
+import fusion_kernels as fk
+
 SMALL = dict(hidden=64, layers=2, intermediate=96, vocab=128, kv_heads=2, heads=4)
 
 
@@ -133,7 +135,7 @@ def test_the_command_line(models, tmp_path, capsys):
 def test_ctrl_c_leaves_nothing_and_says_so(models, tmp_path, monkeypatch, capsys):
     base, tuned = models
     calls = []
-    real_svd = torch.linalg.svd
+    real_svd = fk.truncated_svd
 
     def interrupted(*args, **kwargs):
         calls.append(1)
@@ -141,7 +143,7 @@ def test_ctrl_c_leaves_nothing_and_says_so(models, tmp_path, monkeypatch, capsys
             raise KeyboardInterrupt
         return real_svd(*args, **kwargs)
 
-    monkeypatch.setattr(torch.linalg, "svd", interrupted)
+    monkeypatch.setattr(fk, "truncated_svd", interrupted)
     assert main(["extract-lora", str(base), str(tuned), str(tmp_path / "adapter"), "--rank", "2", "--quiet"]) == 130
     assert "interrupted; nothing was written" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []

@@ -5,6 +5,7 @@ from .emr import emr_statistics
 from .fisher_merge import fisher_merge
 from .gram import gram
 from .linear_assignment import linear_assignment
+from .low_rank import polar, truncated_svd
 from .magmax import magmax
 from .magnitude_prune import global_magnitude_threshold, magnitude_prune, magnitude_threshold, magnitude_thresholds
 from .nearswap import nearswap
@@ -34,6 +35,7 @@ __all__ = [
     "nearswap",
     "permute",
     "permute_many",
+    "polar",
     "ram_counts",
     "ram_merge",
     "SinkhornResult",
@@ -43,6 +45,7 @@ __all__ = [
     "sparse_merge",
     "task_arithmetic",
     "ties_merge",
+    "truncated_svd",
     "weighted_average",
     "weighted_sum",
 ]

@@ -7,6 +7,7 @@ from .emr import emr_statistics
 from .fisher_merge import fisher_merge
 from .gram import gram
 from .linear_assignment import linear_assignment
+from .low_rank import polar, truncated_svd
 from .magmax import magmax
 from .magnitude_prune import global_magnitude_threshold, magnitude_prune, magnitude_threshold, top_k_mask
 from .permute import inverse_permutation, permute
@@ -28,6 +29,7 @@ __all__ = [
     "magnitude_prune",
     "magnitude_threshold",
     "permute",
+    "polar",
     "random_keep_mask",
     "sinkhorn",
     "slerp",
@@ -35,5 +37,6 @@ __all__ = [
     "sparse_merge",
     "task_arithmetic",
     "top_k_mask",
+    "truncated_svd",
     "weighted_sum",
 ]

@@ -35,6 +35,8 @@ from ..errors import ParameterError
 from .dare import DareDrop
 from .state import State, StateLike, aligned
 
+DECOMPOSE_BYTES = 1 << 27  # task matrices per batched decomposition (128 MiB)
+
 
 class _TaskVectors:
     """τᵢ = θᵢ − θ₀ of the base's float tensors, formed tensor by tensor when asked (times
@@ -86,7 +88,9 @@ def _decomposed(
     tau_scales: Sequence[float] | None = None,
 ) -> State:
     """θ₀ + λ·τ where τ of each group of same-shape 2-D tensors is ``per_shape([T, L, m, n] task
-    matrices, float32 or float64) -> [L, m, n]`` and the mean τᵢ elsewhere."""
+    matrices, float32 or float64) -> [L, m, n]`` and the mean τᵢ elsewhere. A group goes through
+    ``per_shape`` in batches of at most :data:`DECOMPOSE_BYTES` of task matrices (one tensor at
+    least), so the peak memory stays a few of them above the merged model."""
     tv = _TaskVectors(base, models, tau_scales)
     groups: dict[tuple, list[str]] = {}
     merged: State = {}
@@ -95,18 +99,21 @@ def _decomposed(
             groups.setdefault(tuple(tv.base[k].shape), []).append(k)
         else:
             merged[k] = _mean(tv.of(k))
-    for keys_of_shape in groups.values():
+    for shape, keys_of_shape in groups.items():
         wide = torch.float64 if tv.base[keys_of_shape[0]].dtype == torch.float64 else torch.float32
-        stack = torch.stack([torch.stack(tv.of(k)) for k in keys_of_shape], 1).to(wide)  # [T, L, m, n]
-        for k, value in zip(keys_of_shape, per_shape(stack).unbind(0), strict=True):
-            merged[k] = value.to(tv.base[k].dtype)
+        step = max(1, DECOMPOSE_BYTES // (len(tv.models) * shape[0] * shape[1] * wide.itemsize))
+        for start in range(0, len(keys_of_shape), step):
+            batch = keys_of_shape[start : start + step]
+            stack = torch.stack([torch.stack(tv.of(k)) for k in batch], 1).to(wide)  # [T, L, m, n]
+            for k, value in zip(batch, per_shape(stack).unbind(0), strict=True):
+                merged[k] = value.to(tv.base[k].dtype)
+            del stack
     return _result(tv.base, merged, scale)
 
 
 def _polar(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor W·Vᵀ of x = W·Σ·Vᵀ (batched)."""
-    w, _, vh = torch.linalg.svd(x, full_matrices=False)
-    return w @ vh
+    return fk.polar(x)[0]
 
 
 def magmax(base: StateLike, models: Sequence[StateLike], scaling_factor: float = 1.0) -> State:
@@ -214,15 +221,10 @@ def tsv_merge(
     tasks = len(models)
 
     def per_shape(stack: torch.Tensor) -> torch.Tensor:
-        u, s, vh = torch.linalg.svd(stack, full_matrices=False)  # [T, L, m, r], [T, L, r], [T, L, r, n]
-        keep = s.shape[-1] // tasks
-        sum_u = torch.zeros_like(u[0])
-        sum_s = torch.zeros_like(s[0])
-        sum_vh = torch.zeros_like(vh[0])
-        for i in range(tasks):
-            sum_u[..., i * keep : (i + 1) * keep] = u[i, ..., :keep]
-            sum_s[..., i * keep : (i + 1) * keep] = s[i, ..., :keep]
-            sum_vh[..., i * keep : (i + 1) * keep, :] = vh[i, ..., :keep, :]
+        keep = min(stack.shape[-2:]) // tasks
+        u, s, vh = fk.truncated_svd(stack, keep)  # [T, L, m, keep], [T, L, keep], [T, L, keep, n]
+        # side by side; when T·keep < r, the r − T·keep zero columns of the paper's form add nothing
+        sum_u, sum_s, sum_vh = torch.cat(u.unbind(0), -1), torch.cat(s.unbind(0), -1), torch.cat(vh.unbind(0), -2)
         return _polar(sum_u) @ torch.diag_embed(sum_s) @ _polar(sum_vh)
 
     scale = float(alpha) if isinstance(alpha, (int, float)) else 1.0
@@ -235,8 +237,8 @@ def iso_c(
     """Iso-C: Σᵢ τᵢ with its singular values flattened to their mean (2-D tensors)."""
 
     def per_shape(stack: torch.Tensor) -> torch.Tensor:
-        u, s, vh = torch.linalg.svd(stack.sum(0), full_matrices=False)
-        return u @ torch.diag_embed(s.mean(-1, keepdim=True).expand_as(s)) @ vh
+        q, s = fk.polar(stack.sum(0))  # U·diag(mean S)·Vh = mean S · U·Vh
+        return s.mean(-1)[..., None, None] * q
 
     return _decomposed(base, models, exclude_keys, per_shape, scaling_factor)
 
@@ -257,19 +259,18 @@ def iso_cts(
         r = min(stack.shape[-2:])
         common = r - round((r - int(r * common_space_fraction)) / tasks) * tasks
         per_task = (r - common) // tasks
-        u, s, vh = torch.linalg.svd(stack.sum(0), full_matrices=False)
-        cu, cs, cvh = u[..., :common], s[..., :common], vh[..., :common, :]
+        # a negative ``common`` (a tiny r, many tasks) keeps what FusionBench's u[..., :common] keeps
+        cu, cs, cvh = fk.truncated_svd(stack.sum(0), len(range(r)[:common]))
         parts_u, parts_s, parts_vh = [], [], []
         for i in range(tasks):
             specific = stack[i] - cu @ (cu.transpose(-1, -2) @ stack[i])
-            tu, ts, tvh = torch.linalg.svd(specific, full_matrices=False)
-            parts_u.append(tu[..., :per_task])
-            parts_s.append(ts[..., :per_task])
-            parts_vh.append(tvh[..., :per_task, :])
+            tu, ts, tvh = fk.truncated_svd(specific, per_task)
+            parts_u.append(tu)
+            parts_s.append(ts)
+            parts_vh.append(tvh)
         all_u = torch.cat([*parts_u, cu], -1)
         all_s = torch.cat([*parts_s, cs], -1)
         all_vh = torch.cat([*parts_vh, cvh], -2)
-        flat = all_s.mean(-1, keepdim=True).expand_as(all_s)
-        return _polar(all_u) @ torch.diag_embed(flat) @ _polar(all_vh)
+        return all_s.mean(-1)[..., None, None] * (_polar(all_u) @ _polar(all_vh))
 
     return _decomposed(base, models, exclude_keys, per_shape, scaling_factor)

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import fusion_kernels as fk
+
 from ..errors import CheckpointError, OutputError, RecipeError
 from ..io import Checkpoint
 from ..io.lora import ADAPTER_PREFIX
@@ -43,10 +45,11 @@ class Extraction:
 
 
 def _svd_bytes(shape: tuple[int, ...]) -> int:
-    """Float32 Δ, its SVD factors (U, Vᵀ of the smaller side) and LAPACK's workspace of about as much."""
+    """Float32 Δ and its residual Δ − B·A, and the most a truncated SVD of it may take: a full
+    SVD's factors (U, Vᵀ of the smaller side) and LAPACK's workspace of about as much."""
     m, n = shape
     k = min(m, n)
-    return 4 * (m * n + m * k + k * n + k * k + max(m, n) * k)
+    return 4 * (2 * m * n + m * k + k * n + k * k + max(m, n) * k)
 
 
 def extract_lora(
@@ -91,8 +94,9 @@ def extract_lora(
             whole[name] = x
             continue
         delta = x.float() - x0.float()
-        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-        r = min(rank, int((s > 0).sum()))
+        u, s, vh = fk.truncated_svd(delta, min(rank, *delta.shape))
+        r = int((s > 0).sum())
+        total += float(torch.linalg.vector_norm(delta)) ** 2
         if r == 0:
             continue
         root = s[:r].sqrt()
@@ -100,8 +104,8 @@ def extract_lora(
         factors[f"{ADAPTER_PREFIX}{module}.lora_B.weight"] = (u[:, :r] * root).to(x.dtype)
         if r != rank:
             ranks[module] = r
-        dropped += float(s[r:].double().square().sum())
-        total += float(s.double().square().sum())
+        delta -= (u[:, :r] * s[:r]) @ vh[:r]  # the part a rank-r adapter leaves out
+        dropped += float(torch.linalg.vector_norm(delta)) ** 2
     targets = sorted({k.rsplit(".", 2)[0].rsplit(".", 1)[-1] for k in factors})  # q_proj of m.q_proj.lora_A.weight
     saved = sorted({_module_name(n) for n in whole})
     # PEFT wraps every module of a saved name and loads each one's tensors: the unchanged ones too

@@ -1,0 +1,30 @@
+"""Reference low-rank decompositions of a batch of matrices x[..., m, n], r = min(m, n):
+
+- ``truncated_svd(x, k)``: the k largest singular triplets, x ≈ U·diag(S)·Vh with S descending,
+  U [..., m, k] and Vhᵀ [..., n, k] with orthonormal columns;
+- ``polar(x)``: the orthogonal polar factor Q = W·Vh of the thin SVD x = W·diag(S)·Vh (x = Q·H with
+  H = Vhᵀ·diag(S)·Vh symmetric positive semi-definite), and S descending.
+
+One ``torch.linalg.svd`` in float32 (float64 for float64 x); results in x's dtype. A singular
+vector is defined up to its sign (a pair u, v flips together), and within a repeated singular value
+only its subspace is: compare U·diag(S)·Vh, subspaces, or Q, not single columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 inputs, float32 for the rest."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def truncated_svd(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    u, s, vh = torch.linalg.svd(x.to(compute_dtype(x.dtype)), full_matrices=False)
+    return u[..., :k].to(x.dtype), s[..., :k].to(x.dtype), vh[..., :k, :].to(x.dtype)
+
+
+def polar(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    u, s, vh = torch.linalg.svd(x.to(compute_dtype(x.dtype)), full_matrices=False)
+    return (u @ vh).to(x.dtype), s.to(x.dtype)

@@ -1,0 +1,202 @@
+"""truncated_svd and polar: the reference against numpy's float64 SVD, every backend against the
+reference (dtypes, square, tall, wide, batched, odd, empty and strided shapes, every route of the
+cpu backend: float32 Gram, float64 Gram, SVD), the subspace merges on them, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import DTYPES, device, to_numpy64
+
+import fusion_kernels as fk
+from fusion_kernels import reference as ref
+from fusion_kernels.errors import ArgumentTypeError, DTypeError, ShapeError, WeightError
+
+DT_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
+# singular vectors of matrices whose singular values are 0.05 apart, rounded to the dtype
+TOL = {
+    torch.float64: {"rtol": 1e-9, "atol": 1e-9},
+    torch.float32: {"rtol": 1e-4, "atol": 1e-4},
+    torch.float16: {"rtol": 4e-3, "atol": 4e-3},
+    torch.bfloat16: {"rtol": 3e-2, "atol": 3e-2},
+}
+
+
+def spectrum_matrix(shape, singular_values, seed=0) -> torch.Tensor:
+    """Q₁·diag(σ)·Q₂ᵀ with random orthonormal Q₁, Q₂, for every matrix of a batch (float64)."""
+    g = torch.Generator().manual_seed(seed)
+    *lead, m, n = shape
+    r = min(m, n)
+    q1 = torch.linalg.qr(torch.randn(*lead, m, r, generator=g, dtype=torch.float64))[0]
+    q2 = torch.linalg.qr(torch.randn(*lead, n, r, generator=g, dtype=torch.float64))[0]
+    return (q1 * torch.as_tensor(singular_values, dtype=torch.float64)) @ q2.mT
+
+
+def separated(shape, dtype, seed=0) -> torch.Tensor:
+    """A batch with singular values 1 > ... > 0.3, evenly spaced: each singular vector well defined."""
+    r = min(shape[-2:])
+    return spectrum_matrix(shape, torch.linspace(1.0, 0.3, r), seed).to(dtype).to(device())
+
+
+def same_signs(u: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """u with each column's sign flipped to agree with ``like``'s (a singular vector's sign is free)."""
+    sign = torch.sign((u.double() * like.double()).sum(-2, keepdim=True))
+    return (u.double() * torch.where(sign == 0, 1.0, sign)).to(u.dtype)
+
+
+def assert_triplets_close(got, want, dtype):
+    (u, s, vh), (ru, rs, rvh) = got, want
+    assert u.shape == ru.shape and s.shape == rs.shape and vh.shape == rvh.shape
+    assert u.dtype == s.dtype == vh.dtype == dtype
+    tol = TOL[dtype]
+    torch.testing.assert_close(s.cpu().double(), rs.cpu().double(), **tol)
+    flip = torch.sign((u.double() * ru.double()).sum(-2, keepdim=True))
+    torch.testing.assert_close((u.double() * flip).cpu(), ru.cpu().double(), **tol)
+    torch.testing.assert_close((vh.double() * flip.mT).cpu(), rvh.cpu().double(), **tol)
+
+
+SHAPES = [(12, 12), (40, 12), (12, 40), (2, 3, 17, 9), (1, 1), (7, 3)]
+
+
+def test_reference_matches_numpy_float64():
+    x = separated((3, 20, 11), torch.float64)
+    u, s, vh = np.linalg.svd(to_numpy64(x), full_matrices=False)
+    for k in (0, 4, 11):
+        got = ref.truncated_svd(x, k)
+        want = tuple(torch.from_numpy(a) for a in (u[..., :k], s[..., :k], vh[..., :k, :]))
+        assert_triplets_close(got, want, torch.float64)
+    q, sq = ref.polar(x)
+    torch.testing.assert_close(q, torch.from_numpy(u @ vh), **TOL[torch.float64])
+    torch.testing.assert_close(sq, torch.from_numpy(s), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_truncated_svd_matches_reference(backend, dtype, shape):
+    x = separated(shape, dtype, seed=len(shape))
+    before = x.clone()
+    r = min(shape[-2:])
+    for k in sorted({0, 1, r // 2, r}):
+        u, s, vh = fk.truncated_svd(x, k)
+        assert_triplets_close((u, s, vh), ref.truncated_svd(x, k), dtype)
+        eye = torch.eye(k, dtype=torch.float64)
+        torch.testing.assert_close((u.double().mT @ u.double()).cpu(), eye.expand_as(u.mT @ u), **TOL[dtype])
+        torch.testing.assert_close((vh.double() @ vh.double().mT).cpu(), eye.expand_as(u.mT @ u), **TOL[dtype])
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [*SHAPES, (60, 12), (12, 60), (3, 36, 12)], ids=str)
+def test_polar_matches_reference(backend, dtype, shape):
+    """Square-ish matrices go by SVD, those twice as long as wide or more by the float64 Gram."""
+    x = separated(shape, dtype, seed=len(shape) + 1)
+    before = x.clone()
+    q, s = fk.polar(x)
+    rq, rs = ref.polar(x)
+    assert q.shape == x.shape and s.shape == (*shape[:-2], min(shape[-2:])) and q.dtype == s.dtype == dtype
+    torch.testing.assert_close(q.cpu().double(), rq.cpu().double(), **TOL[dtype])
+    torch.testing.assert_close(s.cpu().double(), rs.cpu().double(), **TOL[dtype])
+    h = q.double().mT @ x.double()  # x = Q·H, H symmetric positive definite here
+    torch.testing.assert_close(h, h.mT, **TOL[dtype]) if shape[-2] >= shape[-1] else None
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("shape, k", [((0, 4), 0), ((3, 0), 0), ((0, 5, 5), 2), ((2, 0, 3, 3), 3)], ids=str)
+def test_empty_shapes(backend, shape, k):
+    x = torch.empty(shape, device=device())
+    got, want = fk.truncated_svd(x, k), ref.truncated_svd(x, k)
+    assert [t.shape for t in got] == [t.shape for t in want]
+    q, s = fk.polar(x)
+    assert q.shape == x.shape and s.shape == ref.polar(x)[1].shape
+
+
+def test_strided_inputs_give_the_contiguous_results(backend):
+    big = separated((2, 30, 50), torch.float32, seed=3)
+    for x in (big.mT, big[:, ::2, 1::3], big[:, :, :25]):
+        assert not x.is_contiguous()
+        for got, want in zip(fk.truncated_svd(x, 5), fk.truncated_svd(x.contiguous(), 5), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for got, want in zip(fk.polar(x), fk.polar(x.contiguous()), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_every_route_of_the_cpu_backend_in_one_batch():
+    """One batch with a matrix for each route: float32 Gram (λ₅ ≥ 10⁻²·λ₁), float64 Gram (λ₅ =
+    10⁻⁴·λ₁: the float32 Gram's rounding would reach its 5th vector), SVD (rank 3 < k = 5, and a
+    zero matrix). Each equals the reference's truncation: same U·S·Vh, orthonormal U."""
+    r, k = 16, 5
+    spectra = [
+        torch.linspace(1.0, 0.3, r),
+        torch.cat([torch.tensor([1.0, 0.5, 0.1, 0.05, 0.01]), torch.full((r - 5,), 1e-3)]),
+        torch.cat([torch.tensor([1.0, 0.7, 0.4]), torch.zeros(r - 3)]),
+        torch.zeros(r),
+    ]
+    x = torch.stack([spectrum_matrix((48, r), sv, seed=i) for i, sv in enumerate(spectra)]).float()
+    with fk.use_backend("cpu"):
+        u, s, vh = fk.truncated_svd(x, k)
+    ru, rs, rvh = ref.truncated_svd(x, k)
+    torch.testing.assert_close(s, rs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((u * s.unsqueeze(-2)) @ vh, (ru * rs.unsqueeze(-2)) @ rvh, rtol=1e-5, atol=1e-6)
+    for i in range(3):  # the zero matrix's vectors are arbitrary
+        kept = int((rs[i] > 0).sum())
+        torch.testing.assert_close(u[i, :, :kept].mT @ u[i, :, :kept], torch.eye(kept), rtol=0, atol=1e-5)
+
+
+def test_polar_of_a_nearly_singular_long_matrix_falls_back_to_the_svd():
+    """λ_min < 10⁻⁸·λ_max: the float64 Gram would lose Q's digits; the SVD gives the reference's Q."""
+    x = torch.stack(
+        [spectrum_matrix((60, 12), torch.logspace(0, -6, 12), seed=5), spectrum_matrix((60, 12), torch.ones(12))]
+    )
+    with fk.use_backend("cpu"):
+        q, s = fk.polar(x)
+    rq, rs = ref.polar(x)
+    torch.testing.assert_close(q, rq, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s, rs, rtol=1e-9, atol=1e-12)
+
+
+def test_gradients_flow_through_the_reference():
+    x = separated((20, 8), torch.float64, seed=4).requires_grad_()
+    u, s, vh = fk.truncated_svd(x, 3)
+    q, sq = fk.polar(x)
+    (s.sum() + (q * x).sum()).backward()
+    y = x.detach().clone().requires_grad_()
+    ru, rs, rvh = torch.linalg.svd(y, full_matrices=False)
+    (rs[:3].sum() + ((ru @ rvh) * y).sum()).backward()
+    torch.testing.assert_close(x.grad, y.grad)
+
+
+def test_bad_inputs_are_named():
+    x = torch.randn(6, 4)
+    for call in (lambda a: fk.truncated_svd(a, 2), fk.polar):
+        with pytest.raises(ArgumentTypeError, match="'x'"):
+            call(x.tolist())
+        with pytest.raises(DTypeError, match="'x'"):
+            call(x.to(torch.int32))
+        with pytest.raises(ShapeError, match=r"'x'.*got shape \(6,\)"):
+            call(x[:, 0])
+        for bad in (float("nan"), float("inf")):
+            y = x.clone()
+            y[2, 1] = bad
+            with pytest.raises(WeightError, match="'x' has NaN or infinite"):
+                call(y)
+    for k in (-1, 5, True, 2.0, None):
+        with pytest.raises(ShapeError, match=r"'k' expected an int in \[0, 4\]"):
+            fk.truncated_svd(x, k)
+
+
+@pytest.mark.parametrize("method", ["tsv_merge", "iso_c", "iso_cts"])
+def test_subspace_merges_equal_their_svd_forms(method):
+    """The subspace merges on fk.truncated_svd/fk.polar against the same merges on the reference's
+    SVDs (tensors of every route: square, long, wide, a tensor below the 2-D ones)."""
+    from modelfusion import average
+
+    shapes = {"a": (24, 24), "b": (72, 24), "c": (24, 72), "d": (24,)}
+    base = {k: torch.randn(s, generator=torch.Generator().manual_seed(1)) for k, s in shapes.items()}
+    models = [
+        {k: v + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for k, v in base.items()}
+        for i in range(2, 6)
+    ]
+    got = getattr(average, method)(base, models)
+    with fk.use_backend("torch"):
+        want = getattr(average, method)(base, models)
+    for k in shapes:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
