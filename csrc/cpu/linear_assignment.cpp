@@ -1,8 +1,10 @@
 // One matrix: start from feasible duals (cold: v_j = min_i C_ij; warm: the given v), set
 // u_i = min_j (C_ij - v_j), assign each row to its first tight column if that column is free,
-// then route every free row to a free column along a shortest path of reduced costs, updating
-// the duals so assigned edges stay tight. Each augmentation is O(n·m); rows the start assigns
-// cost O(m), which is where a warm start from the previous potentials saves its time.
+// then let the free rows bid for columns (Jonker & Volgenant's augmenting row reduction: a row
+// takes its cheapest column and lowers that column's v until its second cheapest is as good,
+// evicting the owner; two passes), and route every row still free to a free column along a
+// shortest path of reduced costs, updating the duals so assigned edges stay tight. Each
+// augmentation is O(n·m), each bid O(m): the bids settle most rows that the start leaves free.
 #include "linear_assignment.h"
 
 #include <algorithm>
@@ -25,6 +27,7 @@ class Solver {
   void solve(bool warm, int64_t* perm) {
     if (!warm) column_reduction();
     greedy_start();
+    augmenting_row_reduction();
     for (int64_t row = 0; row < n_; ++row)
       if (col4row_[row] < 0) augment(row);
     std::copy(col4row_.begin(), col4row_.end(), perm);
@@ -52,6 +55,54 @@ class Solver {
       u_[i] = best;
       if (row4col_[at] < 0) row4col_[at] = i, col4row_[i] = at;
     }
+  }
+
+  // A free row i takes its cheapest column j1 (reduced c_ij - v_j) and lowers v_j1 by the gap to
+  // its second cheapest, so that i stays tight there whatever the others do; j1's owner is
+  // evicted and bids next (when the gap was > 0) or in the next pass. Lowering v_j only raises
+  // other rows' reduced costs, and j1 stays assigned, so the duals stay feasible (v_j <= 0 for
+  // n < m). A bid budget bounds chains of tiny gaps; what is left goes to `augment`.
+  void augmenting_row_reduction() {
+    if (m_ < 2) return;
+    std::vector<int64_t> free, next;
+    for (int64_t i = 0; i < n_; ++i)
+      if (col4row_[i] < 0) free.push_back(i);
+    for (int pass = 0; pass < 2 && !free.empty(); ++pass) {
+      int64_t budget = 8 * n_;  // 2n to 32n measured at n = 4096 and 11008: 8n was fastest
+      next.clear();
+      for (size_t k = 0; k < free.size();) {
+        const int64_t i = free[k++];
+        const double* ci = row(i);
+        double u1 = kInf, u2 = kInf;
+        int64_t j1 = 0, j2 = 0;
+        for (int64_t j = 0; j < m_; ++j) {
+          const double r = ci[j] - v_[j];
+          if (r < u2) {
+            if (r < u1)
+              u2 = u1, j2 = j1, u1 = r, j1 = j;
+            else
+              u2 = r, j2 = j;
+          }
+        }
+        int64_t evicted = row4col_[j1];
+        const bool gap = u1 < u2;
+        if (gap)
+          v_[j1] -= u2 - u1;
+        else if (evicted >= 0)  // a tie: the second column may be free
+          j1 = j2, evicted = row4col_[j2];
+        row4col_[j1] = i;
+        col4row_[i] = j1;
+        if (evicted < 0) continue;
+        col4row_[evicted] = -1;
+        if (gap && --budget > 0)
+          free[--k] = evicted;
+        else
+          next.push_back(evicted);
+      }
+      free.swap(next);
+    }
+    for (int64_t i = 0; i < n_; ++i)  // assigned edges exactly tight
+      if (col4row_[i] >= 0) u_[i] = row(i)[col4row_[i]] - v_[col4row_[i]];
   }
 
   // Dijkstra from free row `start` over columns, by reduced cost C_ij - u_i - v_j >= 0, to the
