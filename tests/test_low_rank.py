@@ -141,6 +141,25 @@ def test_every_route_of_the_cpu_backend_in_one_batch():
         torch.testing.assert_close(u[i, :, :kept].mT @ u[i, :, :kept], torch.eye(kept), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("scale", [1e30, 1e-25, 1e-40], ids=str)
+def test_huge_and_tiny_entries(scale):
+    """Float32 matrices whose Gram would overflow (entries 10³⁰) or underflow (10⁻²⁵; subnormal 10⁻⁴⁰):
+    the cpu backend scales each matrix by a power of two first, and equals the reference."""
+    x = (separated((2, 40, 12), torch.float64, seed=6) * scale).float()
+    with fk.use_backend("cpu"):
+        u, s, vh = fk.truncated_svd(x, 4)
+        q, sq = fk.polar(x)
+    ru, rs, rvh = ref.truncated_svd(x, 4)
+    flip = torch.sign((u.double() * ru.double()).sum(-2, keepdim=True))
+    tol = {"rtol": 1e-4, "atol": 1e-4 if scale > 1e-38 else 1e-2}  # subnormals keep fewer digits
+    torch.testing.assert_close((s / rs).double(), torch.ones(2, 4, dtype=torch.float64), **tol)
+    torch.testing.assert_close(u.double() * flip, ru.double(), **tol)
+    torch.testing.assert_close(vh.double() * flip.mT, rvh.double(), **tol)
+    rq, rsq = ref.polar(x)
+    torch.testing.assert_close(q.double(), rq.double(), **tol)
+    torch.testing.assert_close((sq / rsq).double(), torch.ones(2, 12, dtype=torch.float64), **tol)
+
+
 def test_polar_of_a_nearly_singular_long_matrix_falls_back_to_the_svd():
     """λ_min < 10⁻⁸·λ_max: the float64 Gram would lose Q's digits; the SVD gives the reference's Q."""
     x = torch.stack(

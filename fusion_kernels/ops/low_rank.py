@@ -45,17 +45,27 @@ def _by_svd_where(todo: torch.Tensor, a: torch.Tensor, outs: tuple, fn: Callable
             out[todo] = value.to(out.dtype)
 
 
+def _scaled(a: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every matrix of the batch a divided by the power of two 2ᵉ that brings its largest |entry|
+    into [1, 2), in ``dtype`` (exact but for the cast), and the float64 2ᵉ: the Gram of a matrix
+    of huge or tiny entries would overflow or underflow, while eigenvectors and the polar factor do
+    not depend on the scale (singular values scale with it)."""
+    _, exponent = torch.frexp(a.abs().amax(dim=(-2, -1)).double())
+    scale = torch.ldexp(torch.ones_like(exponent, dtype=torch.float64), exponent - 1)
+    return (a.double() / scale[:, None, None]).to(dtype), scale
+
+
 def _gram_triplets(a: torch.Tensor, k: int, dtype: torch.dtype) -> tuple:
     """The top k triplets (U, S, V) of every [p, q] matrix of the batch a (p >= q) from its Gram's
     eigenvectors in ``dtype``, in a's dtype, and which matrices they are accurate for."""
-    work = a.to(dtype)
+    work, scale = _scaled(a, dtype)
     lam, w = torch.linalg.eigh(work.mT @ work)  # ascending
     ok = (lam[:, -k] >= _TRUNCATED_RATIO[dtype] * lam[:, -1]) & (lam[:, -1] > 0)
     v = w[:, :, -k:].flip(-1)
     y = work @ v  # x·vᵢ = σᵢ·uᵢ
     s = torch.linalg.vector_norm(y, dim=-2)
     u = y / s.clamp_min(torch.finfo(dtype).tiny).unsqueeze(-2)
-    return u.to(a.dtype), s.to(a.dtype), v.to(a.dtype), ok
+    return u.to(a.dtype), (s.double() * scale[:, None]).to(a.dtype), v.to(a.dtype), ok
 
 
 def _truncated_by_gram(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,12 +95,12 @@ def _polar_by_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.numel() == 0 or max(m, n) < _POLAR_ASPECT * min(m, n):
         return ref.polar(x)
     a, wide = _tall(x)
-    work = a.double()
+    work, scale = _scaled(a, torch.float64)
     lam, w = torch.linalg.eigh(work.mT @ work)  # ascending
     ok = (lam[:, 0] >= _POLAR_RATIO * lam[:, -1]) & (lam[:, -1] > 0)
     inv_sqrt = lam.clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
     q = (work @ ((w * inv_sqrt.unsqueeze(-2)) @ w.mT)).to(x.dtype)
-    s = lam.flip(-1).clamp_min(0).sqrt().to(x.dtype)
+    s = (lam.flip(-1).clamp_min(0).sqrt() * scale[:, None]).to(x.dtype)
     _by_svd_where((~ok).nonzero().flatten(), a, (q, s), ref.polar)
     q = q.mT if wide else q
     return q.reshape(x.shape), s.reshape(*x.shape[:-2], s.shape[-1])
