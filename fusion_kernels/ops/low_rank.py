@@ -10,8 +10,8 @@ where it is not (measured on a 2-core VM, ``benchmarks/low_rank.py``):
   as the SVD's while λₖ ≥ 10⁻²·λ₁ (float32; 10⁻⁸·λ₁ in float64). A matrix below that is redone
   from a float64 Gram, and one below that too (nearly rank k) by SVD.
 - ``polar``: the Gram squares the condition number, so it is formed and decomposed in float64,
-  Q = x·W·Λ^(-1/2)·Wᵀ; that costs 1.5× a float32 SVD for a square matrix, 0.8× for one 4:3 and
-  0.4-0.8× from 2:1 on. Matrices under 5:4, and those with λ_min < 10⁻⁸·λ_max, go by SVD.
+  Q = x·W·Λ^(-1/2)·Wᵀ; that costs 1.1-1.4× a float32 SVD for a square matrix, 0.7-0.9× for one
+  4:3 and 0.4-0.7× from 2:1 on. Matrices under 5:4, and those with λ_min < 10⁻⁸·λ_max, go by SVD.
 """
 
 from __future__ import annotations
