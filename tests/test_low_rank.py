@@ -37,12 +37,6 @@ def separated(shape, dtype, seed=0) -> torch.Tensor:
     return spectrum_matrix(shape, torch.linspace(1.0, 0.3, r), seed).to(dtype).to(device())
 
 
-def same_signs(u: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """u with each column's sign flipped to agree with ``like``'s (a singular vector's sign is free)."""
-    sign = torch.sign((u.double() * like.double()).sum(-2, keepdim=True))
-    return (u.double() * torch.where(sign == 0, 1.0, sign)).to(u.dtype)
-
-
 def assert_triplets_close(got, want, dtype):
     (u, s, vh), (ru, rs, rvh) = got, want
     assert u.shape == ru.shape and s.shape == rs.shape and vh.shape == rvh.shape

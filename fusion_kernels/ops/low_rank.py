@@ -52,7 +52,7 @@ def _scaled(a: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Te
     not depend on the scale (singular values scale with it)."""
     _, exponent = torch.frexp(a.abs().amax(dim=(-2, -1)).double())
     scale = torch.ldexp(torch.ones_like(exponent, dtype=torch.float64), exponent - 1)
-    return (a.double() / scale[:, None, None]).to(dtype), scale
+    return (a.double() / scale[:, None, None]).to(dtype), scale  # a.double() may be the input itself
 
 
 def _gram_triplets(a: torch.Tensor, k: int, dtype: torch.dtype) -> tuple:
@@ -78,15 +78,14 @@ def _truncated_by_gram(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     if todo.numel() and first != torch.float64:
         u[todo], s[todo], v[todo], ok = _gram_triplets(a[todo], k, torch.float64)
         todo = todo[~ok]
-    _by_svd_where(todo, a, (u, s, v), lambda rest: _as_uv(ref.truncated_svd(rest, k)))
+    _by_svd_where(todo, a, (u, s, v), lambda rest: _uv(*ref.truncated_svd(rest, k)))
     if wide:  # x = (xᵀ)ᵀ = (U·S·Vᵀ)ᵀ = V·S·Uᵀ
         u, v = v, u
     lead = x.shape[:-2]
     return u.reshape(*lead, *u.shape[-2:]), s.reshape(*lead, k), v.mT.reshape(*lead, k, x.shape[-1])
 
 
-def _as_uv(usvh: tuple) -> tuple:
-    u, s, vh = usvh
+def _uv(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple:
     return u, s, vh.mT
 
 
@@ -106,16 +105,8 @@ def _polar_by_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.reshape(x.shape), s.reshape(*x.shape[:-2], s.shape[-1])
 
 
-def _torch_truncated(x, k):
-    return ref.truncated_svd(x, k)
-
-
-def _torch_polar(x):
-    return ref.polar(x)
-
-
-TRUNCATED_IMPLS = {"torch": _torch_truncated, "cpu": _truncated_by_gram}
-POLAR_IMPLS = {"torch": _torch_polar, "cpu": _polar_by_gram}
+TRUNCATED_IMPLS = {"torch": ref.truncated_svd, "cpu": _truncated_by_gram}
+POLAR_IMPLS = {"torch": ref.polar, "cpu": _polar_by_gram}
 
 
 def _check_matrices(op: str, x: object) -> torch.Tensor:
