@@ -40,10 +40,15 @@ def family_root(tmp_path_factory):
     return root
 
 
+CHUNKS = 4  # one probe process each, so that pytest-xdist's workers share them
+
+
 @pytest.mark.slow
-def test_every_method_and_dtype_stays_within_the_budget(family_root):
-    results = _probe(family_root, CASES + DOUBLE)
-    assert len(results) == len(CASES + DOUBLE)
+@pytest.mark.parametrize("chunk", range(CHUNKS))
+def test_every_method_and_dtype_stays_within_the_budget(family_root, chunk):
+    cases = (CASES + DOUBLE)[chunk::CHUNKS]
+    results = _probe(family_root, cases)
+    assert len(results) == len(cases)
     over = [
         f"{r['method']} dtype={r.get('dtype')} out_dtype={r.get('out_dtype')} filter_wise={r.get('filter_wise', False)}"
         f" budget {r['budget_bytes'] / 2**20:.0f} MiB: peak RSS {r['peak_rss'] / 2**20:.0f} MiB,"

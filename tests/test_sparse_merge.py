@@ -7,7 +7,7 @@ import zlib
 
 import pytest
 import torch
-from helpers import assert_close, assert_within_reference_error, inputs, randn, skip_if_interpreted
+from helpers import assert_close, assert_within_reference_error, device, inputs, randn, skip_if_interpreted
 
 import fusion_kernels as fk
 from fusion_kernels import reference as ref
@@ -45,7 +45,9 @@ def reference(base, xs, w, **kw):
 @pytest.mark.parametrize("with_base", [True, False], ids=["base", "no-base"])
 @pytest.mark.parametrize("sparsify, consensus, combine", list(itertools.product(SPARSIFY, CONSENSUS, COMBINE)))
 def test_option_matrix_matches_reference(backend, dtype, with_base, sparsify, consensus, combine):
-    base, *xs = inputs(4, (33, 65), dtype, seed=zlib.crc32(repr((sparsify, consensus, combine)).encode()) % 1000)
+    # 7 rows under Triton's interpreter, whose sort of 33 rows takes 1.5 s a case
+    shape = (7, 65) if backend == "triton" and device() == "cpu" else (33, 65)
+    base, *xs = inputs(4, shape, dtype, seed=zlib.crc32(repr((sparsify, consensus, combine)).encode()) % 1000)
     base = base if with_base else None
     w = [0.6, -0.3, 1.2]
     rescale = RESCALE[(SPARSIFY.index(sparsify) + COMBINE.index(combine)) % 3]
