@@ -161,6 +161,29 @@ std::vector<double> emr(uintptr_t unified, const Ptrs& masks, uintptr_t base, co
                                  [&](int64_t begin, int64_t end, double* sums) { fn(a, begin, end, sums); });
 }
 
+// SCE's float32 variances across the task vectors written into var; returns how many are not 0 (sce.h).
+int64_t sce_variance(uintptr_t var, uintptr_t base, const Ptrs& xs, int64_t numel, int dtype, int threads) {
+  ArgsHolder h(var, xs, std::vector<double>(xs.size(), 1.0), numel, dtype);
+  h.set_base(base);
+  const CountsFn fn = active_kernels().sce_variance[dtype];
+  if (fn == nullptr || base == 0) throw std::invalid_argument("sce_variance takes a base and float32, float16 or bfloat16");
+  return per_thread_sums<int64_t>(numel, plan_threads(numel * int64_t(xs.size()), threads), 1,
+                                  [&](int64_t begin, int64_t end, int64_t* sums) { fn(h.args, begin, end, sums); })[0];
+}
+
+// SCE's energies: per model, the sum of its squared task vector over the kept elements (mask: one
+// byte per element, or 0 for all) (sce.h).
+std::vector<double> sce_energies(uintptr_t base, const Ptrs& xs, uintptr_t mask, int64_t numel, int dtype,
+                                 int threads) {
+  ArgsHolder h(0, xs, std::vector<double>(xs.size(), 1.0), numel, dtype);
+  h.set_base(base);
+  h.args.mask = reinterpret_cast<const uint8_t*>(mask);
+  const SumsFn fn = active_kernels().sce_energies[dtype];
+  if (fn == nullptr || base == 0) throw std::invalid_argument("sce_energies takes a base and float32, float16 or bfloat16");
+  return per_thread_sums<double>(numel, plan_threads(numel * int64_t(xs.size()), threads), xs.size(),
+                                 [&](int64_t begin, int64_t end, double* sums) { fn(h.args, begin, end, sums); });
+}
+
 // arcee_fusion's importance into out (arcee.h), in blocks of rows handed out one at a time (a core
 // taken by the pipeline's reader or writer delays one block, not half the tensor); returns the rows
 // left unwritten because they hold a non-finite value.
@@ -286,6 +309,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("xs"), py::arg("bases"), py::arg("numels"), py::arg("models"), py::arg("ks"), py::arg("dtype"),
       py::arg("threads"), nogil);
   m.def("emr", &fk::emr, py::arg("unified"), py::arg("masks"), py::arg("base"), py::arg("xs"), py::arg("numel"),
+        py::arg("dtype"), py::arg("threads"), nogil);
+  m.def("sce_variance", &fk::sce_variance, py::arg("var"), py::arg("base"), py::arg("xs"), py::arg("numel"),
+        py::arg("dtype"), py::arg("threads"), nogil);
+  m.def("sce_energies", &fk::sce_energies, py::arg("base"), py::arg("xs"), py::arg("mask"), py::arg("numel"),
         py::arg("dtype"), py::arg("threads"), nogil);
   m.def("arcee_importance", &fk::arcee_importance, py::arg("out"), py::arg("base"), py::arg("x"), py::arg("dtype"),
         py::arg("rows"), py::arg("cols"), py::arg("eps"), py::arg("threads"), nogil);

@@ -28,6 +28,7 @@ struct MergeArgs {
   const double* wavg64 = nullptr;
   float eps32 = 0.f;
   double eps64 = 0.0;
+  const uint8_t* mask = nullptr;      // sce_energies: the kept elements (null: all)
 };
 
 using RangeFn = void (*)(const MergeArgs&, int64_t begin, int64_t end);

@@ -26,9 +26,10 @@ from . import spherical
 from .errors import FusionError, ParameterError, short_repr
 from .ops.arcee import arcee_importance, arcee_select
 from .ops.gram import gram
-from .ops.magnitude_prune import magnitude_prune, magnitude_thresholds
+from .ops.magnitude_prune import magnitude_prune, magnitude_threshold, magnitude_thresholds
 from .ops.nearswap import nearswap
 from .ops.ram_merge import ram_counts, ram_merge
+from .ops.sce import sce_energies, sce_variance
 from .ops.slerp import slerp
 from .ops.sparse_merge import sparse_merge
 from .ops.task_arithmetic import task_arithmetic
@@ -176,7 +177,6 @@ METHODS: dict[str, Method] = {
         "sce",
         {},
         {"select_topk": Param(1.0, float, 0.0, 1.0), "int8_mask": Param(False, bool)},
-        writes_out=False,
     ),
     "model_stock": Method("model_stock", {}, {"filter_wise": Param(False, bool)}, others=(2, None)),
     "arcee_fusion": Method("arcee_fusion", {}, {}, others=(1, 1)),
@@ -301,17 +301,22 @@ def merge_tensor(
         return model_stock(base, others, filter_wise=params["filter_wise"], out=out)
     if name == "arcee_fusion":
         return _arcee_fusion(base, others[0], out, scratch)
-    return _composite(name, base, others, params, out)
+    return _composite(name, base, others, params, out, scratch)
 
 
 def scratch_buffer_bytes(name: str, numel: int, dtype: torch.dtype) -> int:
     """Bytes of the ``scratch`` buffer :func:`merge_tensor` uses for method ``name`` on ``numel``
-    elements computed in ``dtype`` (0: none): arcee_fusion's fused importance, in the accumulation dtype."""
+    elements computed in ``dtype`` (0: none): arcee_fusion's fused importance and sce's variances,
+    in the accumulation dtype (and sce's mask, a byte each)."""
+    if name == "sce":
+        return numel * (accumulation_dtype(dtype).itemsize + 1)
     fused = name == "arcee_fusion" and _arcee_fused(numel, dtype)
     return numel * accumulation_dtype(dtype).itemsize if fused else 0
 
 
-def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str, Any], out=None) -> torch.Tensor:
+def _composite(
+    name: str, base, others: list[torch.Tensor], params: Mapping[str, Any], out=None, scratch=None
+) -> torch.Tensor:
     """The methods composed in :mod:`fusion_kernels.reference.composite`; a base, where given, is the
     origin of the spherical ones (they interpolate the task vectors)."""
     if name == "passthrough":
@@ -320,7 +325,7 @@ def _composite(name: str, base, others: list[torch.Tensor], params: Mapping[str,
     if name == "nearswap":
         return nearswap(base, others[0], params["t"], out=out)
     if name == "sce":
-        return _sce(base, others, params["select_topk"])
+        return _sce(base, others, params["select_topk"], out, scratch)
     if name == "ram":
         return ram_merge(base, others, params["epsilon"], out=out)
     if name == "ramplus_tl":  # RAM+'s counts over the whole tensor first, then one fused pass
@@ -356,10 +361,11 @@ def _chunks_of(base: torch.Tensor, others: list[torch.Tensor]):
         yield flat[0][where], [x[where] for x in flat[1:]], where
 
 
-def _by_chunks(fn, base: torch.Tensor, others: list[torch.Tensor]) -> torch.Tensor:
+def _by_chunks(fn, base: torch.Tensor, others: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
     """An elementwise composite ``fn(base, others, where)`` evaluated piece by piece into one
-    output: the same values, with float32 temporaries of one piece instead of the whole tensor."""
-    result = torch.empty(base.shape, dtype=base.dtype, device=base.device)
+    output (``out`` when given): the same values, with float32 temporaries of one piece instead of
+    the whole tensor."""
+    result = torch.empty(base.shape, dtype=base.dtype, device=base.device) if out is None else out
     flat = result.view(-1)
     for b, xs, where in _chunks_of(base, others):
         flat[where] = fn(b, xs, where)
@@ -411,47 +417,53 @@ def _quartiles(values: torch.Tensor) -> list[float]:
     return magnitude_thresholds(values, [n - int(f * (n - 1)) for f in (0.25, 0.5, 0.75)]).tolist()
 
 
-def _sce(base: torch.Tensor, others: list[torch.Tensor], density: float) -> torch.Tensor:
-    """reference.composite.sce's steps piece by piece; the top-k by variance by radix selection."""
+def _sce(
+    base: torch.Tensor,
+    others: list[torch.Tensor],
+    density: float,
+    out: torch.Tensor | None,
+    scratch: torch.Tensor | None,
+) -> torch.Tensor:
+    """reference.composite.sce's steps: the variances and energies by one pass each, the top-k by
+    variance by radix selection, the merge on the sparse engine; variances and mask in ``scratch``
+    when given (see :func:`scratch_buffer_bytes`)."""
     mask = None
     if density < 1:
-        var = torch.empty(base.numel(), dtype=torch.float32, device=base.device)
-        for b, xs, where in _chunks_of(base, others):
-            var[where] = composite.sce_variance(b, xs)
-        k = int(int(torch.count_nonzero(var)) * density)
-        mask = magnitude_prune(var, k=k) != 0 if k > 0 else torch.zeros_like(var, dtype=torch.bool)
+        var_buf = mask_buf = None
+        if scratch is not None:
+            wide = accumulation_dtype(base.dtype)
+            split = base.numel() * wide.itemsize
+            var_buf = scratch[:split].view(wide).view(base.shape)
+            mask_buf = scratch[split : split + base.numel()].view(torch.bool).view(base.shape)
+        var, nonzero = sce_variance(base, others, out=var_buf)
+        mask = _top_k_mask(var, int(nonzero * density), out=mask_buf)
         del var
-    weights = composite.sce_weights([e / max(base.numel(), 1) for e in _sce_energies(base, others, mask)])
+    weights = composite.sce_weights([e / max(base.numel(), 1) for e in sce_energies(base, others, mask)])
     if not any(0 < w < 1e-6 for w in weights):  # else the reference's 1e-6 floor on Σ agreeing wᵢ applies
         # the same election and weighted mean as the sparse engine's: one fused pass
-        masks = None if mask is None else [mask.view(base.shape)] * len(others)
-        return sparse_merge(base, others, weights, sparsify=None, masks=masks, elect_on="unweighted")
+        masks = None if mask is None else [mask] * len(others)
+        return sparse_merge(base, others, weights, sparsify=None, masks=masks, elect_on="unweighted", out=out)
+    flat_mask = None if mask is None else mask.view(-1)
     return _by_chunks(
-        lambda b, xs, where: composite.sce_combine(b, xs, None if mask is None else mask[where], weights), base, others
+        lambda b, xs, where: composite.sce_combine(b, xs, None if mask is None else flat_mask[where], weights),
+        base,
+        others,
+        out,
     )
 
 
-SCE_ENERGY_CHUNK = 1 << 20  # elements per Gram call of masked energies: its per-call overhead stays small
-BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _sce_energies(base: torch.Tensor, others: list[torch.Tensor], mask: torch.Tensor | None) -> list[float]:
-    """reference.composite.sce_energies: Σ (mask·(xᵢ − base))², the diagonal of the task vectors'
-    float64 Gram matrix; where the mask drops an element, xᵢ takes the base's bits there (a bitwise
-    select: torch.where on 16-bit floats costs several times more)."""
-    if base.numel() == 0:
-        return [0.0] * len(others)
-    if mask is None:
-        return gram(others, base).diagonal(dim1=1, dim2=2).sum(0).tolist()
-    bits = BITS[base.element_size()]
-    flat_b, flat_xs = base.reshape(-1).view(bits), [x.reshape(-1).view(bits) for x in others]
-    total = torch.zeros(len(others), dtype=torch.float64, device=base.device)
-    for start in range(0, base.numel(), SCE_ENERGY_CHUNK):
-        where = slice(start, start + SCE_ENERGY_CHUNK)
-        keep, b = mask[where].to(bits).neg_(), flat_b[where]
-        kept = [((x[where] ^ b) & keep).bitwise_xor_(b).view(base.dtype) for x in flat_xs]
-        total += gram(kept, b.view(base.dtype))[0].diagonal()
-    return total.tolist()
+def _top_k_mask(values: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The k largest of non-negative ``values`` (ties at the threshold: lowest index; NaN ranks
+    above inf): values ≥ the k-th largest where exactly k reach it, else by magnitude_prune.
+    Written into the bool tensor ``out`` when given."""
+    if out is None:
+        out = torch.empty(values.shape, dtype=torch.bool, device=values.device)
+    if k <= 0:
+        return out.zero_()
+    torch.ge(values, magnitude_threshold(values, k=k), out=out)
+    if int(torch.count_nonzero(out)) != k:
+        torch.ne(magnitude_prune(values, k=k), 0, out=out)
+    return out
 
 
 MODEL_STOCK_CHUNK = 1 << 20  # elements per step of model_stock's float64 passes: bounds its scratch memory

@@ -8,6 +8,7 @@
 #include "magmax.h"
 #include "nearswap.h"
 #include "ram_merge.h"
+#include "sce.h"
 #include "sign_tally.h"
 #include "threshold_scan.h"
 #include "sinkhorn_kernels.h"
@@ -46,6 +47,8 @@ KernelTable make_kernel_table() {
   FK_FILL_SPARSE(t, sign_tally, sign_tally_range, V, S)
   FK_FILL_SPARSE(t, threshold_scan, threshold_scan_range, V, S)
   FK_FILL_SPARSE(t, emr, emr_range, V, S)
+  FK_FILL_SPARSE(t, sce_variance, sce_variance_range, V, S)
+  FK_FILL_SPARSE(t, sce_energies, sce_energies_range, V, S)
   FK_FILL_SPARSE(t, sparse_merge, sparse_merge_range, V, S)
   FK_FILL_SPARSE(t, bracket, bracket_range, V, S)
   FK_FILL_SPARSE(t, kept_l1, kept_l1_range, V, S)

@@ -15,6 +15,9 @@ using GramFn = void (*)(double* out, const void* const* xs, int n, const void* b
 // model (ram_merge.h), TIES' sign balance and ties (sign_tally.h).
 using CountsFn = void (*)(const MergeArgs& a, int64_t begin, int64_t end, int64_t* counts);
 
+// Passes over [begin, end) that add float64 sums into sums: SCE's energies (sce.h).
+using SumsFn = void (*)(const MergeArgs& a, int64_t begin, int64_t end, double* sums);
+
 // One tensor of one model in global_threshold's counting sweep (threshold_scan.h).
 struct ThresholdScanArgs {
   const void* x = nullptr;
@@ -67,6 +70,8 @@ struct KernelTable {
   RangeFn arcee_select[kNumDTypes];
   RangeFn nearswap[kNumDTypes];
   SlerpFn slerp[kNumDTypes];  // float32, float16 and bfloat16 only (null for float64)
+  CountsFn sce_variance[kNumDTypes];  // float32, float16 and bfloat16 only
+  SumsFn sce_energies[kNumDTypes];    // float32, float16 and bfloat16 only
 };
 
 const KernelTable& portable_kernels();

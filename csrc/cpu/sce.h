@@ -1,0 +1,78 @@
+// SCE's statistics (select, calculate), one pass each over the inputs, no task vector stored.
+// Semantics: fusion_kernels/reference/composite.py (sce_variance, sce_energies), in its float32
+// steps and order, so that the variances are bit for bit the reference's (they decide the top-k):
+//   tau_k = x_k - base,  mean = (tau_0 + ... + tau_{n-1}) / n,
+//   var = ((tau_0 - mean)^2 + ... + (tau_{n-1} - mean)^2) / n          (sce_variance_range)
+//   energy_k = sum over kept elements of tau_k^2                       (sce_energies_range)
+// Included by each ISA's translation unit (kernel_table.h): plain arrays only, no library code.
+#pragma once
+#include <algorithm>
+#include <type_traits>
+
+#include "lanes.h"
+
+namespace fk {
+namespace {
+
+constexpr int64_t kSceRun = 1024;  // elements per partial sum: exact int32 counts, short float sums
+
+// a.out: float32 variances written; nonzero[0] += how many of them are not 0 (NaN counts).
+template <class V, class S, class T>
+void sce_variance_range(const MergeArgs& a, int64_t begin, int64_t end, int64_t* nonzero) {
+  const T* const* xs = reinterpret_cast<const T* const*>(a.xs);
+  const T* base = static_cast<const T*>(a.base);
+  float* var = static_cast<float*>(a.out);
+  for (int64_t r0 = begin; r0 < end; r0 += kSceRun) {
+    const int64_t r1 = std::min(end, r0 + kSceRun);
+    typename V::I count = V::iset1(0);
+    typename S::I count_tail = S::iset1(0);
+    for_each_lane<V, S>(r0, r1, [&](auto lane, int64_t i) {
+      using L = decltype(lane);
+      const auto b = L::load(base + i), n = L::set1(float(a.n));
+      auto total = L::sub(L::load(xs[0] + i), b);
+      for (int k = 1; k < a.n; ++k) total = L::add(total, L::sub(L::load(xs[k] + i), b));
+      const auto mean = L::div(total, n);
+      auto squares = L::zero();
+      for (int k = 0; k < a.n; ++k) {
+        const auto d = L::sub(L::sub(L::load(xs[k] + i), b), mean);
+        squares = L::add(squares, L::mul(d, d));
+      }
+      const auto v = L::div(squares, n);
+      L::store(var + i, v);
+      const auto is_nonzero = L::mandnot(L::mall(), L::feq(v, L::zero()));
+      if constexpr (std::is_same_v<L, V>)
+        count = V::count_if(count, is_nonzero);
+      else
+        count_tail = S::count_if(count_tail, is_nonzero);
+    });
+    nonzero[0] += V::ihsum(count) + S::ihsum(count_tail);
+  }
+}
+
+// a.mask: the kept elements (one byte each; null: all); sums[k] += sum of kept tau_k^2, the squares
+// added in float32 over runs of kSceRun elements and the runs in float64.
+template <class V, class S, class T>
+void sce_energies_range(const MergeArgs& a, int64_t begin, int64_t end, double* sums) {
+  const T* const* xs = reinterpret_cast<const T* const*>(a.xs);
+  const T* base = static_cast<const T*>(a.base);
+  for (int64_t r0 = begin; r0 < end; r0 += kSceRun) {
+    const int64_t r1 = std::min(end, r0 + kSceRun);
+    for (int k = 0; k < a.n; ++k) {
+      typename V::R total = V::zero();
+      typename S::R total_tail = S::zero();
+      for_each_lane<V, S>(r0, r1, [&](auto lane, int64_t i) {
+        using L = decltype(lane);
+        auto tau = L::sub(L::load(xs[k] + i), L::load(base + i));
+        if (a.mask != nullptr) tau = L::keep_if(L::load_mask8(a.mask + i), tau);
+        if constexpr (std::is_same_v<L, V>)
+          total = V::add(total, V::mul(tau, tau));
+        else
+          total_tail = S::add(total_tail, S::mul(tau, tau));
+      });
+      sums[k] += double(V::hsum(total)) + double(S::hsum(total_tail));
+    }
+  }
+}
+
+}  // namespace
+}  // namespace fk

@@ -1,0 +1,108 @@
+"""``sce_variance`` and ``sce_energies``: SCE's select and calculate statistics, one pass each."""
+
+from collections.abc import Sequence
+
+import torch
+
+from .. import _native, _validate
+from .._dispatch import select
+from ..errors import ShapeError
+from ..reference import composite
+from ..reference.weighted_sum import accumulation_dtype
+
+CHUNK = 1 << 18  # elements per step of the torch backend: its float32 temporaries stay small
+
+
+def _pieces(base, xs):
+    flat = [x.reshape(-1) for x in [base, *xs]]
+    for start in range(0, base.numel(), CHUNK):
+        where = slice(start, start + CHUNK)
+        yield where, flat[0][where], [x[where] for x in flat[1:]]
+
+
+def _variance_torch(var, base, xs):
+    for where, b, pieces in _pieces(base, xs):
+        var.view(-1)[where] = composite.sce_variance(b, pieces)
+    return int(torch.count_nonzero(var))
+
+
+def _variance_cpu(var, base, xs):
+    if base.numel() == 0:  # no data pointer to hand over
+        return 0
+    code = _native.dtype_code(base.dtype)
+    return _native.lib().sce_variance(
+        var.data_ptr(), base.data_ptr(), _native.pointers(xs), base.numel(), code, _native.threads()
+    )
+
+
+def _energies_torch(base, xs, mask):
+    totals = [0.0] * len(xs)
+    for where, b, pieces in _pieces(base, xs):
+        part = composite.sce_energies(b, pieces, None if mask is None else mask.reshape(-1)[where])
+        totals = [t + e for t, e in zip(totals, part, strict=True)]
+    return totals
+
+
+def _energies_cpu(base, xs, mask):
+    if base.numel() == 0:
+        return [0.0] * len(xs)
+    code = _native.dtype_code(base.dtype)
+    where = 0 if mask is None else mask.data_ptr()
+    return _native.lib().sce_energies(
+        base.data_ptr(), _native.pointers(xs), where, base.numel(), code, _native.threads()
+    )
+
+
+# the C++ kernels take 16- and 32-bit floats; float64 runs on the torch backend
+_variance_cpu.dtypes = _energies_cpu.dtypes = (torch.float32, torch.float16, torch.bfloat16)
+VARIANCE_IMPLS = {"torch": _variance_torch, "cpu": _variance_cpu}
+ENERGIES_IMPLS = {"torch": _energies_torch, "cpu": _energies_cpu}
+
+
+def _check(op: str, base, xs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    base = _validate.check_tensor(op, "base", base)
+    _validate.check_float(op, "base", base)
+    xs = _validate.tensor_list(op, "xs", xs)
+    _validate.inputs_like(op, "xs", xs, base, "base")
+    return base.contiguous(), [x.contiguous() for x in xs]
+
+
+def sce_variance(
+    base: torch.Tensor, xs: Sequence[torch.Tensor] | torch.Tensor, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
+    """SCE's select statistic (mergekit's ``sce``): each element's variance across the task vectors
+    τᵢ = xᵢ − base, in float32 (float64 for float64 inputs), in the reference's order of operations::
+
+        mean = Σᵢ τᵢ / N,   var = Σᵢ (τᵢ − mean)² / N
+
+    Returns (var shaped like ``base``, how many variances are not 0): SCE keeps the
+    ⌊select_topk · nonzero⌋ elements of largest variance. ``out``: a contiguous tensor of that
+    shape and dtype, apart from the inputs, to write the variances into."""
+    op = "sce_variance"
+    base, xs = _check(op, base, xs)
+    like = base.new_empty((), dtype=accumulation_dtype(base.dtype)).expand(base.shape)
+    if out is None:
+        out = torch.empty(base.shape, dtype=like.dtype, device=base.device)
+    else:
+        _validate.check_out(op, out, like, "base, in its working precision", {})
+        if not out.is_contiguous():
+            raise ShapeError(f"{op}: argument 'out' expected a contiguous tensor, got strides {tuple(out.stride())}")
+        _validate.check_overlap(op, out, {"base": base, **{f"xs[{i}]": x for i, x in enumerate(xs)}}, may_alias=False)
+    nonzero = select(op, VARIANCE_IMPLS, base.device, base.dtype, (out, base, xs))(out, base, xs)
+    return out, nonzero
+
+
+def sce_energies(
+    base: torch.Tensor, xs: Sequence[torch.Tensor] | torch.Tensor, mask: torch.Tensor | None = None
+) -> list[float]:
+    """SCE's calculate statistic: per model, Σ (maskᵢ·τᵢ)² over the kept elements (``mask``: a bool
+    tensor shaped like ``base``; None keeps all), accumulated in float64 (the cpu backend squares and
+    adds in float32 within runs of 1024 elements). Returns N floats."""
+    op = "sce_energies"
+    base, xs = _check(op, base, xs)
+    if mask is not None:
+        mask = _validate.check_tensor(op, "mask", mask)
+        _validate.check_like(op, "mask", mask, base.new_empty(base.shape, dtype=torch.bool), "base, as bool")
+        mask = mask.contiguous()
+    impl = select(op, ENERGIES_IMPLS, base.device, base.dtype, (base, xs, mask))
+    return [float(e) for e in impl(base, xs, mask)]
