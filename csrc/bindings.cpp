@@ -184,6 +184,42 @@ std::vector<double> sce_energies(uintptr_t base, const Ptrs& xs, uintptr_t mask,
                                  [&](int64_t begin, int64_t end, double* sums) { fn(h.args, begin, end, sums); });
 }
 
+// SCE's mask of the k largest variances, given the k-th largest (threshold), written into mask
+// (a byte each; ties at the threshold: the lowest indices), with the energies over it: returns
+// [energy_0, ..., energy_{n-1}, kept] (sce.h). Two passes on the same split: the counts above and
+// at the threshold per piece, which give each piece its share of the ties; then mask and energies.
+std::vector<double> sce_select(uintptr_t mask, uintptr_t base, const Ptrs& xs, uintptr_t var, double threshold,
+                               int64_t k, int64_t numel, int dtype, int threads) {
+  ArgsHolder h(mask, xs, std::vector<double>(xs.size(), 1.0), numel, dtype);
+  h.set_base(base);
+  h.set_eps(threshold);
+  h.fs.assign(1, reinterpret_cast<const void*>(var));
+  h.args.fs = h.fs.data();
+  const CountsFn tally = active_kernels().sce_tally[dtype];
+  const SceSelectFn fn = active_kernels().sce_select[dtype];
+  if (fn == nullptr || base == 0 || var == 0 || mask == 0)
+    throw std::invalid_argument("sce_select takes a base, variances, a mask and float32, float16 or bfloat16");
+  const int t = std::max(plan_threads(numel * int64_t(xs.size()), threads), 1);
+  std::vector<int64_t> counts(2 * size_t(t), 0);
+  parallel_pieces(numel, t, [&](int id, int64_t begin, int64_t end) {
+    if (begin < end) tally(h.args, begin, end, counts.data() + 2 * id);
+  });
+  int64_t ties = k;
+  for (int id = 0; id < t; ++id) ties -= counts[2 * size_t(id)];
+  std::vector<int64_t> share(size_t(t), 0);
+  for (int id = 0; id < t; ++id) {
+    share[size_t(id)] = std::max<int64_t>(0, std::min(ties, counts[2 * size_t(id) + 1]));
+    ties -= share[size_t(id)];
+  }
+  const size_t slots = xs.size() + 1;
+  std::vector<double> partial(slots * size_t(t), 0.0), total(slots, 0.0);
+  parallel_pieces(numel, t, [&](int id, int64_t begin, int64_t end) {
+    if (begin < end) fn(h.args, begin, end, share[size_t(id)], partial.data() + slots * size_t(id));
+  });
+  for (size_t i = 0; i < partial.size(); ++i) total[i % slots] += partial[i];
+  return total;
+}
+
 // arcee_fusion's importance into out (arcee.h), in blocks of rows handed out one at a time (a core
 // taken by the pipeline's reader or writer delays one block, not half the tensor); returns the rows
 // left unwritten because they hold a non-finite value.
@@ -314,6 +350,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("dtype"), py::arg("threads"), nogil);
   m.def("sce_energies", &fk::sce_energies, py::arg("base"), py::arg("xs"), py::arg("mask"), py::arg("numel"),
         py::arg("dtype"), py::arg("threads"), nogil);
+  m.def("sce_select", &fk::sce_select, py::arg("mask"), py::arg("base"), py::arg("xs"), py::arg("var"),
+        py::arg("threshold"), py::arg("k"), py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
   m.def("arcee_importance", &fk::arcee_importance, py::arg("out"), py::arg("base"), py::arg("x"), py::arg("dtype"),
         py::arg("rows"), py::arg("cols"), py::arg("eps"), py::arg("threads"), nogil);
   m.def("arcee_select", &fk::arcee_select, py::arg("out"), py::arg("base"), py::arg("x"), py::arg("importance"),

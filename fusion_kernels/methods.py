@@ -29,7 +29,7 @@ from .ops.gram import gram
 from .ops.magnitude_prune import magnitude_prune, magnitude_threshold, magnitude_thresholds
 from .ops.nearswap import nearswap
 from .ops.ram_merge import ram_counts, ram_merge
-from .ops.sce import sce_energies, sce_variance
+from .ops.sce import sce_energies, sce_select, sce_variance
 from .ops.slerp import slerp
 from .ops.sparse_merge import sparse_merge
 from .ops.task_arithmetic import task_arithmetic
@@ -424,10 +424,10 @@ def _sce(
     out: torch.Tensor | None,
     scratch: torch.Tensor | None,
 ) -> torch.Tensor:
-    """reference.composite.sce's steps: the variances and energies by one pass each, the top-k by
-    variance by radix selection, the merge on the sparse engine; variances and mask in ``scratch``
-    when given (see :func:`scratch_buffer_bytes`)."""
-    mask = None
+    """reference.composite.sce's steps: the variances by one pass, the top-k by variance (its
+    threshold by radix selection, the mask and the energies over it by one more pass), the merge on
+    the sparse engine; variances and mask in ``scratch`` when given (see :func:`scratch_buffer_bytes`)."""
+    mask = energies = None
     if density < 1:
         var_buf = mask_buf = None
         if scratch is not None:
@@ -436,9 +436,11 @@ def _sce(
             var_buf = scratch[:split].view(wide).view(base.shape)
             mask_buf = scratch[split : split + base.numel()].view(torch.bool).view(base.shape)
         var, nonzero = sce_variance(base, others, out=var_buf)
-        mask = _top_k_mask(var, int(nonzero * density), out=mask_buf)
+        mask, energies = _sce_top_k(base, others, var, int(nonzero * density), mask_buf)
         del var
-    weights = composite.sce_weights([e / max(base.numel(), 1) for e in sce_energies(base, others, mask)])
+    if energies is None:
+        energies = sce_energies(base, others, mask)
+    weights = composite.sce_weights([e / max(base.numel(), 1) for e in energies])
     if not any(0 < w < 1e-6 for w in weights):  # else the reference's 1e-6 floor on Σ agreeing wᵢ applies
         # the same election and weighted mean as the sparse engine's: one fused pass
         masks = None if mask is None else [mask] * len(others)
@@ -452,18 +454,20 @@ def _sce(
     )
 
 
-def _top_k_mask(values: torch.Tensor, k: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The k largest of non-negative ``values`` (ties at the threshold: lowest index; NaN ranks
-    above inf): values ≥ the k-th largest where exactly k reach it, else by magnitude_prune.
-    Written into the bool tensor ``out`` when given."""
+def _sce_top_k(base, others, var: torch.Tensor, k: int, out: torch.Tensor | None):
+    """The mask of the k largest variances (ties at the threshold: lowest index; NaN ranks above
+    inf) and the energies over it (None where the k-th largest is not finite: the mask then comes
+    from magnitude_prune). Returns (mask, energies)."""
     if out is None:
-        out = torch.empty(values.shape, dtype=torch.bool, device=values.device)
+        out = torch.empty(var.shape, dtype=torch.bool, device=var.device)
     if k <= 0:
-        return out.zero_()
-    torch.ge(values, magnitude_threshold(values, k=k), out=out)
-    if int(torch.count_nonzero(out)) != k:
-        torch.ne(magnitude_prune(values, k=k), 0, out=out)
-    return out
+        return out.zero_(), [0.0] * len(others)
+    threshold = float(magnitude_threshold(var, k=k))
+    if math.isfinite(threshold):
+        mask, _, energies = sce_select(base, others, var, threshold, k, out=out)
+        return mask, energies
+    torch.ne(magnitude_prune(var, k=k), 0, out=out)
+    return out, None
 
 
 MODEL_STOCK_CHUNK = 1 << 20  # elements per step of model_stock's float64 passes: bounds its scratch memory

@@ -9,6 +9,7 @@ from helpers import DTYPES, assert_peer_close, assert_refused, device, randn
 
 import fusion_kernels as fk
 from fusion_kernels import methods
+from fusion_kernels import reference as ref
 from fusion_kernels.errors import AliasError, ArgumentTypeError, DTypeError, ShapeError
 from fusion_kernels.reference import composite
 
@@ -123,21 +124,72 @@ def test_bad_input(call, error, argument):
     assert_refused(call, error, argument)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(4099,), (33, 129), (0, 8), (1,)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 0.7, 1.0])
+def test_select_keeps_the_top_k(backend, dtype, shape, density):
+    """The mask equals the reference's top-k mask (ties at the threshold by lowest index: the
+    variances of two bf16/fp16 task vectors are discrete, many equal), its count is k, the energies
+    over it to float32 rounding."""
+    base, xs = _family(2, shape, dtype, seed=5)
+    var, nonzero = fk.sce_variance(base, xs)
+    k = int(nonzero * density)
+    threshold = float(fk.magnitude_threshold(var, k=k)) if k else 0.0
+    out = torch.ones(shape, dtype=torch.bool, device=device())
+    mask, kept, energies = fk.sce_select(base, xs, var, threshold, k, out=out)
+    expected = ref.top_k_mask(var.cpu(), k)
+    assert mask is out and torch.equal(mask.cpu(), expected) and kept == k
+    want = composite.sce_energies(base.cpu(), [x.cpu() for x in xs], expected)
+    assert energies == pytest.approx(want, rel=2e-6, abs=0)
+
+
+def test_select_shares_the_ties_between_threads_in_index_order(backend):
+    """Every variance equal: the first k elements are kept, however the threads split them."""
+    n = 1 << 16
+    base, xs = torch.zeros(n, device=device()), [torch.ones(n, device=device()), -torch.ones(n, device=device())]
+    var, _ = fk.sce_variance(base, xs)
+    for k in (1, 777, n // 2 + 3, n):
+        mask, kept, energies = fk.sce_select(base, xs, var, 1.0, k)
+        assert kept == k and bool(mask[:k].all()) and not bool(mask[k:].any())
+        assert energies == [float(k), float(k)]
+
+
+def test_bad_select_input_is_refused():
+    base, xs = _family(2, (6, 4), torch.bfloat16)
+    var, _ = fk.sce_variance(base, xs)
+    with pytest.raises(DTypeError, match="'var'"):
+        fk.sce_select(base, xs, var.bfloat16(), 0.1, 3)
+    with pytest.raises(ShapeError, match="'var'"):
+        fk.sce_select(base, xs, var[:3], 0.1, 3)
+    with pytest.raises(fk.WeightError, match="'threshold'"):
+        fk.sce_select(base, xs, var, float("inf"), 3)
+    with pytest.raises(fk.WeightError, match="'k'"):
+        fk.sce_select(base, xs, var, 0.1, 25)
+    with pytest.raises(DTypeError, match="'out'"):
+        fk.sce_select(base, xs, var, 0.1, 3, out=torch.empty(6, 4))
+
+
 @pytest.mark.parametrize(
     "values, k, kept",
     [
         ([3.0, 1.0, 2.0, 2.0, 2.0, 0.0], 3, [0, 2, 3]),  # a tie at the threshold: the lowest indices
         ([1.0, float("nan"), 5.0, 0.0], 2, [1, 2]),  # NaN ranks above every number
-        ([0.5, 4.0, 0.25, 3.0], 2, [1, 3]),  # no tie: values >= the k-th largest
+        ([1.0, float("inf"), 5.0, 0.0], 1, [1]),  # an infinite threshold
+        ([0.5, 4.0, 0.25, 3.0], 2, [1, 3]),  # no tie: values >= the k-th largest, one pass
+        ([0.5, 4.0, 0.25, 3.0], 0, []),
     ],
 )
-def test_top_k_mask_keeps_the_lowest_index_at_a_tie_and_nan_first(values, k, kept):
-    v = torch.tensor(values)
-    got = methods._top_k_mask(v, k)
-    assert got.nonzero().view(-1).tolist() == kept
+def test_sce_top_k_keeps_the_lowest_index_at_a_tie_and_nan_first(values, k, kept):
+    """The method's mask: exactly k elements, by sce_select (with the energies over it), or by
+    magnitude_prune where the k-th largest is not finite (then without energies)."""
+    var = torch.tensor(values)
+    base = torch.zeros(len(values))
+    x = torch.arange(1.0, len(values) + 1)
     out = torch.ones(len(values), dtype=torch.bool)
-    assert methods._top_k_mask(v, k, out=out) is out and torch.equal(out, got)
-    assert not methods._top_k_mask(v, 0, out=out).any()
+    mask, energies = methods._sce_top_k(base, [x], var, k, out)
+    assert mask is out and mask.nonzero().view(-1).tolist() == kept
+    if energies is not None:
+        assert energies == [float(sum((i + 1.0) ** 2 for i in kept))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)

@@ -49,6 +49,8 @@ KernelTable make_kernel_table() {
   FK_FILL_SPARSE(t, emr, emr_range, V, S)
   FK_FILL_SPARSE(t, sce_variance, sce_variance_range, V, S)
   FK_FILL_SPARSE(t, sce_energies, sce_energies_range, V, S)
+  FK_FILL_SPARSE(t, sce_tally, sce_tally_range, V, S)
+  FK_FILL_SPARSE(t, sce_select, sce_select_range, V, S)
   FK_FILL_SPARSE(t, sparse_merge, sparse_merge_range, V, S)
   FK_FILL_SPARSE(t, bracket, bracket_range, V, S)
   FK_FILL_SPARSE(t, kept_l1, kept_l1_range, V, S)

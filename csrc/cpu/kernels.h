@@ -15,8 +15,10 @@ using GramFn = void (*)(double* out, const void* const* xs, int n, const void* b
 // model (ram_merge.h), TIES' sign balance and ties (sign_tally.h).
 using CountsFn = void (*)(const MergeArgs& a, int64_t begin, int64_t end, int64_t* counts);
 
-// Passes over [begin, end) that add float64 sums into sums: SCE's energies (sce.h).
+// Passes over [begin, end) that add float64 sums into sums: SCE's energies (sce.h); and its mask,
+// keeping `ties` of the elements equal to its threshold.
 using SumsFn = void (*)(const MergeArgs& a, int64_t begin, int64_t end, double* sums);
+using SceSelectFn = void (*)(const MergeArgs& a, int64_t begin, int64_t end, int64_t ties, double* sums);
 
 // One tensor of one model in global_threshold's counting sweep (threshold_scan.h).
 struct ThresholdScanArgs {
@@ -72,6 +74,8 @@ struct KernelTable {
   SlerpFn slerp[kNumDTypes];  // float32, float16 and bfloat16 only (null for float64)
   CountsFn sce_variance[kNumDTypes];  // float32, float16 and bfloat16 only
   SumsFn sce_energies[kNumDTypes];    // float32, float16 and bfloat16 only
+  CountsFn sce_tally[kNumDTypes];     // float32, float16 and bfloat16 only
+  SceSelectFn sce_select[kNumDTypes];  // float32, float16 and bfloat16 only
 };
 
 const KernelTable& portable_kernels();

@@ -4,6 +4,8 @@
 //   tau_k = x_k - base,  mean = (tau_0 + ... + tau_{n-1}) / n,
 //   var = ((tau_0 - mean)^2 + ... + (tau_{n-1} - mean)^2) / n          (sce_variance_range)
 //   energy_k = sum over kept elements of tau_k^2                       (sce_energies_range)
+//   kept = the k largest var given the k-th, t: var > t and the first ties (sce_tally_range,
+//   sce_select_range), with the energies over it
 // Included by each ISA's translation unit (kernel_table.h): plain arrays only, no library code.
 #pragma once
 #include <algorithm>
@@ -72,6 +74,69 @@ void sce_energies_range(const MergeArgs& a, int64_t begin, int64_t end, double* 
       sums[k] += double(V::hsum(total)) + double(S::hsum(total_tail));
     }
   }
+}
+
+// a.fs[0]: the float32 variances, a.eps32: the threshold t. counts[0] += those above t (NaN
+// included: it ranks above every number), counts[1] += those equal to t.
+template <class V, class S, class T>
+void sce_tally_range(const MergeArgs& a, int64_t begin, int64_t end, int64_t* counts) {
+  const float* var = static_cast<const float*>(a.fs[0]);
+  for (int64_t r0 = begin; r0 < end; r0 += kSceRun) {
+    const int64_t r1 = std::min(end, r0 + kSceRun);
+    typename V::I above = V::iset1(0), equal = V::iset1(0);
+    typename S::I above_tail = S::iset1(0), equal_tail = S::iset1(0);
+    for_each_lane<V, S>(r0, r1, [&](auto lane, int64_t i) {
+      using L = decltype(lane);
+      const auto v = L::load(var + i), t = L::set1(a.eps32);
+      if constexpr (std::is_same_v<L, V>) {
+        above = V::count_if(above, V::mandnot(V::mall(), V::fge(t, v)));
+        equal = V::count_if(equal, V::feq(v, t));
+      } else {
+        above_tail = S::count_if(above_tail, S::mandnot(S::mall(), S::fge(t, v)));
+        equal_tail = S::count_if(equal_tail, S::feq(v, t));
+      }
+    });
+    counts[0] += V::ihsum(above) + S::ihsum(above_tail);
+    counts[1] += V::ihsum(equal) + S::ihsum(equal_tail);
+  }
+}
+
+// The mask of [begin, end) written into a.out (a byte each): the variances above a.eps32 (NaN
+// included) and the first `ties` of those equal to it; sums[k] += sum of tau_k^2 over it, as
+// sce_energies_range; sums[n] += its count.
+template <class V, class S, class T>
+void sce_select_range(const MergeArgs& a, int64_t begin, int64_t end, int64_t ties, double* sums) {
+  const T* const* xs = reinterpret_cast<const T* const*>(a.xs);
+  const T* base = static_cast<const T*>(a.base);
+  const float* var = static_cast<const float*>(a.fs[0]);
+  uint8_t* mask = static_cast<uint8_t*>(a.out);
+  int64_t kept = 0;
+  for (int64_t r0 = begin; r0 < end; r0 += kSceRun) {
+    const int64_t r1 = std::min(end, r0 + kSceRun);
+    for_each_lane<V, S>(r0, r1, [&](auto lane, int64_t i) {
+      using L = decltype(lane);
+      const auto v = L::load(var + i), t = L::set1(a.eps32);
+      int keep = L::movemask(L::mandnot(L::mall(), L::fge(t, v)));
+      for (int tied = L::movemask(L::feq(v, t)); tied != 0 && ties > 0; tied &= tied - 1, --ties)
+        keep |= tied & -tied;  // the lowest tied lane: ties are kept in index order
+      for (int u = 0; u < L::width; ++u) mask[i + u] = uint8_t((keep >> u) & 1);
+      kept += __builtin_popcount(unsigned(keep));
+    });
+    for (int k = 0; k < a.n; ++k) {
+      typename V::R total = V::zero();
+      typename S::R total_tail = S::zero();
+      for_each_lane<V, S>(r0, r1, [&](auto lane, int64_t i) {
+        using L = decltype(lane);
+        const auto tau = L::keep_if(L::load_mask8(mask + i), L::sub(L::load(xs[k] + i), L::load(base + i)));
+        if constexpr (std::is_same_v<L, V>)
+          total = V::add(total, V::mul(tau, tau));
+        else
+          total_tail = S::add(total_tail, S::mul(tau, tau));
+      });
+      sums[k] += double(V::hsum(total)) + double(S::hsum(total_tail));
+    }
+  }
+  sums[a.n] += double(kept);
 }
 
 }  // namespace

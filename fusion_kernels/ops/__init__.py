@@ -11,7 +11,7 @@ from .magnitude_prune import global_magnitude_threshold, magnitude_prune, magnit
 from .nearswap import nearswap
 from .permute import permute, permute_many
 from .ram_merge import ram_counts, ram_merge
-from .sce import sce_energies, sce_variance
+from .sce import sce_energies, sce_select, sce_variance
 from .sinkhorn import SinkhornResult, sinkhorn
 from .slerp import slerp
 from .sparse_merge import breadcrumbs_merge, dare_merge, della_merge, sign_tally, sparse_merge, ties_merge
@@ -40,6 +40,7 @@ __all__ = [
     "ram_counts",
     "ram_merge",
     "sce_energies",
+    "sce_select",
     "sce_variance",
     "SinkhornResult",
     "sign_tally",

@@ -1,4 +1,5 @@
-"""``sce_variance`` and ``sce_energies``: SCE's select and calculate statistics, one pass each."""
+"""``sce_variance``, ``sce_select`` and ``sce_energies``: SCE's select and calculate statistics, one
+pass each."""
 
 from collections.abc import Sequence
 
@@ -6,7 +7,7 @@ import torch
 
 from .. import _native, _validate
 from .._dispatch import select
-from ..errors import ShapeError
+from ..errors import ShapeError, WeightError
 from ..reference import composite
 from ..reference.weighted_sum import accumulation_dtype
 
@@ -53,10 +54,42 @@ def _energies_cpu(base, xs, mask):
     )
 
 
+def _select_torch(mask, base, xs, var, threshold, k):
+    flat_var, flat_mask = var.view(-1), mask.view(-1)
+    ties = k - int(torch.count_nonzero(~(flat_var <= threshold)))  # NaN counts as above
+    for start in range(0, var.numel(), CHUNK):
+        where = slice(start, start + CHUNK)
+        v = flat_var[where]
+        equal = v == threshold
+        keep_equal = equal & (torch.cumsum(equal, 0) <= ties)
+        ties -= int(torch.count_nonzero(keep_equal))
+        torch.bitwise_or(~(v <= threshold), keep_equal, out=flat_mask[where])
+    return _energies_torch(base, xs, mask), int(torch.count_nonzero(mask))
+
+
+def _select_cpu(mask, base, xs, var, threshold, k):
+    if base.numel() == 0:
+        return [0.0] * len(xs), 0
+    code = _native.dtype_code(base.dtype)
+    sums = _native.lib().sce_select(
+        mask.data_ptr(),
+        base.data_ptr(),
+        _native.pointers(xs),
+        var.data_ptr(),
+        threshold,
+        k,
+        base.numel(),
+        code,
+        _native.threads(),
+    )
+    return sums[:-1], int(sums[-1])
+
+
 # the C++ kernels take 16- and 32-bit floats; float64 runs on the torch backend
-_variance_cpu.dtypes = _energies_cpu.dtypes = (torch.float32, torch.float16, torch.bfloat16)
+_variance_cpu.dtypes = _energies_cpu.dtypes = _select_cpu.dtypes = (torch.float32, torch.float16, torch.bfloat16)
 VARIANCE_IMPLS = {"torch": _variance_torch, "cpu": _variance_cpu}
 ENERGIES_IMPLS = {"torch": _energies_torch, "cpu": _energies_cpu}
+SELECT_IMPLS = {"torch": _select_torch, "cpu": _select_cpu}
 
 
 def _check(op: str, base, xs) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -106,3 +139,39 @@ def sce_energies(
         mask = mask.contiguous()
     impl = select(op, ENERGIES_IMPLS, base.device, base.dtype, (base, xs, mask))
     return [float(e) for e in impl(base, xs, mask)]
+
+
+def sce_select(
+    base: torch.Tensor,
+    xs: Sequence[torch.Tensor] | torch.Tensor,
+    var: torch.Tensor,
+    threshold: float,
+    k: int,
+    out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int, list[float]]:
+    """SCE's select and calculate steps fused: the mask of the k largest variances (``var`` from
+    :func:`sce_variance`; ``threshold``: its k-th largest value, e.g. from
+    :func:`fusion_kernels.magnitude_threshold`; ties at it: the lowest indices; NaN ranks above every
+    number) and each model's Σ (mask·τᵢ)² over it, in two passes over the variances and one over the
+    inputs. Returns (mask: bool like ``base``, written into ``out`` when given; how many it keeps,
+    k where the threshold is right; N energies as :func:`sce_energies`)."""
+    op = "sce_select"
+    base, xs = _check(op, base, xs)
+    var = _validate.check_tensor(op, "var", var)
+    like_var = base.new_empty((), dtype=accumulation_dtype(base.dtype)).expand(base.shape)
+    _validate.check_like(op, "var", var, like_var, "base, in its working precision")
+    threshold = _validate.finite_float(op, "threshold", threshold)
+    if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= base.numel():
+        raise WeightError(f"{op}: argument 'k' expected an int in [0, {base.numel()}], got {k!r}")
+    if out is None:
+        out = torch.empty(base.shape, dtype=torch.bool, device=base.device)
+    else:
+        _validate.check_out(op, out, base.new_empty((), dtype=torch.bool).expand(base.shape), "base, as bool", {})
+        if not out.is_contiguous():
+            raise ShapeError(f"{op}: argument 'out' expected a contiguous tensor, got strides {tuple(out.stride())}")
+    if k == 0:  # no k-th largest: nothing is kept
+        return out.zero_(), 0, [0.0] * len(xs)
+    var = var.contiguous()
+    impl = select(op, SELECT_IMPLS, base.device, base.dtype, (out, base, xs, var, threshold, k))
+    energies, kept = impl(out, base, xs, var, threshold, k)
+    return out, kept, [float(e) for e in energies]
