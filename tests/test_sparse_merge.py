@@ -309,3 +309,23 @@ def test_the_native_l1_rescale_cutoff_is_the_references():
     from fusion_kernels.reference.sparse_merge import L1_RESCALE_EPS
 
     assert _native.lib().L1_RESCALE_EPS == L1_RESCALE_EPS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_della_ranks_rows_of_every_key_spread_as_the_reference(backend, dtype):
+    """DELLA's row ranking on rows that take each path of the cpu backend's sort: spread keys (a few
+    per bucket), a huge outlier (every other key in a few buckets: sorted whole), all keys equal,
+    five distinct values (long runs of ties, kept in index order), and one-column rows."""
+    g = torch.Generator().manual_seed(3)
+    spread = torch.randn(2048, generator=g)
+    outlier = torch.randn(2048, generator=g).index_fill_(0, torch.tensor([17]), 1e6)
+    equal = torch.full((2048,), 0.25)
+    discrete = torch.randint(-2, 3, (2048,), generator=g).float() * 0.125
+    rows = torch.stack([spread, outlier, equal, discrete]).to(dtype).to(device())
+    kw = dict(sparsify="della", density=0.5, epsilon=0.3, rescale=None, consensus=None, combine="sum", seed=5)
+    skip_if_interpreted(backend, "DELLA's sort of 2048-column rows")
+    for tau in (rows, rows[:, :1].contiguous()):
+        got = fk.sparse_merge(None, [tau], [1.0], **kw)
+        expected = reference(None, [tau.cpu()], [1.0], **kw)
+        assert got.dtype == dtype and torch.equal(got.cpu(), expected)
+        assert 0 < int(torch.count_nonzero(got)) < tau.numel() or tau.shape[1] == 1
