@@ -495,7 +495,9 @@ COMPOSITE_BYTES = {
     "nearswap": (0, 0, 0),
     "ram": (0, 0, 0),  # fused (ram_merge)
     "ramplus_tl": (0, 0, 0),
-    "sce": (0, 13, 14),  # once: the float32 variances, the pruned copy giving the mask, the mask, the merge scratch
+    # once: the float32 variances and the mask (the pooled scratch), the merge's float32 scratch, and
+    # magnitude_prune's copy where the threshold is not finite; per piece: the torch backend's steps
+    "sce": (0, 13, 14),
     "arcee_fusion": (0, 4, 16),  # once: the float32 importance
 }
 
