@@ -125,10 +125,20 @@ def _byte_span(x: torch.Tensor) -> tuple[int, int]:
     return (start, x.data_ptr() + (last + 1) * x.element_size())
 
 
-def check_out(op: str, out: object, ref: torch.Tensor, ref_name: str, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``out`` must look like ``ref``, have no self-overlapping elements, and alias inputs only exactly."""
+def check_out(
+    op: str,
+    out: object,
+    ref: torch.Tensor,
+    ref_name: str,
+    inputs: dict[str, torch.Tensor],
+    contiguous: bool = False,
+) -> torch.Tensor:
+    """``out`` must look like ``ref``, have no self-overlapping elements (be contiguous where the
+    kernel writes it as one run: ``contiguous``), and alias inputs only exactly."""
     out = check_tensor(op, "out", out)
     check_like(op, "out", out, ref, ref_name)
+    if contiguous and not out.is_contiguous():
+        raise ShapeError(f"{op}: argument 'out' expected a contiguous tensor, got strides {tuple(out.stride())}")
     if any(st == 0 and size > 1 for size, st in zip(out.shape, out.stride(), strict=True)):
         raise AliasError(
             f"{op}: argument 'out' has elements that share memory (stride {tuple(out.stride())}); "

@@ -353,21 +353,13 @@ def _composite(
 ELEMENTWISE_CHUNK = 1 << 18  # elements per step of the elementwise composites: their temporaries stay in cache
 
 
-def _chunks_of(base: torch.Tensor, others: list[torch.Tensor]):
-    """(base piece, other pieces, their slice of the flat elements), ELEMENTWISE_CHUNK elements each."""
-    flat = [x.reshape(-1) for x in [base, *others]]
-    for start in range(0, max(base.numel(), 1), ELEMENTWISE_CHUNK):
-        where = slice(start, start + ELEMENTWISE_CHUNK)
-        yield flat[0][where], [x[where] for x in flat[1:]], where
-
-
 def _by_chunks(fn, base: torch.Tensor, others: list[torch.Tensor], out: torch.Tensor | None = None) -> torch.Tensor:
     """An elementwise composite ``fn(base, others, where)`` evaluated piece by piece into one
     output (``out`` when given): the same values, with float32 temporaries of one piece instead of
     the whole tensor."""
     result = torch.empty(base.shape, dtype=base.dtype, device=base.device) if out is None else out
     flat = result.view(-1)
-    for b, xs, where in _chunks_of(base, others):
+    for where, (b, *xs) in composite.flat_pieces([base, *others], ELEMENTWISE_CHUNK):
         flat[where] = fn(b, xs, where)
     return result
 

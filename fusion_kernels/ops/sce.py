@@ -7,22 +7,15 @@ import torch
 
 from .. import _native, _validate
 from .._dispatch import select
-from ..errors import ShapeError, WeightError
+from ..errors import WeightError
 from ..reference import composite
 from ..reference.weighted_sum import accumulation_dtype
 
 CHUNK = 1 << 18  # elements per step of the torch backend: its float32 temporaries stay small
 
 
-def _pieces(base, xs):
-    flat = [x.reshape(-1) for x in [base, *xs]]
-    for start in range(0, base.numel(), CHUNK):
-        where = slice(start, start + CHUNK)
-        yield where, flat[0][where], [x[where] for x in flat[1:]]
-
-
 def _variance_torch(var, base, xs):
-    for where, b, pieces in _pieces(base, xs):
+    for where, (b, *pieces) in composite.flat_pieces([base, *xs], CHUNK):
         var.view(-1)[where] = composite.sce_variance(b, pieces)
     return int(torch.count_nonzero(var))
 
@@ -38,7 +31,7 @@ def _variance_cpu(var, base, xs):
 
 def _energies_torch(base, xs, mask):
     totals = [0.0] * len(xs)
-    for where, b, pieces in _pieces(base, xs):
+    for where, (b, *pieces) in composite.flat_pieces([base, *xs], CHUNK):
         part = composite.sce_energies(b, pieces, None if mask is None else mask.reshape(-1)[where])
         totals = [t + e for t, e in zip(totals, part, strict=True)]
     return totals
@@ -92,6 +85,11 @@ ENERGIES_IMPLS = {"torch": _energies_torch, "cpu": _energies_cpu}
 SELECT_IMPLS = {"torch": _select_torch, "cpu": _select_cpu}
 
 
+def _like(base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A stand-in of ``base``'s shape and device in ``dtype`` to check arguments against (no storage)."""
+    return base.new_empty((), dtype=dtype).expand(base.shape)
+
+
 def _check(op: str, base, xs) -> tuple[torch.Tensor, list[torch.Tensor]]:
     base = _validate.check_tensor(op, "base", base)
     _validate.check_float(op, "base", base)
@@ -113,13 +111,11 @@ def sce_variance(
     shape and dtype, apart from the inputs, to write the variances into."""
     op = "sce_variance"
     base, xs = _check(op, base, xs)
-    like = base.new_empty((), dtype=accumulation_dtype(base.dtype)).expand(base.shape)
+    wide = accumulation_dtype(base.dtype)
     if out is None:
-        out = torch.empty(base.shape, dtype=like.dtype, device=base.device)
+        out = torch.empty(base.shape, dtype=wide, device=base.device)
     else:
-        _validate.check_out(op, out, like, "base, in its working precision", {})
-        if not out.is_contiguous():
-            raise ShapeError(f"{op}: argument 'out' expected a contiguous tensor, got strides {tuple(out.stride())}")
+        _validate.check_out(op, out, _like(base, wide), "base, in its working precision", {}, contiguous=True)
         _validate.check_overlap(op, out, {"base": base, **{f"xs[{i}]": x for i, x in enumerate(xs)}}, may_alias=False)
     nonzero = select(op, VARIANCE_IMPLS, base.device, base.dtype, (out, base, xs))(out, base, xs)
     return out, nonzero
@@ -135,7 +131,7 @@ def sce_energies(
     base, xs = _check(op, base, xs)
     if mask is not None:
         mask = _validate.check_tensor(op, "mask", mask)
-        _validate.check_like(op, "mask", mask, base.new_empty(base.shape, dtype=torch.bool), "base, as bool")
+        _validate.check_like(op, "mask", mask, _like(base, torch.bool), "base, as bool")
         mask = mask.contiguous()
     impl = select(op, ENERGIES_IMPLS, base.device, base.dtype, (base, xs, mask))
     return [float(e) for e in impl(base, xs, mask)]
@@ -158,17 +154,14 @@ def sce_select(
     op = "sce_select"
     base, xs = _check(op, base, xs)
     var = _validate.check_tensor(op, "var", var)
-    like_var = base.new_empty((), dtype=accumulation_dtype(base.dtype)).expand(base.shape)
-    _validate.check_like(op, "var", var, like_var, "base, in its working precision")
+    _validate.check_like(op, "var", var, _like(base, accumulation_dtype(base.dtype)), "base, in its working precision")
     threshold = _validate.finite_float(op, "threshold", threshold)
     if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= base.numel():
         raise WeightError(f"{op}: argument 'k' expected an int in [0, {base.numel()}], got {k!r}")
     if out is None:
         out = torch.empty(base.shape, dtype=torch.bool, device=base.device)
     else:
-        _validate.check_out(op, out, base.new_empty((), dtype=torch.bool).expand(base.shape), "base, as bool", {})
-        if not out.is_contiguous():
-            raise ShapeError(f"{op}: argument 'out' expected a contiguous tensor, got strides {tuple(out.stride())}")
+        _validate.check_out(op, out, _like(base, torch.bool), "base, as bool", {}, contiguous=True)
     if k == 0:  # no k-th largest: nothing is kept
         return out.zero_(), 0, [0.0] * len(xs)
     var = var.contiguous()

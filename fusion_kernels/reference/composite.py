@@ -27,6 +27,15 @@ from ..errors import WeightError
 from .magnitude_prune import top_k_mask
 
 
+def flat_pieces(tensors: list[torch.Tensor], size: int):
+    """The tensors' flat elements ``size`` at a time (at least one piece): (the slice, each tensor's
+    piece), so an elementwise composite can run with temporaries of one piece."""
+    flat = [t.reshape(-1) for t in tensors]
+    for start in range(0, max(flat[0].numel(), 1), size):
+        where = slice(start, start + size)
+        yield where, [f[where] for f in flat]
+
+
 def _work(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
 
