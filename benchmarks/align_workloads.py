@@ -104,7 +104,9 @@ def sinkhorn_impls() -> dict:
 def assignment_cost(n: int, kind: str, seed: int = 2) -> torch.Tensor:
     """``randn``: i.i.d. normal costs. ``matching``: a weight-matching cost −A·Bᵀ between two
     layers' units with 512 input weights each, B a weakly correlated (0.05) permuted copy of A, so
-    the planted permutation is buried in low-rank noise as between independently trained models."""
+    the planted permutation is buried in low-rank noise as between independently trained models;
+    float64. ``matching float32``: the same product in float32, as weight matching forms it from
+    float32 or bf16 weights."""
     g = torch.Generator().manual_seed(seed)
     if kind == "randn":
         return torch.randn(n, n, generator=g, dtype=torch.float64)
@@ -113,6 +115,8 @@ def assignment_cost(n: int, kind: str, seed: int = 2) -> torch.Tensor:
     b = rho * a[torch.randperm(n, generator=g)] + (1 - rho**2) ** 0.5 * torch.randn(
         n, 512, generator=g, dtype=torch.float64
     )
+    if kind == "matching float32":
+        a, b = a.float(), b.float()
     return -(a @ b.T)
 
 

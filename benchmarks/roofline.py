@@ -269,7 +269,7 @@ def _timed(fn):
 
 def _align_assignment(aw, args, copy_gbs):
     for n in args.assignment_sizes:
-        for kind in ("randn", "matching"):
+        for kind in ("randn", "matching", "matching float32"):
             cost = aw.assignment_cost(n, kind)
             nxt = aw.nudged(cost)
             ref, t_scipy = _timed(lambda c=cost: aw.scipy_assignment(c))

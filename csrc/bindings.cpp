@@ -458,13 +458,15 @@ PYBIND11_MODULE(_C, m) {
       py::arg("threads"), nogil);
   m.def(
       "linear_assignment",
-      [](uintptr_t cost, int64_t batch, int64_t n, int64_t m, bool warm, uintptr_t v, uintptr_t perm, int threads) {
+      [](uintptr_t cost, bool float32, bool maximize, int64_t batch, int64_t n, int64_t m, bool warm, uintptr_t v,
+         uintptr_t perm, int threads) {
         if (batch < 0 || n < 0 || n > m) throw std::invalid_argument("linear_assignment: need 0 <= n <= m");
+        if (n > INT32_MAX) throw std::invalid_argument("linear_assignment: need n < 2^31 rows");
         if (warm && n != m) throw std::invalid_argument("linear_assignment: warm starts need square costs");
-        fk::linear_assignment(reinterpret_cast<const double*>(cost), batch, n, m, warm, reinterpret_cast<double*>(v),
-                              reinterpret_cast<int64_t*>(perm), threads);
+        fk::linear_assignment(reinterpret_cast<const void*>(cost), float32, maximize ? -1.0 : 1.0, batch, n, m, warm,
+                              reinterpret_cast<double*>(v), reinterpret_cast<int64_t*>(perm), threads);
       },
-      py::arg("cost"), py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("warm"), py::arg("v"), py::arg("perm"),
+      py::arg("cost"), py::arg("float32"), py::arg("maximize"), py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("warm"), py::arg("v"), py::arg("perm"),
       py::arg("threads"), nogil);
   m.def("cpu_features", [] {
     const fk::CpuFeatures f = fk::cpu_features();

@@ -49,6 +49,48 @@ def test_many_small_random_matrices(backend):
         assert _total(cost, fk.linear_assignment(cost)) == _scipy_total(cost), c
 
 
+def _wide_matrices():
+    """Rows of 4,096 columns and more: the cpu backend splits each row scan over its threads."""
+    g = torch.Generator().manual_seed(5)
+    yield "rectangular", torch.randn(300, 4103, generator=g, dtype=torch.float64)
+    yield "integer ties", torch.randint(0, 4, (400, 4099), generator=g).double()  # ties across the ranges
+    yield "float32 square", torch.randn(4096, 4096, generator=g)
+    yield "bfloat16", torch.randn(200, 4500, generator=g).bfloat16()
+
+
+@pytest.mark.parametrize(("name", "cost"), list(_wide_matrices()), ids=[n for n, _ in _wide_matrices()])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_wide_rows_over_threads_equal_one_thread_and_scipy(backend, name, cost, maximize):
+    if backend != "cpu":
+        pytest.skip("the split of the row scans is the cpu backend's")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = fk.linear_assignment(cost, maximize)
+        torch.set_num_threads(2)
+        split = fk.linear_assignment(cost, maximize)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, alone)  # the ranges merge in index order: the same ties, the same answer
+    assert split.unique().numel() == cost.shape[0]
+    assert _total(cost, split) == _scipy_total(cost.float() if cost.dtype == torch.bfloat16 else cost, maximize)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_low_precision_costs_solve_as_their_float64_values(backend, dtype):
+    """float32/16 costs are read as float32 and widened in the solver: the float64 arithmetic of
+    the same values, so the same assignment and potentials as the float64 copy."""
+    g = torch.Generator().manual_seed(6)
+    cost = torch.randint(-3, 4, (37, 45), generator=g).to(dtype) * 0.5 + torch.randn(37, 45, generator=g).to(dtype)
+    for maximize in (False, True):
+        assert torch.equal(fk.linear_assignment(cost, maximize), fk.linear_assignment(cost.double(), maximize))
+    if backend == "cpu":
+        square = cost[:, :37]
+        perm, v = fk.linear_assignment(square, return_potentials=True)
+        perm64, v64 = fk.linear_assignment(square.double(), return_potentials=True)
+        assert torch.equal(perm, perm64) and torch.equal(v, v64)
+
+
 def test_batch_equals_loop_and_empty(backend):
     g = torch.Generator().manual_seed(2)
     cost = torch.randn(2, 3, 20, 20, generator=g)

@@ -56,7 +56,10 @@ KernelTable make_kernel_table() {
   FK_FILL_SPARSE(t, kept_l1, kept_l1_range, V, S)
   t.sinkhorn32 = make_sinkhorn_kernels<V, S, float>();
   t.sinkhorn64 = make_sinkhorn_kernels<DoubleLane, DoubleLane, double>();
-  t.lsa_relax = &lsa_relax_scalar;
+  t.lsa_relax64 = &lsa_relax_scalar<double>;
+  t.lsa_relax32 = &lsa_relax_scalar<float>;
+  t.lsa_top2_64 = &lsa_top2_scalar<double>;
+  t.lsa_top2_32 = &lsa_top2_scalar<float>;
   t.gram[kFloat32] = &gram_range<float>;
   t.gram[kFloat16] = &gram_range<f16>;
   t.gram[kBFloat16] = &gram_range<bf16>;

@@ -60,7 +60,10 @@ struct KernelTable {
   L1Fn kept_l1[kNumDTypes];
   SinkhornKernels<float> sinkhorn32;
   SinkhornKernels<double> sinkhorn64;
-  LsaRelaxFn lsa_relax;
+  LsaRelaxFn<double> lsa_relax64;  // float64 costs
+  LsaRelaxFn<float> lsa_relax32;   // float32 costs
+  LsaTop2Fn<double> lsa_top2_64;
+  LsaTop2Fn<float> lsa_top2_32;
   GramFn gram[kNumDTypes];
   RangeFn ram_merge[kNumDTypes];
   RangeFn magmax[kNumDTypes];

@@ -9,7 +9,10 @@ namespace fk {
 const KernelTable& avx2_kernels() {
   static const KernelTable table = [] {
     KernelTable t = make_kernel_table<Avx2Lane, ScalarLane>();
-    t.lsa_relax = &lsa_relax_avx2;
+    t.lsa_relax64 = &lsa_relax_avx2<double>;
+    t.lsa_relax32 = &lsa_relax_avx2<float>;
+    t.lsa_top2_64 = &lsa_top2_avx2<double>;
+    t.lsa_top2_32 = &lsa_top2_avx2<float>;
     t.gram[kFloat32] = &gram_range<float, GramBlockAvx2<float>>;
     t.gram[kFloat16] = &gram_range<f16, GramBlockAvx2<f16>>;
     t.gram[kBFloat16] = &gram_range<bf16, GramBlockAvx2<bf16>>;

@@ -116,7 +116,7 @@ def _check_matrices(op: str, x: object) -> torch.Tensor:
         raise ShapeError(
             f"{op}: argument 'x' expected a matrix or a batch of them [..., m, n], got shape {tuple(x.shape)}"
         )
-    if not bool(torch.isfinite(x).all()):
+    if not _validate.all_finite(x):
         raise WeightError(f"{op}: argument 'x' has NaN or infinite entries")
     return x
 

@@ -216,7 +216,7 @@ def sinkhorn(
         raise WeightError(f"{OP}: expected reg > 0 and tol >= 0, got reg={reg} and tol={tol}")
     max_iter, check_every = _positive_int("max_iter", max_iter), _positive_int("check_every", check_every)
     _validate.choice(OP, "backward", backward, ("implicit", "unrolled"))
-    if not bool(torch.isfinite(cost).all()):
+    if not _validate.all_finite(cost):
         raise WeightError(f"{OP}: argument 'cost' has NaN or infinite entries")
     batch_shape, (n, m) = cost.shape[:-2], cost.shape[-2:]
     # P = exp((f + g − C)/reg) carries an absolute error of about max|C|/reg · ε in its exponent: past

@@ -105,7 +105,7 @@ def _cost(spec, p, a, b, perms, table, clock: _Clock, ranks: _Ranks) -> torch.Te
 
 
 def _assign(sim: torch.Tensor) -> torch.Tensor:
-    return fk.linear_assignment(sim.double(), maximize=True)
+    return fk.linear_assignment(sim, maximize=True)  # float32 costs are read as they are, solved in float64
 
 
 def _match_heads(spec, group, a, b, perms, table, ranks: _Ranks) -> Perms:
