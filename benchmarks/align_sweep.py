@@ -17,13 +17,14 @@ beside the measured figures (marked as such). Writes JSON (default results/align
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
 from modelfusion.align import PermutationSpec, apply_perms, random_perms, weight_matching
+from roofline import git_sha, machine
 from scipy.optimize import linear_sum_assignment
 
 
@@ -140,8 +141,12 @@ def main() -> None:
             f"| {r['impl']} | {r['seconds']:.1f} | {r.get('gather', 0):.1f} | {r.get('gemm', 0):.1f} | "
             f"{r.get('assignment', 0):.1f} | {r['recovered']}/{r['permutations']} | {r['seconds'] * scale:.0f} |"
         )
+    for r in rows:  # the bar: a sweep within 1.25x of its own GEMM time
+        r["seconds_over_gemm"] = round(r["seconds"] / r["gemm"], 3) if r.get("gemm") else None
     out = {
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine("cpu"),
+        "git_sha": git_sha(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "threads": torch.get_num_threads(),
         "layers": args.layers,
         "hidden": args.hidden,
