@@ -43,6 +43,49 @@ def test_a_pool_is_a_dict_or_anything_with_model_names_and_load_model():
     assert all(torch.equal(by_dict[k], by_pool[k]) for k in by_dict)
 
 
+IN_PLACE = [
+    ("SimpleAverageAlgorithm", {}, lambda base, ms: average.uniform_soup(ms)),
+    (
+        "WeightedAverageAlgorithm",
+        {"normalize": True, "weights": [0.1, 0.2, 0.3, 0.4]},
+        lambda base, ms: average.weighted_soup(ms, [0.1, 0.2, 0.3, 0.4]),
+    ),
+    (
+        "TaskArithmeticAlgorithm",
+        {"scaling_factor": 0.3},
+        lambda base, ms: average.merge("task_arithmetic", ms, base, weight=[1.0] * 4, **{"lambda": 0.3}),
+    ),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, expected", IN_PLACE, ids=[c[0] for c in IN_PLACE])
+def test_merges_written_into_the_model_equal_the_state_dict_merges(name, kwargs, expected):
+    """The averages write straight into the returned model's parameters (the first model, or the
+    pretrained one; a copy without ``inplace``): the same values as merging into a new state dict,
+    with a tied pair merged once, a float64 model converted on the way and an int buffer kept."""
+    models = pool("mlp")
+    for m in models.values():
+        m.register_buffer("steps", torch.tensor([3, 4]))
+        m.tied = m[0]  # the same Linear under a second name: its tensors appear twice in the state dict
+    models["task2"] = models["task2"].double()
+    names = [k for k in models if k != "_pretrained_"]
+    before = {k: {n: t.clone() for n, t in m.state_dict().items()} for k, m in models.items()}
+    want = expected(models["_pretrained_"], [models[n] for n in names])
+    target = models["_pretrained_"] if name == "TaskArithmeticAlgorithm" else models[names[0]]
+    if name != "WeightedAverageAlgorithm":  # the others take inplace=False: a merged copy
+        copy = getattr(ours, name)(**kwargs, inplace=False).run(models)
+        assert copy is not target
+        assert all(torch.equal(t, before[k][n]) for k, m in models.items() for n, t in m.state_dict().items())
+        assert all(torch.equal(copy.state_dict()[n], want[n].to(t.dtype)) for n, t in target.state_dict().items())
+    merged = getattr(ours, name)(**kwargs).run(models)
+    assert merged is target
+    got = merged.state_dict()
+    assert got["tied.weight"].data_ptr() == got["0.weight"].data_ptr()
+    for n, t in got.items():
+        assert torch.equal(t, want[n].to(t.dtype)), n
+    assert torch.equal(got["steps"], torch.tensor([3, 4]))
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ParameterError, match="merge_func"):
         ours.TiesMergingAlgorithm(scaling_factor=1, threshold=0.2, remove_keys=[], merge_func="median").run(pool("mlp"))

@@ -18,17 +18,24 @@ def _names(n: int) -> list[str]:
     return [f"models[{i}]" for i in range(n)]
 
 
-def weighted_soup(models: Sequence[StateLike], weights: Sequence[float] | None = None, *, normalize=True) -> State:
-    """θ = Σᵢ wᵢ·θᵢ, divided by Σᵢ wᵢ when ``normalize`` (default weights: all 1)."""
-    n = len(models)
-    w = [1.0] * n if weights is None else [float(x) for x in weights]
-    if len(w) != n or not all(math.isfinite(x) for x in w):
-        raise ParameterError(f"weights: expected {n} finite numbers (one per model), got {weights!r}")
+def soup_weights(weights: Sequence[float], n: int | None = None, *, normalize=True) -> list[float]:
+    """The factors wᵢ (÷ Σ wᵢ when ``normalize``) checked: ``n`` finite numbers (len(weights) if None)."""
+    w = [float(x) for x in weights]
+    if len(w) != (len(w) if n is None else n) or not all(math.isfinite(x) for x in w):
+        count = len(w) if n is None else n
+        raise ParameterError(f"weights: expected {count} finite numbers (one per model), got {weights!r}")
     if normalize:
         total = sum(w)
         if abs(total) < 1e-12:
             raise ParameterError(f"weights: expected a nonzero sum to normalize by, got {w}")
         w = [x / total for x in w]
+    return w
+
+
+def weighted_soup(models: Sequence[StateLike], weights: Sequence[float] | None = None, *, normalize=True) -> State:
+    """θ = Σᵢ wᵢ·θᵢ, divided by Σᵢ wᵢ when ``normalize`` (default weights: all 1)."""
+    n = len(models)
+    w = soup_weights([1.0] * n if weights is None else weights, n, normalize=normalize)
     return merge_states(aligned(models, _names(n)), lambda _, xs: fk.weighted_sum(xs, w))
 
 

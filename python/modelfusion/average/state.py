@@ -102,6 +102,31 @@ def merge_states(
     return out
 
 
+def merge_into(
+    target: State,
+    states: Sequence[State],
+    merge: Callable[[str, list[torch.Tensor], torch.Tensor], object],
+) -> None:
+    """In place: ``merge(name, tensors, out)`` writes each floating-point tensor of ``target``
+    (other tensors stay as they are; tied names are merged once). ``target`` may be one of
+    ``states``: the merges are elementwise, each element read before it is written, so an output
+    that is exactly one of its inputs is safe. Where the inputs differ from the output in dtype,
+    device or layout, the merge goes through a new tensor that is then copied in."""
+    owners = _tie_groups(target)
+    for key, out in target.items():
+        if owners.get(key, key) != key or not out.is_floating_point():
+            continue
+        inputs = [s[key] for s in states]
+        if out.is_contiguous() and all(
+            x.dtype == out.dtype and x.device == out.device and x.is_contiguous() for x in inputs
+        ):
+            merge(key, inputs, out)
+        else:
+            fresh = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+            merge(key, [x.to(dtype=out.dtype, device=out.device).contiguous() for x in inputs], fresh)
+            out.copy_(fresh)
+
+
 def load_merged(template: nn.Module, state: Mapping[str, torch.Tensor]) -> nn.Module:
     """A copy of ``template`` holding ``state`` (the template is left as it is)."""
     model = copy.deepcopy(template)

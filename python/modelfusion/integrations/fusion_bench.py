@@ -20,7 +20,8 @@ from torch import nn
 import fusion_kernels as fk
 
 from .. import average
-from ..average.state import aligned, merge_states
+from ..average.soups import soup_weights
+from ..average.state import aligned, merge_into
 from ..errors import ParameterError
 
 PRETRAINED = "_pretrained_"
@@ -46,6 +47,15 @@ def _into(model: nn.Module, state: Mapping, inplace: bool = True) -> nn.Module:
     return target
 
 
+def _merged_into(model: nn.Module, models: Sequence[nn.Module], names: Sequence[str], merge, inplace=True) -> nn.Module:
+    """``model`` (or a copy) with every float tensor written by ``merge(name, tensors of models,
+    out)`` straight into its parameters: no merged state dict beside it, nothing to load."""
+    states = aligned(list(models), list(names))
+    target = model if inplace else copy.deepcopy(model)
+    merge_into(target.state_dict(keep_vars=False), states, merge)
+    return target
+
+
 class _Algorithm:
     """Keeps FusionBench's extra keyword arguments (``config``) as its BaseAlgorithm does."""
 
@@ -67,8 +77,14 @@ class SimpleAverageAlgorithm(_Algorithm):
         self.show_pbar, self.inplace = show_pbar, inplace
 
     def run(self, modelpool) -> nn.Module:
-        models = [_load(modelpool, n) for n in _names(modelpool)]
-        return _into(models[0], average.uniform_soup(models), self.inplace)
+        names = _names(modelpool)
+        models = [_load(modelpool, n) for n in names]
+        weights = [1.0 / len(models)] * len(models)
+
+        def mean(_, xs, out):
+            return fk.weighted_sum(xs, weights, out=out)
+
+        return _merged_into(models[0], models, names, mean, self.inplace)
 
 
 class WeightedAverageAlgorithm(_Algorithm):
@@ -79,10 +95,12 @@ class WeightedAverageAlgorithm(_Algorithm):
         self.normalize, self.weights, self.verbose = normalize, list(weights), verbose
 
     def run(self, modelpool) -> nn.Module:
-        models = [_load(modelpool, n) for n in _names(modelpool)]
+        names = _names(modelpool)
+        models = [_load(modelpool, n) for n in names]
         if len(self.weights) != len(models):
             raise ParameterError(f"weights: expected {len(models)} (one per model), got {len(self.weights)}")
-        return _into(models[0], average.weighted_soup(models, self.weights, normalize=self.normalize))
+        weights = soup_weights(self.weights, normalize=self.normalize)
+        return _merged_into(models[0], models, names, lambda _, xs, out: fk.weighted_sum(xs, weights, out=out))
 
 
 class TaskArithmeticAlgorithm(_Algorithm):
@@ -94,9 +112,15 @@ class TaskArithmeticAlgorithm(_Algorithm):
 
     def run(self, modelpool) -> nn.Module:
         base, models = self._pool(modelpool)
-        n = len(models)
-        state = average.merge("task_arithmetic", models, base, weight=[1.0] * n, **{"lambda": self.scaling_factor})
-        return _into(base, state, self.inplace)
+        weights = [float(self.scaling_factor)] * len(models)
+        names = [PRETRAINED, *_names(modelpool)]
+        return _merged_into(
+            base,
+            [base, *models],
+            names,
+            lambda _, xs, out: fk.task_arithmetic(xs[0], xs[1:], weights, out=out),
+            self.inplace,
+        )
 
 
 class TiesMergingAlgorithm(_Algorithm):
@@ -180,10 +204,13 @@ class SlerpMergeAlgorithm(_Algorithm):
         if len(names) != 2:
             raise ParameterError(f"modelpool: slerp expects exactly 2 models, got {len(names)}: {names}")
         primary, secondary = (_load(modelpool, n) for n in names)
-        states = aligned([primary, secondary], names)
         t, threshold, eps = self.t, self.DOT_THRESHOLD, self.epsilon
-        state = merge_states(states, lambda _, xs: fk.slerp(xs[0], xs[1], t, dot_threshold=threshold, eps=eps))
-        return _into(primary, state)
+        return _merged_into(
+            primary,
+            [primary, secondary],
+            names,
+            lambda _, xs, out: fk.slerp(xs[0], xs[1], t, dot_threshold=threshold, eps=eps, out=out),
+        )
 
 
 class ModelStock(_Algorithm):
