@@ -127,6 +127,8 @@ def normalized(op: str, name: str, weights: list[float]) -> list[float]:
 def _byte_span(x: torch.Tensor) -> tuple[int, int]:
     if x.numel() == 0:
         return (0, 0)
+    if x.is_contiguous():  # the common case, without the Python loops over the strides
+        return (x.data_ptr(), x.data_ptr() + x.numel() * x.element_size())
     start = (
         x.data_ptr()
         + sum(min(0, (size - 1) * st) for size, st in zip(x.shape, x.stride(), strict=True)) * x.element_size()
