@@ -76,6 +76,25 @@ def test_wide_rows_over_threads_equal_one_thread_and_scipy(backend, name, cost, 
     assert _total(cost, split) == _scipy_total(cost.float() if cost.dtype == torch.bfloat16 else cost, maximize)
 
 
+def test_wide_warm_start_over_threads_equals_one_thread_and_scipy(backend):
+    if backend != "cpu":
+        pytest.skip("warm starts and the split of the row scans are the cpu backend's")
+    g = torch.Generator().manual_seed(7)
+    cost = torch.randn(4096, 4096, generator=g)
+    _, v = fk.linear_assignment(cost, return_potentials=True)
+    nudged = cost + 0.05 * torch.randn(cost.shape, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = fk.linear_assignment(nudged, warm_start=v)
+        torch.set_num_threads(2)
+        split = fk.linear_assignment(nudged, warm_start=v)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(split, alone)
+    assert _total(nudged, split) == _scipy_total(nudged)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_costs_solve_as_their_float64_values(backend, dtype):
     """float32/16 costs are read as float32 and widened in the solver: the float64 arithmetic of
