@@ -306,7 +306,7 @@ def activation_matching(
         if statistic == "correlation":
             a = (a - a.mean(1, keepdim=True)) / (a.std(1, keepdim=True) + 1e-8)
             b = (b - b.mean(1, keepdim=True)) / (b.std(1, keepdim=True) + 1e-8)
-        perms[p] = fk.linear_assignment((a @ b.T / a.shape[1]).double(), maximize=True)
+        perms[p] = fk.linear_assignment(a @ b.T / a.shape[1], maximize=True)
     return perms
 
 

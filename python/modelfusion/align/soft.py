@@ -49,7 +49,7 @@ def soft_apply(spec: PermutationSpec, soft: Mapping[str, torch.Tensor], state: M
 
 def hard_round(soft: Mapping[str, torch.Tensor]) -> Perms:
     """The permutation closest to each soft one: argmax_P ⟨P, S⟩ (a valid permutation always)."""
-    return {p: fk.linear_assignment(s.detach().double(), maximize=True) for p, s in soft.items()}
+    return {p: fk.linear_assignment(s.detach(), maximize=True) for p, s in soft.items()}
 
 
 SINKHORN_ITERATIONS = 20
