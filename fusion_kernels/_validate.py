@@ -40,7 +40,7 @@ def all_finite(x: torch.Tensor) -> bool:
     faster on a large matrix)."""
     if x.numel() == 0:
         return True
-    low, high = torch.aminmax(x)
+    low, high = torch.aminmax(x.detach())
     return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
