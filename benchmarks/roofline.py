@@ -269,7 +269,8 @@ def _timed(fn):
 
 def _align_assignment(aw, args, copy_gbs):
     warm_up = aw.assignment_cost(8, "randn")  # first calls load code: not the solvers' time
-    aw.scipy_assignment(warm_up), fk.linear_assignment(warm_up)
+    aw.scipy_assignment(warm_up)
+    fk.linear_assignment(warm_up)
     for n in args.assignment_sizes:
         for kind in ("randn", "matching", "matching float32"):
             cost = aw.assignment_cost(n, kind)

@@ -16,10 +16,10 @@
 
 #include <algorithm>
 #include <atomic>
-#include <functional>
 #include <limits>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -59,9 +59,12 @@ class ScanTeam {
   int64_t end(int t) const { return bounds_[t + 1]; }
 
   // Runs scan(t) for every member t (member 0's on the calling thread) and returns when all ran.
-  void run(const std::function<void(int)>& scan) {
+  // The scan is handed over as a function pointer and its address: no allocation per scan.
+  template <class F>
+  void run(F&& scan) {
     if (size_ == 1) return scan(0);
-    job_ = &scan;
+    call_ = [](const void* f, int t) { (*static_cast<const std::remove_reference_t<F>*>(f))(t); };
+    scan_ = &scan;
     const uint64_t g = generation_.load(std::memory_order_relaxed) + 1;
     generation_.store(g, std::memory_order_release);
     scan(0);
@@ -69,7 +72,7 @@ class ScanTeam {
       for (int spins = 0; done_[t].value.load(std::memory_order_acquire) != g;) wait(spins);
   }
   void stop() {
-    job_ = nullptr;
+    call_ = nullptr;
     generation_.store(generation_.load(std::memory_order_relaxed) + 1, std::memory_order_release);
   }
   void serve(int t) {  // the loop of member t > 0, until stop()
@@ -77,8 +80,8 @@ class ScanTeam {
       uint64_t g;
       for (int spins = 0; (g = generation_.load(std::memory_order_acquire)) == seen;) wait(spins);
       seen = g;
-      if (job_ == nullptr) return;
-      (*job_)(t);
+      if (call_ == nullptr) return;
+      call_(scan_, t);
       done_[t].value.store(g, std::memory_order_release);
     }
   }
@@ -97,7 +100,8 @@ class ScanTeam {
   std::vector<int64_t> bounds_;
   std::vector<Flag> done_;
   alignas(64) std::atomic<uint64_t> generation_{0};
-  const std::function<void(int)>* job_ = nullptr;
+  void (*call_)(const void*, int) = nullptr;  // the scan of the current generation, and its closure
+  const void* scan_ = nullptr;
 };
 
 struct alignas(64) Best {  // one member's result of a scan: its two smallest keys and their columns

@@ -82,8 +82,8 @@ def linear_assignment(
     The ``cpu`` backend solves by shortest augmenting paths in float64 arithmetic on the costs as
     they are stored (float32, float16 and bfloat16 read as float32: half the memory traffic, the
     same answer as their float64 copy); a batch is spread over the threads, a single matrix's row
-    scans are split over them. The ``torch`` backend calls SciPy. Where several assignments are optimal, either
-    may be returned.
+    scans are split over them. The ``torch`` backend calls SciPy. Where several assignments are
+    optimal, either may be returned.
 
     Args:
         cost: ``[..., n, m]`` finite floats with n <= m; leading dims are a batch.
@@ -130,8 +130,10 @@ def _shifted_potentials(v: torch.Tensor, cost: torch.Tensor) -> torch.Tensor:
     """Column potentials less their minimum (an assignment's reduced costs do not change), refused
     where their spread dwarfs the cost's: cost − v would then round away the cost itself."""
     v = v - v.min(-1, keepdim=True).values
-    low, high = cost.detach().flatten(-2).aminmax(dim=-1) if cost.numel() else (cost.new_zeros(1), cost.new_zeros(1))
-    cost_spread = float((high.double() - low.double()).max())
+    cost_spread = 0.0
+    if cost.numel():
+        low, high = cost.detach().flatten(-2).aminmax(dim=-1)
+        cost_spread = float((high.double() - low.double()).max())
     spread = float(v.max()) if v.numel() else 0.0
     if spread > 2.0**20 * max(cost_spread, 1e-300):
         raise WeightError(

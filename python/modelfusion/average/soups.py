@@ -21,9 +21,9 @@ def _names(n: int) -> list[str]:
 def soup_weights(weights: Sequence[float], n: int | None = None, *, normalize=True) -> list[float]:
     """The factors wᵢ (÷ Σ wᵢ when ``normalize``) checked: ``n`` finite numbers (len(weights) if None)."""
     w = [float(x) for x in weights]
-    if len(w) != (len(w) if n is None else n) or not all(math.isfinite(x) for x in w):
-        count = len(w) if n is None else n
-        raise ParameterError(f"weights: expected {count} finite numbers (one per model), got {weights!r}")
+    n = len(w) if n is None else n
+    if len(w) != n or not all(math.isfinite(x) for x in w):
+        raise ParameterError(f"weights: expected {n} finite numbers (one per model), got {weights!r}")
     if normalize:
         total = sum(w)
         if abs(total) < 1e-12:

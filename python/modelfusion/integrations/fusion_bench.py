@@ -56,6 +56,11 @@ def _merged_into(model: nn.Module, models: Sequence[nn.Module], names: Sequence[
     return target
 
 
+def _soup_into(models: Sequence[nn.Module], names: Sequence[str], weights: list[float], inplace=True) -> nn.Module:
+    """The first model (or a copy) holding Σᵢ wᵢ·θᵢ."""
+    return _merged_into(models[0], models, names, lambda _, xs, out: fk.weighted_sum(xs, weights, out=out), inplace)
+
+
 class _Algorithm:
     """Keeps FusionBench's extra keyword arguments (``config``) as its BaseAlgorithm does."""
 
@@ -79,12 +84,7 @@ class SimpleAverageAlgorithm(_Algorithm):
     def run(self, modelpool) -> nn.Module:
         names = _names(modelpool)
         models = [_load(modelpool, n) for n in names]
-        weights = [1.0 / len(models)] * len(models)
-
-        def mean(_, xs, out):
-            return fk.weighted_sum(xs, weights, out=out)
-
-        return _merged_into(models[0], models, names, mean, self.inplace)
+        return _soup_into(models, names, soup_weights([1.0] * len(models)), self.inplace)
 
 
 class WeightedAverageAlgorithm(_Algorithm):
@@ -99,8 +99,7 @@ class WeightedAverageAlgorithm(_Algorithm):
         models = [_load(modelpool, n) for n in names]
         if len(self.weights) != len(models):
             raise ParameterError(f"weights: expected {len(models)} (one per model), got {len(self.weights)}")
-        weights = soup_weights(self.weights, normalize=self.normalize)
-        return _merged_into(models[0], models, names, lambda _, xs, out: fk.weighted_sum(xs, weights, out=out))
+        return _soup_into(models, names, soup_weights(self.weights, normalize=self.normalize))
 
 
 class TaskArithmeticAlgorithm(_Algorithm):
