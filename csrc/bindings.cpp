@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "cpu/linear_assignment.h"
+#include "cpu/low_rank.h"
 #include "cpu/global_threshold.h"
 #include "cpu/gram.h"
 #include "cpu/permute.h"
@@ -468,6 +469,35 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("cost"), py::arg("float32"), py::arg("maximize"), py::arg("batch"), py::arg("n"), py::arg("m"), py::arg("warm"), py::arg("v"), py::arg("perm"),
       py::arg("threads"), nogil);
+  m.def(
+      "set_lapack",
+      [](const std::vector<uintptr_t>& fns) {
+        if (fns.size() != 8) throw std::invalid_argument("set_lapack: need 8 routines");
+        const void* table[8];
+        for (int i = 0; i < 8; ++i) table[i] = reinterpret_cast<const void*>(fns[i]);
+        fk::set_lapack(table);
+      },
+      py::arg("fns"));
+  m.def("lapack_ready", &fk::lapack_ready);
+  m.def(
+      "gram_eigh",
+      [](uintptr_t a, bool transposed, bool f64, int64_t batch, int64_t p, int64_t q, int64_t k, uintptr_t lam,
+         uintptr_t vecs, int threads) {
+        return fk::gram_eigh(reinterpret_cast<const void*>(a), transposed, f64, batch, p, q, k, reinterpret_cast<void*>(lam),
+                             reinterpret_cast<void*>(vecs), threads);
+      },
+      py::arg("a"), py::arg("transposed"), py::arg("f64"), py::arg("batch"), py::arg("p"), py::arg("q"), py::arg("k"),
+      py::arg("lam"),
+      py::arg("vecs"), py::arg("threads"), nogil);
+  m.def(
+      "thin_svd",
+      [](uintptr_t a, bool f64, int64_t batch, int64_t m, int64_t n, uintptr_t u, uintptr_t s, uintptr_t vh,
+         int threads) {
+        return fk::thin_svd(reinterpret_cast<const void*>(a), f64, batch, m, n, reinterpret_cast<void*>(u),
+                            reinterpret_cast<void*>(s), reinterpret_cast<void*>(vh), threads);
+      },
+      py::arg("a"), py::arg("f64"), py::arg("batch"), py::arg("m"), py::arg("n"), py::arg("u"), py::arg("s"),
+      py::arg("vh"), py::arg("threads"), nogil);
   m.def("cpu_features", [] {
     const fk::CpuFeatures f = fk::cpu_features();
     py::dict d;

@@ -138,7 +138,8 @@ def test_every_route_of_the_cpu_backend_in_one_batch():
 @pytest.mark.parametrize("scale", [1e30, 1e-25, 1e-40], ids=str)
 def test_huge_and_tiny_entries(scale):
     """Float32 matrices whose Gram would overflow (entries 10³⁰) or underflow (10⁻²⁵; subnormal 10⁻⁴⁰):
-    the cpu backend scales each matrix by a power of two first, and equals the reference."""
+    the cpu backend turns them down for the float32 Gram (its largest diagonal entry out of range)
+    and takes them from the float64 Gram, equal to the reference."""
     x = (separated((2, 40, 12), torch.float64, seed=6) * scale).float()
     with fk.use_backend("cpu"):
         u, s, vh = fk.truncated_svd(x, 4)
@@ -152,6 +153,34 @@ def test_huge_and_tiny_entries(scale):
     rq, rsq = ref.polar(x)
     torch.testing.assert_close(q.double(), rq.double(), **tol)
     torch.testing.assert_close((sq / rsq).double(), torch.ones(2, 12, dtype=torch.float64), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DT_IDS[:1] + DT_IDS[-1:])
+def test_a_batch_on_several_threads_equals_its_matrices_one_by_one(dtype):
+    """The cpu backend runs LAPACK a matrix per thread, SciPy's BLAS held to one thread meanwhile:
+    a batch of tall, wide or square matrices (every route: float32 Gram, float64 Gram, SVD) gives
+    each matrix's own result, and SciPy's BLAS gets its thread count back."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before, threads = blas_threads(), torch.get_num_threads()
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    try:
+        torch.set_num_threads(2)
+        for shape in ((5, 30, 12), (5, 12, 30), (5, 16, 16)):
+            x = separated(shape, dtype, seed=7)
+            with fk.use_backend("cpu"):
+                together = (*fk.truncated_svd(x, 4), *fk.polar(x))
+                alone = [(*fk.truncated_svd(x[i : i + 1], 4), *fk.polar(x[i : i + 1])) for i in range(5)]
+            for got, want in zip(together, [torch.cat(parts) for parts in zip(*alone, strict=True)], strict=True):
+                torch.testing.assert_close(got, want, **tol)
+            assert_triplets_close(together[:3], ref.truncated_svd(x, 4), dtype)
+            torch.testing.assert_close(together[3], ref.polar(x)[0], **TOL[dtype])
+    finally:
+        torch.set_num_threads(threads)
+    assert blas_threads() == before
 
 
 def test_polar_of_a_nearly_singular_long_matrix_falls_back_to_the_svd():

@@ -1,34 +1,138 @@
 """``truncated_svd`` and ``polar``: low-rank decompositions of a batch of same-shape matrices, the
 work of the subspace merges (TSV-M, Iso-C, Iso-CTS).
 
-The ``cpu`` backend takes them from the eigendecomposition of each matrix's q×q Gram matrix
-(q = min(m, n)) where that is both faster and as accurate as an SVD, and by the reference's SVD
-where it is not (measured on a 2-core VM, ``benchmarks/low_rank.py``):
+The ``cpu`` backend runs LAPACK on one matrix per thread (SciPy's routines, called from the C++
+extension, ``csrc/cpu/low_rank.cpp``; SciPy's BLAS is held to one thread of its own meanwhile):
+on a 2-core VM a 768² float32 SVD takes 59 ms a matrix so against torch's 106 ms, a 768² Gram's
+top 96 eigenpairs (syrk + syevr) 21 ms against torch's Gram and eigh, 47 ms. It takes them from
+the eigendecomposition of each matrix's q×q Gram matrix (q = min(m, n)) where that is both faster
+and as accurate as an SVD, and by SVD where it is not (``benchmarks/low_rank.py``):
 
-- ``truncated_svd``: a float32 Gram eigh costs 40-60% of a float32 SVD of a square matrix and
-  15-25% of a 4:1 one. The Gram's rounding is ε·λ₁ (λ = σ²), so the k-th vector is as accurate
-  as the SVD's while λₖ ≥ 10⁻²·λ₁ (float32; 10⁻⁸·λ₁ in float64). A matrix below that is redone
-  from a float64 Gram, and one below that too (nearly rank k) by SVD.
+- ``truncated_svd``: the Gram's top k eigenpairs. Its rounding is ε·λ₁ (λ = σ²), so the k-th
+  vector is as accurate as the SVD's while λₖ ≥ 10⁻²·λ₁ (float32; 10⁻⁸·λ₁ in float64). A matrix
+  below that is redone from a float64 Gram, and one below that too (nearly rank k) by SVD.
 - ``polar``: the Gram squares the condition number, so it is formed and decomposed in float64,
-  Q = x·W·Λ^(-1/2)·Wᵀ; that costs 1.1-1.4× a float32 SVD for a square matrix, 0.7-0.9× for one
-  4:3 and 0.4-0.7× from 2:1 on. Matrices under 5:4, and those with λ_min < 10⁻⁸·λ_max, go by SVD.
+  Q = x·W·Λ^(-1/2)·Wᵀ, for matrices of aspect 5:4 or more (cheaper than their SVD there); square
+  ones, and those with λ_min < 10⁻⁸·λ_max, go by SVD.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ctypes
+from types import ModuleType
 
 import torch
 
-from .. import _validate
+from .. import _native, _validate
 from .. import reference as ref
 from .._dispatch import select
 from ..errors import ShapeError, WeightError
+from ..reference.low_rank import compute_dtype
 
 # λₖ / λ₁ (eigenvalues of the Gram, σ²) from which the Gram's eigenvectors are taken, per dtype
 _TRUNCATED_RATIO = {torch.float32: 1e-2, torch.float64: 1e-8}
 _POLAR_RATIO = 1e-8  # λ_min / λ_max, float64
 _POLAR_ASPECT = 1.25  # max(m, n) / min(m, n) from which polar uses the float64 Gram
+_ROUTINES = (
+    ("cython_blas", "ssyrk"),
+    ("cython_blas", "dsyrk"),
+    ("cython_lapack", "ssyevr"),
+    ("cython_lapack", "dsyevr"),
+    ("cython_lapack", "ssyevd"),
+    ("cython_lapack", "dsyevd"),
+    ("cython_lapack", "sgesdd"),
+    ("cython_lapack", "dgesdd"),
+)
+_blas_controller = None
+
+
+def _address(module: ModuleType, name: str) -> int:
+    """The C function behind one of SciPy's exported Cython BLAS/LAPACK routines."""
+    capsule = module.__pyx_capi__[name]
+    get_name, get_pointer = ctypes.pythonapi.PyCapsule_GetName, ctypes.pythonapi.PyCapsule_GetPointer
+    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    return get_pointer(capsule, get_name(capsule))
+
+
+def _lapack() -> ModuleType:
+    """The extension, SciPy's LAPACK routines handed over to it (once)."""
+    lib = _native.lib()
+    if not lib.lapack_ready():
+        import scipy.linalg.cython_blas
+        import scipy.linalg.cython_lapack
+
+        lib.set_lapack([_address(getattr(scipy.linalg, module), name) for module, name in _ROUTINES])
+    return lib
+
+
+def _run(call, batch: int) -> int:
+    """``call(threads)`` (one matrix per thread; returns how many LAPACK failed on), SciPy's BLAS
+    held to one thread of its own while several of ours run (its pool inside ours would
+    oversubscribe the cores)."""
+    global _blas_controller
+    threads = min(_native.threads(), batch)
+    if threads <= 1:
+        return call(1)
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _blas_controller = ThreadpoolController()
+    with _blas_controller.limit(limits=1, user_api="blas"):
+        return call(threads)
+
+
+def _stored(a: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A batch [B, p, q] as contiguous memory: a itself, or the contiguous [B, q, p] it is the
+    transposed view of (``_tall`` of a wide matrix), and which."""
+    if not a.is_contiguous() and a.mT.is_contiguous():
+        return a.mT, True
+    return a.contiguous(), False
+
+
+def _gram_eigh(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k eigenpairs of the Gram aᵀa of every [p, q] matrix of the batch a (float32 or
+    float64): eigenvalues ascending [B, k], eigenvectors as the columns of [B, q, k]; NaN for a
+    matrix LAPACK failed on."""
+    memory, transposed = _stored(a)
+    batch, p, q = a.shape
+    lam, vecs = a.new_empty(batch, k), a.new_empty(batch, k, q)
+    lib = _lapack()
+    f64 = a.dtype == torch.float64
+    _run(
+        lambda t: lib.gram_eigh(memory.data_ptr(), transposed, f64, batch, p, q, k, lam.data_ptr(), vecs.data_ptr(), t),
+        batch,
+    )
+    return lam, vecs.mT
+
+
+def _svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's thin SVD of every matrix of the batch a [B, m, n] (in its compute dtype),
+    by LAPACK's gesdd a matrix per thread."""
+    work, transposed = _stored(a.to(compute_dtype(a.dtype)))
+    batch, m, n = work.shape
+    r = min(m, n)
+    u, s, vh = work.new_empty(batch, m, r), work.new_empty(batch, r), work.new_empty(batch, r, n)
+    lib = _lapack()
+    failed = _run(
+        lambda t: lib.thin_svd(
+            work.data_ptr(), work.dtype == torch.float64, batch, m, n, u.data_ptr(), s.data_ptr(), vh.data_ptr(), t
+        ),
+        batch,
+    )
+    if failed:
+        raise WeightError(f"LAPACK's SVD (gesdd) did not converge on {failed} of {batch} matrices [{m}, {n}]")
+    return (vh.mT, s, u.mT) if transposed else (u, s, vh)  # aᵀ = U·S·Vh: a = Vhᵀ·S·Uᵀ
+
+
+def _svd_truncated(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    u, s, vh = _svd(a)
+    return u[..., :k], s[..., :k], vh[..., :k, :].mT
+
+
+def _svd_polar(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    u, s, vh = _svd(a)
+    return u @ vh, s
 
 
 def _tall(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -38,34 +142,24 @@ def _tall(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (flat.mT, True) if m < n else (flat, False)
 
 
-def _by_svd_where(todo: torch.Tensor, a: torch.Tensor, outs: tuple, fn: Callable) -> None:
-    """Writes ``fn(a[todo])`` (the reference) into ``outs`` at the batch rows ``todo``."""
+def _by_svd_where(todo: torch.Tensor, a: torch.Tensor, outs: tuple, fn) -> None:
+    """Writes ``fn(a[todo])`` into ``outs`` at the batch rows ``todo``."""
     if todo.numel():
         for out, value in zip(outs, fn(a[todo]), strict=True):
             out[todo] = value.to(out.dtype)
 
 
-def _scaled(a: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every matrix of the batch a divided by the power of two 2ᵉ that brings its largest |entry|
-    into [1, 2), in ``dtype`` (exact but for the cast), and the float64 2ᵉ: the Gram of a matrix
-    of huge or tiny entries would overflow or underflow, while eigenvectors and the polar factor do
-    not depend on the scale (singular values scale with it)."""
-    _, exponent = torch.frexp(a.abs().amax(dim=(-2, -1)).double())
-    scale = torch.ldexp(torch.ones_like(exponent, dtype=torch.float64), exponent - 1)
-    return (a.double() / scale[:, None, None]).to(dtype), scale  # a.double() may be the input itself
-
-
 def _gram_triplets(a: torch.Tensor, k: int, dtype: torch.dtype) -> tuple:
     """The top k triplets (U, S, V) of every [p, q] matrix of the batch a (p >= q) from its Gram's
     eigenvectors in ``dtype``, in a's dtype, and which matrices they are accurate for."""
-    work, scale = _scaled(a, dtype)
-    lam, w = torch.linalg.eigh(work.mT @ work)  # ascending
-    ok = (lam[:, -k] >= _TRUNCATED_RATIO[dtype] * lam[:, -1]) & (lam[:, -1] > 0)
-    v = w[:, :, -k:].flip(-1)
+    work = a.to(dtype)
+    lam, w = _gram_eigh(work, k)  # ascending; NaN where not decomposed
+    ok = (lam[:, 0] >= _TRUNCATED_RATIO[dtype] * lam[:, -1]) & (lam[:, -1] > 0)
+    v = w.flip(-1)
     y = work @ v  # x·vᵢ = σᵢ·uᵢ
     s = torch.linalg.vector_norm(y, dim=-2)
     u = y / s.clamp_min(torch.finfo(dtype).tiny).unsqueeze(-2)
-    return u.to(a.dtype), (s.double() * scale[:, None]).to(a.dtype), v.to(a.dtype), ok
+    return u.to(a.dtype), s.to(a.dtype), v.to(a.dtype), ok
 
 
 def _truncated_by_gram(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,29 +172,29 @@ def _truncated_by_gram(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     if todo.numel() and first != torch.float64:
         u[todo], s[todo], v[todo], ok = _gram_triplets(a[todo], k, torch.float64)
         todo = todo[~ok]
-    _by_svd_where(todo, a, (u, s, v), lambda rest: _uv(*ref.truncated_svd(rest, k)))
+    _by_svd_where(todo, a, (u, s, v), lambda rest: _svd_truncated(rest, k))
     if wide:  # x = (xᵀ)ᵀ = (U·S·Vᵀ)ᵀ = V·S·Uᵀ
         u, v = v, u
     lead = x.shape[:-2]
     return u.reshape(*lead, *u.shape[-2:]), s.reshape(*lead, k), v.mT.reshape(*lead, k, x.shape[-1])
 
 
-def _uv(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple:
-    return u, s, vh.mT
-
-
 def _polar_by_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, n = x.shape[-2:]
-    if x.numel() == 0 or max(m, n) < _POLAR_ASPECT * min(m, n):
+    if x.numel() == 0:
         return ref.polar(x)
     a, wide = _tall(x)
-    work, scale = _scaled(a, torch.float64)
-    lam, w = torch.linalg.eigh(work.mT @ work)  # ascending
-    ok = (lam[:, 0] >= _POLAR_RATIO * lam[:, -1]) & (lam[:, -1] > 0)
-    inv_sqrt = lam.clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
-    q = (work @ ((w * inv_sqrt.unsqueeze(-2)) @ w.mT)).to(x.dtype)
-    s = (lam.flip(-1).clamp_min(0).sqrt() * scale[:, None]).to(x.dtype)
-    _by_svd_where((~ok).nonzero().flatten(), a, (q, s), ref.polar)
+    if max(m, n) < _POLAR_ASPECT * min(m, n):
+        q, s = _svd_polar(a)
+    else:
+        work = a.double()
+        lam, w = _gram_eigh(work, a.shape[-1])  # ascending; NaN where not decomposed
+        ok = (lam[:, 0] >= _POLAR_RATIO * lam[:, -1]) & (lam[:, -1] > 0)
+        inv_sqrt = lam.clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
+        q = (work @ ((w * inv_sqrt.unsqueeze(-2)) @ w.mT)).to(x.dtype)
+        s = lam.flip(-1).clamp_min(0).sqrt().to(x.dtype)
+        _by_svd_where((~ok).nonzero().flatten(), a, (q, s), _svd_polar)
+    q, s = q.to(x.dtype), s.to(x.dtype)
     q = q.mT if wide else q
     return q.reshape(x.shape), s.reshape(*x.shape[:-2], s.shape[-1])
 

@@ -35,7 +35,7 @@ from ..errors import ParameterError
 from .dare import DareDrop
 from .state import State, StateLike, aligned
 
-DECOMPOSE_BYTES = 1 << 27  # task matrices per batched decomposition (128 MiB)
+DECOMPOSE_BYTES = 1 << 28  # task matrices per batched decomposition (256 MiB)
 
 
 class _TaskVectors:
@@ -65,6 +65,12 @@ class _TaskVectors:
         """Every model's τ of tensor k."""
         return [self.one(i, k) for i in range(len(self.models))]
 
+    def into(self, i: int, k: str, out: torch.Tensor) -> torch.Tensor:
+        """τᵢ of tensor k written into ``out`` (one pass when there is no transform or scale)."""
+        if self.transform is None and self.scales is None:
+            return torch.sub(self.models[i][k], self.base[k], out=out)
+        return out.copy_(self.one(i, k))
+
 
 def _result(base: State, merged: State, scale: float) -> State:
     """θ₀ + λ·τ for the merged keys, the base's own tensors (cloned) elsewhere."""
@@ -86,12 +92,15 @@ def _decomposed(
     per_shape: Callable[[torch.Tensor], torch.Tensor],
     scale: float,
     tau_scales: Sequence[float] | None = None,
+    summed: bool = False,
 ) -> State:
     """θ₀ + λ·τ where τ of each group of same-shape 2-D tensors is ``per_shape([T, L, m, n] task
-    matrices, float32 or float64) -> [L, m, n]`` and the mean τᵢ elsewhere. A group goes through
-    ``per_shape`` in batches of at most :data:`DECOMPOSE_BYTES` of task matrices (one tensor at
-    least), so the peak memory stays a few of them above the merged model."""
+    matrices, float32 or float64) -> [L, m, n]`` (``summed``: of their sum Σᵢ τᵢ [L, m, n]) and the
+    mean τᵢ elsewhere. A group goes through ``per_shape`` in batches of at most
+    :data:`DECOMPOSE_BYTES` of task matrices (one tensor at least), so the peak memory stays a few
+    of them above the merged model."""
     tv = _TaskVectors(base, models, tau_scales)
+    tasks = len(tv.models)
     groups: dict[tuple, list[str]] = {}
     merged: State = {}
     for k in tv.keys:
@@ -101,10 +110,20 @@ def _decomposed(
             merged[k] = _mean(tv.of(k))
     for shape, keys_of_shape in groups.items():
         wide = torch.float64 if tv.base[keys_of_shape[0]].dtype == torch.float64 else torch.float32
-        step = max(1, DECOMPOSE_BYTES // (len(tv.models) * shape[0] * shape[1] * wide.itemsize))
+        step = max(1, DECOMPOSE_BYTES // ((1 if summed else tasks) * shape[0] * shape[1] * wide.itemsize))
         for start in range(0, len(keys_of_shape), step):
             batch = keys_of_shape[start : start + step]
-            stack = torch.stack([torch.stack(tv.of(k)) for k in batch], 1).to(wide)  # [T, L, m, n]
+            if summed:  # Σᵢ τᵢ in order, τᵢ formed in a scratch buffer
+                stack, scratch = torch.empty(len(batch), *shape, dtype=wide), torch.empty(shape, dtype=wide)
+                for j, k in enumerate(batch):
+                    tv.into(0, k, stack[j])
+                    for i in range(1, tasks):
+                        stack[j] += tv.into(i, k, scratch)
+            else:
+                stack = torch.empty(tasks, len(batch), *shape, dtype=wide)  # [T, L, m, n]
+                for j, k in enumerate(batch):
+                    for i in range(tasks):
+                        tv.into(i, k, stack[i, j])
             for k, value in zip(batch, per_shape(stack).unbind(0), strict=True):
                 merged[k] = value.to(tv.base[k].dtype)
             del stack
@@ -225,7 +244,7 @@ def tsv_merge(
         u, s, vh = fk.truncated_svd(stack, keep)  # [T, L, m, keep], [T, L, keep], [T, L, keep, n]
         # side by side; when T·keep < r, the r − T·keep zero columns of the paper's form add nothing
         sum_u, sum_s, sum_vh = torch.cat(u.unbind(0), -1), torch.cat(s.unbind(0), -1), torch.cat(vh.unbind(0), -2)
-        return _polar(sum_u) @ torch.diag_embed(sum_s) @ _polar(sum_vh)
+        return (_polar(sum_u) * sum_s.unsqueeze(-2)) @ _polar(sum_vh)
 
     scale = float(alpha) if isinstance(alpha, (int, float)) else 1.0
     return _decomposed(base, models, exclude_keys, per_shape, scale, tau_scales)
@@ -236,11 +255,11 @@ def iso_c(
 ) -> State:
     """Iso-C: Σᵢ τᵢ with its singular values flattened to their mean (2-D tensors)."""
 
-    def per_shape(stack: torch.Tensor) -> torch.Tensor:
-        q, s = fk.polar(stack.sum(0))  # U·diag(mean S)·Vh = mean S · U·Vh
+    def per_shape(total: torch.Tensor) -> torch.Tensor:
+        q, s = fk.polar(total)  # U·diag(mean S)·Vh = mean S · U·Vh
         return s.mean(-1)[..., None, None] * q
 
-    return _decomposed(base, models, exclude_keys, per_shape, scaling_factor)
+    return _decomposed(base, models, exclude_keys, per_shape, scaling_factor, summed=True)
 
 
 def iso_cts(
