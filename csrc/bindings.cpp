@@ -471,13 +471,13 @@ PYBIND11_MODULE(_C, m) {
       py::arg("threads"), nogil);
   m.def(
       "set_lapack",
-      [](const std::vector<uintptr_t>& fns) {
+      [](const std::vector<uintptr_t>& fns, uintptr_t set_threads_local) {
         if (fns.size() != 8) throw std::invalid_argument("set_lapack: need 8 routines");
         const void* table[8];
         for (int i = 0; i < 8; ++i) table[i] = reinterpret_cast<const void*>(fns[i]);
-        fk::set_lapack(table);
+        fk::set_lapack(table, reinterpret_cast<const void*>(set_threads_local));
       },
-      py::arg("fns"));
+      py::arg("fns"), py::arg("set_threads_local"));
   m.def("lapack_ready", &fk::lapack_ready);
   m.def(
       "gram_eigh",

@@ -2,6 +2,8 @@
 reference (dtypes, square, tall, wide, batched, odd, empty and strided shapes, every route of the
 cpu backend: float32 Gram, float64 Gram, SVD), the subspace merges on them, bad input."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -156,10 +158,11 @@ def test_huge_and_tiny_entries(scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DT_IDS[:1] + DT_IDS[-1:])
-def test_a_batch_on_several_threads_equals_its_matrices_one_by_one(dtype):
-    """The cpu backend runs LAPACK a matrix per thread, SciPy's BLAS held to one thread meanwhile:
+def test_a_batch_on_several_threads_equals_its_matrices_one_by_one(dtype, capfd):
+    """The cpu backend runs LAPACK a matrix per thread, SciPy's OpenBLAS held to one thread meanwhile:
     a batch of tall, wide or square matrices (every route: float32 Gram, float64 Gram, SVD) gives
     each matrix's own result, and SciPy's BLAS gets its thread count back."""
+    import scipy.linalg.cython_lapack  # noqa: F401  (loads SciPy's OpenBLAS before the count)
     from threadpoolctl import threadpool_info
 
     def blas_threads():
@@ -178,9 +181,15 @@ def test_a_batch_on_several_threads_equals_its_matrices_one_by_one(dtype):
                 torch.testing.assert_close(got, want, **tol)
             assert_triplets_close(together[:3], ref.truncated_svd(x, 4), dtype)
             torch.testing.assert_close(together[3], ref.polar(x)[0], **TOL[dtype])
+        workers = [threading.Thread(target=lambda: [fk.polar(x) for _ in range(20)]) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
     finally:
         torch.set_num_threads(threads)
     assert blas_threads() == before
+    assert "OpenBLAS Warning" not in capfd.readouterr().err  # its own pool ran inside ours
 
 
 def test_polar_of_a_nearly_singular_long_matrix_falls_back_to_the_svd():

@@ -5,6 +5,8 @@
 #include <atomic>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <vector>
 
@@ -32,9 +34,12 @@ struct Lapack {
   GesddFn<T> gesdd = nullptr;
 };
 
+using SetThreadsFn = int (*)(int);
+
 std::atomic<bool> ready{false};
 Lapack<float> lapack32;
 Lapack<double> lapack64;
+SetThreadsFn set_local_threads = nullptr;  // OpenBLAS's openblas_set_num_threads_local, when found
 
 template <class T>
 const Lapack<T>& lapack();
@@ -127,13 +132,36 @@ bool thin_svd_one(const T* a, int m, int n, T* u, T* s, T* vh) {
   return info == 0;
 }
 
-// Runs one(i) -> ok over the batch on up to `threads` threads; a failed matrix's outputs are
-// filled with NaN by fill(i). Returns the number of failures.
+// Holds OpenBLAS to one thread of its own while alive: its pool inside our threads would
+// oversubscribe the cores (and it warns). Its setting is process-wide in its pthreads builds, so
+// overlapping batches (from several Python threads) share one hold: the last to leave restores.
+class OneBlasThread {
+ public:
+  OneBlasThread() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (users_++ == 0) saved_ = set_local_threads(1);
+  }
+  ~OneBlasThread() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (--users_ == 0) set_local_threads(saved_);
+  }
+
+ private:
+  static inline std::mutex mutex_;
+  static inline int users_ = 0, saved_ = 0;
+};
+
+// Runs one(i) -> ok over the batch, a matrix per thread on up to `threads` threads with OpenBLAS
+// held to one thread; without its setter, on the calling thread with LAPACK's own threading. A
+// failed matrix's outputs are filled with NaN by fill(i). Returns the number of failures.
 template <class One, class Fill>
 int64_t over_batch(int64_t batch, int threads, One&& one, Fill&& fill) {
   if (!ready.load()) throw std::runtime_error("low-rank LAPACK routines were not handed over (set_lapack)");
   std::atomic<int64_t> failed{0};
-  parallel_tasks(batch, static_cast<int>(std::min<int64_t>(threads, batch)), [&](int64_t i) {
+  const int team = set_local_threads == nullptr ? 1 : static_cast<int>(std::min<int64_t>(threads, batch));
+  std::optional<OneBlasThread> hold;
+  if (team > 1) hold.emplace();
+  parallel_tasks(batch, team, [&](int64_t i) {
     if (!one(i)) {
       fill(i);
       failed.fetch_add(1);
@@ -171,9 +199,10 @@ int64_t thin_svd_typed(const T* a, int64_t batch, int m, int n, T* u, T* s, T* v
 
 }  // namespace
 
-void set_lapack(const void* const fns[8]) {
+void set_lapack(const void* const fns[8], const void* set_threads_local) {
   for (int i = 0; i < 8; ++i)
     if (fns[i] == nullptr) throw std::invalid_argument("set_lapack: a null routine");
+  set_local_threads = reinterpret_cast<SetThreadsFn>(const_cast<void*>(set_threads_local));
   lapack32.syrk = reinterpret_cast<SyrkFn<float>>(const_cast<void*>(fns[0]));
   lapack64.syrk = reinterpret_cast<SyrkFn<double>>(const_cast<void*>(fns[1]));
   lapack32.syevr = reinterpret_cast<SyevrFn<float>>(const_cast<void*>(fns[2]));

@@ -1,15 +1,16 @@
 // Batched symmetric eigensolvers and SVDs for the low-rank ops (fusion_kernels/ops/low_rank.py):
 // LAPACK on one matrix per thread. The routines are SciPy's (its cython_lapack / cython_blas
 // entry points, LP64), handed over once by address, so the extension links no LAPACK of its own.
-// The caller limits that LAPACK to one thread of its own while a batch runs on several.
 #pragma once
 #include <cstdint>
 
 namespace fk {
 
 // Addresses of SciPy's cython_blas / cython_lapack functions (ssyrk, dsyrk, ssyevr, dsyevr,
-// ssyevd, dsyevd, sgesdd, dgesdd), in that order; set once before the calls below.
-void set_lapack(const void* const fns[8]);
+// ssyevd, dsyevd, sgesdd, dgesdd), in that order, and of its OpenBLAS's
+// openblas_set_num_threads_local (null if it has none: a batch then runs on the calling thread,
+// LAPACK threading itself); set once before the calls below.
+void set_lapack(const void* const fns[8], const void* set_threads_local);
 bool lapack_ready();
 
 // For each [p, q] matrix A of the batch (float64 when `f64`, else float32; row-major, or its

@@ -2,11 +2,11 @@
 work of the subspace merges (TSV-M, Iso-C, Iso-CTS).
 
 The ``cpu`` backend runs LAPACK on one matrix per thread (SciPy's routines, called from the C++
-extension, ``csrc/cpu/low_rank.cpp``; SciPy's BLAS is held to one thread of its own meanwhile):
-on a 2-core VM a 768² float32 SVD takes 59 ms a matrix so against torch's 106 ms, a 768² Gram's
-top 96 eigenpairs (syrk + syevr) 21 ms against torch's Gram and eigh, 47 ms. It takes them from
-the eigendecomposition of each matrix's q×q Gram matrix (q = min(m, n)) where that is both faster
-and as accurate as an SVD, and by SVD where it is not (``benchmarks/low_rank.py``):
+extension, ``csrc/cpu/low_rank.cpp``, each thread holding SciPy's OpenBLAS to one thread of its own).
+It takes them from the eigendecomposition of each matrix's q×q Gram matrix (q = min(m, n)) where
+that is both faster and as accurate as an SVD, and by SVD where it is not. ``benchmarks/low_rank.py``
+on a 2-core VM, batches of eight 768² float32 matrices: the top 96 triplets in 21 ms a matrix
+against ``torch.linalg.svd``'s 102 ms, the polar factor (by SVD) in 65 ms against 109 ms.
 
 - ``truncated_svd``: the Gram's top k eigenpairs. Its rounding is ε·λ₁ (λ = σ²), so the k-th
   vector is as accurate as the SVD's while λₖ ≥ 10⁻²·λ₁ (float32; 10⁻⁸·λ₁ in float64). A matrix
@@ -43,7 +43,6 @@ _ROUTINES = (
     ("cython_lapack", "sgesdd"),
     ("cython_lapack", "dgesdd"),
 )
-_blas_controller = None
 
 
 def _address(module: ModuleType, name: str) -> int:
@@ -55,6 +54,15 @@ def _address(module: ModuleType, name: str) -> int:
     return get_pointer(capsule, get_name(capsule))
 
 
+def _thread_local_setter(module: ModuleType) -> int:
+    """The address of ``openblas_set_num_threads_local`` in the OpenBLAS behind SciPy's LAPACK
+    (found through the library's dependencies), or 0 when it has none (another BLAS)."""
+    try:
+        return ctypes.cast(ctypes.CDLL(module.__file__).openblas_set_num_threads_local, ctypes.c_void_p).value or 0
+    except (AttributeError, OSError):
+        return 0
+
+
 def _lapack() -> ModuleType:
     """The extension, SciPy's LAPACK routines handed over to it (once)."""
     lib = _native.lib()
@@ -62,24 +70,14 @@ def _lapack() -> ModuleType:
         import scipy.linalg.cython_blas
         import scipy.linalg.cython_lapack
 
-        lib.set_lapack([_address(getattr(scipy.linalg, module), name) for module, name in _ROUTINES])
+        routines = [_address(getattr(scipy.linalg, module), name) for module, name in _ROUTINES]
+        lib.set_lapack(routines, _thread_local_setter(scipy.linalg.cython_lapack))
     return lib
 
 
 def _run(call, batch: int) -> int:
-    """``call(threads)`` (one matrix per thread; returns how many LAPACK failed on), SciPy's BLAS
-    held to one thread of its own while several of ours run (its pool inside ours would
-    oversubscribe the cores)."""
-    global _blas_controller
-    threads = min(_native.threads(), batch)
-    if threads <= 1:
-        return call(1)
-    if _blas_controller is None:
-        from threadpoolctl import ThreadpoolController
-
-        _blas_controller = ThreadpoolController()
-    with _blas_controller.limit(limits=1, user_api="blas"):
-        return call(threads)
+    """``call(threads)``, one matrix per thread; returns how many matrices LAPACK failed on."""
+    return call(min(_native.threads(), batch))
 
 
 def _stored(a: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -96,9 +96,9 @@ def _decomposed(
 ) -> State:
     """θ₀ + λ·τ where τ of each group of same-shape 2-D tensors is ``per_shape([T, L, m, n] task
     matrices, float32 or float64) -> [L, m, n]`` (``summed``: of their sum Σᵢ τᵢ [L, m, n]) and the
-    mean τᵢ elsewhere. A group goes through ``per_shape`` in batches of at most
-    :data:`DECOMPOSE_BYTES` of task matrices (one tensor at least), so the peak memory stays a few
-    of them above the merged model."""
+    mean τᵢ elsewhere. A group goes through ``per_shape`` in batches of L tensors, their T task
+    matrices at most :data:`DECOMPOSE_BYTES` (one tensor at least), so the peak memory stays a few
+    of them above the merged model; the decompositions run a matrix per thread, so L ≥ 2 pays."""
     tv = _TaskVectors(base, models, tau_scales)
     tasks = len(tv.models)
     groups: dict[tuple, list[str]] = {}
@@ -110,7 +110,7 @@ def _decomposed(
             merged[k] = _mean(tv.of(k))
     for shape, keys_of_shape in groups.items():
         wide = torch.float64 if tv.base[keys_of_shape[0]].dtype == torch.float64 else torch.float32
-        step = max(1, DECOMPOSE_BYTES // ((1 if summed else tasks) * shape[0] * shape[1] * wide.itemsize))
+        step = max(1, DECOMPOSE_BYTES // (tasks * shape[0] * shape[1] * wide.itemsize))
         for start in range(0, len(keys_of_shape), step):
             batch = keys_of_shape[start : start + step]
             if summed:  # Σᵢ τᵢ in order, τᵢ formed in a scratch buffer
