@@ -2,6 +2,8 @@
 outputs of its algorithms on two seeded pools (an MLP and a small CLIP vision model; made by
 tests/fusion_bench_golden.py) must equal ours on the same pools within float32 rounding."""
 
+import copy
+
 import pytest
 import torch
 from fusion_bench_golden import CASES, DARE_CASES, DATA, POOL_TASKS, TASKS, TEMPLATES, pool
@@ -202,3 +204,18 @@ def test_tall_masks_as_in_the_paper_keep_what_a_task_adds():
             assert torch.equal(states[i][key], b[key] + masks[i][key] * multi)
     (only,), _ = average.tall_mask_models(base, tuned[:1], 1.0)
     assert all(torch.equal(only[k], (t[0][k] - b[k]) != 0) for k in b)
+
+
+def test_tall_masks_written_into_targets_equal_the_returned_models():
+    """tall_mask_into writes into the given state dicts (here the models' own tensors) exactly the
+    models tall_mask_models returns, both mask formulas; one target per model, else named."""
+    models = pool("mlp")
+    base, tuned = models["_pretrained_"], [m for k, m in models.items() if k != "_pretrained_"]
+    for as_fusion_bench in (False, True):
+        _, states = average.tall_mask_models(base, tuned, 0.4, as_fusion_bench=as_fusion_bench)
+        copies = [copy.deepcopy(base) for _ in tuned]
+        average.tall_mask_into(base, tuned, [c.state_dict() for c in copies], 0.4, as_fusion_bench=as_fusion_bench)
+        for state, model in zip(states, copies, strict=True):
+            assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(ParameterError, match="targets"):
+        average.tall_mask_into(base, tuned, [base.state_dict()], 0.4)

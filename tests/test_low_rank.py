@@ -137,6 +137,27 @@ def test_every_route_of_the_cpu_backend_in_one_batch():
         torch.testing.assert_close(u[i, :, :kept].mT @ u[i, :, :kept], torch.eye(kept), rtol=0, atol=1e-5)
 
 
+def test_every_route_of_polar_in_one_batch(monkeypatch):
+    """Tall float32 matrices of κ = 2 (float32 Gram), κ = 100 (float64 Gram) and κ = 10⁵ (SVD),
+    each route taken for its matrix only: Q as close to the float64 polar factor as a float32
+    SVD's (within 2× and 10⁻⁷; the SVD route within the ε·κ both have), S to float32 rounding."""
+    from fusion_kernels.ops import low_rank
+
+    spectra = [torch.linspace(1.0, 0.5, 12), torch.logspace(0, -2, 12), torch.logspace(0, -5, 12)]
+    x = torch.stack([spectrum_matrix((40, 12), sv, seed=i) for i, sv in enumerate(spectra)]).float()
+    grams, real_gram_eigh = [], low_rank._gram_eigh
+    monkeypatch.setattr(low_rank, "_gram_eigh", lambda a, k: grams.append((a.dtype, len(a))) or real_gram_eigh(a, k))
+    with fk.use_backend("cpu"):
+        q, s = fk.polar(x)
+    assert grams == [(torch.float32, 3), (torch.float64, 2)]  # then the SVD for the last one
+    exact_q, exact_s = ref.polar(x.double())
+    svd_error = (ref.polar(x)[0].double() - exact_q).abs().amax((-2, -1))
+    error = (q.double() - exact_q).abs().amax((-2, -1))
+    assert (error[:2] <= 2 * svd_error[:2] + 1e-7).all(), (error, svd_error)
+    assert error[2] <= 10 * svd_error[2]  # both float32 SVDs (LAPACK's gesdd, torch's), at ε·κ
+    torch.testing.assert_close(s.double(), exact_s, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("scale", [1e30, 1e-25, 1e-40], ids=str)
 def test_huge_and_tiny_entries(scale):
     """Float32 matrices whose Gram would overflow (entries 10³⁰) or underflow (10⁻²⁵; subnormal 10⁻⁴⁰):

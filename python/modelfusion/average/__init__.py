@@ -7,6 +7,7 @@
 - subspace and magnitude selection: :func:`magmax`, :func:`ties_global`, :func:`tsv_merge`,
   :func:`iso_c`, :func:`iso_cts`; DARE on whole models: :func:`dare_drop`,
   :func:`dare_task_arithmetic`; EMR: :func:`emr_merge`; TALL masks: :func:`tall_mask_models`
+  (:func:`tall_mask_into` writes the task models into given state dicts)
 - data-dependent: :func:`estimate_fisher` + :func:`fisher_merge`; :func:`collect_grams` +
   :func:`regmean_merge`
 - along a training run: :func:`ema_update_`, :func:`swa_update_`, :func:`averaged_model`,
@@ -24,7 +25,7 @@ from .soups import GreedySoup, greedy_soup, model_stock_by_angle, uniform_soup, 
 from .state import load_merged, state_of
 from .subspace import iso_c, iso_cts, magmax, ties_global, tsv_merge
 from .swa import averaged_model, ema_multi_avg_fn, ema_update_, swa_multi_avg_fn, swa_update_, update_bn
-from .tall import tall_mask_models
+from .tall import tall_mask_into, tall_mask_models
 from .task_vectors import merge
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "state_of",
     "swa_multi_avg_fn",
     "swa_update_",
+    "tall_mask_into",
     "tall_mask_models",
     "ties_global",
     "tsv_merge",

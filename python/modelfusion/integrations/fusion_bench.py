@@ -348,11 +348,10 @@ class TallMaskTaskArithmeticAlgorithm(_Algorithm):
 
     def run(self, modelpool) -> dict:
         base, models = self._pool(modelpool)
-        _, states = average.tall_mask_models(base, models, self.tall_mask_lambda, as_fusion_bench=not self.as_in_paper)
-        return {
-            "models": {n: _into(base, s, inplace=False) for n, s in zip(_names(modelpool), states, strict=True)},
-            "metadata": None,
-        }
+        copies = [copy.deepcopy(base) for _ in models]  # each task's model written into its own copy
+        targets = [c.state_dict() for c in copies]
+        average.tall_mask_into(base, models, targets, self.tall_mask_lambda, as_fusion_bench=not self.as_in_paper)
+        return {"models": dict(zip(_names(modelpool), copies, strict=True)), "metadata": None}
 
 
 ISO_C_Merge = IsotropicMergingInCommonSubspace  # FusionBench's aliases
