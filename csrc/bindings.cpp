@@ -472,22 +472,22 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "set_lapack",
       [](const std::vector<uintptr_t>& fns, uintptr_t set_threads_local) {
-        if (fns.size() != 8) throw std::invalid_argument("set_lapack: need 8 routines");
-        const void* table[8];
-        for (int i = 0; i < 8; ++i) table[i] = reinterpret_cast<const void*>(fns[i]);
+        if (fns.size() != 10) throw std::invalid_argument("set_lapack: need 10 routines");
+        const void* table[10];
+        for (int i = 0; i < 10; ++i) table[i] = reinterpret_cast<const void*>(fns[i]);
         fk::set_lapack(table, reinterpret_cast<const void*>(set_threads_local));
       },
       py::arg("fns"), py::arg("set_threads_local"));
   m.def("lapack_ready", &fk::lapack_ready);
   m.def(
       "gram_eigh",
-      [](uintptr_t a, bool transposed, bool f64, int64_t batch, int64_t p, int64_t q, int64_t k, uintptr_t lam,
-         uintptr_t vecs, int threads) {
-        return fk::gram_eigh(reinterpret_cast<const void*>(a), transposed, f64, batch, p, q, k, reinterpret_cast<void*>(lam),
-                             reinterpret_cast<void*>(vecs), threads);
+      [](uintptr_t a, bool transposed, bool f64, int64_t batch, int64_t p, int64_t q, int64_t k, double min_ratio,
+         uintptr_t lam, uintptr_t vecs, int threads) {
+        return fk::gram_eigh(reinterpret_cast<const void*>(a), transposed, f64, batch, p, q, k, min_ratio,
+                             reinterpret_cast<void*>(lam), reinterpret_cast<void*>(vecs), threads);
       },
       py::arg("a"), py::arg("transposed"), py::arg("f64"), py::arg("batch"), py::arg("p"), py::arg("q"), py::arg("k"),
-      py::arg("lam"),
+      py::arg("min_ratio"), py::arg("lam"),
       py::arg("vecs"), py::arg("threads"), nogil);
   m.def(
       "thin_svd",

@@ -25,6 +25,8 @@ template <class T>
 using SyevdFn = void (*)(char*, char*, int*, T*, int*, T*, T*, int*, int*, int*, int*);
 template <class T>
 using GesddFn = void (*)(char*, int*, int*, T*, int*, T*, T*, int*, T*, int*, T*, int*, int*, int*);
+template <class T>
+using PotrfFn = void (*)(char*, int*, T*, int*, int*);
 
 template <class T>
 struct Lapack {
@@ -32,6 +34,7 @@ struct Lapack {
   SyevrFn<T> syevr = nullptr;
   SyevdFn<T> syevd = nullptr;
   GesddFn<T> gesdd = nullptr;
+  PotrfFn<T> potrf = nullptr;
 };
 
 using SetThreadsFn = int (*)(int);
@@ -73,7 +76,7 @@ constexpr T gram_diagonal_min() {
 // then its top k eigenpairs: syevd when all are wanted (faster), syevr's
 // index range otherwise. Column j of LAPACK's q×k eigenvector block is row j of a row-major [k, q].
 template <class T>
-bool gram_eigh_one(const T* a, bool transposed, int p, int q, int k, T* lam, T* vecs) {
+bool gram_eigh_one(const T* a, bool transposed, int p, int q, int k, T min_ratio, T* lam, T* vecs) {
   const Lapack<T>& f = lapack<T>();
   std::vector<T> g(size_t(q) * q);
   char upper = 'U', trans = transposed ? 'T' : 'N', vectors = 'V';
@@ -83,6 +86,14 @@ bool gram_eigh_one(const T* a, bool transposed, int p, int q, int k, T* lam, T* 
   T diagonal = 0;
   for (int j = 0; j < q; ++j) diagonal = std::max(diagonal, g[size_t(j) * q + j]);
   if (!(diagonal >= gram_diagonal_min<T>() && diagonal <= gram_diagonal_max<T>())) return false;  // NaN too
+  if (min_ratio > 0) {
+    // λ_max >= the largest diagonal entry, so a Gram − min_ratio·diagonal·I that is not positive
+    // definite has λ_min < min_ratio·λ_max: turned down at the cost of a Cholesky, not an eigh.
+    std::vector<T> shifted(g);
+    for (int j = 0; j < q; ++j) shifted[size_t(j) * q + j] -= min_ratio * diagonal;
+    f.potrf(&upper, &q, shifted.data(), &q, &info);
+    if (info != 0) return false;
+  }
   std::vector<T> w(q);
   if (k == q) {
     int lwork = -1, liwork = -1, iwork_query = 0;
@@ -171,12 +182,12 @@ int64_t over_batch(int64_t batch, int threads, One&& one, Fill&& fill) {
 }
 
 template <class T>
-int64_t gram_eigh_typed(const T* a, bool transposed, int64_t batch, int p, int q, int k, T* lam, T* vecs,
-                        int threads) {
+int64_t gram_eigh_typed(const T* a, bool transposed, int64_t batch, int p, int q, int k, T min_ratio, T* lam,
+                        T* vecs, int threads) {
   const T nan = std::numeric_limits<T>::quiet_NaN();
   return over_batch(
       batch, threads,
-      [&](int64_t i) { return gram_eigh_one(a + i * int64_t(p) * q, transposed, p, q, k, lam + i * k, vecs + i * int64_t(k) * q); },
+      [&](int64_t i) { return gram_eigh_one(a + i * int64_t(p) * q, transposed, p, q, k, min_ratio, lam + i * k, vecs + i * int64_t(k) * q); },
       [&](int64_t i) {
         std::fill(lam + i * k, lam + (i + 1) * k, nan);
         std::fill(vecs + i * int64_t(k) * q, vecs + (i + 1) * int64_t(k) * q, nan);
@@ -199,8 +210,8 @@ int64_t thin_svd_typed(const T* a, int64_t batch, int m, int n, T* u, T* s, T* v
 
 }  // namespace
 
-void set_lapack(const void* const fns[8], const void* set_threads_local) {
-  for (int i = 0; i < 8; ++i)
+void set_lapack(const void* const fns[10], const void* set_threads_local) {
+  for (int i = 0; i < 10; ++i)
     if (fns[i] == nullptr) throw std::invalid_argument("set_lapack: a null routine");
   set_local_threads = reinterpret_cast<SetThreadsFn>(const_cast<void*>(set_threads_local));
   lapack32.syrk = reinterpret_cast<SyrkFn<float>>(const_cast<void*>(fns[0]));
@@ -211,19 +222,23 @@ void set_lapack(const void* const fns[8], const void* set_threads_local) {
   lapack64.syevd = reinterpret_cast<SyevdFn<double>>(const_cast<void*>(fns[5]));
   lapack32.gesdd = reinterpret_cast<GesddFn<float>>(const_cast<void*>(fns[6]));
   lapack64.gesdd = reinterpret_cast<GesddFn<double>>(const_cast<void*>(fns[7]));
+  lapack32.potrf = reinterpret_cast<PotrfFn<float>>(const_cast<void*>(fns[8]));
+  lapack64.potrf = reinterpret_cast<PotrfFn<double>>(const_cast<void*>(fns[9]));
   ready.store(true);
 }
 
 bool lapack_ready() { return ready.load(); }
 
-int64_t gram_eigh(const void* a, bool transposed, bool f64, int64_t batch, int64_t p, int64_t q, int64_t k, void* lam,
-                  void* vecs, int threads) {
+int64_t gram_eigh(const void* a, bool transposed, bool f64, int64_t batch, int64_t p, int64_t q, int64_t k,
+                  double min_ratio, void* lam, void* vecs, int threads) {
   const int pi = to_int(p, "p"), qi = to_int(q, "q"), ki = to_int(k, "k");
   if (ki < 1 || ki > qi || batch < 0) throw std::invalid_argument("gram_eigh: need 1 <= k <= q and batch >= 0");
   if (f64)
-    return gram_eigh_typed(static_cast<const double*>(a), transposed, batch, pi, qi, ki, static_cast<double*>(lam),
+    return gram_eigh_typed(static_cast<const double*>(a), transposed, batch, pi, qi, ki, min_ratio,
+                           static_cast<double*>(lam),
                            static_cast<double*>(vecs), threads);
-  return gram_eigh_typed(static_cast<const float*>(a), transposed, batch, pi, qi, ki, static_cast<float*>(lam),
+  return gram_eigh_typed(static_cast<const float*>(a), transposed, batch, pi, qi, ki, static_cast<float>(min_ratio),
+                         static_cast<float*>(lam),
                          static_cast<float*>(vecs), threads);
 }
 

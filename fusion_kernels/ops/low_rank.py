@@ -14,7 +14,9 @@ against ``torch.linalg.svd``'s 102 ms, the polar factor (by SVD) in 65 ms agains
 - ``polar``: Q = x·W·Λ^(-1/2)·Wᵀ for matrices of aspect 5:4 or more (cheaper than their SVD
   there). The Gram squares the condition number κ: a float32 Gram serves where λ_min ≥ 10⁻¹·λ_max
   (κ ≤ 3.2; its Q then as close to float64's as a float32 SVD's: 1.5·10⁻⁷ against 3.1·10⁻⁷ at
-  κ = 2.8), a float64 one where λ_min ≥ 10⁻⁸·λ_max; square matrices and the rest go by SVD.
+  κ = 2.8), a float64 one where λ_min ≥ 10⁻⁸·λ_max; square matrices and the rest go by SVD. A
+  Cholesky of Gram − ratio·(its largest diagonal entry)·I turns most matrices below a ratio down
+  before their eigh is spent.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ _ROUTINES = (
     ("cython_lapack", "dsyevd"),
     ("cython_lapack", "sgesdd"),
     ("cython_lapack", "dgesdd"),
+    ("cython_lapack", "spotrf"),
+    ("cython_lapack", "dpotrf"),
 )
 
 
@@ -90,17 +94,20 @@ def _stored(a: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return a.contiguous(), False
 
 
-def _gram_eigh(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _gram_eigh(a: torch.Tensor, k: int, min_ratio: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The top k eigenpairs of the Gram aᵀa of every [p, q] matrix of the batch a (float32 or
     float64): eigenvalues ascending [B, k], eigenvectors as the columns of [B, q, k]; NaN for a
-    matrix LAPACK failed on."""
+    matrix LAPACK failed on, whose Gram is out of range, or (``min_ratio``) whose Gram a Cholesky
+    shows to have λ_min < min_ratio·λ_max (no eigh spent on it)."""
     memory, transposed = _stored(a)
     batch, p, q = a.shape
     lam, vecs = a.new_empty(batch, k), a.new_empty(batch, k, q)
     lib = _lapack()
     f64 = a.dtype == torch.float64
     _run(
-        lambda t: lib.gram_eigh(memory.data_ptr(), transposed, f64, batch, p, q, k, lam.data_ptr(), vecs.data_ptr(), t),
+        lambda t: lib.gram_eigh(
+            memory.data_ptr(), transposed, f64, batch, p, q, k, min_ratio, lam.data_ptr(), vecs.data_ptr(), t
+        ),
         batch,
     )
     return lam, vecs.mT
@@ -184,11 +191,16 @@ def _gram_polar(a: torch.Tensor, dtype: torch.dtype) -> tuple:
     from its Gram's eigendecomposition in ``dtype``, in a's dtype, and which matrices they are
     accurate for (λ_min ≥ _POLAR_RATIO·λ_max)."""
     work = a.to(dtype)
-    lam, w = _gram_eigh(work, a.shape[-1])  # ascending; NaN where not decomposed
+    lam, w = _gram_eigh(work, a.shape[-1], _POLAR_RATIO[dtype])  # ascending; NaN where turned down
     ok = (lam[:, 0] >= _POLAR_RATIO[dtype] * lam[:, -1]) & (lam[:, -1] > 0)
-    inv_sqrt = lam.clamp_min(torch.finfo(dtype).tiny).rsqrt()
-    q = work @ ((w * inv_sqrt.unsqueeze(-2)) @ w.mT)
-    return q.to(a.dtype), lam.flip(-1).clamp_min(0).sqrt().to(a.dtype), ok
+    s = lam.flip(-1).clamp_min(0).sqrt().to(a.dtype)
+    if bool(ok.all()):
+        return (work @ ((w * lam.rsqrt().unsqueeze(-2)) @ w.mT)).to(a.dtype), s, ok
+    q = torch.zeros_like(a)  # the products only for the matrices the Gram serves
+    if bool(ok.any()):
+        lam, w = lam[ok], w[ok]
+        q[ok] = (work[ok] @ ((w * lam.rsqrt().unsqueeze(-2)) @ w.mT)).to(a.dtype)
+    return q, s, ok
 
 
 def _polar_by_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
