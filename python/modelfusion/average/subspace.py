@@ -280,10 +280,18 @@ def iso_cts(
         per_task = (r - common) // tasks
         # a negative ``common`` (a tiny r, many tasks) keeps what FusionBench's u[..., :common] keeps
         cu, cs, cvh = fk.truncated_svd(stack.sum(0), len(range(r)[:common]))
+        m, kept = cu.shape[-2:]
+        # τᵢ off the common space, (I − cu·cuᵀ)·τᵢ. Where its complement is the smaller, that is
+        # qc·B with B = qcᵀ·τᵢ and qc an orthonormal basis of the complement (the last columns of
+        # cu's complete QR); qc·B's SVD is qc·(B's), and B has m − kept rows: fewer FLOPs, a small Gram
+        qc = torch.linalg.qr(cu, mode="complete")[0][..., kept:] if m - kept < kept else None
         parts_u, parts_s, parts_vh = [], [], []
         for i in range(tasks):
-            specific = stack[i] - cu @ (cu.transpose(-1, -2) @ stack[i])
-            tu, ts, tvh = fk.truncated_svd(specific, per_task)
+            if qc is None:
+                tu, ts, tvh = fk.truncated_svd(stack[i] - cu @ (cu.transpose(-1, -2) @ stack[i]), per_task)
+            else:
+                bu, ts, tvh = fk.truncated_svd(qc.transpose(-1, -2) @ stack[i], per_task)
+                tu = qc @ bu
             parts_u.append(tu)
             parts_s.append(ts)
             parts_vh.append(tvh)
