@@ -8,6 +8,7 @@
 #include <mutex>
 #include <optional>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "runtime.h"
@@ -42,7 +43,9 @@ using SetThreadsFn = int (*)(int);
 std::atomic<bool> ready{false};
 Lapack<float> lapack32;
 Lapack<double> lapack64;
-SetThreadsFn set_local_threads = nullptr;  // OpenBLAS's openblas_set_num_threads_local, when found
+// OpenBLAS's openblas_set_num_threads_local, when found: sets its thread count (process-wide in its
+// pthreads builds) and returns the previous one
+SetThreadsFn set_blas_threads = nullptr;
 
 template <class T>
 const Lapack<T>& lapack();
@@ -150,11 +153,11 @@ class OneBlasThread {
  public:
   OneBlasThread() {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (users_++ == 0) saved_ = set_local_threads(1);
+    if (users_++ == 0) saved_ = set_blas_threads(1);
   }
   ~OneBlasThread() {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (--users_ == 0) set_local_threads(saved_);
+    if (--users_ == 0) set_blas_threads(saved_);
   }
 
  private:
@@ -169,7 +172,7 @@ template <class One, class Fill>
 int64_t over_batch(int64_t batch, int threads, One&& one, Fill&& fill) {
   if (!ready.load()) throw std::runtime_error("low-rank LAPACK routines were not handed over (set_lapack)");
   std::atomic<int64_t> failed{0};
-  const int team = set_local_threads == nullptr ? 1 : static_cast<int>(std::min<int64_t>(threads, batch));
+  const int team = set_blas_threads == nullptr ? 1 : static_cast<int>(std::min<int64_t>(threads, batch));
   std::optional<OneBlasThread> hold;
   if (team > 1) hold.emplace();
   parallel_tasks(batch, team, [&](int64_t i) {
@@ -213,7 +216,7 @@ int64_t thin_svd_typed(const T* a, int64_t batch, int m, int n, T* u, T* s, T* v
 void set_lapack(const void* const fns[10], const void* set_threads_local) {
   for (int i = 0; i < 10; ++i)
     if (fns[i] == nullptr) throw std::invalid_argument("set_lapack: a null routine");
-  set_local_threads = reinterpret_cast<SetThreadsFn>(const_cast<void*>(set_threads_local));
+  set_blas_threads = reinterpret_cast<SetThreadsFn>(const_cast<void*>(set_threads_local));
   lapack32.syrk = reinterpret_cast<SyrkFn<float>>(const_cast<void*>(fns[0]));
   lapack64.syrk = reinterpret_cast<SyrkFn<double>>(const_cast<void*>(fns[1]));
   lapack32.syevr = reinterpret_cast<SyevrFn<float>>(const_cast<void*>(fns[2]));

@@ -36,7 +36,7 @@ from ..reference.low_rank import compute_dtype
 _TRUNCATED_RATIO = {torch.float32: 1e-2, torch.float64: 1e-8}
 # λ_min / λ_max from which the polar factor is taken from the Gram, per dtype (float32: κ ≤ 3.2)
 _POLAR_RATIO = {torch.float32: 1e-1, torch.float64: 1e-8}
-_POLAR_ASPECT = 1.25  # max(m, n) / min(m, n) from which polar uses the float64 Gram
+_POLAR_ASPECT = 1.25  # max(m, n) / min(m, n) from which polar uses a Gram
 _ROUTINES = (
     ("cython_blas", "ssyrk"),
     ("cython_blas", "dsyrk"),
@@ -60,9 +60,10 @@ def _address(module: ModuleType, name: str) -> int:
     return get_pointer(capsule, get_name(capsule))
 
 
-def _thread_local_setter(module: ModuleType) -> int:
-    """The address of ``openblas_set_num_threads_local`` in the OpenBLAS behind SciPy's LAPACK
-    (found through the library's dependencies), or 0 when it has none (another BLAS)."""
+def _blas_thread_setter(module: ModuleType) -> int:
+    """The address of ``openblas_set_num_threads_local`` (sets the thread count, returns the
+    previous one) in the OpenBLAS behind SciPy's LAPACK, found through the library's dependencies,
+    or 0 when it has none (another BLAS)."""
     try:
         return ctypes.cast(ctypes.CDLL(module.__file__).openblas_set_num_threads_local, ctypes.c_void_p).value or 0
     except (AttributeError, OSError):
@@ -77,13 +78,8 @@ def _lapack() -> ModuleType:
         import scipy.linalg.cython_lapack
 
         routines = [_address(getattr(scipy.linalg, module), name) for module, name in _ROUTINES]
-        lib.set_lapack(routines, _thread_local_setter(scipy.linalg.cython_lapack))
+        lib.set_lapack(routines, _blas_thread_setter(scipy.linalg.cython_lapack))
     return lib
-
-
-def _run(call, batch: int) -> int:
-    """``call(threads)``, one matrix per thread; returns how many matrices LAPACK failed on."""
-    return call(min(_native.threads(), batch))
 
 
 def _stored(a: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -102,13 +98,9 @@ def _gram_eigh(a: torch.Tensor, k: int, min_ratio: float = 0.0) -> tuple[torch.T
     memory, transposed = _stored(a)
     batch, p, q = a.shape
     lam, vecs = a.new_empty(batch, k), a.new_empty(batch, k, q)
-    lib = _lapack()
-    f64 = a.dtype == torch.float64
-    _run(
-        lambda t: lib.gram_eigh(
-            memory.data_ptr(), transposed, f64, batch, p, q, k, min_ratio, lam.data_ptr(), vecs.data_ptr(), t
-        ),
-        batch,
+    f64, threads = a.dtype == torch.float64, min(_native.threads(), batch)  # a matrix per thread
+    _lapack().gram_eigh(
+        memory.data_ptr(), transposed, f64, batch, p, q, k, min_ratio, lam.data_ptr(), vecs.data_ptr(), threads
     )
     return lam, vecs.mT
 
@@ -120,13 +112,8 @@ def _svd(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, m, n = work.shape
     r = min(m, n)
     u, s, vh = work.new_empty(batch, m, r), work.new_empty(batch, r), work.new_empty(batch, r, n)
-    lib = _lapack()
-    failed = _run(
-        lambda t: lib.thin_svd(
-            work.data_ptr(), work.dtype == torch.float64, batch, m, n, u.data_ptr(), s.data_ptr(), vh.data_ptr(), t
-        ),
-        batch,
-    )
+    f64, threads = work.dtype == torch.float64, min(_native.threads(), batch)  # a matrix per thread
+    failed = _lapack().thin_svd(work.data_ptr(), f64, batch, m, n, u.data_ptr(), s.data_ptr(), vh.data_ptr(), threads)
     if failed:
         raise WeightError(f"LAPACK's SVD (gesdd) did not converge on {failed} of {batch} matrices [{m}, {n}]")
     return (vh.mT, s, u.mT) if transposed else (u, s, vh)  # aᵀ = U·S·Vh: a = Vhᵀ·S·Uᵀ
@@ -149,11 +136,22 @@ def _tall(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (flat.mT, True) if m < n else (flat, False)
 
 
-def _by_svd_where(todo: torch.Tensor, a: torch.Tensor, outs: tuple, fn) -> None:
-    """Writes ``fn(a[todo])`` into ``outs`` at the batch rows ``todo``."""
+def _by_routes(a: torch.Tensor, dtype: torch.dtype, by_gram, by_svd) -> tuple:
+    """The outputs of every matrix of the batch a by the first route that serves it:
+    ``by_gram(a, float32)`` (skipped for float64 inputs), ``by_gram(a, float64)``, then ``by_svd(a)``;
+    ``by_gram`` returns its outputs and which matrices they are accurate for."""
+    first = torch.float64 if dtype == torch.float64 else torch.float32
+    *outs, ok = by_gram(a, first)
+    todo = (~ok).nonzero().flatten()
+    if todo.numel() and first != torch.float64:
+        *redone, ok = by_gram(a[todo], torch.float64)
+        for out, value in zip(outs, redone, strict=True):
+            out[todo] = value
+        todo = todo[~ok]
     if todo.numel():
-        for out, value in zip(outs, fn(a[todo]), strict=True):
+        for out, value in zip(outs, by_svd(a[todo]), strict=True):
             out[todo] = value.to(out.dtype)
+    return tuple(outs)
 
 
 def _gram_triplets(a: torch.Tensor, k: int, dtype: torch.dtype) -> tuple:
@@ -173,13 +171,7 @@ def _truncated_by_gram(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     if x.numel() == 0 or k == 0:
         return ref.truncated_svd(x, k)
     a, wide = _tall(x)
-    first = torch.float64 if x.dtype == torch.float64 else torch.float32
-    u, s, v, ok = _gram_triplets(a, k, first)
-    todo = (~ok).nonzero().flatten()
-    if todo.numel() and first != torch.float64:
-        u[todo], s[todo], v[todo], ok = _gram_triplets(a[todo], k, torch.float64)
-        todo = todo[~ok]
-    _by_svd_where(todo, a, (u, s, v), lambda rest: _svd_truncated(rest, k))
+    u, s, v = _by_routes(a, x.dtype, lambda b, dtype: _gram_triplets(b, k, dtype), lambda rest: _svd_truncated(rest, k))
     if wide:  # x = (xᵀ)ᵀ = (U·S·Vᵀ)ᵀ = V·S·Uᵀ
         u, v = v, u
     lead = x.shape[:-2]
@@ -194,12 +186,15 @@ def _gram_polar(a: torch.Tensor, dtype: torch.dtype) -> tuple:
     lam, w = _gram_eigh(work, a.shape[-1], _POLAR_RATIO[dtype])  # ascending; NaN where turned down
     ok = (lam[:, 0] >= _POLAR_RATIO[dtype] * lam[:, -1]) & (lam[:, -1] > 0)
     s = lam.flip(-1).clamp_min(0).sqrt().to(a.dtype)
+
+    def factor(work, lam, w):
+        return (work @ ((w * lam.rsqrt().unsqueeze(-2)) @ w.mT)).to(a.dtype)
+
     if bool(ok.all()):
-        return (work @ ((w * lam.rsqrt().unsqueeze(-2)) @ w.mT)).to(a.dtype), s, ok
+        return factor(work, lam, w), s, ok
     q = torch.zeros_like(a)  # the products only for the matrices the Gram serves
     if bool(ok.any()):
-        lam, w = lam[ok], w[ok]
-        q[ok] = (work[ok] @ ((w * lam.rsqrt().unsqueeze(-2)) @ w.mT)).to(a.dtype)
+        q[ok] = factor(work[ok], lam[ok], w[ok])
     return q, s, ok
 
 
@@ -211,13 +206,7 @@ def _polar_by_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if max(m, n) < _POLAR_ASPECT * min(m, n):
         q, s = _svd_polar(a)
     else:
-        first = torch.float64 if x.dtype == torch.float64 else torch.float32
-        q, s, ok = _gram_polar(a, first)
-        todo = (~ok).nonzero().flatten()
-        if todo.numel() and first != torch.float64:
-            q[todo], s[todo], ok = _gram_polar(a[todo], torch.float64)
-            todo = todo[~ok]
-        _by_svd_where(todo, a, (q, s), _svd_polar)
+        q, s = _by_routes(a, x.dtype, _gram_polar, _svd_polar)
     q, s = q.to(x.dtype), s.to(x.dtype)
     q = q.mT if wide else q
     return q.reshape(x.shape), s.reshape(*x.shape[:-2], s.shape[-1])

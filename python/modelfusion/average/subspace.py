@@ -66,8 +66,8 @@ class _TaskVectors:
         return [self.one(i, k) for i in range(len(self.models))]
 
     def into(self, i: int, k: str, out: torch.Tensor) -> torch.Tensor:
-        """τᵢ of tensor k written into ``out`` (one pass when there is no transform or scale)."""
-        if self.transform is None and self.scales is None:
+        """τᵢ of tensor k written into ``out`` (one pass when there is no transform, scale or cast)."""
+        if self.transform is None and self.scales is None and self.models[i][k].dtype == self.base[k].dtype:
             return torch.sub(self.models[i][k], self.base[k], out=out)
         return out.copy_(self.one(i, k))
 
