@@ -219,3 +219,57 @@ def test_tall_masks_written_into_targets_equal_the_returned_models():
             assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     with pytest.raises(ParameterError, match="targets"):
         average.tall_mask_into(base, tuned, [base.state_dict()], 0.4)
+
+
+@pytest.mark.parametrize("merge", ["tsv_merge", "iso_c", "iso_cts"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_subspace_merges_in_small_batches_equal_one_batch(monkeypatch, merge, threads):
+    """Batches of a few tensors (a multiple of the thread count, sharing one buffer of task
+    matrices across shapes) give the model one batch of every same-shape group gives."""
+    from modelfusion.average import subspace
+
+    torch.manual_seed(0)
+    shapes = {f"w{i}": s for i, s in enumerate([(12, 8)] * 5 + [(8, 20)] * 3 + [(6, 6)] * 4)} | {"b": (7,)}
+    base = {k: torch.randn(s) for k, s in shapes.items()}
+    models = [{k: t + 0.1 * torch.randn_like(t) for k, t in base.items()} for _ in range(4)]
+    want = getattr(subspace, merge)(base, models)
+    before = [{k: t.clone() for k, t in m.items()} for m in [base, *models]]
+    budget, sizes, real = 4 * 12 * 8 * 4 * 3, [], subspace._batch_size  # three (12, 8) tensors' task matrices
+
+    def recorded(keys, key_bytes):
+        sizes.append((real(keys, key_bytes), keys, key_bytes))
+        return sizes[-1][0]
+
+    monkeypatch.setattr(subspace, "DECOMPOSE_BYTES", budget)
+    monkeypatch.setattr(subspace, "_batch_size", recorded)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = getattr(subspace, merge)(base, models)
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert len(sizes) == 3 and sizes[0][0] == 3 // threads * threads
+    assert all(s == 1 or (s * key_bytes <= budget and (s % threads == 0 or s == keys)) for s, keys, key_bytes in sizes)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(t, b[k]) for m, b in zip([base, *models], before, strict=True) for k, t in m.items())
+
+
+def test_batch_sizes_are_even_multiples_of_the_threads(monkeypatch):
+    from modelfusion.average import subspace
+
+    monkeypatch.setattr(subspace, "DECOMPOSE_BYTES", 100)
+    torch_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert [subspace._batch_size(n, b) for n, b in [(12, 33), (48, 7), (5, 25), (5, 200), (1, 10)]] == [
+            2,
+            12,
+            4,
+            1,
+            1,
+        ]
+        torch.set_num_threads(1)
+        assert [subspace._batch_size(n, b) for n, b in [(12, 33), (5, 25)]] == [3, 3]
+    finally:
+        torch.set_num_threads(torch_threads)

@@ -163,7 +163,7 @@ def _gram_triplets(a: torch.Tensor, k: int, dtype: torch.dtype) -> tuple:
     v = w.flip(-1)
     y = work @ v  # x·vᵢ = σᵢ·uᵢ
     s = torch.linalg.vector_norm(y, dim=-2)
-    u = y / s.clamp_min(torch.finfo(dtype).tiny).unsqueeze(-2)
+    u = y.div_(s.clamp_min(torch.finfo(dtype).tiny).unsqueeze(-2))
     return u.to(a.dtype), s.to(a.dtype), v.to(a.dtype), ok
 
 

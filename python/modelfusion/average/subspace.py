@@ -24,6 +24,7 @@ the decompositions (averaged) or, for TIES, left at the base.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -73,8 +74,15 @@ class _TaskVectors:
 
 
 def _result(base: State, merged: State, scale: float) -> State:
-    """θ₀ + λ·τ for the merged keys, the base's own tensors (cloned) elsewhere."""
-    return {k: (t + scale * merged[k]).to(t.dtype) if k in merged else t.clone() for k, t in base.items()}
+    """θ₀ + λ·τ for the merged keys (written over τ, which the merges own, where the dtypes match),
+    the base's own tensors (cloned) elsewhere."""
+
+    def one(t: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        if tau.dtype == t.dtype and tau.shape == t.shape:
+            return tau.mul_(scale).add_(t) if scale != 1.0 else tau.add_(t)
+        return (t + scale * tau).to(t.dtype)
+
+    return {k: one(t, merged[k]) if k in merged else t.clone() for k, t in base.items()}
 
 
 def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -83,6 +91,18 @@ def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
     for i, t in enumerate(tensors[1:], start=2):
         mean += (t - mean) / i
     return mean
+
+
+def _batch_size(keys: int, key_bytes: int) -> int:
+    """Tensors per batch: at most :data:`DECOMPOSE_BYTES` of task matrices (one tensor at least),
+    a multiple of the thread count where that fits (the decompositions run a matrix per thread, so
+    a batch of 3 on 2 threads leaves one idle a third of the time), the batches as even as that allows."""
+    step, threads = max(1, DECOMPOSE_BYTES // key_bytes), torch.get_num_threads()
+    if step < threads:
+        return step
+    step -= step % threads
+    even = -(-keys // -(-keys // step))  # as many batches, filled evenly
+    return min(step, -(-even // threads) * threads, keys)
 
 
 def _decomposed(
@@ -108,25 +128,37 @@ def _decomposed(
             groups.setdefault(tuple(tv.base[k].shape), []).append(k)
         else:
             merged[k] = _mean(tv.of(k))
+    copies = 1 if summed else tasks
+    plan = []  # (shape, keys, compute dtype, tensors per batch)
     for shape, keys_of_shape in groups.items():
         wide = torch.float64 if tv.base[keys_of_shape[0]].dtype == torch.float64 else torch.float32
-        step = max(1, DECOMPOSE_BYTES // (tasks * shape[0] * shape[1] * wide.itemsize))
+        # the budget counts T matrices a tensor also when summed: the decomposition's own work is a few of them
+        step = _batch_size(len(keys_of_shape), tasks * math.prod(shape) * wide.itemsize)
+        plan.append((shape, keys_of_shape, wide, step))
+    # one buffer for every batch's task matrices: fresh pages for each would cost their faults again
+    buffer_bytes = max(
+        (copies * min(step, len(keys)) * math.prod(shape) * wide.itemsize for shape, keys, wide, step in plan),
+        default=0,
+    )
+    buffer = torch.empty(buffer_bytes, dtype=torch.uint8)
+    for shape, keys_of_shape, wide, step in plan:
         for start in range(0, len(keys_of_shape), step):
             batch = keys_of_shape[start : start + step]
+            stack = buffer[: copies * len(batch) * math.prod(shape) * wide.itemsize].view(wide)
             if summed:  # Σᵢ τᵢ in order, τᵢ formed in a scratch buffer
-                stack, scratch = torch.empty(len(batch), *shape, dtype=wide), torch.empty(shape, dtype=wide)
+                stack, scratch = stack.view(len(batch), *shape), torch.empty(shape, dtype=wide)
                 for j, k in enumerate(batch):
                     tv.into(0, k, stack[j])
                     for i in range(1, tasks):
                         stack[j] += tv.into(i, k, scratch)
             else:
-                stack = torch.empty(tasks, len(batch), *shape, dtype=wide)  # [T, L, m, n]
+                stack = stack.view(tasks, len(batch), *shape)  # [T, L, m, n]
                 for j, k in enumerate(batch):
                     for i in range(tasks):
                         tv.into(i, k, stack[i, j])
             for k, value in zip(batch, per_shape(stack).unbind(0), strict=True):
                 merged[k] = value.to(tv.base[k].dtype)
-            del stack
+    del buffer
     return _result(tv.base, merged, scale)
 
 
@@ -244,7 +276,7 @@ def tsv_merge(
         u, s, vh = fk.truncated_svd(stack, keep)  # [T, L, m, keep], [T, L, keep], [T, L, keep, n]
         # side by side; when T·keep < r, the r − T·keep zero columns of the paper's form add nothing
         sum_u, sum_s, sum_vh = torch.cat(u.unbind(0), -1), torch.cat(s.unbind(0), -1), torch.cat(vh.unbind(0), -2)
-        return (_polar(sum_u) * sum_s.unsqueeze(-2)) @ _polar(sum_vh)
+        return _polar(sum_u).mul_(sum_s.unsqueeze(-2)) @ _polar(sum_vh)
 
     scale = float(alpha) if isinstance(alpha, (int, float)) else 1.0
     return _decomposed(base, models, exclude_keys, per_shape, scale, tau_scales)
@@ -257,7 +289,7 @@ def iso_c(
 
     def per_shape(total: torch.Tensor) -> torch.Tensor:
         q, s = fk.polar(total)  # U·diag(mean S)·Vh = mean S · U·Vh
-        return s.mean(-1)[..., None, None] * q
+        return q.mul_(s.mean(-1)[..., None, None])
 
     return _decomposed(base, models, exclude_keys, per_shape, scaling_factor, summed=True)
 
