@@ -144,6 +144,23 @@ def test_magnitude_thresholds_equal_one_at_a_time(backend, dtype):
     assert torch.equal(got.cpu(), torch.stack([fk.magnitude_threshold(x, k=k) for k in ks]).cpu())
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_magnitude_thresholds_of_a_sample_drawn_in_parts(threads, dtype):
+    """Above 2¹³ elements the sample that brackets each k is drawn and sorted in one part per thread
+    and merged: the thresholds are the k-th largest |x| whatever the thread count (bf16: many ties)."""
+    x = randn((300_001,), dtype, seed=11)
+    ks = [1, 75_001, 150_000, 225_000, 300_001]
+    want = x.float().abs().sort(descending=True).values[torch.tensor(ks) - 1].to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = fk.magnitude_thresholds(x, ks)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got.abs(), want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_method_is_no_farther_from_float64_than_the_reference(dtype):
     """arcee_fusion on 16-bit tensors (and above 10⁶ elements) runs on the fused importance: its

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -121,20 +122,21 @@ struct Bracket {
   bool usable = false;
 };
 
-// Keys at fixed strided positions of one model, sorted in descending order: the sample every query on
-// that model brackets from.
+// The keys of one model at the strided sample positions [first, last) of kSample (at most n) spread
+// over its n elements, sorted in descending order: a part of the sample every query on that model
+// brackets from.
 template <class K>
-std::vector<uint32_t> sample_keys(const K& key_of, int model, int64_t n) {
-  const int64_t samples = std::min(n, kSample);
-  std::vector<uint32_t> keys(samples), spare(samples);
-  for (int64_t i = 0; i < samples; ++i) keys[i] = ~key_of(model, i * n / samples);  // ascending ~key: descending key
+std::vector<uint32_t> sample_keys(const K& key_of, int model, int64_t n, int64_t first, int64_t last) {
+  const int64_t samples = std::min(n, kSample), count = last - first;
+  std::vector<uint32_t> keys(count), spare(count);
+  for (int64_t i = 0; i < count; ++i) keys[i] = ~key_of(model, (first + i) * n / samples);  // ascending ~key: descending key
   // LSD radix sort, 11-bit digits, skipping a digit every key shares: a few passes, where each
   // query's nth_element pair cost more on several queries per model (arcee_fusion's quartiles)
   constexpr int kDigit = 11, kRadix = 1 << kDigit;
   for (int shift = 0; shift < 32; shift += kDigit) {
     std::vector<uint32_t> at(kRadix, 0);
     for (const uint32_t k : keys) ++at[(k >> shift) & (kRadix - 1)];
-    if (std::find(at.begin(), at.end(), uint32_t(samples)) != at.end()) continue;
+    if (std::find(at.begin(), at.end(), uint32_t(count)) != at.end()) continue;
     uint32_t sum = 0;
     for (uint32_t& a : at) sum += std::exchange(a, sum);
     for (const uint32_t k : keys) spare[at[(k >> shift) & (kRadix - 1)]++] = k;
@@ -142,6 +144,31 @@ std::vector<uint32_t> sample_keys(const K& key_of, int model, int64_t n) {
   }
   for (uint32_t& k : keys) k = ~k;
   return keys;
+}
+
+// Each model's whole sample, sorted in descending order: its parts drawn and sorted on all threads
+// (one model, arcee_fusion's quartiles, would leave all but one idle), then merged.
+template <class K>
+std::vector<std::vector<uint32_t>> sorted_samples(const K& key_of, const std::vector<int>& models, int64_t n, int t) {
+  const int64_t m = static_cast<int64_t>(models.size()), samples = std::min(n, kSample);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(t / std::max<int64_t>(m, 1), samples >> 12));
+  std::vector<std::vector<uint32_t>> pieces(static_cast<size_t>(m * parts));
+  parallel_tasks(m * parts, t, [&](int64_t task) {
+    const int64_t part = task % parts;
+    pieces[size_t(task)] = sample_keys(key_of, models[size_t(task / parts)], n, part * samples / parts,
+                                       (part + 1) * samples / parts);
+  });
+  std::vector<std::vector<uint32_t>> out(static_cast<size_t>(m));
+  for (int64_t model = 0; model < m; ++model) {
+    std::vector<uint32_t>& merged = out[size_t(model)];
+    for (int64_t part = 0; part < parts; ++part) {
+      const std::vector<uint32_t>& piece = pieces[size_t(model * parts + part)];
+      const size_t mid = merged.size();
+      merged.insert(merged.end(), piece.begin(), piece.end());
+      std::inplace_merge(merged.begin(), merged.begin() + mid, merged.end(), std::greater<uint32_t>());
+    }
+  }
+  return out;
 }
 
 // Pick a bracket around the k-th largest key that holds it with overwhelming probability (± 4
@@ -295,11 +322,8 @@ std::vector<TopK> magnitude_select(const TaskSource& s, const std::vector<int>& 
     if (bs[q].usable && std::find(sampled.begin(), sampled.end(), qs[q].model) == sampled.end())
       sampled.push_back(qs[q].model);
   }
-  std::vector<std::vector<uint32_t>> samples(sampled.size());
-  with_keys(s, [&](const auto& key_of) {
-    parallel_tasks(int64_t(sampled.size()), t,
-                   [&](int64_t m) { samples[m] = sample_keys(key_of, sampled[m], s.numel); });
-  });
+  std::vector<std::vector<uint32_t>> samples;
+  with_keys(s, [&](const auto& key_of) { samples = sorted_samples(key_of, sampled, s.numel, t); });
   for (int64_t q = 0; q < nq; ++q) {
     if (!bs[q].usable) continue;
     const size_t m = size_t(std::find(sampled.begin(), sampled.end(), qs[q].model) - sampled.begin());
