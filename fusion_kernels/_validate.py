@@ -40,6 +40,8 @@ def all_finite(x: torch.Tensor) -> bool:
     faster on a large matrix)."""
     if x.numel() == 0:
         return True
+    if x.dim() >= 2 and not x.is_contiguous() and x.mT.is_contiguous():
+        x = x.mT  # the same entries, read in memory order
     low, high = torch.aminmax(x.detach())
     return math.isfinite(float(low)) and math.isfinite(float(high))
 

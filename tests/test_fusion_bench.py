@@ -252,6 +252,7 @@ def test_subspace_merges_in_small_batches_equal_one_batch(monkeypatch, merge, th
     assert all(s == 1 or (s * key_bytes <= budget and (s % threads == 0 or s == keys)) for s, keys, key_bytes in sizes)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+        assert got[k].is_contiguous() and want[k].is_contiguous(), k
     assert all(torch.equal(t, b[k]) for m, b in zip([base, *models], before, strict=True) for k, t in m.items())
 
 

@@ -74,6 +74,7 @@ def test_truncated_svd_matches_reference(backend, dtype, shape):
     for k in sorted({0, 1, r // 2, r}):
         u, s, vh = fk.truncated_svd(x, k)
         assert_triplets_close((u, s, vh), ref.truncated_svd(x, k), dtype)
+        assert u.is_contiguous() and s.is_contiguous() and vh.is_contiguous()
         eye = torch.eye(k, dtype=torch.float64)
         torch.testing.assert_close((u.double().mT @ u.double()).cpu(), eye.expand_as(u.mT @ u), **TOL[dtype])
         torch.testing.assert_close((vh.double() @ vh.double().mT).cpu(), eye.expand_as(u.mT @ u), **TOL[dtype])
@@ -89,6 +90,7 @@ def test_polar_matches_reference(backend, dtype, shape):
     q, s = fk.polar(x)
     rq, rs = ref.polar(x)
     assert q.shape == x.shape and s.shape == (*shape[:-2], min(shape[-2:])) and q.dtype == s.dtype == dtype
+    assert q.is_contiguous() and s.is_contiguous()
     torch.testing.assert_close(q.cpu().double(), rq.cpu().double(), **TOL[dtype])
     torch.testing.assert_close(s.cpu().double(), rs.cpu().double(), **TOL[dtype])
     h = q.double().mT @ x.double()  # x = Q·H, H symmetric positive definite here
@@ -106,13 +108,48 @@ def test_empty_shapes(backend, shape, k):
 
 
 def test_strided_inputs_give_the_contiguous_results(backend):
+    """A strided view is copied: the contiguous results exactly. A transposed contiguous batch is
+    taken as it is (LAPACK handed its transpose): the same within rounding."""
     big = separated((2, 30, 50), torch.float32, seed=3)
-    for x in (big.mT, big[:, ::2, 1::3], big[:, :, :25]):
+    for x, tol in ((big.mT, 1e-6), (big[:, ::2, 1::3], 0.0), (big[:, :, :25], 0.0)):
         assert not x.is_contiguous()
         for got, want in zip(fk.truncated_svd(x, 5), fk.truncated_svd(x.contiguous(), 5), strict=True):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            torch.testing.assert_close(got, want, rtol=0, atol=tol)
         for got, want in zip(fk.polar(x), fk.polar(x.contiguous()), strict=True):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(12, 12), (60, 12), (12, 60), (2, 3, 36, 12), (3, 12, 40), (7, 3)], ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
+def test_polar_times_right_equals_q_times_right(backend, dtype, shape, transposed):
+    """polar(x, right) is Q·right (every route: the Gram's takes right into its product), for
+    contiguous x and x stored transposed, without touching either input."""
+    x = separated(shape, dtype, seed=5)
+    if transposed:
+        x = x.mT.contiguous().mT
+    right = separated((*shape[:-2], shape[-1], 5), dtype, seed=6)
+    before = (x.clone(), right.clone())
+    q, s = fk.polar(x, right=right)
+    rq, rs = ref.polar(x)
+    assert q.shape == (*shape[:-1], 5) and q.dtype == dtype and q.is_contiguous()
+    want = rq.double() @ right.double()
+    torch.testing.assert_close(q.cpu().double(), want.cpu(), **TOL[dtype])
+    torch.testing.assert_close(s.cpu().double(), rs.cpu().double(), **TOL[dtype])
+    assert torch.equal(x, before[0]) and torch.equal(right, before[1])
+
+
+def test_polar_right_under_autograd_and_empty():
+    x = separated((20, 6), torch.float64, seed=7).requires_grad_()
+    right = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    q, _ = fk.polar(x, right=right)
+    q.sum().backward()
+    y, r2 = x.detach().clone().requires_grad_(), right.detach().clone().requires_grad_()
+    (ref.polar(y)[0] @ r2).sum().backward()
+    torch.testing.assert_close(x.grad, y.grad)
+    torch.testing.assert_close(right.grad, r2.grad)
+    assert fk.polar(torch.zeros(0, 5, 4), right=torch.zeros(0, 4, 3))[0].shape == (0, 5, 3)
+    assert fk.polar(torch.randn(2, 5, 4), right=torch.zeros(2, 4, 0))[0].shape == (2, 5, 0)
 
 
 def test_every_route_of_the_cpu_backend_in_one_batch():
@@ -255,6 +292,13 @@ def test_bad_inputs_are_named():
     for k in (-1, 5, True, 2.0, None):
         with pytest.raises(ShapeError, match=r"'k' expected an int in \[0, 4\]"):
             fk.truncated_svd(x, k)
+    with pytest.raises(ArgumentTypeError, match="'right'"):
+        fk.polar(x, right=[[1.0]])
+    with pytest.raises(DTypeError, match=r"'right' expected dtype torch.float32"):
+        fk.polar(x, right=torch.ones(4, 2, dtype=torch.float64))
+    for shape in [(5, 2), (4,), (1, 4, 2)]:
+        with pytest.raises(ShapeError, match=r"'right' expected shape \[4, p\]"):
+            fk.polar(x, right=torch.ones(shape))
 
 
 @pytest.mark.parametrize("method", ["tsv_merge", "iso_c", "iso_cts"])

@@ -29,7 +29,7 @@ import torch
 from .. import _native, _validate
 from .. import reference as ref
 from .._dispatch import select
-from ..errors import ShapeError, WeightError
+from ..errors import DeviceError, DTypeError, ShapeError, WeightError
 from ..reference.low_rank import compute_dtype
 
 # λₖ / λ₁ (eigenvalues of the Gram, σ²) from which the Gram's eigenvectors are taken, per dtype
@@ -124,9 +124,9 @@ def _svd_truncated(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
     return u[..., :k], s[..., :k], vh[..., :k, :].mT
 
 
-def _svd_polar(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _svd_polar(a: torch.Tensor, right: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     u, s, vh = _svd(a)
-    return u @ vh, s
+    return (u @ vh if right is None else u @ (vh @ right.to(vh.dtype))), s
 
 
 def _tall(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -136,20 +136,21 @@ def _tall(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (flat.mT, True) if m < n else (flat, False)
 
 
-def _by_routes(a: torch.Tensor, dtype: torch.dtype, by_gram, by_svd) -> tuple:
+def _by_routes(a: torch.Tensor, dtype: torch.dtype, by_gram, by_svd, *extra: torch.Tensor) -> tuple:
     """The outputs of every matrix of the batch a by the first route that serves it:
     ``by_gram(a, float32)`` (skipped for float64 inputs), ``by_gram(a, float64)``, then ``by_svd(a)``;
-    ``by_gram`` returns its outputs and which matrices they are accurate for."""
+    ``by_gram`` returns its outputs and which matrices they are accurate for. ``extra`` batches go
+    to both beside a, cut to the same matrices."""
     first = torch.float64 if dtype == torch.float64 else torch.float32
-    *outs, ok = by_gram(a, first)
+    *outs, ok = by_gram(a, first, *extra)
     todo = (~ok).nonzero().flatten()
     if todo.numel() and first != torch.float64:
-        *redone, ok = by_gram(a[todo], torch.float64)
+        *redone, ok = by_gram(a[todo], torch.float64, *(e[todo] for e in extra))
         for out, value in zip(outs, redone, strict=True):
-            out[todo] = value
+            out[todo] = value.to(out.dtype)
         todo = todo[~ok]
     if todo.numel():
-        for out, value in zip(outs, by_svd(a[todo]), strict=True):
+        for out, value in zip(outs, by_svd(a[todo], *(e[todo] for e in extra)), strict=True):
             out[todo] = value.to(out.dtype)
     return tuple(outs)
 
@@ -175,41 +176,49 @@ def _truncated_by_gram(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
     if wide:  # x = (xᵀ)ᵀ = (U·S·Vᵀ)ᵀ = V·S·Uᵀ
         u, v = v, u
     lead = x.shape[:-2]
-    return u.reshape(*lead, *u.shape[-2:]), s.reshape(*lead, k), v.mT.reshape(*lead, k, x.shape[-1])
+    u, vh = u.contiguous(), v.mT.contiguous()
+    return u.reshape(*lead, *u.shape[-2:]), s.reshape(*lead, k), vh.reshape(*lead, k, x.shape[-1])
 
 
-def _gram_polar(a: torch.Tensor, dtype: torch.dtype) -> tuple:
-    """Q = a·W·Λ^(-1/2)·Wᵀ and S = √Λ (descending) of every [p, q] matrix of the batch a (p >= q)
-    from its Gram's eigendecomposition in ``dtype``, in a's dtype, and which matrices they are
-    accurate for (λ_min ≥ _POLAR_RATIO·λ_max)."""
+def _gram_polar(a: torch.Tensor, dtype: torch.dtype, right: torch.Tensor | None = None) -> tuple:
+    """Q = a·W·Λ^(-1/2)·Wᵀ (Q·right: a·(W·Λ^(-1/2)·Wᵀ·right), the small product first) and
+    S = √Λ (descending) of every [p, q] matrix of the batch a (p >= q) from its Gram's
+    eigendecomposition in ``dtype``, in a's dtype, and which matrices they are accurate for
+    (λ_min ≥ _POLAR_RATIO·λ_max)."""
     work = a.to(dtype)
     lam, w = _gram_eigh(work, a.shape[-1], _POLAR_RATIO[dtype])  # ascending; NaN where turned down
     ok = (lam[:, 0] >= _POLAR_RATIO[dtype] * lam[:, -1]) & (lam[:, -1] > 0)
     s = lam.flip(-1).clamp_min(0).sqrt().to(a.dtype)
 
-    def factor(work, lam, w):
-        return (work @ ((w * lam.rsqrt().unsqueeze(-2)) @ w.mT)).to(a.dtype)
+    def factor(work, lam, w, right):
+        inverse_root = (w * lam.rsqrt().unsqueeze(-2)) @ w.mT
+        return (work @ (inverse_root if right is None else inverse_root @ right.to(dtype))).to(a.dtype)
 
+    columns = a.shape[-1] if right is None else right.shape[-1]
     if bool(ok.all()):
-        return factor(work, lam, w), s, ok
-    q = torch.zeros_like(a)  # the products only for the matrices the Gram serves
+        return factor(work, lam, w, right), s, ok
+    q = a.new_zeros(*a.shape[:-1], columns)  # the products only for the matrices the Gram serves
     if bool(ok.any()):
-        q[ok] = factor(work[ok], lam[ok], w[ok])
+        q[ok] = factor(work[ok], lam[ok], w[ok], None if right is None else right[ok])
     return q, s, ok
 
 
-def _polar_by_gram(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _polar_by_gram(x: torch.Tensor, right: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     m, n = x.shape[-2:]
-    if x.numel() == 0:
-        return ref.polar(x)
+    if x.numel() == 0 or (right is not None and right.numel() == 0):
+        return ref.polar(x, right)
     a, wide = _tall(x)
+    # a tall x takes right into its product; a wide one's Q is the transpose of its transpose's
+    extra = () if right is None or wide else (right.reshape(-1, *right.shape[-2:]),)
     if max(m, n) < _POLAR_ASPECT * min(m, n):
-        q, s = _svd_polar(a)
+        q, s = _svd_polar(a, *extra)
     else:
-        q, s = _by_routes(a, x.dtype, _gram_polar, _svd_polar)
-    q, s = q.to(x.dtype), s.to(x.dtype)
+        q, s = _by_routes(a, x.dtype, _gram_polar, _svd_polar, *extra)
     q = q.mT if wide else q
-    return q.reshape(x.shape), s.reshape(*x.shape[:-2], s.shape[-1])
+    if right is not None and wide:
+        q = q @ right.reshape(-1, *right.shape[-2:]).to(q.dtype)
+    q, s = q.to(x.dtype).contiguous(), s.to(x.dtype)  # a wide x's Q: its transpose's, stored as such
+    return q.reshape(*x.shape[:-1], q.shape[-1]), s.reshape(*x.shape[:-2], s.shape[-1])
 
 
 TRUNCATED_IMPLS = {"torch": ref.truncated_svd, "cpu": _truncated_by_gram}
@@ -228,6 +237,12 @@ def _check_matrices(op: str, x: object) -> torch.Tensor:
     return x
 
 
+def _packed(x: torch.Tensor) -> torch.Tensor:
+    """x itself where its matrices are contiguous or contiguous transposed (the backends take
+    either: LAPACK is handed a transposed matrix as its transpose), else a contiguous copy."""
+    return x if x.is_contiguous() or x.mT.is_contiguous() else x.contiguous()
+
+
 def _recording(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
@@ -235,7 +250,7 @@ def _recording(x: torch.Tensor) -> bool:
 def truncated_svd(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The k largest singular triplets of every matrix of x: ``(U [..., m, k], S [..., k],
     Vh [..., k, n])`` with x ≈ U·diag(S)·Vh, S descending, orthonormal columns of U and rows of Vh,
-    in x's dtype (computed in float32, float64 for float64 x). Conventions and formula in
+    in x's dtype (computed in float32, float64 for float64 x), contiguous. Conventions and formula in
     :mod:`fusion_kernels.reference.low_rank`; how the ``cpu`` backend gets them, in this module's
     docstring. When autograd records x, the reference (an SVD) runs.
 
@@ -253,22 +268,39 @@ def truncated_svd(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
         raise ShapeError(f"{op}: argument 'k' expected an int in [0, {rank}] (min(m, n) of x), got {k!r}")
     if _recording(x):
         return ref.truncated_svd(x, k)
-    return select(op, TRUNCATED_IMPLS, x.device, x.dtype, (x, k))(x.contiguous(), k)
+    return select(op, TRUNCATED_IMPLS, x.device, x.dtype, (x, k))(_packed(x), k)
 
 
-def polar(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def polar(x: torch.Tensor, right: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The orthogonal polar factor of every matrix of x and its singular values: ``(Q [..., m, n],
     S [..., min(m, n)])``, x = Q·H with Q = W·Vh from the thin SVD x = W·diag(S)·Vh, S descending,
-    in x's dtype. For a rank-deficient x, Q is not unique (the SVD's choice is returned). When
+    in x's dtype, contiguous. For a rank-deficient x, Q is not unique (the SVD's choice is returned). When
     autograd records x, the reference (an SVD) runs.
 
     Args:
         x: a float tensor ``[..., m, n]`` with finite entries; any leading batch dimensions.
+        right: optional ``[..., n, p]`` (x's batch dimensions and dtype): return Q·right
+            ``[..., m, p]`` in place of Q. For a tall x whose factor comes from its Gram,
+            Q = x·G^(-1/2) and Q·right = x·(G^(-1/2)·right): one m×n×p product where Q and then
+            Q·right take two.
 
     Example:
         >>> q, s = fk.polar(x)       # Iso-C: s.mean(-1) * q has every singular value equal
+        >>> merged, _ = fk.polar(u_side, right=s[..., None] * v_factor)  # TSV-M: U⊥·diag(S)·V⊥
     """
     x = _check_matrices("polar", x)
-    if _recording(x):
-        return ref.polar(x)
-    return select("polar", POLAR_IMPLS, x.device, x.dtype, (x,))(x.contiguous())
+    if right is not None:
+        right = _validate.check_tensor("polar", "right", right)
+        if right.dtype != x.dtype:
+            raise DTypeError(f"polar: argument 'right' expected dtype {x.dtype} (x's), got {right.dtype}")
+        if right.device != x.device:
+            raise DeviceError(f"polar: argument 'right' expected device {x.device} (x's), got {right.device}")
+        if right.dim() != x.dim() or right.shape[:-2] != x.shape[:-2] or right.shape[-2] != x.shape[-1]:
+            want = f"[{', '.join(map(str, (*x.shape[:-2], x.shape[-1])))}, p]"
+            raise ShapeError(
+                f"polar: argument 'right' expected shape {want} (x's batch, x's columns), got {tuple(right.shape)}"
+            )
+    if _recording(x) or (right is not None and _recording(right)):
+        return ref.polar(x, right)
+    args = (_packed(x),) if right is None else (_packed(x), right)
+    return select("polar", POLAR_IMPLS, x.device, x.dtype, args)(*args)

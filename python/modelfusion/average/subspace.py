@@ -157,7 +157,7 @@ def _decomposed(
                     for i in range(tasks):
                         tv.into(i, k, stack[i, j])
             for k, value in zip(batch, per_shape(stack).unbind(0), strict=True):
-                merged[k] = value.to(tv.base[k].dtype)
+                merged[k] = value.to(tv.base[k].dtype).contiguous()  # a model's tensors: contiguous
     del buffer
     return _result(tv.base, merged, scale)
 
@@ -165,6 +165,17 @@ def _decomposed(
 def _polar(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor W·Vᵀ of x = W·Σ·Vᵀ (batched)."""
     return fk.polar(x)[0]
+
+
+def _polar_product(u: torch.Tensor, s: torch.Tensor | None, vh: torch.Tensor) -> torch.Tensor:
+    """P(u)·diag(s)·P(vh) for P the polar factor (batched; no diag when s is None). The taller
+    side's factor is taken last with the rest as its ``right`` (a tall factor from its Gram,
+    x·G^(-1/2), then costs one big product where Q and then Q·rest take two)."""
+    if u.shape[-2] >= vh.shape[-1]:
+        rest = _polar(vh)
+        return fk.polar(u, right=rest if s is None else rest.mul_(s.unsqueeze(-1)))[0]
+    rest = _polar(u).mT  # (P(u)·S·P(vh))ᵀ = P(vhᵀ)·S·P(u)ᵀ
+    return fk.polar(vh.mT, right=rest if s is None else rest.mul_(s.unsqueeze(-1)))[0].mT
 
 
 def magmax(base: StateLike, models: Sequence[StateLike], scaling_factor: float = 1.0) -> State:
@@ -276,7 +287,7 @@ def tsv_merge(
         u, s, vh = fk.truncated_svd(stack, keep)  # [T, L, m, keep], [T, L, keep], [T, L, keep, n]
         # side by side; when T·keep < r, the r − T·keep zero columns of the paper's form add nothing
         sum_u, sum_s, sum_vh = torch.cat(u.unbind(0), -1), torch.cat(s.unbind(0), -1), torch.cat(vh.unbind(0), -2)
-        return _polar(sum_u).mul_(sum_s.unsqueeze(-2)) @ _polar(sum_vh)
+        return _polar_product(sum_u, sum_s, sum_vh)
 
     scale = float(alpha) if isinstance(alpha, (int, float)) else 1.0
     return _decomposed(base, models, exclude_keys, per_shape, scale, tau_scales)
@@ -330,6 +341,6 @@ def iso_cts(
         all_u = torch.cat([*parts_u, cu], -1)
         all_s = torch.cat([*parts_s, cs], -1)
         all_vh = torch.cat([*parts_vh, cvh], -2)
-        return all_s.mean(-1)[..., None, None] * (_polar(all_u) @ _polar(all_vh))
+        return _polar_product(all_u, None, all_vh).mul_(all_s.mean(-1)[..., None, None])
 
     return _decomposed(base, models, exclude_keys, per_shape, scaling_factor)
