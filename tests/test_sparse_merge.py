@@ -179,6 +179,31 @@ def test_della_masks_equal_the_reference_bit_for_bit(dtype, shape):
                 assert torch.equal(got, reference(b, xs, weights, **options)), i
 
 
+@pytest.mark.parametrize("run", [5, 40, 1500], ids=lambda n: f"run{n}")
+def test_della_ranks_runs_that_differ_only_below_their_top_bytes(run):
+    """The C++ ranking sorts by the two highest bytes in which a row's keys differ, then the runs
+    equal in those by the lower bytes (insertion for a short run, counting passes for a long one):
+    a row with `run` magnitudes 1 + a·2⁻²³ (they differ in the low bytes only), ties among them, and
+    the rest spread over many exponents gives the reference's masks bit for bit."""
+    if "cpu" not in fk.available_backends():
+        pytest.skip("the C++ extension is not available")
+    g = torch.Generator().manual_seed(run)
+    cols = 2048
+    low = 1.0 + torch.randint(0, 1 << 12, (run,), generator=g).double() * 2.0**-23
+    low[: run // 3] = low[0]  # ties, ranked by index
+    spread = 2.0 ** -torch.randint(0, 40, (cols - run,), generator=g).double() * (
+        1 + torch.rand(cols - run, generator=g)
+    )
+    row = torch.cat([low, spread])[torch.randperm(cols, generator=g)]
+    x = (row * torch.where(torch.rand(cols, generator=g) < 0.5, -1.0, 1.0)).float().reshape(2, cols // 2)
+    for i, density in enumerate([0.3, 0.5]):
+        options = dict(sparsify="della", density=density, epsilon=0.2, consensus=None, combine="sum", seed=5)
+        with fk.use_backend("cpu"):
+            got = fk.sparse_merge(None, [x], [1.0], first_model=i, **options)
+        expected, _ = keep_mask_and_probability(x, i, "della", density, 0.0, 0.2, 5)
+        assert torch.equal(got != 0, expected), i
+
+
 def test_della_cpu_declines_what_it_cannot_rank_and_automatic_dispatch_falls_back():
     base, *xs = inputs(3, (4, 5, 6), torch.float32)
     expected = reference(base, xs, [1.0, 1.0], sparsify="della", density=0.5, epsilon=0.1, rescale="l1")

@@ -1,5 +1,6 @@
 // Per model and row: rank |tau| along the row, ascending with ties by index (a stable LSD radix
-// sort of the float32 bit patterns, 8 bits a pass, skipping bytes every key shares); the element
+// sort of the float32 bit patterns, 8 bits a pass, over the two highest bytes in which keys differ,
+// then the lower ones only inside runs equal above them: see stable_order); the element
 // of rank r is kept with probability p = (density - eps) + 2·eps·r/(cols - 1), drawn from the DARE
 // hash at its flat index: keep = draw24 < floor(p·2^24), every step rounded as the reference does.
 #include "della.h"
@@ -57,17 +58,54 @@ void counting_pass(const uint32_t* keys, int64_t cols, int shift, const uint32_t
   each([&](int q, int64_t k) { dst[at[q][bucket(k)]++] = src[k]; });
 }
 
+// Sorts the run of indices by key, stably (they arrive in index order, their keys equal in every
+// byte above `shifts`): insertion for a short run, else a counting pass per byte of `shifts`
+// (lowest first).
+void sort_run(const uint32_t* keys, uint32_t* run, int64_t length, const int* shifts, int bytes, uint32_t* spare) {
+  if (length <= 32) {
+    for (int64_t i = 1; i < length; ++i) {
+      const uint32_t moving = run[i];
+      int64_t j = i;
+      for (; j > 0 && keys[run[j - 1]] > keys[moving]; --j) run[j] = run[j - 1];
+      run[j] = moving;
+    }
+    return;
+  }
+  uint32_t *src = run, *dst = spare;
+  for (int b = bytes - 1; b >= 0; --b) {
+    counting_pass(keys, length, shifts[b], src, dst);
+    std::swap(src, dst);
+  }
+  if (src != run) std::memcpy(run, src, size_t(length) * sizeof(uint32_t));
+}
+
 // order = the indices 0..cols-1 sorted by key, stably (equal keys keep index order): an LSD radix
-// sort by bytes, skipping the bytes every key shares (`varying`: the bits where keys differ).
+// sort by the two highest bytes in which keys differ (`varying`: the bits where they do), then, in
+// the runs of keys equal in those and the bytes above, by the lower bytes that vary. The float32
+// |tau| of bf16 tunes differ in three bytes, the lowest of them set in a few elements in 200: two
+// passes and a scan where there were three passes.
 void stable_order(const uint32_t* keys, int64_t cols, uint32_t varying, uint32_t* order, uint32_t* spare) {
   for (int64_t j = 0; j < cols; ++j) order[j] = uint32_t(j);
+  int shifts[4], bytes = 0;  // the varying bytes, highest first
+  for (int shift = 24; shift >= 0; shift -= 8)
+    if ((varying >> shift) & 255u) shifts[bytes++] = shift;
+  const int whole = std::min(bytes, 2);
   uint32_t *src = order, *dst = spare;
-  for (int shift = 0; shift < 32; shift += 8) {
-    if (((varying >> shift) & 255u) == 0) continue;
-    counting_pass(keys, cols, shift, src, dst);
+  for (int b = whole - 1; b >= 0; --b) {
+    counting_pass(keys, cols, shifts[b], src, dst);
     std::swap(src, dst);
   }
   if (src != order) std::memcpy(order, src, size_t(cols) * sizeof(uint32_t));
+  if (bytes <= whole) return;
+  const uint32_t above = ~((uint32_t(1) << shifts[whole - 1]) - 1);  // the bytes sorted so far, and higher
+  for (int64_t i = 0; i < cols;) {
+    const uint32_t head = keys[order[i]];
+    bool mixed = false;
+    int64_t j = i + 1;
+    for (; j < cols && ((keys[order[j]] ^ head) & above) == 0; ++j) mixed |= keys[order[j]] != head;
+    if (mixed) sort_run(keys, order + i, j - i, shifts + whole, bytes - whole, spare);
+    i = j;
+  }
 }
 
 // The keep threshold of each rank along a row, floor(p·2^24): the same for every row of a model.
