@@ -204,6 +204,26 @@ def test_della_ranks_runs_that_differ_only_below_their_top_bytes(run):
         assert torch.equal(got != 0, expected), i
 
 
+@pytest.mark.parametrize("span", [1, 8, 9, 10, 11, 17])
+def test_della_ranks_keys_that_differ_in_a_few_bits(span):
+    """Keys that differ only in `span` bits are ranked by one counting pass as narrow as those bits
+    (up to 10), else by bytes: either way the reference's masks bit for bit (ties by index)."""
+    if "cpu" not in fk.available_backends():
+        pytest.skip("the C++ extension is not available")
+    g = torch.Generator().manual_seed(span)
+    low = 23 - span if span <= 23 else 0
+    digits = torch.randint(0, 1 << span, (3, 700), generator=g)
+    digits[:, :2] = torch.tensor([0, (1 << span) - 1])  # every bit of the span varies
+    digits[:, 100:160] = digits[:, 99:100]  # a run of ties
+    keys = (0x3F800000 | (digits << low)).to(torch.int32)  # 1.0 ≤ |x| < 2, mantissa bits only
+    x = keys.view(torch.float32) * torch.where(torch.rand(3, 700, generator=g) < 0.5, -1.0, 1.0)
+    options = dict(sparsify="della", density=0.5, epsilon=0.3, consensus=None, combine="sum", seed=9)
+    with fk.use_backend("cpu"):
+        got = fk.sparse_merge(None, [x], [1.0], **options)
+    expected, _ = keep_mask_and_probability(x, 0, "della", 0.5, 0.0, 0.3, 9)
+    assert torch.equal(got != 0, expected)
+
+
 def test_della_cpu_declines_what_it_cannot_rank_and_automatic_dispatch_falls_back():
     base, *xs = inputs(3, (4, 5, 6), torch.float32)
     expected = reference(base, xs, [1.0, 1.0], sparsify="della", density=0.5, epsilon=0.1, rescale="l1")

@@ -1,6 +1,5 @@
 // Per model and row: rank |tau| along the row, ascending with ties by index (a stable LSD radix
-// sort of the float32 bit patterns, 8 bits a pass, over the two highest bytes in which keys differ,
-// then the lower ones only inside runs equal above them: see stable_order); the element
+// sort of the float32 bit patterns over the bits in which they differ, see stable_order); the element
 // of rank r is kept with probability p = (density - eps) + 2·eps·r/(cols - 1), drawn from the DARE
 // hash at its flat index: keep = draw24 < floor(p·2^24), every step rounded as the reference does.
 #include "della.h"
@@ -33,17 +32,21 @@ uint32_t row_keys(const TaskSource& s, int model, int64_t row, int64_t cols, uin
   return varying;
 }
 
-// One stable counting pass on the byte at `shift` of keys[src[k]]: dst = src ordered by that byte.
-// src is counted and scattered as four consecutive parts side by side, each with its own positions
-// (a part's elements of a bucket after those of the parts before it), so that four independent
-// chains of increments run where one would stall on the few buckets of an exponent byte.
+constexpr int kMaxDigitBits = 10;  // the single pass's digit: 2^10 buckets (4 parts' counters: 16 KB)
+
+// One stable counting pass on the kBits-bit digit at `shift` of keys[src[k]]: dst = src ordered by
+// that digit (a compile-time width: the byte passes run a third faster than with a run-time one). src is counted and scattered as four consecutive parts side by side, each with its own
+// positions (a part's elements of a bucket after those of the parts before it), so that four
+// independent chains of increments run where one would stall on the few buckets of an exponent.
+template <int kBits>
 void counting_pass(const uint32_t* keys, int64_t cols, int shift, const uint32_t* src, uint32_t* dst) {
   constexpr int kParts = 4;
   int64_t begin[kParts + 1];
   for (int q = 0; q <= kParts; ++q) begin[q] = q * cols / kParts;  // lengths differ by at most one
   const int64_t shortest = cols / kParts, longest = (cols + kParts - 1) / kParts;
-  uint32_t at[kParts][256] = {};
-  const auto bucket = [&](int64_t k) { return (keys[src[k]] >> shift) & 255u; };
+  constexpr uint32_t kBuckets = uint32_t(1) << kBits;
+  uint32_t at[kParts][kBuckets] = {};
+  const auto bucket = [&](int64_t k) { return (keys[src[k]] >> shift) & (kBuckets - 1); };
   const auto each = [&](auto&& f) {
     for (int64_t k = 0; k < shortest; ++k)
       for (int q = 0; q < kParts; ++q) f(q, begin[q] + k);
@@ -53,7 +56,7 @@ void counting_pass(const uint32_t* keys, int64_t cols, int shift, const uint32_t
   };
   each([&](int q, int64_t k) { ++at[q][bucket(k)]; });
   uint32_t sum = 0;
-  for (int v = 0; v < 256; ++v)
+  for (uint32_t v = 0; v < kBuckets; ++v)
     for (auto& counts : at) sum += std::exchange(counts[v], sum);
   each([&](int q, int64_t k) { dst[at[q][bucket(k)]++] = src[k]; });
 }
@@ -73,26 +76,36 @@ void sort_run(const uint32_t* keys, uint32_t* run, int64_t length, const int* sh
   }
   uint32_t *src = run, *dst = spare;
   for (int b = bytes - 1; b >= 0; --b) {
-    counting_pass(keys, length, shifts[b], src, dst);
+    counting_pass<8>(keys, length, shifts[b], src, dst);
     std::swap(src, dst);
   }
   if (src != run) std::memcpy(run, src, size_t(length) * sizeof(uint32_t));
 }
 
-// order = the indices 0..cols-1 sorted by key, stably (equal keys keep index order): an LSD radix
-// sort by the two highest bytes in which keys differ (`varying`: the bits where they do), then, in
-// the runs of keys equal in those and the bytes above, by the lower bytes that vary. The float32
-// |tau| of bf16 tunes differ in three bytes, the lowest of them set in a few elements in 200: two
-// passes and a scan where there were three passes.
+// order = the indices 0..cols-1 sorted by key, stably (equal keys keep index order). Where the
+// bits in which keys differ (`varying`) span at most kMaxDigitBits, one counting pass on them.
+// Else an LSD radix sort by the two highest bytes in which keys differ, then, in the runs of keys
+// equal in those and the bytes above, by the lower bytes that vary. The float32 |tau| of bf16 tunes
+// differ in 9 bits (one pass where bytes took two) or in three bytes, the lowest set in a few
+// elements in 200 (two passes and a scan where there were three).
 void stable_order(const uint32_t* keys, int64_t cols, uint32_t varying, uint32_t* order, uint32_t* spare) {
   for (int64_t j = 0; j < cols; ++j) order[j] = uint32_t(j);
+  if (varying == 0) return;
+  const int low = __builtin_ctz(varying), span = 32 - __builtin_clz(varying) - low;
+  if (span <= kMaxDigitBits) {  // the narrowest digit that holds them (its bits above the span: the same in every key)
+    if (span <= 8) counting_pass<8>(keys, cols, std::min(low, 24), order, spare);
+    else if (span == 9) counting_pass<9>(keys, cols, std::min(low, 23), order, spare);
+    else counting_pass<kMaxDigitBits>(keys, cols, std::min(low, 32 - kMaxDigitBits), order, spare);
+    std::memcpy(order, spare, size_t(cols) * sizeof(uint32_t));
+    return;
+  }
   int shifts[4], bytes = 0;  // the varying bytes, highest first
   for (int shift = 24; shift >= 0; shift -= 8)
     if ((varying >> shift) & 255u) shifts[bytes++] = shift;
   const int whole = std::min(bytes, 2);
   uint32_t *src = order, *dst = spare;
   for (int b = whole - 1; b >= 0; --b) {
-    counting_pass(keys, cols, shifts[b], src, dst);
+    counting_pass<8>(keys, cols, shifts[b], src, dst);
     std::swap(src, dst);
   }
   if (src != order) std::memcpy(order, src, size_t(cols) * sizeof(uint32_t));
