@@ -35,9 +35,10 @@ uint32_t row_keys(const TaskSource& s, int model, int64_t row, int64_t cols, uin
 constexpr int kMaxDigitBits = 10;  // the single pass's digit: 2^10 buckets (4 parts' counters: 16 KB)
 
 // One stable counting pass on the kBits-bit digit at `shift` of keys[src[k]]: dst = src ordered by
-// that digit (a compile-time width: the byte passes run a third faster than with a run-time one). src is counted and scattered as four consecutive parts side by side, each with its own
-// positions (a part's elements of a bucket after those of the parts before it), so that four
-// independent chains of increments run where one would stall on the few buckets of an exponent.
+// that digit (a compile-time width: the byte passes run a third faster than with a run-time one).
+// src is counted and scattered as four consecutive parts side by side, each with its own positions
+// (a part's elements of a bucket after those of the parts before it), so that four independent
+// chains of increments run where one would stall on the few buckets of an exponent.
 template <int kBits>
 void counting_pass(const uint32_t* keys, int64_t cols, int shift, const uint32_t* src, uint32_t* dst) {
   constexpr int kParts = 4;
@@ -61,25 +62,27 @@ void counting_pass(const uint32_t* keys, int64_t cols, int shift, const uint32_t
   each([&](int q, int64_t k) { dst[at[q][bucket(k)]++] = src[k]; });
 }
 
-// Sorts the run of indices by key, stably (they arrive in index order, their keys equal in every
-// byte above `shifts`): insertion for a short run, else a counting pass per byte of `shifts`
-// (lowest first).
-void sort_run(const uint32_t* keys, uint32_t* run, int64_t length, const int* shifts, int bytes, uint32_t* spare) {
-  if (length <= 32) {
-    for (int64_t i = 1; i < length; ++i) {
-      const uint32_t moving = run[i];
-      int64_t j = i;
-      for (; j > 0 && keys[run[j - 1]] > keys[moving]; --j) run[j] = run[j - 1];
-      run[j] = moving;
-    }
-    return;
-  }
+// Orders the indices run[0, length) by the bytes of their keys at `shifts` (highest first), stably:
+// an LSD counting pass per byte, lowest first.
+void byte_passes(const uint32_t* keys, uint32_t* run, int64_t length, const int* shifts, int bytes, uint32_t* spare) {
   uint32_t *src = run, *dst = spare;
   for (int b = bytes - 1; b >= 0; --b) {
     counting_pass<8>(keys, length, shifts[b], src, dst);
     std::swap(src, dst);
   }
   if (src != run) std::memcpy(run, src, size_t(length) * sizeof(uint32_t));
+}
+
+// Sorts the run of indices by key, stably (they arrive in index order, their keys equal in every
+// byte above `shifts`): insertion for a short run, else byte_passes.
+void sort_run(const uint32_t* keys, uint32_t* run, int64_t length, const int* shifts, int bytes, uint32_t* spare) {
+  if (length > 32) return byte_passes(keys, run, length, shifts, bytes, spare);
+  for (int64_t i = 1; i < length; ++i) {
+    const uint32_t moving = run[i];
+    int64_t j = i;
+    for (; j > 0 && keys[run[j - 1]] > keys[moving]; --j) run[j] = run[j - 1];
+    run[j] = moving;
+  }
 }
 
 // order = the indices 0..cols-1 sorted by key, stably (equal keys keep index order). Where the
@@ -92,7 +95,7 @@ void stable_order(const uint32_t* keys, int64_t cols, uint32_t varying, uint32_t
   for (int64_t j = 0; j < cols; ++j) order[j] = uint32_t(j);
   if (varying == 0) return;
   const int low = __builtin_ctz(varying), span = 32 - __builtin_clz(varying) - low;
-  if (span <= kMaxDigitBits) {  // the narrowest digit that holds them (its bits above the span: the same in every key)
+  if (span <= kMaxDigitBits) {  // the narrowest digit that holds them (its bits above them: alike in every key)
     if (span <= 8) counting_pass<8>(keys, cols, std::min(low, 24), order, spare);
     else if (span == 9) counting_pass<9>(keys, cols, std::min(low, 23), order, spare);
     else counting_pass<kMaxDigitBits>(keys, cols, std::min(low, 32 - kMaxDigitBits), order, spare);
@@ -103,12 +106,7 @@ void stable_order(const uint32_t* keys, int64_t cols, uint32_t varying, uint32_t
   for (int shift = 24; shift >= 0; shift -= 8)
     if ((varying >> shift) & 255u) shifts[bytes++] = shift;
   const int whole = std::min(bytes, 2);
-  uint32_t *src = order, *dst = spare;
-  for (int b = whole - 1; b >= 0; --b) {
-    counting_pass<8>(keys, cols, shifts[b], src, dst);
-    std::swap(src, dst);
-  }
-  if (src != order) std::memcpy(order, src, size_t(cols) * sizeof(uint32_t));
+  byte_passes(keys, order, cols, shifts, whole, spare);
   if (bytes <= whole) return;
   const uint32_t above = ~((uint32_t(1) << shifts[whole - 1]) - 1);  // the bytes sorted so far, and higher
   for (int64_t i = 0; i < cols;) {

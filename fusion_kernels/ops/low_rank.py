@@ -208,15 +208,16 @@ def _polar_by_gram(x: torch.Tensor, right: torch.Tensor | None = None) -> tuple[
     if x.numel() == 0 or (right is not None and right.numel() == 0):
         return ref.polar(x, right)
     a, wide = _tall(x)
+    flat_right = None if right is None else right.reshape(-1, *right.shape[-2:])
     # a tall x takes right into its product; a wide one's Q is the transpose of its transpose's
-    extra = () if right is None or wide else (right.reshape(-1, *right.shape[-2:]),)
+    extra = () if right is None or wide else (flat_right,)
     if max(m, n) < _POLAR_ASPECT * min(m, n):
         q, s = _svd_polar(a, *extra)
     else:
         q, s = _by_routes(a, x.dtype, _gram_polar, _svd_polar, *extra)
     q = q.mT if wide else q
     if right is not None and wide:
-        q = q @ right.reshape(-1, *right.shape[-2:]).to(q.dtype)
+        q = q @ flat_right.to(q.dtype)
     q, s = q.to(x.dtype).contiguous(), s.to(x.dtype)  # a wide x's Q: its transpose's, stored as such
     return q.reshape(*x.shape[:-1], q.shape[-1]), s.reshape(*x.shape[:-2], s.shape[-1])
 

@@ -78,7 +78,7 @@ def _result(base: State, merged: State, scale: float) -> State:
     the base's own tensors (cloned) elsewhere."""
 
     def one(t: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
-        if tau.dtype == t.dtype and tau.shape == t.shape:
+        if tau.dtype == t.dtype:
             return tau.mul_(scale).add_(t) if scale != 1.0 else tau.add_(t)
         return (t + scale * tau).to(t.dtype)
 
