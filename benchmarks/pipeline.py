@@ -46,6 +46,7 @@ MERGEKIT_7B = "linear,ties"  # mergekit's other methods take long at 7B: --merge
 
 OURS = """
 import json, sys
+import modelfusion.cli  # the command's process defaults (OpenMP's threads wait passively), before torch loads
 from modelfusion.pipeline import merge
 from modelfusion.pipeline.recipe import parse_size
 stats = merge(open(sys.argv[1]).read(), sys.argv[2], memory_budget=parse_size(sys.argv[3], "budget"), progress=False)

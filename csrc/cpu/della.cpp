@@ -1,7 +1,9 @@
-// Per model and row: rank |tau| along the row, ascending with ties by index (a stable LSD radix
-// sort of the float32 bit patterns over the bits in which they differ, see stable_order); the element
-// of rank r is kept with probability p = (density - eps) + 2·eps·r/(cols - 1), drawn from the DARE
-// hash at its flat index: keep = draw24 < floor(p·2^24), every step rounded as the reference does.
+// Per model and row: rank |tau| along the row, ascending with ties by index; the element of rank r
+// is kept with probability p = (density - eps) + 2·eps·r/(cols - 1), drawn from the DARE hash at its
+// flat index: keep = draw24 < floor(p·2^24), every step rounded as the reference does. The ranks are
+// the positions of a stable radix sort of the float32 bit patterns over the bits in which they differ:
+// one counting pass met in index order where those bits fit one digit (keep_by_digit), else an
+// order array (stable_order).
 #include "della.h"
 
 #include <algorithm>
@@ -9,6 +11,7 @@
 #include <cstring>
 #include <utility>
 
+#include "kernels.h"
 #include "lanes.h"
 #include "runtime.h"
 #include "sparse_kernels.h"
@@ -18,48 +21,47 @@ namespace {
 
 constexpr int64_t kRowsPerTask = 16;
 
-// The row's |tau| keys; returns the bits in which some key differs from the first.
-template <class T>
-uint32_t row_keys(const TaskSource& s, int model, int64_t row, int64_t cols, uint32_t* keys) {
-  const T* x = static_cast<const T*>(s.xs[size_t(model)]) + row * cols;
-  const T* b = s.base ? static_cast<const T*>(s.base) + row * cols : nullptr;
-  for (int64_t j = 0; j < cols; ++j) {
-    const float tau = b ? ScalarLane::load(x + j) - ScalarLane::load(b + j) : ScalarLane::load(x + j);
-    keys[j] = float_to_bits(tau) & 0x7fffffffu;
-  }
-  uint32_t varying = 0;
-  for (int64_t j = 0; j < cols; ++j) varying |= keys[j] ^ keys[0];
-  return varying;
+constexpr int kMaxDigitBits = 10;  // the single pass's digit: 2^10 buckets (4 parts' counters: 16 KB)
+constexpr int kParts = 4;
+
+// Calls f(q, k) for every item k in 0..count-1, k in part q: four consecutive parts (lengths
+// differing by at most one) visited side by side, so that the counting passes' four chains of
+// increments run independently where one would stall on the few buckets of an exponent.
+template <class F>
+void each_in_parts(int64_t count, F&& f) {
+  int64_t begin[kParts + 1];
+  for (int q = 0; q <= kParts; ++q) begin[q] = q * count / kParts;
+  const int64_t shortest = count / kParts, longest = (count + kParts - 1) / kParts;
+  for (int64_t k = 0; k < shortest; ++k)
+    for (int q = 0; q < kParts; ++q) f(q, begin[q] + k);
+  for (int64_t k = shortest; k < longest; ++k)
+    for (int q = 0; q < kParts; ++q)
+      if (begin[q] + k < begin[q + 1]) f(q, begin[q] + k);
 }
 
-constexpr int kMaxDigitBits = 10;  // the single pass's digit: 2^10 buckets (4 parts' counters: 16 KB)
+// at[q][v] = the number of items of part q whose kBits-bit digit_of is v (at: zeroed by the caller).
+template <int kBits, class Digit>
+void count_digits(int64_t count, Digit digit_of, uint32_t (*at)[1 << kBits]) {
+  each_in_parts(count, [&](int q, int64_t k) { ++at[q][digit_of(k) & ((1u << kBits) - 1)]; });
+}
 
-// One stable counting pass on the kBits-bit digit at `shift` of keys[src[k]]: dst = src ordered by
-// that digit (a compile-time width: the byte passes run a third faster than with a run-time one).
-// src is counted and scattered as four consecutive parts side by side, each with its own positions
-// (a part's elements of a bucket after those of the parts before it), so that four independent
-// chains of increments run where one would stall on the few buckets of an exponent.
-template <int kBits>
-void counting_pass(const uint32_t* keys, int64_t cols, int shift, const uint32_t* src, uint32_t* dst) {
-  constexpr int kParts = 4;
-  int64_t begin[kParts + 1];
-  for (int q = 0; q <= kParts; ++q) begin[q] = q * cols / kParts;  // lengths differ by at most one
-  const int64_t shortest = cols / kParts, longest = (cols + kParts - 1) / kParts;
-  constexpr uint32_t kBuckets = uint32_t(1) << kBits;
-  uint32_t at[kParts][kBuckets] = {};
-  const auto bucket = [&](int64_t k) { return (keys[src[k]] >> shift) & (kBuckets - 1); };
-  const auto each = [&](auto&& f) {
-    for (int64_t k = 0; k < shortest; ++k)
-      for (int q = 0; q < kParts; ++q) f(q, begin[q] + k);
-    for (int64_t k = shortest; k < longest; ++k)
-      for (int q = 0; q < kParts; ++q)
-        if (begin[q] + k < begin[q + 1]) f(q, begin[q] + k);
-  };
-  each([&](int q, int64_t k) { ++at[q][bucket(k)]; });
+// A stable counting pass from count_digits' counts: place(k, position) for every item, positions
+// ordered by digit, equal digits in item order (a part's items of a bucket after the parts' before).
+template <int kBits, class Digit, class Place>
+void place_by_digit(int64_t count, Digit digit_of, uint32_t (*at)[1 << kBits], Place place) {
   uint32_t sum = 0;
-  for (uint32_t v = 0; v < kBuckets; ++v)
-    for (auto& counts : at) sum += std::exchange(counts[v], sum);
-  each([&](int q, int64_t k) { dst[at[q][bucket(k)]++] = src[k]; });
+  for (uint32_t v = 0; v < (1u << kBits); ++v)
+    for (int q = 0; q < kParts; ++q) sum += std::exchange(at[q][v], sum);
+  each_in_parts(count, [&](int q, int64_t k) { place(k, at[q][digit_of(k) & ((1u << kBits) - 1)]++); });
+}
+
+// One stable counting pass on the kBits-bit digit_of(k) of items 0..count-1 (a compile-time width:
+// the byte passes run a third faster than with a run-time one).
+template <int kBits, class Digit, class Place>
+void counting_pass(int64_t count, Digit digit_of, Place place) {
+  uint32_t at[kParts][1 << kBits] = {};
+  count_digits<kBits>(count, digit_of, at);
+  place_by_digit<kBits>(count, digit_of, at, place);
 }
 
 // Orders the indices run[0, length) by the bytes of their keys at `shifts` (highest first), stably:
@@ -67,7 +69,10 @@ void counting_pass(const uint32_t* keys, int64_t cols, int shift, const uint32_t
 void byte_passes(const uint32_t* keys, uint32_t* run, int64_t length, const int* shifts, int bytes, uint32_t* spare) {
   uint32_t *src = run, *dst = spare;
   for (int b = bytes - 1; b >= 0; --b) {
-    counting_pass<8>(keys, length, shifts[b], src, dst);
+    const int shift = shifts[b];
+    counting_pass<8>(
+        length, [keys, src, shift](int64_t k) { return keys[src[k]] >> shift; },
+        [src, dst](int64_t k, uint32_t at) { dst[at] = src[k]; });
     std::swap(src, dst);
   }
   if (src != run) std::memcpy(run, src, size_t(length) * sizeof(uint32_t));
@@ -85,23 +90,13 @@ void sort_run(const uint32_t* keys, uint32_t* run, int64_t length, const int* sh
   }
 }
 
-// order = the indices 0..cols-1 sorted by key, stably (equal keys keep index order). Where the
-// bits in which keys differ (`varying`) span at most kMaxDigitBits, one counting pass on them.
-// Else an LSD radix sort by the two highest bytes in which keys differ, then, in the runs of keys
-// equal in those and the bytes above, by the lower bytes that vary. The float32 |tau| of bf16 tunes
-// differ in 9 bits (one pass where bytes took two) or in three bytes, the lowest set in a few
-// elements in 200 (two passes and a scan where there were three).
+// order = the indices 0..cols-1 sorted by key, stably (equal keys keep index order), for keys that
+// differ in more bits than one counting pass takes: an LSD radix sort by the two highest bytes in
+// which keys differ, then, in the runs of keys equal in those and the bytes above, by the lower
+// bytes that vary (the float32 |tau| of bf16 tunes that differ in three bytes set the lowest in a
+// few elements in 200: two passes and a scan where there were three).
 void stable_order(const uint32_t* keys, int64_t cols, uint32_t varying, uint32_t* order, uint32_t* spare) {
   for (int64_t j = 0; j < cols; ++j) order[j] = uint32_t(j);
-  if (varying == 0) return;
-  const int low = __builtin_ctz(varying), span = 32 - __builtin_clz(varying) - low;
-  if (span <= kMaxDigitBits) {  // the narrowest digit that holds them (its bits above them: alike in every key)
-    if (span <= 8) counting_pass<8>(keys, cols, std::min(low, 24), order, spare);
-    else if (span == 9) counting_pass<9>(keys, cols, std::min(low, 23), order, spare);
-    else counting_pass<kMaxDigitBits>(keys, cols, std::min(low, 32 - kMaxDigitBits), order, spare);
-    std::memcpy(order, spare, size_t(cols) * sizeof(uint32_t));
-    return;
-  }
   int shifts[4], bytes = 0;  // the varying bytes, highest first
   for (int shift = 24; shift >= 0; shift -= 8)
     if ((varying >> shift) & 255u) shifts[bytes++] = shift;
@@ -119,45 +114,76 @@ void stable_order(const uint32_t* keys, int64_t cols, uint32_t varying, uint32_t
   }
 }
 
-// The keep threshold of each rank along a row, floor(p·2^24): the same for every row of a model.
-std::vector<float> rank_thresholds(int64_t cols, float low, float spread) {
-  std::vector<float> thresholds(static_cast<size_t>(cols));
+// The keep threshold of each rank along a row, floor(p·2^24) as the reference rounds it, clamped to
+// [0, 2^24] (a 24-bit draw is below 0 never, below 2^24 always; NaN: never): the same for every row.
+std::vector<uint32_t> rank_thresholds(int64_t cols, float low, float spread) {
+  std::vector<uint32_t> thresholds(static_cast<size_t>(cols));
   const float last = float(cols - 1);
   for (int64_t rank = 0; rank < cols; ++rank) {
     const float rank_norm = cols > 1 ? float(rank) / last : 0.f;
-    const float p = low + rank_norm * spread;
-    thresholds[size_t(rank)] = std::floor(p * 16777216.f);
+    const float t = std::floor((low + rank_norm * spread) * 16777216.f);
+    thresholds[size_t(rank)] = t >= 16777216.f ? 16777216u : t > 0.f ? uint32_t(t) : 0u;
   }
   return thresholds;
 }
 
-// The 24-bit draws of flat elements j0 .. j0+cols-1, as floats (exact): a loop over consecutive
-// elements the compiler vectorises, where hashing in rank order could not be.
-void row_draws(int64_t j0, int64_t cols, uint32_t s1, uint32_t s2, float* draws) {
-  for (int64_t c = 0; c < cols; ++c) {
-    const uint64_t j = uint64_t(j0 + c);
-    const uint32_t inner = uint32_t(mix32<ScalarLane>(static_cast<int32_t>(uint32_t(j >> 32) ^ s2)));
-    const uint32_t h = uint32_t(mix32<ScalarLane>(static_cast<int32_t>(uint32_t(j) ^ s1 ^ inner)));
-    draws[c] = float(h >> 8);
+// The 24-bit draws of flat elements j0 .. j0+cols-1: mix32(j ^ s1 ^ mix32((j >> 32) ^ s2)), the
+// inner hash formed once per 2^32 span.
+void row_draws(Hash24Fn hash24, int64_t j0, int64_t cols, uint32_t s1, uint32_t s2, uint32_t* draws) {
+  for (int64_t c = 0; c < cols;) {
+    const uint64_t high = uint64_t(j0 + c) >> 32;
+    const int64_t end = std::min<int64_t>(cols, int64_t((high + 1) << 32) - j0);
+    const uint32_t key = s1 ^ uint32_t(mix32<ScalarLane>(static_cast<int32_t>(uint32_t(high) ^ s2)));
+    hash24(uint32_t(j0 + c), end - c, key, draws + c);
+    c = end;
   }
 }
 
-template <class T>
-void della_rows(const TaskSource& s, const DellaArgs& a, int model, int64_t r0, int64_t r1, uint8_t* masks) {
+// o[c] = draws[c] < thresholds[rank of c] for keys whose varying bits lie in the kBits-bit digit at
+// `shift`: the pass's positions are the ranks, met in index order (no order array, no scattered stores).
+template <int kBits>
+void keep_by_digit(const uint32_t* keys, int64_t cols, int shift, const uint32_t* draws, const uint32_t* thresholds,
+                   uint8_t* o) {
+  counting_pass<kBits>(
+      cols, [keys, shift](int64_t k) { return keys[k] >> shift; },
+      [o, draws, thresholds](int64_t k, uint32_t rank) { o[k] = draws[k] < thresholds[rank] ? 1 : 0; });
+}
+
+// Keep masks of rows [r0, r1) of one model; thr: its rank_thresholds.
+void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32_t* thr, int64_t r0, int64_t r1,
+                uint8_t* masks) {
   const int64_t cols = a.cols;
-  std::vector<uint32_t> keys(static_cast<size_t>(cols)), order(keys.size()), spare(keys.size());
-  std::vector<float> draws(keys.size());
-  const std::vector<float> thresholds = rank_thresholds(cols, a.low[size_t(model)], a.spread[size_t(model)]);
+  const KernelTable& kernels = active_kernels();
+  const DellaKeysFn row_keys = kernels.della_keys[s.dtype];
+  const size_t bytes = s.dtype == kFloat32 ? 4 : 2;
+  const char* x = static_cast<const char*>(s.xs[size_t(model)]);
+  const char* base = static_cast<const char*>(s.base);
+  std::vector<uint32_t> keys(static_cast<size_t>(cols)), draws(keys.size()), order, spare;
   const uint32_t s1 = a.s1[size_t(model)], s2 = a.s2[size_t(model)];
   uint8_t* out = masks + int64_t(model) * a.rows * cols;
   for (int64_t row = r0; row < r1; ++row) {
-    const uint32_t varying = row_keys<T>(s, model, row, cols, keys.data());
-    stable_order(keys.data(), cols, varying, order.data(), spare.data());
-    row_draws(row * cols, cols, s1, s2, draws.data());
+    const size_t at = size_t(row * cols) * bytes;
+    const uint32_t varying = row_keys(x + at, base ? base + at : nullptr, cols, keys.data());
+    row_draws(kernels.hash24, row * cols, cols, s1, s2, draws.data());
     uint8_t* o = out + row * cols;
-    for (int64_t rank = 0; rank < cols; ++rank) {
-      const uint32_t c = order[size_t(rank)];
-      o[c] = draws[c] < thresholds[size_t(rank)] ? 1 : 0;
+    const int low = varying ? __builtin_ctz(varying) : 0;
+    const int span = varying ? 32 - __builtin_clz(varying) - low : 0;
+    if (span == 0) {  // all keys equal: ranks in index order
+      for (int64_t c = 0; c < cols; ++c) o[c] = draws[size_t(c)] < thr[c] ? 1 : 0;
+    } else if (span <= 8) {  // the narrowest digit that holds the varying bits (its bits above them alike in every key)
+      keep_by_digit<8>(keys.data(), cols, std::min(low, 24), draws.data(), thr, o);
+    } else if (span == 9) {  // the float32 |tau| of bf16 tunes often
+      keep_by_digit<9>(keys.data(), cols, std::min(low, 23), draws.data(), thr, o);
+    } else if (span <= kMaxDigitBits) {
+      keep_by_digit<kMaxDigitBits>(keys.data(), cols, std::min(low, 32 - kMaxDigitBits), draws.data(), thr, o);
+    } else {
+      order.resize(keys.size());
+      spare.resize(keys.size());
+      stable_order(keys.data(), cols, varying, order.data(), spare.data());
+      for (int64_t rank = 0; rank < cols; ++rank) {
+        const uint32_t c = order[size_t(rank)];
+        o[c] = draws[c] < thr[rank] ? 1 : 0;
+      }
     }
   }
 }
@@ -166,15 +192,13 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, int64_t r0, 
 
 void della_masks(const TaskSource& s, const DellaArgs& a, uint8_t* masks, int threads) {
   const int n = static_cast<int>(s.xs.size());
+  std::vector<std::vector<uint32_t>> thresholds;
+  for (int i = 0; i < n; ++i) thresholds.push_back(rank_thresholds(a.cols, a.low[size_t(i)], a.spread[size_t(i)]));
   const int64_t blocks = (a.rows + kRowsPerTask - 1) / kRowsPerTask;
   parallel_tasks(int64_t(n) * blocks, plan_threads(int64_t(n) * a.rows * a.cols, threads), [&](int64_t t) {
     const int model = static_cast<int>(t / blocks);
     const int64_t r0 = (t % blocks) * kRowsPerTask, r1 = std::min(a.rows, r0 + kRowsPerTask);
-    switch (s.dtype) {
-      case kFloat16: return della_rows<f16>(s, a, model, r0, r1, masks);
-      case kBFloat16: return della_rows<bf16>(s, a, model, r0, r1, masks);
-      default: return della_rows<float>(s, a, model, r0, r1, masks);
-    }
+    della_rows(s, a, model, thresholds[size_t(model)].data(), r0, r1, masks);
   });
 }
 

@@ -1,6 +1,7 @@
 // Builds a KernelTable from lane types; included once by each ISA translation unit.
 #pragma once
 #include "arcee.h"
+#include "della_kernels.h"
 #include "emr.h"
 #include "fisher_merge.h"
 #include "gram_kernels.h"
@@ -54,6 +55,10 @@ KernelTable make_kernel_table() {
   FK_FILL_SPARSE(t, sparse_merge, sparse_merge_range, V, S)
   FK_FILL_SPARSE(t, bracket, bracket_range, V, S)
   FK_FILL_SPARSE(t, kept_l1, kept_l1_range, V, S)
+  t.della_keys[kFloat32] = &della_keys_range<V, S, float>;
+  t.della_keys[kFloat16] = &della_keys_range<V, S, f16>;
+  t.della_keys[kBFloat16] = &della_keys_range<V, S, bf16>;
+  t.hash24 = &hash24_range<V, S>;
   t.sinkhorn32 = make_sinkhorn_kernels<V, S, float>();
   t.sinkhorn64 = make_sinkhorn_kernels<DoubleLane, DoubleLane, double>();
   t.lsa_relax64 = &lsa_relax_scalar<double>;

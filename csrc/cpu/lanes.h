@@ -68,6 +68,7 @@ struct ScalarLane : OneElementLane<float> {
   static I iota() { return 0; }
   static I iadd(I a, I b) { return int32_t(uint32_t(a) + uint32_t(b)); }
   static I ixor(I a, I b) { return a ^ b; }
+  static I ior(I a, I b) { return a | b; }
   static I iand(I a, I b) { return a & b; }
   static I imul(I a, I b) { return int32_t(uint32_t(a) * uint32_t(b)); }
   template <int k>

@@ -55,6 +55,7 @@ struct Avx2Lane {
   static I iota() { return _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7); }
   static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
   static I ixor(I a, I b) { return _mm256_xor_si256(a, b); }
+  static I ior(I a, I b) { return _mm256_or_si256(a, b); }
   static I iand(I a, I b) { return _mm256_and_si256(a, b); }
   static I imul(I a, I b) { return _mm256_mullo_epi32(a, b); }
   template <int k>
