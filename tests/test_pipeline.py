@@ -2,6 +2,7 @@
 the real MiniLM checkpoint, resume after SIGKILL, and failures that leave no complete-looking output."""
 
 import json
+import os
 import re
 import resource
 import subprocess
@@ -516,3 +517,19 @@ def test_profile_reports_each_phase(family, tmp_path):
     assert all(float(v) >= 0 for v in phases.values()) and float(phases["compute"]) > 0
     stats = merge(recipe.read_text(), tmp_path / "again", progress=False)
     assert set(stats.phases) == set(phases) and stats.phases["compute"] < stats.seconds
+
+
+def test_the_cli_sets_openmp_to_wait_passively_before_torch_loads():
+    """``import modelfusion`` loads nothing else, so the command can give OpenMP its default (threads
+    that wait passively between kernels, not spinning on a core the reader and writer need) before
+    torch loads the runtime; a value the user exported wins."""
+    probe = (
+        "import os, sys; import modelfusion; assert 'torch' not in sys.modules; "
+        "import modelfusion.cli; print(os.environ['OMP_WAIT_POLICY'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "passive"
+    env["OMP_WAIT_POLICY"] = "active"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "active"

@@ -224,6 +224,29 @@ def test_della_ranks_keys_that_differ_in_a_few_bits(span):
     assert torch.equal(got != 0, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_della_l1_rescale_summed_with_the_masks_is_the_references_and_thread_free(dtype):
+    """With l1 rescaling the C++ DELLA sums each model's |τ| and kept |τ| row by row as it draws the
+    masks (no second pass): the merge is the reference's within its rounding, and bit for bit the
+    same for 1, 2 and 3 threads."""
+    if "cpu" not in fk.available_backends():
+        pytest.skip("the C++ extension is not available")
+    base, *xs = inputs(3, (70, 333), dtype, seed=4)
+    kw = dict(density=[0.4, 0.6], epsilon=[0.1, 0.2], seed=3)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with fk.use_backend("cpu"):
+                results.append(fk.della_merge(base, xs, [0.7, 0.5], **kw))
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    options = dict(sparsify="della", rescale="l1", consensus="sum", combine="mean_weight", **kw)
+    assert_within_reference_error(results[0], reference, base, xs, [0.7, 0.5], **options)
+
+
 def test_della_cpu_declines_what_it_cannot_rank_and_automatic_dispatch_falls_back():
     base, *xs = inputs(3, (4, 5, 6), torch.float32)
     expected = reference(base, xs, [1.0, 1.0], sparsify="della", density=0.5, epsilon=0.1, rescale="l1")

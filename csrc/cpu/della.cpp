@@ -39,18 +39,25 @@ void each_in_parts(int64_t count, F&& f) {
       if (begin[q] + k < begin[q + 1]) f(q, begin[q] + k);
 }
 
-// at[q][v] = the number of items of part q whose kBits-bit digit_of is v (at: zeroed by the caller).
+// Buckets [first, last] of a counting pass: those its digits can take (the rest need no counters).
+struct Buckets {
+  uint32_t first, last;
+};
+
+// at[q][v] = the number of items of part q whose kBits-bit digit_of is v, for v in the buckets `used`
+// (which hold every digit; at's other entries are left as they are).
 template <int kBits, class Digit>
-void count_digits(int64_t count, Digit digit_of, uint32_t (*at)[1 << kBits]) {
+void count_digits(int64_t count, Digit digit_of, Buckets used, uint32_t (*at)[1 << kBits]) {
+  for (int q = 0; q < kParts; ++q) std::fill(at[q] + used.first, at[q] + used.last + 1, 0u);
   each_in_parts(count, [&](int q, int64_t k) { ++at[q][digit_of(k) & ((1u << kBits) - 1)]; });
 }
 
 // A stable counting pass from count_digits' counts: place(k, position) for every item, positions
 // ordered by digit, equal digits in item order (a part's items of a bucket after the parts' before).
 template <int kBits, class Digit, class Place>
-void place_by_digit(int64_t count, Digit digit_of, uint32_t (*at)[1 << kBits], Place place) {
+void place_by_digit(int64_t count, Digit digit_of, Buckets used, uint32_t (*at)[1 << kBits], Place place) {
   uint32_t sum = 0;
-  for (uint32_t v = 0; v < (1u << kBits); ++v)
+  for (uint32_t v = used.first; v <= used.last; ++v)
     for (int q = 0; q < kParts; ++q) sum += std::exchange(at[q][v], sum);
   each_in_parts(count, [&](int q, int64_t k) { place(k, at[q][digit_of(k) & ((1u << kBits) - 1)]++); });
 }
@@ -58,10 +65,10 @@ void place_by_digit(int64_t count, Digit digit_of, uint32_t (*at)[1 << kBits], P
 // One stable counting pass on the kBits-bit digit_of(k) of items 0..count-1 (a compile-time width:
 // the byte passes run a third faster than with a run-time one).
 template <int kBits, class Digit, class Place>
-void counting_pass(int64_t count, Digit digit_of, Place place) {
-  uint32_t at[kParts][1 << kBits] = {};
-  count_digits<kBits>(count, digit_of, at);
-  place_by_digit<kBits>(count, digit_of, at, place);
+void counting_pass(int64_t count, Digit digit_of, Buckets used, Place place) {
+  uint32_t at[kParts][1 << kBits];
+  count_digits<kBits>(count, digit_of, used, at);
+  place_by_digit<kBits>(count, digit_of, used, at, place);
 }
 
 // Orders the indices run[0, length) by the bytes of their keys at `shifts` (highest first), stably:
@@ -71,7 +78,7 @@ void byte_passes(const uint32_t* keys, uint32_t* run, int64_t length, const int*
   for (int b = bytes - 1; b >= 0; --b) {
     const int shift = shifts[b];
     counting_pass<8>(
-        length, [keys, src, shift](int64_t k) { return keys[src[k]] >> shift; },
+        length, [keys, src, shift](int64_t k) { return keys[src[k]] >> shift; }, Buckets{0, 255},
         [src, dst](int64_t k, uint32_t at) { dst[at] = src[k]; });
     std::swap(src, dst);
   }
@@ -140,12 +147,15 @@ void row_draws(Hash24Fn hash24, int64_t j0, int64_t cols, uint32_t s1, uint32_t 
 }
 
 // o[c] = draws[c] < thresholds[rank of c] for keys whose varying bits lie in the kBits-bit digit at
-// `shift`: the pass's positions are the ranks, met in index order (no order array, no scattered stores).
+// `shift` (keys in range[0] .. range[1]): the pass's positions are the ranks, met in index order (no
+// order array, no scattered stores).
 template <int kBits>
-void keep_by_digit(const uint32_t* keys, int64_t cols, int shift, const uint32_t* draws, const uint32_t* thresholds,
-                   uint8_t* o) {
+void keep_by_digit(const uint32_t* keys, int64_t cols, int shift, const uint32_t* range, const uint32_t* draws,
+                   const uint32_t* thresholds, uint8_t* o) {
+  constexpr uint32_t kMask = (1u << kBits) - 1;
   counting_pass<kBits>(
       cols, [keys, shift](int64_t k) { return keys[k] >> shift; },
+      Buckets{(range[0] >> shift) & kMask, (range[1] >> shift) & kMask},  // the bits above the digit: alike
       [o, draws, thresholds](int64_t k, uint32_t rank) { o[k] = draws[k] < thresholds[rank] ? 1 : 0; });
 }
 
@@ -163,7 +173,8 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
   uint8_t* out = masks + int64_t(model) * a.rows * cols;
   for (int64_t row = r0; row < r1; ++row) {
     const size_t at = size_t(row * cols) * bytes;
-    const uint32_t varying = row_keys(x + at, base ? base + at : nullptr, cols, keys.data());
+    uint32_t range[2];
+    const uint32_t varying = row_keys(x + at, base ? base + at : nullptr, cols, keys.data(), range);
     row_draws(kernels.hash24, row * cols, cols, s1, s2, draws.data());
     uint8_t* o = out + row * cols;
     const int low = varying ? __builtin_ctz(varying) : 0;
@@ -171,11 +182,11 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
     if (span == 0) {  // all keys equal: ranks in index order
       for (int64_t c = 0; c < cols; ++c) o[c] = draws[size_t(c)] < thr[c] ? 1 : 0;
     } else if (span <= 8) {  // the narrowest digit that holds the varying bits (its bits above them alike in every key)
-      keep_by_digit<8>(keys.data(), cols, std::min(low, 24), draws.data(), thr, o);
+      keep_by_digit<8>(keys.data(), cols, std::min(low, 24), range, draws.data(), thr, o);
     } else if (span == 9) {  // the float32 |tau| of bf16 tunes often
-      keep_by_digit<9>(keys.data(), cols, std::min(low, 23), draws.data(), thr, o);
+      keep_by_digit<9>(keys.data(), cols, std::min(low, 23), range, draws.data(), thr, o);
     } else if (span <= kMaxDigitBits) {
-      keep_by_digit<kMaxDigitBits>(keys.data(), cols, std::min(low, 32 - kMaxDigitBits), draws.data(), thr, o);
+      keep_by_digit<kMaxDigitBits>(keys.data(), cols, std::min(low, 32 - kMaxDigitBits), range, draws.data(), thr, o);
     } else {
       order.resize(keys.size());
       spare.resize(keys.size());
@@ -185,6 +196,7 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
         o[c] = draws[c] < thr[rank] ? 1 : 0;
       }
     }
+    if (a.l1) kernels.della_l1(keys.data(), o, cols, a.l1 + 2 * (int64_t(model) * a.rows + row));
   }
 }
 
@@ -192,6 +204,7 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
 
 void della_masks(const TaskSource& s, const DellaArgs& a, uint8_t* masks, int threads) {
   const int n = static_cast<int>(s.xs.size());
+  if (a.rows == 0 || a.cols == 0) return;
   std::vector<std::vector<uint32_t>> thresholds;
   for (int i = 0; i < n; ++i) thresholds.push_back(rank_thresholds(a.cols, a.low[size_t(i)], a.spread[size_t(i)]));
   const int64_t blocks = (a.rows + kRowsPerTask - 1) / kRowsPerTask;

@@ -12,6 +12,8 @@ struct DellaArgs {
   int64_t rows = 1, cols = 0;             // each model's task vector as [rows, cols]; ranks run along a row
   std::vector<float> low, spread;         // per model: density - epsilon and 2·epsilon (float32, as the reference)
   std::vector<uint32_t> s1, s2;           // per model: the hash's stream keys (random_mask.stream_keys)
+  double* l1 = nullptr;                   // or per model and row, zeroed: (sum |tau|, sum of kept |tau|)
+                                          // added at l1[2 * (model * rows + row)]
 };
 
 // masks[i * rows * cols + j] = 1 where model i keeps flat element j, else 0.

@@ -1,6 +1,7 @@
 // DELLA's element loops (della.cpp ranks and decides; these are its streaming passes), one ISA's
 // vectors each. Included by each ISA's translation unit (kernel_table.h).
 #pragma once
+#include <algorithm>
 #include <type_traits>
 
 #include "lanes.h"
@@ -9,11 +10,10 @@
 namespace fk {
 namespace {
 
-// keys[j] = the float32 bits of |x[j] - base[j]| (|x[j]| where base is null), j < n; returns the
-// bits in which some key differs from keys[0].
+// keys[j] = the float32 bits of |x[j] - base[j]| (|x[j]| where base is null), j < n (n >= 1);
+// returns the bits in which some key differs from keys[0], and their smallest and largest in range.
 template <class V, class S, class T>
-uint32_t della_keys_range(const void* x_, const void* base_, int64_t n, uint32_t* keys) {
-  if (n == 0) return 0;
+uint32_t della_keys_range(const void* x_, const void* base_, int64_t n, uint32_t* keys, uint32_t* range) {
   const T* x = static_cast<const T*>(x_);
   const T* base = static_cast<const T*>(base_);
   int32_t* out = reinterpret_cast<int32_t*>(keys);
@@ -22,18 +22,33 @@ uint32_t della_keys_range(const void* x_, const void* base_, int64_t n, uint32_t
     return L::abs_bits(base ? L::sub(L::load(x + j), L::load(base + j)) : L::load(x + j));
   };
   const int32_t first = key_at(S{}, 0);
-  typename V::I differ_v = V::iset1(0);
-  int32_t differ_s = 0;
+  typename V::I differ = V::iset1(0), lo = V::iset1(first), hi = lo;  // keys are < 2^31: signed order is theirs
+  int32_t differ_s = 0, lo_s = first, hi_s = first;
   for_each_lane<V, S>(0, n, [&](auto lane, int64_t j) {
     using L = decltype(lane);
     const auto k = key_at(lane, j);
     L::store_i(out + j, k);
-    if constexpr (std::is_same_v<L, V>) differ_v = V::ior(differ_v, V::ixor(k, V::iset1(first)));
-    else differ_s |= k ^ first;
+    if constexpr (std::is_same_v<L, V>) {
+      differ = V::ior(differ, V::ixor(k, V::iset1(first)));
+      lo = V::imin(lo, k);
+      hi = V::imax(hi, k);
+    } else {
+      differ_s |= k ^ first;
+      lo_s = std::min(lo_s, k);
+      hi_s = std::max(hi_s, k);
+    }
   });
-  alignas(32) int32_t lanes[kMaxLaneWidth] = {};
-  V::store_i(lanes, differ_v);
-  for (int q = 0; q < V::width; ++q) differ_s |= lanes[q];
+  alignas(32) int32_t lanes[3][kMaxLaneWidth];
+  V::store_i(lanes[0], differ);
+  V::store_i(lanes[1], lo);
+  V::store_i(lanes[2], hi);
+  for (int q = 0; q < V::width; ++q) {
+    differ_s |= lanes[0][q];
+    lo_s = std::min(lo_s, lanes[1][q]);
+    hi_s = std::max(hi_s, lanes[2][q]);
+  }
+  range[0] = uint32_t(lo_s);
+  range[1] = uint32_t(hi_s);
   return uint32_t(differ_s);
 }
 
@@ -47,6 +62,35 @@ void hash24_range(uint32_t first, int64_t n, uint32_t key, uint32_t* draws) {
     const auto counter = L::iadd(L::iset1(static_cast<int32_t>(first + uint32_t(c))), L::iota());
     L::store_i(out + c, L::template isrl<8>(mix32<L>(L::ixor(counter, L::iset1(static_cast<int32_t>(key))))));
   });
+}
+
+// sums[0] += sum |tau|, sums[1] += sum of the kept |tau| (keep[j] != 0) over j < n, from the keys
+// (float32 bits of |tau|): float sums over runs of kL1Run, added in double, as kept_l1_range sums.
+template <class V, class S>
+void della_l1_range(const uint32_t* keys, const uint8_t* keep, int64_t n, double* sums) {
+  const auto magnitude = [keys](auto lane, int64_t j) {
+    using L = decltype(lane);
+    if constexpr (L::width == 1) return typename L::R(bits_to_float(keys[j]));
+    else return L::load(reinterpret_cast<const float*>(keys + j));  // an unaligned vector load: no aliasing rule
+  };
+  for (int64_t j0 = 0; j0 < n; j0 += kL1Run) {
+    typename V::R all = V::zero(), kept = V::zero();
+    float all_tail = 0.f, kept_tail = 0.f;
+    for_each_lane<V, S>(j0, std::min(n, j0 + kL1Run), [&](auto lane, int64_t j) {
+      using L = decltype(lane);
+      const auto mag = magnitude(lane, j);
+      const auto kept_mag = L::keep_if(L::load_mask8(keep + j), mag);
+      if constexpr (std::is_same_v<L, V>) {
+        all = V::add(all, mag);
+        kept = V::add(kept, kept_mag);
+      } else {
+        all_tail += mag;
+        kept_tail += kept_mag;
+      }
+    });
+    sums[0] += double(V::hsum(all)) + double(all_tail);
+    sums[1] += double(V::hsum(kept)) + double(kept_tail);
+  }
 }
 
 }  // namespace

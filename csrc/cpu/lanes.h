@@ -69,6 +69,8 @@ struct ScalarLane : OneElementLane<float> {
   static I iadd(I a, I b) { return int32_t(uint32_t(a) + uint32_t(b)); }
   static I ixor(I a, I b) { return a ^ b; }
   static I ior(I a, I b) { return a | b; }
+  static I imin(I a, I b) { return a < b ? a : b; }
+  static I imax(I a, I b) { return a < b ? b : a; }
   static I iand(I a, I b) { return a & b; }
   static I imul(I a, I b) { return int32_t(uint32_t(a) * uint32_t(b)); }
   template <int k>

@@ -56,6 +56,8 @@ struct Avx2Lane {
   static I iadd(I a, I b) { return _mm256_add_epi32(a, b); }
   static I ixor(I a, I b) { return _mm256_xor_si256(a, b); }
   static I ior(I a, I b) { return _mm256_or_si256(a, b); }
+  static I imin(I a, I b) { return _mm256_min_epi32(a, b); }
+  static I imax(I a, I b) { return _mm256_max_epi32(a, b); }
   static I iand(I a, I b) { return _mm256_and_si256(a, b); }
   static I imul(I a, I b) { return _mm256_mullo_epi32(a, b); }
   template <int k>

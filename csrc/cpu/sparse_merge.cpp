@@ -51,9 +51,11 @@ std::vector<double> kept_l1_norms(const TaskSource& s, const std::vector<KeepRul
   return norms;
 }
 
-// DELLA's keep masks of the models that ask for them, one numel-long run each in `storage`.
+// DELLA's keep masks of the models that ask for them, one numel-long run each in `storage`. With
+// l1 rescaling, l1 gets each such model's (sum |tau|, sum of kept |tau|), summed as the masks are
+// made (by row, in row order: the same sums for any thread count).
 void della_keep(const TaskSource& s, int64_t rows, int64_t cols, const SparseMergeSpec& spec,
-                std::vector<KeepRule>& rules, std::vector<uint8_t>& storage, int threads) {
+                std::vector<KeepRule>& rules, std::vector<uint8_t>& storage, std::vector<double>& l1, int threads) {
   TaskSource della = s;
   della.xs.clear();
   DellaArgs a;
@@ -73,10 +75,15 @@ void della_keep(const TaskSource& s, int64_t rows, int64_t cols, const SparseMer
   }
   if (models.empty()) return;
   storage.resize(models.size() * size_t(s.numel));
+  std::vector<double> row_sums(spec.rescale == Rescale::kL1 ? models.size() * size_t(rows) * 2 : 0, 0.0);
+  a.l1 = row_sums.empty() ? nullptr : row_sums.data();
   della_masks(della, a, storage.data(), threads);
+  if (a.l1) l1.assign(spec.models.size() * 2, 0.0);
   for (size_t k = 0; k < models.size(); ++k) {
     rules[size_t(models[k])].mode = kKeepMask;
     rules[size_t(models[k])].mask = storage.data() + k * size_t(s.numel);
+    for (int64_t r = 0; a.l1 && r < rows; ++r)
+      for (int q = 0; q < 2; ++q) l1[size_t(models[k]) * 2 + q] += row_sums[(k * size_t(rows) + size_t(r)) * 2 + q];
   }
 }
 
@@ -117,7 +124,7 @@ void magnitude_keep(const TaskSource& s, const SparseMergeSpec& spec, std::vecto
 }
 
 std::vector<KeepRule> keep_rules(const TaskSource& s, int64_t rows, int64_t cols, const SparseMergeSpec& spec,
-                                 std::vector<uint8_t>& della_storage, int threads) {
+                                 std::vector<uint8_t>& della_storage, std::vector<double>& della_l1, int threads) {
   std::vector<KeepRule> rules(spec.models.size());
   for (size_t i = 0; i < rules.size(); ++i) {
     const ModelKeep& m = spec.models[i];
@@ -142,7 +149,7 @@ std::vector<KeepRule> keep_rules(const TaskSource& s, int64_t rows, int64_t cols
     }
   }
   magnitude_keep(s, spec, rules, threads);
-  della_keep(s, rows, cols, spec, rules, della_storage, threads);
+  della_keep(s, rows, cols, spec, rules, della_storage, della_l1, threads);
   return rules;
 }
 
@@ -156,7 +163,8 @@ void sparse_merge(void* out, const TaskSource& s, int64_t rows, int64_t cols, co
   if (rows < 0 || cols < 0 || rows * cols != s.numel)
     throw std::invalid_argument("sparse_merge: rows * cols must equal numel");
   std::vector<uint8_t> della_storage;
-  const std::vector<KeepRule> rules = keep_rules(s, rows, cols, spec, della_storage, threads);
+  std::vector<double> della_l1;
+  const std::vector<KeepRule> rules = keep_rules(s, rows, cols, spec, della_storage, della_l1, threads);
   std::vector<float> scales(n, 1.f);
   bool divide = false;
   if (spec.rescale == Rescale::kInverseDensity) {
@@ -166,7 +174,9 @@ void sparse_merge(void* out, const TaskSource& s, int64_t rows, int64_t cols, co
       divide = true;
     }
   } else if (spec.rescale == Rescale::kL1) {
-    const std::vector<double> norms = kept_l1_norms(s, rules, threads);
+    const bool all_della = std::all_of(spec.models.begin(), spec.models.end(),
+                                       [](const ModelKeep& m) { return m.kind == KeepKind::kDella; });
+    const std::vector<double> norms = all_della ? della_l1 : kept_l1_norms(s, rules, threads);
     for (size_t i = 0; i < n; ++i) {
       const double before = norms[2 * i], after = norms[2 * i + 1];
       if (before >= kL1RescaleEps && after >= kL1RescaleEps) scales[i] = static_cast<float>(before / after);
