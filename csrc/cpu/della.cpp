@@ -146,13 +146,14 @@ void row_draws(Hash24Fn hash24, int64_t j0, int64_t cols, uint32_t s1, uint32_t 
   }
 }
 
-// o[c] = draws[c] < thresholds[rank of c] for keys whose varying bits lie in the kBits-bit digit at
-// `shift` (keys in range[0] .. range[1]): the pass's positions are the ranks, met in index order (no
-// order array, no scattered stores).
+// o[c] = draws[c] < thresholds[rank of c] for keys whose varying bits (the lowest at `low`) fit the
+// narrowest kBits-bit digit that holds them (keys in range[0] .. range[1]): the pass's positions are
+// the ranks, met in index order (no order array, no scattered stores).
 template <int kBits>
-void keep_by_digit(const uint32_t* keys, int64_t cols, int shift, const uint32_t* range, const uint32_t* draws,
+void keep_by_digit(const uint32_t* keys, int64_t cols, int low, const uint32_t* range, const uint32_t* draws,
                    const uint32_t* thresholds, uint8_t* o) {
   constexpr uint32_t kMask = (1u << kBits) - 1;
+  const int shift = std::min(low, 32 - kBits);
   counting_pass<kBits>(
       cols, [keys, shift](int64_t k) { return keys[k] >> shift; },
       Buckets{(range[0] >> shift) & kMask, (range[1] >> shift) & kMask},  // the bits above the digit: alike
@@ -179,14 +180,12 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
     uint8_t* o = out + row * cols;
     const int low = varying ? __builtin_ctz(varying) : 0;
     const int span = varying ? 32 - __builtin_clz(varying) - low : 0;
-    if (span == 0) {  // all keys equal: ranks in index order
-      for (int64_t c = 0; c < cols; ++c) o[c] = draws[size_t(c)] < thr[c] ? 1 : 0;
-    } else if (span <= 8) {  // the narrowest digit that holds the varying bits (its bits above them alike in every key)
-      keep_by_digit<8>(keys.data(), cols, std::min(low, 24), range, draws.data(), thr, o);
+    if (span <= 8) {  // all keys equal too: one bucket, ranks in index order
+      keep_by_digit<8>(keys.data(), cols, low, range, draws.data(), thr, o);
     } else if (span == 9) {  // the float32 |tau| of bf16 tunes often
-      keep_by_digit<9>(keys.data(), cols, std::min(low, 23), range, draws.data(), thr, o);
+      keep_by_digit<9>(keys.data(), cols, low, range, draws.data(), thr, o);
     } else if (span <= kMaxDigitBits) {
-      keep_by_digit<kMaxDigitBits>(keys.data(), cols, std::min(low, 32 - kMaxDigitBits), range, draws.data(), thr, o);
+      keep_by_digit<kMaxDigitBits>(keys.data(), cols, low, range, draws.data(), thr, o);
     } else {
       order.resize(keys.size());
       spare.resize(keys.size());
