@@ -153,7 +153,7 @@ def check_out(
     check_like(op, "out", out, ref, ref_name)
     if contiguous and not out.is_contiguous():
         raise ShapeError(f"{op}: argument 'out' expected a contiguous tensor, got strides {tuple(out.stride())}")
-    if any(st == 0 and size > 1 for size, st in zip(out.shape, out.stride(), strict=True)):
+    if not out.is_contiguous() and any(st == 0 and size > 1 for size, st in zip(out.shape, out.stride(), strict=True)):
         raise AliasError(
             f"{op}: argument 'out' has elements that share memory (stride {tuple(out.stride())}); "
             "pass a tensor with distinct elements"
@@ -195,6 +195,8 @@ def choice(op: str, name: str, value: object, allowed: tuple) -> object:
 
 
 def finite_float(op: str, name: str, value: object) -> float:
+    if type(value) is float and math.isfinite(value):  # the common case, without the ABC check
+        return value
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
         raise WeightError(f"{op}: argument '{name}' expected a finite float, got {value!r}")
     return float(value)

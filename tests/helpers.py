@@ -162,6 +162,17 @@ def from_numpy64(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with ``torch.set_num_threads(n)`` (the cpu backend's thread count)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def set_isa(isa: str | None):
     """Force the cpu backend's ISA (``avx2``/``portable``) for a block."""
     if isa is None:

@@ -4,7 +4,7 @@ odd, empty and strided shapes), the Gram-based spherical methods against their r
 import numpy as np
 import pytest
 import torch
-from helpers import DTYPES, assert_close, assert_peer_close, inputs, randn, set_isa, to_numpy64
+from helpers import DTYPES, assert_close, assert_peer_close, inputs, randn, set_isa, to_numpy64, torch_threads
 
 import fusion_kernels as fk
 from fusion_kernels import methods, spherical
@@ -61,6 +61,20 @@ def test_isas_add_in_the_same_order(dtype):
                         got[isa] = fk.gram(xs, b, rows=rows)
                 assert torch.equal(got["avx2"], got["portable"]), (n, b is not None, rows)
                 assert_close(got["avx2"], ref.gram(xs, b, rows))
+
+
+def test_threads_share_the_blocks_and_keep_the_bits():
+    """The blocks' sums are handed out to the threads (a few dozen blocks reach every thread) and
+    added in block order: 1, 2 and 3 threads give equal bits."""
+    xs, base = inputs(2, (5, 70001), torch.float32, seed=4), randn((5, 70001), torch.float32, seed=5)
+    for b in (None, base):
+        for rows in (1, 5):
+            with fk.use_backend("cpu"):
+                got = []
+                for n in (1, 2, 3):
+                    with torch_threads(n):
+                        got.append(fk.gram(xs, b, rows=rows))
+            assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2]), (b is not None, rows)
 
 
 def test_strided_and_stacked_inputs(backend):

@@ -6,7 +6,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import DTYPES, assert_close, assert_within_reference_error, from_numpy64, randn, set_isa, to_numpy64
+from helpers import (
+    DTYPES,
+    assert_close,
+    assert_within_reference_error,
+    from_numpy64,
+    randn,
+    set_isa,
+    to_numpy64,
+    torch_threads,
+)
 
 import fusion_kernels as fk
 from fusion_kernels import reference as ref
@@ -57,8 +66,9 @@ def test_backend_matches_reference(backend, dtype):
     "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["float32", "float16", "bfloat16"]
 )
 def test_isas_give_the_same_bits(dtype):
-    """The AVX2 kernel sums and combines in the portable kernel's order and roundings (no fused
-    multiply-add): equal bits, over several blocks, odd tails and per-row factors."""
+    """The AVX2 kernel sums and combines in the portable kernel's order and roundings (a fused
+    multiply-add only for the sums' exact products): equal bits, over several blocks, odd tails and
+    per-row factors."""
     from fusion_kernels import _native
 
     if _native.unavailable_reason() or "avx2" not in _native.lib().supported_isas():
@@ -70,6 +80,19 @@ def test_isas_give_the_same_bits(dtype):
             with fk.use_backend("cpu"), set_isa(isa):
                 got[isa] = fk.slerp(a, b, t, rowwise=rowwise)
         assert torch.equal(got["avx2"], got["portable"]), rowwise
+
+
+@pytest.mark.parametrize("rowwise", [False, True])
+def test_threads_give_the_same_bits(rowwise):
+    """The sums' blocks (a few dozen: every thread gets some) are added in block order and the
+    combine is elementwise: 1, 2 and 3 threads give equal bits."""
+    a, b = randn((4, 150001), torch.float32, seed=5), randn((4, 150001), torch.float32, seed=6)
+    got = []
+    with fk.use_backend("cpu"):
+        for n in (1, 2, 3):
+            with torch_threads(n):
+                got.append(fk.slerp(a, b, 0.4, rowwise=rowwise))
+    assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
 
 
 def test_rowwise_matches_mergekit():

@@ -1,7 +1,9 @@
 // AVX2 block of gram (gram_kernels.h) for up to three 16/32-bit inputs: each step loads eight
 // elements of every input, converts them to float64 in registers and adds every pair's products
-// to its accumulators: no float64 buffers. The same lanes, the same order of additions and
-// separate multiply and add (no fused multiply-add) as gram_block_buffered, so the same results.
+// to its accumulators: no float64 buffers. The same lanes and order of additions as
+// gram_block_buffered, so the same results: without a base the products (of 24-bit significands)
+// are exact in float64, so a fused multiply-add rounds as its multiply and add do; with one, the
+// differences' products are not, and stay a separate multiply and add.
 #pragma once
 #include <immintrin.h>
 
@@ -40,8 +42,13 @@ void gram_block_fused(double* acc, const T* const* xs, const T* base, int64_t c0
     int p = 0;
     for (int i = 0; i < N; ++i) {
       for (int j = i; j < N; ++j, ++p) {
-        lo[p] = _mm256_add_pd(lo[p], _mm256_mul_pd(dl[i], dl[j]));
-        hi[p] = _mm256_add_pd(hi[p], _mm256_mul_pd(dh[i], dh[j]));
+        if constexpr (kBase) {
+          lo[p] = _mm256_add_pd(lo[p], _mm256_mul_pd(dl[i], dl[j]));
+          hi[p] = _mm256_add_pd(hi[p], _mm256_mul_pd(dh[i], dh[j]));
+        } else {  // a product of two float32 values is exact in float64: fused, it rounds the same
+          lo[p] = _mm256_fmadd_pd(dl[i], dl[j], lo[p]);
+          hi[p] = _mm256_fmadd_pd(dh[i], dh[j], hi[p]);
+        }
       }
     }
   }

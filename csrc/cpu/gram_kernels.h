@@ -96,7 +96,7 @@ void gram_range(double* out, const void* const* inputs, int n, const void* base_
     }
     delete[] acc;
     delete[] d;
-  });
+  }, 1);
   for (int64_t row = 0; row < rows; ++row) {
     double* g = out + row * n * n;
     int p = 0;

@@ -49,17 +49,18 @@ void parallel_tasks(int64_t count, int t, F&& f) {
   for (int64_t i = 0; i < count; ++i) f(i);
 }
 
-// Runs f(begin, end) over [0, n) in pieces (multiples of 64 elements, at least 4 per thread and
-// at most 2^18), handed out one at a time to `t` threads: a thread the OS preempts (say for a
-// pipeline's reader or writer) delays only its current piece, not the whole call. For elementwise
-// work, whose result does not depend on the split.
+// Runs f(begin, end) over [0, n) in pieces (multiples of `granule`, at least 4 per thread where n
+// allows and at most 2^18), handed out one at a time to `t` threads: a thread the OS preempts (say
+// for a pipeline's reader or writer) delays only its current piece, not the whole call. For work
+// whose result does not depend on the split: elements (granule 64, whole cache lines) or tasks
+// (granule 1: a few dozen tasks must still reach every thread).
 template <class F>
-void parallel_chunks(int64_t n, int t, F&& f) {
+void parallel_chunks(int64_t n, int t, F&& f, int64_t granule = 64) {
   if (t <= 1) {
     if (n > 0) f(int64_t(0), n);
     return;
   }
-  const int64_t piece = std::min<int64_t>(int64_t(1) << 18, ((n + 4 * t - 1) / (4 * t) + 63) / 64 * 64);
+  const int64_t piece = std::min<int64_t>(int64_t(1) << 18, ((n + 4 * t - 1) / (4 * t) + granule - 1) / granule * granule);
   parallel_tasks((n + piece - 1) / piece, t, [&](int64_t p) { f(p * piece, std::min(n, (p + 1) * piece)); });
 }
 

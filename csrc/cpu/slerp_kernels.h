@@ -82,7 +82,7 @@ void slerp_rows(void* out_ptr, const void* a_ptr, const void* b_ptr, int64_t row
       const int64_t c0 = block * kSlerpBlock, c1 = std::min(cols, c0 + kSlerpBlock);
       slerp_block_sums(a + row * cols, b + row * cols, c0, c1, partial + size_t(task) * 3);
     }
-  });
+  }, 1);
   float* coef_a = new float[size_t(std::max<int64_t>(rows, 1)) * 2];
   float* coef_b = coef_a + std::max<int64_t>(rows, 1);
   for (int64_t row = 0; row < rows; ++row) {

@@ -59,7 +59,7 @@ def empty_like(x: torch.Tensor) -> torch.Tensor:
 def _plain_tensor(t: torch.Tensor, grad: bool) -> bool:
     return (
         type(t) is torch.Tensor
-        and t.device.type in ("cpu", "cuda")
+        and (t.is_cpu or t.is_cuda)
         and not (grad and t.requires_grad)
         and not torch._C._functorch.is_functorch_wrapped_tensor(t)
     )
