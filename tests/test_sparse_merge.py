@@ -397,3 +397,18 @@ def test_della_ranks_rows_of_every_key_spread_as_the_reference(backend, dtype):
         expected = reference(None, [tau.cpu()], [1.0], **kw)
         assert got.dtype == dtype and torch.equal(got.cpu(), expected)
         assert 0 < int(torch.count_nonzero(got)) < tau.numel() or tau.shape[1] == 1
+
+
+@pytest.mark.parametrize("density, epsilon", [(0.5, 0.0), (0.6, 0.4), (0.1, 0.1), (0.5, 0.5)])
+def test_della_draws_that_every_rank_decides(backend, density, epsilon):
+    """A draw below the first rank's threshold is kept and one at or above the last rank's dropped
+    without a rank: with epsilon 0 no element needs its rank; with p reaching 0 or 1 at the first or
+    last rank every draw or none is decided that way: the reference's masks bit for bit, on rows of
+    every key spread."""
+    g = torch.Generator().manual_seed(int(density * 100 + epsilon * 10))
+    rows = torch.stack([torch.randn(1001, generator=g), torch.full((1001,), 0.5), torch.randn(1001, generator=g) ** 9])
+    kw = dict(sparsify="della", density=density, epsilon=epsilon, rescale=None, consensus=None, combine="sum", seed=7)
+    skip_if_interpreted(backend, "DELLA's sort of 1001-column rows")
+    tau = rows.to(device())
+    got = fk.sparse_merge(None, [tau], [1.0], **kw)
+    assert torch.equal(got.cpu(), reference(None, [tau.cpu()], [1.0], **kw))

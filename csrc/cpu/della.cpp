@@ -1,9 +1,10 @@
 // Per model and row: rank |tau| along the row, ascending with ties by index; the element of rank r
 // is kept with probability p = (density - eps) + 2·eps·r/(cols - 1), drawn from the DARE hash at its
-// flat index: keep = draw24 < floor(p·2^24), every step rounded as the reference does. The ranks are
-// the positions of a stable radix sort of the float32 bit patterns over the bits in which they differ:
-// one counting pass met in index order where those bits fit one digit (keep_by_digit), else an
-// order array (stable_order).
+// flat index: keep = draw24 < floor(p·2^24), every step rounded as the reference does. A draw below
+// the first rank's threshold is kept and one at or above the last rank's dropped whatever its rank;
+// only those between (a 2·eps share) need their rank. The ranks are the positions of a stable radix
+// sort of the float32 bit patterns over the bits in which they differ: one counting pass where those
+// bits fit one digit (decide_by_digit), else an order array (stable_order).
 #include "della.h"
 
 #include <algorithm>
@@ -44,31 +45,27 @@ struct Buckets {
   uint32_t first, last;
 };
 
-// at[q][v] = the number of items of part q whose kBits-bit digit_of is v, for v in the buckets `used`
-// (which hold every digit; at's other entries are left as they are).
-template <int kBits, class Digit>
-void count_digits(int64_t count, Digit digit_of, Buckets used, uint32_t (*at)[1 << kBits]) {
+// Zeroes the counters at[q][v] of the buckets `used`, calls count(q, k) for every item (which adds
+// item k of part q to its digit's counter), then turns each counter into the number of items before
+// its (digit, part) in a stable order by digit: digits ascending, a digit's parts in order.
+template <int kBits, class Count>
+void count_then_offsets(int64_t count, Buckets used, uint32_t (*at)[1 << kBits], Count count_item) {
   for (int q = 0; q < kParts; ++q) std::fill(at[q] + used.first, at[q] + used.last + 1, 0u);
-  each_in_parts(count, [&](int q, int64_t k) { ++at[q][digit_of(k) & ((1u << kBits) - 1)]; });
-}
-
-// A stable counting pass from count_digits' counts: place(k, position) for every item, positions
-// ordered by digit, equal digits in item order (a part's items of a bucket after the parts' before).
-template <int kBits, class Digit, class Place>
-void place_by_digit(int64_t count, Digit digit_of, Buckets used, uint32_t (*at)[1 << kBits], Place place) {
+  each_in_parts(count, count_item);
   uint32_t sum = 0;
   for (uint32_t v = used.first; v <= used.last; ++v)
     for (int q = 0; q < kParts; ++q) sum += std::exchange(at[q][v], sum);
-  each_in_parts(count, [&](int q, int64_t k) { place(k, at[q][digit_of(k) & ((1u << kBits) - 1)]++); });
 }
 
 // One stable counting pass on the kBits-bit digit_of(k) of items 0..count-1 (a compile-time width:
-// the byte passes run a third faster than with a run-time one).
+// the byte passes run a third faster than with a run-time one): place(k, position) for every item,
+// equal digits in item order.
 template <int kBits, class Digit, class Place>
 void counting_pass(int64_t count, Digit digit_of, Buckets used, Place place) {
+  constexpr uint32_t kMask = (1u << kBits) - 1;
   uint32_t at[kParts][1 << kBits];
-  count_digits<kBits>(count, digit_of, used, at);
-  place_by_digit<kBits>(count, digit_of, used, at, place);
+  count_then_offsets<kBits>(count, used, at, [&](int q, int64_t k) { ++at[q][digit_of(k) & kMask]; });
+  each_in_parts(count, [&](int q, int64_t k) { place(k, at[q][digit_of(k) & kMask]++); });
 }
 
 // Orders the indices run[0, length) by the bytes of their keys at `shifts` (highest first), stably:
@@ -134,30 +131,42 @@ std::vector<uint32_t> rank_thresholds(int64_t cols, float low, float spread) {
   return thresholds;
 }
 
-// The 24-bit draws of flat elements j0 .. j0+cols-1: mix32(j ^ s1 ^ mix32((j >> 32) ^ s2)), the
-// inner hash formed once per 2^32 span.
-void row_draws(Hash24Fn hash24, int64_t j0, int64_t cols, uint32_t s1, uint32_t s2, uint32_t* draws) {
+// The 24-bit draws of the row's elements j0 .. j0+cols-1 (the inner hash formed once per 2^32
+// span): keep[c] = draw < lo; those with lo <= draw < hi listed in mid. Returns how many.
+int64_t row_draws(DellaDrawsFn hash, int64_t j0, int64_t cols, uint32_t s1, uint32_t s2, uint32_t lo, uint32_t hi,
+                  uint32_t* draws, uint8_t* keep, uint32_t* mid) {
+  int64_t count = 0;
   for (int64_t c = 0; c < cols;) {
     const uint64_t high = uint64_t(j0 + c) >> 32;
     const int64_t end = std::min<int64_t>(cols, int64_t((high + 1) << 32) - j0);
     const uint32_t key = s1 ^ uint32_t(mix32<ScalarLane>(static_cast<int32_t>(uint32_t(high) ^ s2)));
-    hash24(uint32_t(j0 + c), end - c, key, draws + c);
+    count += hash(uint32_t(j0 + c), end - c, key, lo, hi, uint32_t(c), draws + c, keep + c, mid + count);
     c = end;
   }
+  return count;
 }
 
-// o[c] = draws[c] < thresholds[rank of c] for keys whose varying bits (the lowest at `low`) fit the
-// narrowest kBits-bit digit that holds them (keys in range[0] .. range[1]): the pass's positions are
-// the ranks, met in index order (no order array, no scattered stores).
+// o[c] = draws[c] < thresholds[rank of c] for the listed c (mid[0, count), ascending), the keys'
+// varying bits (the lowest at `low`) fitting the narrowest kBits-bit digit that holds them (keys in
+// range[0] .. range[1]): one counting pass records each element's place among the equal digits of
+// its part (pos), then rank = the offset of (digit, part) + pos.
 template <int kBits>
-void keep_by_digit(const uint32_t* keys, int64_t cols, int low, const uint32_t* range, const uint32_t* draws,
-                   const uint32_t* thresholds, uint8_t* o) {
+void decide_by_digit(const uint32_t* keys, int64_t cols, int low, const uint32_t* range, const uint32_t* mid,
+                     int64_t count, const uint32_t* draws, const uint32_t* thresholds, uint32_t* pos, uint8_t* o) {
   constexpr uint32_t kMask = (1u << kBits) - 1;
   const int shift = std::min(low, 32 - kBits);
-  counting_pass<kBits>(
-      cols, [keys, shift](int64_t k) { return keys[k] >> shift; },
-      Buckets{(range[0] >> shift) & kMask, (range[1] >> shift) & kMask},  // the bits above the digit: alike
-      [o, draws, thresholds](int64_t k, uint32_t rank) { o[k] = draws[k] < thresholds[rank] ? 1 : 0; });
+  const auto digit_of = [keys, shift](int64_t k) { return (keys[k] >> shift) & kMask; };
+  const Buckets used{(range[0] >> shift) & kMask, (range[1] >> shift) & kMask};  // the bits above: alike
+  uint32_t at[kParts][1 << kBits];
+  count_then_offsets<kBits>(cols, used, at, [&at, pos, digit_of](int q, int64_t k) { pos[k] = at[q][digit_of(k)]++; });
+  int64_t i = 0;
+  for (int q = 0; q < kParts; ++q) {  // each_in_parts' parts
+    const uint32_t* offset = at[q];
+    for (const int64_t end = (q + 1) * cols / kParts; i < count && mid[i] < end; ++i) {
+      const uint32_t c = mid[i];
+      o[c] = draws[c] < thresholds[offset[digit_of(c)] + pos[c]] ? 1 : 0;
+    }
+  }
 }
 
 // Keep masks of rows [r0, r1) of one model; thr: its rank_thresholds.
@@ -169,30 +178,36 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
   const size_t bytes = s.dtype == kFloat32 ? 4 : 2;
   const char* x = static_cast<const char*>(s.xs[size_t(model)]);
   const char* base = static_cast<const char*>(s.base);
-  std::vector<uint32_t> keys(static_cast<size_t>(cols)), draws(keys.size()), order, spare;
+  const size_t n = static_cast<size_t>(cols);
+  std::vector<uint32_t> keys(n), draws(n), mid(n + 8), pos(n), order, spare;  // mid: compress_store's room
   const uint32_t s1 = a.s1[size_t(model)], s2 = a.s2[size_t(model)];
+  const uint32_t lo = thr[0], hi = thr[cols - 1];  // rank_thresholds ascend
   uint8_t* out = masks + int64_t(model) * a.rows * cols;
   for (int64_t row = r0; row < r1; ++row) {
     const size_t at = size_t(row * cols) * bytes;
     uint32_t range[2];
     const uint32_t varying = row_keys(x + at, base ? base + at : nullptr, cols, keys.data(), range);
-    row_draws(kernels.hash24, row * cols, cols, s1, s2, draws.data());
     uint8_t* o = out + row * cols;
-    const int low = varying ? __builtin_ctz(varying) : 0;
-    const int span = varying ? 32 - __builtin_clz(varying) - low : 0;
-    if (span <= 8) {  // all keys equal too: one bucket, ranks in index order
-      keep_by_digit<8>(keys.data(), cols, low, range, draws.data(), thr, o);
-    } else if (span == 9) {  // the float32 |tau| of bf16 tunes often
-      keep_by_digit<9>(keys.data(), cols, low, range, draws.data(), thr, o);
-    } else if (span <= kMaxDigitBits) {
-      keep_by_digit<kMaxDigitBits>(keys.data(), cols, low, range, draws.data(), thr, o);
-    } else {
-      order.resize(keys.size());
-      spare.resize(keys.size());
-      stable_order(keys.data(), cols, varying, order.data(), spare.data());
-      for (int64_t rank = 0; rank < cols; ++rank) {
-        const uint32_t c = order[size_t(rank)];
-        o[c] = draws[c] < thr[rank] ? 1 : 0;
+    const int64_t count = row_draws(kernels.della_draws, row * cols, cols, s1, s2, lo, hi, draws.data(), o, mid.data());
+    if (count > 0) {
+      const int low = varying ? __builtin_ctz(varying) : 0;
+      const int span = varying ? 32 - __builtin_clz(varying) - low : 0;
+      if (span <= 8) {  // all keys equal too: one bucket, ranks in index order
+        decide_by_digit<8>(keys.data(), cols, low, range, mid.data(), count, draws.data(), thr, pos.data(), o);
+      } else if (span == 9) {  // the float32 |tau| of bf16 tunes often
+        decide_by_digit<9>(keys.data(), cols, low, range, mid.data(), count, draws.data(), thr, pos.data(), o);
+      } else if (span <= kMaxDigitBits) {
+        decide_by_digit<kMaxDigitBits>(keys.data(), cols, low, range, mid.data(), count, draws.data(), thr, pos.data(), o);
+      } else {
+        order.resize(n);
+        spare.resize(n);
+        stable_order(keys.data(), cols, varying, order.data(), spare.data());
+        uint32_t* rank_of = spare.data();
+        for (int64_t r = 0; r < cols; ++r) rank_of[order[size_t(r)]] = uint32_t(r);
+        for (int64_t i = 0; i < count; ++i) {
+          const uint32_t c = mid[size_t(i)];
+          o[c] = draws[c] < thr[rank_of[c]] ? 1 : 0;
+        }
       }
     }
     if (a.l1) kernels.della_l1(keys.data(), o, cols, a.l1 + 2 * (int64_t(model) * a.rows + row));

@@ -85,6 +85,11 @@ struct ScalarLane : OneElementLane<float> {
   static M load_mask8(const uint8_t* p) { return *p != 0; }
   static I load_i(const int32_t* p) { return *p; }
   static void store_i(int32_t* p, I v) { *p = v; }
+  static void store_mask8(uint8_t* p, M m) { *p = m ? 1 : 0; }
+  static int compress_store(int32_t* p, I v, M m) {  // always writes *p (no branch); counts it if m
+    *p = v;
+    return m ? 1 : 0;
+  }
   static I count_if(I counts, M m) { return counts + (m ? 1 : 0); }
   static int64_t ihsum(I v) { return v; }
 };

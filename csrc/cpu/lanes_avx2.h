@@ -5,12 +5,31 @@
 #endif
 #include <immintrin.h>
 
+#include <array>
 #include <cmath>
+#include <cstring>
 
 #include "common.h"
 
 namespace fk {
 namespace {
+
+// kCompressLanes[bits]: the positions of bits' set bits, lowest first, 3 bits each (compress_store).
+constexpr auto kCompressLanes = [] {
+  std::array<uint32_t, 256> table{};
+  for (uint32_t bits = 0; bits < 256; ++bits)
+    for (uint32_t lane = 0, n = 0; lane < 8; ++lane)
+      if (bits >> lane & 1) table[bits] |= lane << (3 * n++);
+  return table;
+}();
+
+// kMaskBytes[bits]: byte i is bit i of bits (store_mask8).
+constexpr auto kMaskBytes = [] {
+  std::array<uint64_t, 256> table{};
+  for (uint32_t bits = 0; bits < 256; ++bits)
+    for (uint32_t lane = 0; lane < 8; ++lane) table[bits] |= uint64_t(bits >> lane & 1) << (8 * lane);
+  return table;
+}();
 
 struct Avx2Lane {
   using R = __m256;
@@ -149,6 +168,18 @@ struct Avx2Lane {
   }
   static I load_i(const int32_t* p) { return _mm256_load_si256(reinterpret_cast<const __m256i*>(p)); }
   static void store_i(int32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
+  // 1 or 0 per lane of m as 8 bytes at p.
+  static void store_mask8(uint8_t* p, M m) { std::memcpy(p, &kMaskBytes[movemask(m)], 8); }
+  // The lanes of v where m is set, in lane order, stored from p on (all 8 lanes are written: p
+  // needs room for 8); returns how many.
+  static int compress_store(int32_t* p, I v, M m) {
+    const int bits = movemask(m);
+    const __m256i lanes = _mm256_and_si256(
+        _mm256_srlv_epi32(_mm256_set1_epi32(int32_t(kCompressLanes[bits])), _mm256_setr_epi32(0, 3, 6, 9, 12, 15, 18, 21)),
+        _mm256_set1_epi32(7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permutevar8x32_epi32(v, lanes));
+    return __builtin_popcount(unsigned(bits));
+  }
   static I count_if(I counts, M m) { return _mm256_sub_epi32(counts, m); }  // a true lane is -1
   static int64_t ihsum(I v) {
     alignas(32) int32_t lanes[8];
