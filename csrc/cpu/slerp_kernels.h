@@ -1,7 +1,8 @@
 // slerp: per row, sums of x², y² and x·y in float64 over fixed blocks (summed in block order, so
 // results do not depend on threads; inside a block kSlerpLanes independent partial sums, added in
 // lane order, so the compiler can vectorise without reassociating), coefficients in float64, then
-// one combine pass, ca·x + cb·y in float32 (two multiplies and an add, never fused), row by row.
+// one combine pass, ca·x + cb·y in float32 (two multiplies and an add, never fused), each block on
+// the thread that summed it (parallel_replay).
 // Included by each ISA's translation unit (kernel_table.h), so plain arrays only (see gram_kernels.h).
 // Semantics: fusion_kernels/reference/slerp.py.
 #pragma once
@@ -75,14 +76,13 @@ void slerp_rows(void* out_ptr, const void* a_ptr, const void* b_ptr, int64_t row
   const int64_t blocks_per_row = std::max<int64_t>(1, (cols + kSlerpBlock - 1) / kSlerpBlock);
   const int64_t tasks = rows * blocks_per_row;
   double* partial = new double[size_t(tasks) * 3];
+  int* owner = new int[size_t(tasks)];
   const int nt = static_cast<int>(std::min<int64_t>(plan_threads(rows * cols, threads), std::max<int64_t>(1, tasks)));
-  parallel_chunks(tasks, nt, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t row = task / blocks_per_row, block = task % blocks_per_row;
-      const int64_t c0 = block * kSlerpBlock, c1 = std::min(cols, c0 + kSlerpBlock);
-      slerp_block_sums(a + row * cols, b + row * cols, c0, c1, partial + size_t(task) * 3);
-    }
-  }, 1);
+  parallel_tasks_owned(tasks, nt, owner, [&](int64_t task) {
+    const int64_t row = task / blocks_per_row, block = task % blocks_per_row;
+    const int64_t c0 = block * kSlerpBlock, c1 = std::min(cols, c0 + kSlerpBlock);
+    slerp_block_sums(a + row * cols, b + row * cols, c0, c1, partial + size_t(task) * 3);
+  });
   float* coef_a = new float[size_t(std::max<int64_t>(rows, 1)) * 2];
   float* coef_b = coef_a + std::max<int64_t>(rows, 1);
   for (int64_t row = 0; row < rows; ++row) {
@@ -108,18 +108,18 @@ void slerp_rows(void* out_ptr, const void* a_ptr, const void* b_ptr, int64_t row
     }
   }
   delete[] partial;
-  parallel_chunks(rows * cols, plan_threads(rows * cols, threads), [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end;) {  // one row's stretch at a time: its coefficients fixed
-      const int64_t row = j / cols, stop = std::min(end, (row + 1) * cols);
-      const float ca = coef_a[row], cb = coef_b[row];
-      for_each_lane<V, S>(j, stop, [&](auto lane, int64_t i) {
-        using L = decltype(lane);
-        L::store(out + i, L::add(L::mul(L::set1(ca), L::load(a + i)), L::mul(L::set1(cb), L::load(b + i))));
-      });
-      j = stop;
-    }
+  // each block combined on the core whose caches its sums' pass left it in
+  parallel_replay(tasks, nt, owner, [&](int64_t task) {
+    const int64_t row = task / blocks_per_row, block = task % blocks_per_row;
+    const int64_t begin = row * cols + block * kSlerpBlock, end = row * cols + std::min(cols, (block + 1) * kSlerpBlock);
+    const float ca = coef_a[row], cb = coef_b[row];
+    for_each_lane<V, S>(begin, end, [&](auto lane, int64_t i) {
+      using L = decltype(lane);
+      L::store(out + i, L::add(L::mul(L::set1(ca), L::load(a + i)), L::mul(L::set1(cb), L::load(b + i))));
+    });
   });
   delete[] coef_a;
+  delete[] owner;
 }
 
 }  // namespace
