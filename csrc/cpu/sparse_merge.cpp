@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <tuple>
 #include <utility>
@@ -55,7 +56,7 @@ std::vector<double> kept_l1_norms(const TaskSource& s, const std::vector<KeepRul
 // l1 rescaling, l1 gets each such model's (sum |tau|, sum of kept |tau|), summed as the masks are
 // made (by row, in row order: the same sums for any thread count).
 void della_keep(const TaskSource& s, int64_t rows, int64_t cols, const SparseMergeSpec& spec,
-                std::vector<KeepRule>& rules, std::vector<uint8_t>& storage, std::vector<double>& l1, int threads) {
+                std::vector<KeepRule>& rules, std::unique_ptr<uint8_t[]>& storage, std::vector<double>& l1, int threads) {
   TaskSource della = s;
   della.xs.clear();
   DellaArgs a;
@@ -74,14 +75,14 @@ void della_keep(const TaskSource& s, int64_t rows, int64_t cols, const SparseMer
     models.push_back(static_cast<int>(i));
   }
   if (models.empty()) return;
-  storage.resize(models.size() * size_t(s.numel));
+  storage.reset(new uint8_t[models.size() * size_t(s.numel)]);  // uninitialised: della_masks writes every byte
   std::vector<double> row_sums(spec.rescale == Rescale::kL1 ? models.size() * size_t(rows) * 2 : 0, 0.0);
   a.l1 = row_sums.empty() ? nullptr : row_sums.data();
-  della_masks(della, a, storage.data(), threads);
+  della_masks(della, a, storage.get(), threads);
   if (a.l1) l1.assign(spec.models.size() * 2, 0.0);
   for (size_t k = 0; k < models.size(); ++k) {
     rules[size_t(models[k])].mode = kKeepMask;
-    rules[size_t(models[k])].mask = storage.data() + k * size_t(s.numel);
+    rules[size_t(models[k])].mask = storage.get() + k * size_t(s.numel);
     for (int64_t r = 0; a.l1 && r < rows; ++r)
       for (int q = 0; q < 2; ++q) l1[size_t(models[k]) * 2 + q] += row_sums[(k * size_t(rows) + size_t(r)) * 2 + q];
   }
@@ -124,7 +125,7 @@ void magnitude_keep(const TaskSource& s, const SparseMergeSpec& spec, std::vecto
 }
 
 std::vector<KeepRule> keep_rules(const TaskSource& s, int64_t rows, int64_t cols, const SparseMergeSpec& spec,
-                                 std::vector<uint8_t>& della_storage, std::vector<double>& della_l1, int threads) {
+                                 std::unique_ptr<uint8_t[]>& della_storage, std::vector<double>& della_l1, int threads) {
   std::vector<KeepRule> rules(spec.models.size());
   for (size_t i = 0; i < rules.size(); ++i) {
     const ModelKeep& m = spec.models[i];
@@ -162,7 +163,7 @@ void sparse_merge(void* out, const TaskSource& s, int64_t rows, int64_t cols, co
     throw std::invalid_argument("sparse_merge: one keep rule and one weight per input is required");
   if (rows < 0 || cols < 0 || rows * cols != s.numel)
     throw std::invalid_argument("sparse_merge: rows * cols must equal numel");
-  std::vector<uint8_t> della_storage;
+  std::unique_ptr<uint8_t[]> della_storage;
   std::vector<double> della_l1;
   const std::vector<KeepRule> rules = keep_rules(s, rows, cols, spec, della_storage, della_l1, threads);
   std::vector<float> scales(n, 1.f);
