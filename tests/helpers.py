@@ -162,31 +162,29 @@ def from_numpy64(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def torch_threads(n: int):
-    """Run a block with ``torch.set_num_threads(n)`` (the cpu backend's thread count)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
+def _temporarily(get, set_, value):
+    """Run a block with ``set_(value)``, restoring ``get()``'s value after it."""
+    before = get()
+    set_(value)
     try:
         yield
     finally:
-        torch.set_num_threads(before)
+        set_(before)
 
 
-@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run a block with ``torch.set_num_threads(n)`` (the cpu backend's thread count)."""
+    return _temporarily(torch.get_num_threads, torch.set_num_threads, n)
+
+
 def set_isa(isa: str | None):
     """Force the cpu backend's ISA (``avx2``/``portable``) for a block."""
     if isa is None:
-        yield
-        return
+        return contextlib.nullcontext()
     from fusion_kernels import _native
 
     lib = _native.lib()
-    previous = lib.active_isa()
-    lib.set_isa(isa)
-    try:
-        yield
-    finally:
-        lib.set_isa(previous)
+    return _temporarily(lib.active_isa, lib.set_isa, isa)
 
 
 @dataclass(frozen=True)
