@@ -61,10 +61,10 @@ void count_then_offsets(int64_t count, Buckets used, uint32_t (*at)[1 << kBits],
 // the byte passes run a third faster than with a run-time one): place(k, position) for every item,
 // equal digits in item order.
 template <int kBits, class Digit, class Place>
-void counting_pass(int64_t count, Digit digit_of, Buckets used, Place place) {
+void counting_pass(int64_t count, Digit digit_of, Place place) {
   constexpr uint32_t kMask = (1u << kBits) - 1;
   uint32_t at[kParts][1 << kBits];
-  count_then_offsets<kBits>(count, used, at, [&](int q, int64_t k) { ++at[q][digit_of(k) & kMask]; });
+  count_then_offsets<kBits>(count, Buckets{0, kMask}, at, [&](int q, int64_t k) { ++at[q][digit_of(k) & kMask]; });
   each_in_parts(count, [&](int q, int64_t k) { place(k, at[q][digit_of(k) & kMask]++); });
 }
 
@@ -75,7 +75,7 @@ void byte_passes(const uint32_t* keys, uint32_t* run, int64_t length, const int*
   for (int b = bytes - 1; b >= 0; --b) {
     const int shift = shifts[b];
     counting_pass<8>(
-        length, [keys, src, shift](int64_t k) { return keys[src[k]] >> shift; }, Buckets{0, 255},
+        length, [keys, src, shift](int64_t k) { return keys[src[k]] >> shift; },
         [src, dst](int64_t k, uint32_t at) { dst[at] = src[k]; });
     std::swap(src, dst);
   }
