@@ -131,19 +131,17 @@ std::vector<uint32_t> rank_thresholds(int64_t cols, float low, float spread) {
   return thresholds;
 }
 
-// The 24-bit draws of the row's elements j0 .. j0+cols-1 (the inner hash formed once per 2^32
-// span): keep[c] = draw < lo; those with lo <= draw < hi listed in mid. Returns how many.
-int64_t row_draws(DellaDrawsFn hash, int64_t j0, int64_t cols, uint32_t s1, uint32_t s2, uint32_t lo, uint32_t hi,
-                  uint32_t* draws, uint8_t* keep, uint32_t* mid) {
-  int64_t count = 0;
+// Calls draw_span(first, n, key, c) for the row's elements j0 + c .. j0 + c + n - 1 of each 2^32
+// span of flat indices, key the span's hash key (its inner hash formed once).
+template <class F>
+void row_spans(int64_t j0, int64_t cols, uint32_t s1, uint32_t s2, F&& draw_span) {
   for (int64_t c = 0; c < cols;) {
     const uint64_t high = uint64_t(j0 + c) >> 32;
     const int64_t end = std::min<int64_t>(cols, int64_t((high + 1) << 32) - j0);
     const uint32_t key = s1 ^ uint32_t(mix32<ScalarLane>(static_cast<int32_t>(uint32_t(high) ^ s2)));
-    count += hash(uint32_t(j0 + c), end - c, key, lo, hi, uint32_t(c), draws + c, keep + c, mid + count);
+    draw_span(uint32_t(j0 + c), end - c, key, c);
     c = end;
   }
-  return count;
 }
 
 // o[c] = draws[c] < thresholds[rank of c] for the listed c (mid[0, count), ascending), the keys'
@@ -153,6 +151,7 @@ int64_t row_draws(DellaDrawsFn hash, int64_t j0, int64_t cols, uint32_t s1, uint
 template <int kBits>
 void decide_by_digit(const uint32_t* keys, int64_t cols, int low, const uint32_t* range, const uint32_t* mid,
                      int64_t count, const uint32_t* draws, const uint32_t* thresholds, uint32_t* pos, uint8_t* o) {
+  if (count == 0) return;  // epsilon 0, say: every draw decided
   constexpr uint32_t kMask = (1u << kBits) - 1;
   const int shift = std::min(low, 32 - kBits);
   const auto digit_of = [keys, shift](int64_t k) { return (keys[k] >> shift) & kMask; };
@@ -188,27 +187,30 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
     uint32_t range[2];
     const uint32_t varying = row_keys(x + at, base ? base + at : nullptr, cols, keys.data(), range);
     uint8_t* o = out + row * cols;
-    const int64_t count = row_draws(kernels.della_draws, row * cols, cols, s1, s2, lo, hi, draws.data(), o, mid.data());
-    if (count > 0) {
-      const int low = varying ? __builtin_ctz(varying) : 0;
-      const int span = varying ? 32 - __builtin_clz(varying) - low : 0;
-      if (span <= 8) {  // all keys equal too: one bucket, ranks in index order
-        decide_by_digit<8>(keys.data(), cols, low, range, mid.data(), count, draws.data(), thr, pos.data(), o);
-      } else if (span == 9) {  // the float32 |tau| of bf16 tunes often
-        decide_by_digit<9>(keys.data(), cols, low, range, mid.data(), count, draws.data(), thr, pos.data(), o);
-      } else if (span <= kMaxDigitBits) {
-        decide_by_digit<kMaxDigitBits>(keys.data(), cols, low, range, mid.data(), count, draws.data(), thr, pos.data(), o);
-      } else {
-        order.resize(n);
-        spare.resize(n);
-        stable_order(keys.data(), cols, varying, order.data(), spare.data());
-        uint32_t* rank_of = spare.data();
-        for (int64_t r = 0; r < cols; ++r) rank_of[order[size_t(r)]] = uint32_t(r);
-        for (int64_t i = 0; i < count; ++i) {
-          const uint32_t c = mid[size_t(i)];
-          o[c] = draws[c] < thr[rank_of[c]] ? 1 : 0;
-        }
+    const int low = varying ? __builtin_ctz(varying) : 0;
+    const int span = varying ? 32 - __builtin_clz(varying) - low : 0;
+    if (span > kMaxDigitBits) {  // an order array: every element decided in rank order
+      row_spans(row * cols, cols, s1, s2, [&](uint32_t first, int64_t n, uint32_t key, int64_t c) {
+        kernels.hash24(first, n, key, draws.data() + c);
+      });
+      order.resize(n);
+      spare.resize(n);
+      stable_order(keys.data(), cols, varying, order.data(), spare.data());
+      for (int64_t r = 0; r < cols; ++r) {
+        const uint32_t c = order[size_t(r)];
+        o[c] = draws[c] < thr[r] ? 1 : 0;
       }
+    } else {  // the draws the first and last rank decide written, the others listed in mid
+      int64_t count = 0;
+      row_spans(row * cols, cols, s1, s2, [&](uint32_t first, int64_t n, uint32_t key, int64_t c) {
+        count += kernels.della_draws(first, n, key, lo, hi, uint32_t(c), draws.data() + c, o + c, mid.data() + count);
+      });
+      if (span <= 8)  // all keys equal too: one bucket, ranks in index order
+        decide_by_digit<8>(keys.data(), cols, low, range, mid.data(), count, draws.data(), thr, pos.data(), o);
+      else if (span == 9)  // the float32 |tau| of bf16 tunes often
+        decide_by_digit<9>(keys.data(), cols, low, range, mid.data(), count, draws.data(), thr, pos.data(), o);
+      else
+        decide_by_digit<kMaxDigitBits>(keys.data(), cols, low, range, mid.data(), count, draws.data(), thr, pos.data(), o);
     }
     if (a.l1) kernels.della_l1(keys.data(), o, cols, a.l1 + 2 * (int64_t(model) * a.rows + row));
   }

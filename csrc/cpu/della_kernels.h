@@ -52,9 +52,24 @@ uint32_t della_keys_range(const void* x_, const void* base_, int64_t n, uint32_t
   return uint32_t(differ_s);
 }
 
-// draws[c] = the 24-bit draw of DELLA's hash (reference/random_mask.py uniform24),
-// mix32((first + c) ^ key) >> 8, for the elements c < n of one 2^32 span (first + n <= 2^32; key
-// its hash key), held against the thresholds of the row's first and last rank (lo <= hi): keep[c] =
+// draws[c] = mix32((first + c) ^ key) >> 8, c < n (first + n <= 2^32): the 24-bit draws of DELLA's
+// hash (reference/random_mask.py uniform24) of the elements of one 2^32 span, key its hash key.
+template <class L>
+inline typename L::I della_draw(uint32_t first, int64_t c, uint32_t key) {
+  const auto counter = L::iadd(L::iset1(static_cast<int32_t>(first + uint32_t(c))), L::iota());
+  return L::template isrl<8>(mix32<L>(L::ixor(counter, L::iset1(static_cast<int32_t>(key)))));
+}
+
+template <class V, class S>
+void hash24_range(uint32_t first, int64_t n, uint32_t key, uint32_t* draws) {
+  int32_t* out = reinterpret_cast<int32_t*>(draws);
+  for_each_lane<V, S>(0, n, [&](auto lane, int64_t c) {
+    using L = decltype(lane);
+    L::store_i(out + c, della_draw<L>(first, c, key));
+  });
+}
+
+// hash24_range's draws, held against the thresholds of the row's first and last rank (lo <= hi): keep[c] =
 // draw < lo, the decision of every rank; the c with lo <= draw < hi, which their rank decides, are
 // listed in order as index0 + c in mid (room for n + 8). Returns how many.
 template <class V, class S>
@@ -65,8 +80,7 @@ int64_t della_draws_range(uint32_t first, int64_t n, uint32_t key, uint32_t lo, 
   int64_t count = 0;
   for_each_lane<V, S>(0, n, [&](auto lane, int64_t c) {
     using L = decltype(lane);
-    const auto counter = L::iadd(L::iset1(static_cast<int32_t>(first + uint32_t(c))), L::iota());
-    const auto draw = L::template isrl<8>(mix32<L>(L::ixor(counter, L::iset1(static_cast<int32_t>(key)))));
+    const auto draw = della_draw<L>(first, c, key);
     L::store_i(draw_at + c, draw);
     const auto below = L::igt(L::iset1(int32_t(lo)), draw);  // draws, lo and hi are <= 2^24: signed order
     L::store_mask8(keep + c, below);
