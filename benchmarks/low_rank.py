@@ -1,7 +1,8 @@
 """``fk.truncated_svd`` and ``fk.polar`` beside ``torch.linalg.svd`` (what FusionBench's subspace
 merges and our reference call) on the matrix shapes of a CLIP ViT-B/32 and a Llama-7B layer, one
 run: seconds per matrix, speedup, and the error of each against a float64 SVD (max |Δ| of U·S·Vh
-for the truncation, of Q for the polar factor, relative to σ₁ and 1). Compute-bound work: no GB/s.
+for the truncation, of Q for the polar factor, relative to σ₁ and 1); the polar factor also without
+its singular values (``values=False``, the subspace merges' call). Compute-bound work: no GB/s.
 
     python benchmarks/low_rank.py                     # ViT-B/32 shapes, batches of 8, float32
     python benchmarks/low_rank.py --shapes 4096x4096 --batch 2
@@ -32,6 +33,8 @@ def _errors(x: torch.Tensor, k: int, fns: dict) -> dict:
         low = (tu.double() * ts.double().unsqueeze(-2)) @ tvh.double()
         errors[f"{name}_truncated_error"] = float((low - exact_low).abs().max() / s[..., 0].max())
         errors[f"{name}_polar_error"] = float((pol(x)[0].double() - exact_q).abs().max())
+    q_only = fk.polar(x, values=False)[0]
+    errors["ours_polar_q_error"] = float((q_only.double() - exact_q).abs().max())
     return errors
 
 
@@ -54,16 +57,20 @@ def main() -> None:
         for name, (trunc, pol) in fns.items():
             row[f"{name}_truncated_s"] = timeit(lambda t=trunc, x=x, k=k: t(x, k), args.repeat, "cpu") / args.batch
             row[f"{name}_polar_s"] = timeit(lambda p=pol, x=x: p(x), args.repeat, "cpu") / args.batch
+        # Q alone (what the subspace merges ask): square matrices may take Newton's iteration
+        row["ours_polar_q_s"] = timeit(lambda x=x: fk.polar(x, values=False), args.repeat, "cpu") / args.batch
         row["truncated_speedup"] = row["torch_truncated_s"] / row["ours_truncated_s"]
         row["polar_speedup"] = row["torch_polar_s"] / row["ours_polar_s"]
+        row["polar_q_speedup"] = row["torch_polar_s"] / row["ours_polar_q_s"]
         row.update(_errors(x, k, fns))
         rows.append({key: round(v, 9) if isinstance(v, float) else v for key, v in row.items()})
         print(
             f"{row['shape']:>14} k={k:<4} truncated {row['torch_truncated_s'] * 1e3:7.1f} -> "
             f"{row['ours_truncated_s'] * 1e3:6.1f} ms ({row['truncated_speedup']:.2f}x)   polar "
-            f"{row['torch_polar_s'] * 1e3:7.1f} -> {row['ours_polar_s'] * 1e3:6.1f} ms ({row['polar_speedup']:.2f}x)"
+            f"{row['torch_polar_s'] * 1e3:7.1f} -> {row['ours_polar_s'] * 1e3:6.1f} ms ({row['polar_speedup']:.2f}x),"
+            f" Q alone {row['ours_polar_q_s'] * 1e3:6.1f} ms ({row['polar_q_speedup']:.2f}x)"
             f"   errors: truncated {row['torch_truncated_error']:.1e} / {row['ours_truncated_error']:.1e},"
-            f" polar {row['torch_polar_error']:.1e} / {row['ours_polar_error']:.1e}",
+            f" polar {row['torch_polar_error']:.1e} / {row['ours_polar_error']:.1e} / {row['ours_polar_q_error']:.1e}",
             flush=True,
         )
     report = {**header("low_rank"), "threads": torch.get_num_threads(), "dtype": "float32", "results": rows}

@@ -50,6 +50,14 @@ def assert_triplets_close(got, want, dtype):
     torch.testing.assert_close((vh.double() * flip.mT).cpu(), rvh.cpu().double(), **tol)
 
 
+@pytest.fixture
+def newton_from_32(monkeypatch):
+    """Newton's iteration for square matrices from 32² (384² in use): its route on small, cheap shapes."""
+    from fusion_kernels.ops import low_rank
+
+    monkeypatch.setattr(low_rank, "_NEWTON_MIN", 32)
+
+
 SHAPES = [(12, 12), (40, 12), (12, 40), (2, 3, 17, 9), (1, 1), (7, 3)]
 
 
@@ -82,9 +90,10 @@ def test_truncated_svd_matches_reference(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("shape", [*SHAPES, (60, 12), (12, 60), (3, 36, 12)], ids=str)
-def test_polar_matches_reference(backend, dtype, shape):
-    """Square-ish matrices go by SVD, those twice as long as wide or more by the float64 Gram."""
+@pytest.mark.parametrize("shape", [*SHAPES, (60, 12), (12, 60), (3, 36, 12), (2, 40, 40)], ids=str)
+def test_polar_matches_reference(backend, dtype, shape, newton_from_32):
+    """Square-ish matrices go by SVD (without S, by Newton's iteration from 384², here from 32²),
+    those twice as long as wide or more by a Gram."""
     x = separated(shape, dtype, seed=len(shape) + 1)
     before = x.clone()
     q, s = fk.polar(x)
@@ -93,6 +102,9 @@ def test_polar_matches_reference(backend, dtype, shape):
     assert q.is_contiguous() and s.is_contiguous()
     torch.testing.assert_close(q.cpu().double(), rq.cpu().double(), **TOL[dtype])
     torch.testing.assert_close(s.cpu().double(), rs.cpu().double(), **TOL[dtype])
+    q_only, no_values = fk.polar(x, values=False)
+    assert no_values is None and q_only.dtype == dtype and q_only.is_contiguous()
+    torch.testing.assert_close(q_only.cpu().double(), rq.cpu().double(), **TOL[dtype])
     h = q.double().mT @ x.double()  # x = Q·H, H symmetric positive definite here
     torch.testing.assert_close(h, h.mT, **TOL[dtype]) if shape[-2] >= shape[-1] else None
     assert torch.equal(x, before)
@@ -120,9 +132,11 @@ def test_strided_inputs_give_the_contiguous_results(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-@pytest.mark.parametrize("shape", [(12, 12), (60, 12), (12, 60), (2, 3, 36, 12), (3, 12, 40), (7, 3)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(12, 12), (60, 12), (12, 60), (2, 3, 36, 12), (3, 12, 40), (7, 3), (40, 40)], ids=str
+)
 @pytest.mark.parametrize("transposed", [False, True], ids=["rows", "transposed"])
-def test_polar_times_right_equals_q_times_right(backend, dtype, shape, transposed):
+def test_polar_times_right_equals_q_times_right(backend, dtype, shape, transposed, newton_from_32):
     """polar(x, right) is Q·right (every route: the Gram's takes right into its product), for
     contiguous x and x stored transposed, without touching either input."""
     x = separated(shape, dtype, seed=5)
@@ -135,6 +149,7 @@ def test_polar_times_right_equals_q_times_right(backend, dtype, shape, transpose
     assert q.shape == (*shape[:-1], 5) and q.dtype == dtype and q.is_contiguous()
     want = rq.double() @ right.double()
     torch.testing.assert_close(q.cpu().double(), want.cpu(), **TOL[dtype])
+    torch.testing.assert_close(fk.polar(x, right=right, values=False)[0].cpu().double(), want.cpu(), **TOL[dtype])
     torch.testing.assert_close(s.cpu().double(), rs.cpu().double(), **TOL[dtype])
     assert torch.equal(x, before[0]) and torch.equal(right, before[1])
 
@@ -252,6 +267,43 @@ def test_a_batch_on_several_threads_equals_its_matrices_one_by_one(dtype, capfd)
     assert "OpenBLAS Warning" not in capfd.readouterr().err  # its own pool ran inside ours
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=DT_IDS[:1] + DT_IDS[-1:])
+def test_square_polar_by_newton_and_its_fallbacks(dtype, monkeypatch, newton_from_32):
+    """Without S, square matrices (from 384², here 32²) take Newton's iteration where κ ≤ 10⁻²/ε:
+    κ = 3, a sum of Gaussian matrices (Iso-C's case), κ = 10⁴; κ = 10⁶ only in float64 (float32's
+    bound is 8·10⁴: the SVD); a rank-deficient matrix goes by SVD. Float32's Q within 10× the float32
+    SVD's distance to the float64 polar factor, closer than it at κ = 10⁴ (float64's: within ε·κ)."""
+    from fusion_kernels.ops import low_rank
+
+    n, g = 48, torch.Generator().manual_seed(3)
+    gaussian = sum(torch.randn(n, n, generator=g, dtype=torch.float64) for _ in range(8))
+    x = torch.stack(
+        [
+            spectrum_matrix((n, n), torch.linspace(1.0, 0.3, n), seed=1),
+            gaussian / torch.linalg.matrix_norm(gaussian, ord=2),
+            spectrum_matrix((n, n), torch.logspace(0, -4, n), seed=2),
+            spectrum_matrix((n, n), torch.logspace(0, -6, n), seed=5),
+            spectrum_matrix((n, n), torch.cat([torch.ones(n - 9), torch.zeros(9)]), seed=4),
+        ]
+    ).to(dtype)
+    newton, real = [], low_rank._newton_polar_one
+    monkeypatch.setattr(low_rank, "_newton_polar_one", lambda m: newton.append(real(m) is not None) or real(m))
+    with fk.use_backend("cpu"):
+        q, no_values = fk.polar(x, values=False)
+    assert newton == [True, True, True, dtype == torch.float64, False] and no_values is None
+    exact_q = ref.polar(x.double())[0]
+    svd_error = (ref.polar(x.float())[0].double() - exact_q).abs().amax((-2, -1))
+    error = (q.double() - exact_q).abs().amax((-2, -1))
+    if dtype == torch.float32:
+        assert (error[:4] <= 10 * svd_error[:4]).all() and error[2] <= svd_error[2], (error, svd_error)
+    else:  # the float64 SVD's own rounding, ε·κ, is the scale here
+        assert (error[:4] <= 1e-9).all(), error
+    # the rank-deficient matrix: x = Q·H with Q orthogonal on its range, as the SVD's
+    torch.testing.assert_close(q[4].double() @ (q[4].double().mT @ x[4].double()), x[4].double(), rtol=0, atol=1e-5)
+    eye = torch.eye(n, dtype=torch.float64)
+    torch.testing.assert_close(q[4].double().mT @ q[4].double(), eye, rtol=0, atol=1e-5)
+
+
 def test_polar_of_a_nearly_singular_long_matrix_falls_back_to_the_svd():
     """λ_min < 10⁻⁸·λ_max: the float64 Gram would lose Q's digits; the SVD gives the reference's Q."""
     x = torch.stack(
@@ -299,15 +351,21 @@ def test_bad_inputs_are_named():
     for shape in [(5, 2), (4,), (1, 4, 2)]:
         with pytest.raises(ShapeError, match=r"'right' expected shape \[4, p\]"):
             fk.polar(x, right=torch.ones(shape))
+    for bad in (1, None, "no"):
+        with pytest.raises(ArgumentTypeError, match="'values' expected a bool, got"):
+            fk.polar(x, values=bad)
 
 
 @pytest.mark.parametrize("method", ["tsv_merge", "iso_c", "iso_cts"])
-def test_subspace_merges_equal_their_svd_forms(method):
+def test_subspace_merges_equal_their_svd_forms(method, newton_from_32):
     """The subspace merges on fk.truncated_svd/fk.polar against the same merges on the reference's
-    SVDs (tensors of every route: square, long, wide, a tensor below the 2-D ones)."""
+    SVDs (tensors of every route: square by SVD, long, wide, a tensor below the 2-D ones). A 64²
+    tensor, whose polar factors go by Newton's iteration (from 32² here; the side-by-side U of TSV-M
+    is ill-conditioned, so both float32 results carry ε·κ): ours no farther from the float64 merge
+    than the reference's."""
     from modelfusion import average
 
-    shapes = {"a": (24, 24), "b": (72, 24), "c": (24, 72), "d": (24,)}
+    shapes = {"a": (24, 24), "b": (72, 24), "c": (24, 72), "d": (24,), "e": (64, 64)}
     base = {k: torch.randn(s, generator=torch.Generator().manual_seed(1)) for k, s in shapes.items()}
     models = [
         {k: v + 0.1 * torch.randn(v.shape, generator=torch.Generator().manual_seed(i)) for k, v in base.items()}
@@ -316,5 +374,9 @@ def test_subspace_merges_equal_their_svd_forms(method):
     got = getattr(average, method)(base, models)
     with fk.use_backend("torch"):
         want = getattr(average, method)(base, models)
-    for k in shapes:
+        wide = [{k: v.double() for k, v in m.items()} for m in (base, *models)]
+        exact = getattr(average, method)(wide[0], wide[1:])
+    for k in "abcd":
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+    error, ref_error = ((t["e"].double() - exact["e"]).abs().max() for t in (got, want))
+    assert error <= max(ref_error, 1e-5), (error, ref_error)

@@ -4,7 +4,7 @@
   U [..., m, k] and Vhᵀ [..., n, k] with orthonormal columns;
 - ``polar(x)``: the orthogonal polar factor Q = W·Vh of the thin SVD x = W·diag(S)·Vh (x = Q·H with
   H = Vhᵀ·diag(S)·Vh symmetric positive semi-definite), and S descending; ``polar(x, right)``:
-  Q·right in place of Q (right [..., n, p]).
+  Q·right in place of Q (right [..., n, p]); ``values=False``: None in place of S.
 
 One ``torch.linalg.svd`` in float32 (float64 for float64 x); results in x's dtype, contiguous. A singular
 vector is defined up to its sign (a pair u, v flips together), and within a repeated singular value
@@ -26,8 +26,10 @@ def truncated_svd(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, 
     return tuple(t.to(x.dtype).contiguous() for t in (u[..., :k], s[..., :k], vh[..., :k, :]))
 
 
-def polar(x: torch.Tensor, right: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def polar(
+    x: torch.Tensor, right: torch.Tensor | None = None, values: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     work = compute_dtype(x.dtype)
     u, s, vh = torch.linalg.svd(x.to(work), full_matrices=False)
     q = u @ vh
-    return (q if right is None else q @ right.to(work)).to(x.dtype), s.to(x.dtype)
+    return (q if right is None else q @ right.to(work)).to(x.dtype), (s.to(x.dtype) if values else None)

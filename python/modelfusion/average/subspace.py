@@ -164,7 +164,7 @@ def _decomposed(
 
 def _polar(x: torch.Tensor) -> torch.Tensor:
     """The orthogonal polar factor W·Vᵀ of x = W·Σ·Vᵀ (batched)."""
-    return fk.polar(x)[0]
+    return fk.polar(x, values=False)[0]
 
 
 def _polar_product(u: torch.Tensor, s: torch.Tensor | None, vh: torch.Tensor) -> torch.Tensor:
@@ -173,9 +173,9 @@ def _polar_product(u: torch.Tensor, s: torch.Tensor | None, vh: torch.Tensor) ->
     x·G^(-1/2), then costs one big product where Q and then Q·rest take two)."""
     if u.shape[-2] >= vh.shape[-1]:
         rest = _polar(vh)
-        return fk.polar(u, right=rest if s is None else rest.mul_(s.unsqueeze(-1)))[0]
+        return fk.polar(u, right=rest if s is None else rest.mul_(s.unsqueeze(-1)), values=False)[0]
     rest = _polar(u).mT  # (P(u)·S·P(vh))ᵀ = P(vhᵀ)·S·P(u)ᵀ
-    return fk.polar(vh.mT, right=rest if s is None else rest.mul_(s.unsqueeze(-1)))[0].mT
+    return fk.polar(vh.mT, right=rest if s is None else rest.mul_(s.unsqueeze(-1)), values=False)[0].mT
 
 
 def magmax(base: StateLike, models: Sequence[StateLike], scaling_factor: float = 1.0) -> State:
@@ -299,8 +299,10 @@ def iso_c(
     """Iso-C: Σᵢ τᵢ with its singular values flattened to their mean (2-D tensors)."""
 
     def per_shape(total: torch.Tensor) -> torch.Tensor:
-        q, s = fk.polar(total)  # U·diag(mean S)·Vh = mean S · U·Vh
-        return q.mul_(s.mean(-1)[..., None, None])
+        # U·diag(mean S)·Vh = mean S · Q, and Σ S = trace(Qᵀ·total) (total = Q·H, trace H = Σ S)
+        q = fk.polar(total, values=False)[0]
+        trace = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(q, total, strict=True)])
+        return q.mul_((trace / min(total.shape[-2:]))[..., None, None])
 
     return _decomposed(base, models, exclude_keys, per_shape, scaling_factor, summed=True)
 
