@@ -356,6 +356,29 @@ def test_bad_inputs_are_named():
             fk.polar(x, values=bad)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("shape", [(300, 700), (5, 70000), (1, 3), (64, 64)], ids=str)
+def test_task_vectors_summed_in_row_blocks_give_the_whole_tensors_bits(dtype, shape):
+    """Iso-C's Σᵢ τᵢ, added a block of rows at a time while it is in cache, equals the sum over
+    whole tensors bit for bit (blocks that do not divide the rows, one row wider than a block), and
+    with per-model scales (no blocks) too."""
+    from modelfusion.average.subspace import _TaskVectors
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(shape, generator=g).to(dtype)}
+    models = [{"w": (base["w"].double() + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)}]
+    models += [{"w": (models[0]["w"].double() * (1 + 0.1 * i)).to(dtype)} for i in range(1, 5)]
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    for scales in (None, [0.5, 1.0, 2.0, 1.0, 0.3]):
+        tv = _TaskVectors(base, models, scales)
+        got = tv.sum_into("w", torch.full(shape, float("nan"), dtype=wide))
+        want, scratch = torch.empty(shape, dtype=wide), torch.empty(shape, dtype=wide)
+        tv.into(0, "w", want)
+        for i in range(1, 5):
+            want += tv.into(i, "w", scratch)
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("method", ["tsv_merge", "iso_c", "iso_cts"])
 def test_subspace_merges_equal_their_svd_forms(method, newton_from_32):
     """The subspace merges on fk.truncated_svd/fk.polar against the same merges on the reference's

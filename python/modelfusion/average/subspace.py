@@ -37,6 +37,7 @@ from .dare import DareDrop
 from .state import State, StateLike, aligned
 
 DECOMPOSE_BYTES = 1 << 28  # task matrices per batched decomposition (256 MiB)
+SUM_BLOCK = 1 << 16  # elements of a block of rows summed over the models while in cache (torch threads it)
 
 
 class _TaskVectors:
@@ -68,9 +69,34 @@ class _TaskVectors:
 
     def into(self, i: int, k: str, out: torch.Tensor) -> torch.Tensor:
         """τᵢ of tensor k written into ``out`` (one pass when there is no transform, scale or cast)."""
-        if self.transform is None and self.scales is None and self.models[i][k].dtype == self.base[k].dtype:
+        if self._plain(i, k):
             return torch.sub(self.models[i][k], self.base[k], out=out)
         return out.copy_(self.one(i, k))
+
+    def sum_into(self, k: str, out: torch.Tensor) -> torch.Tensor:
+        """Σᵢ τᵢ of the 2-D tensor k, added in model order, written into ``out``. Without transform,
+        scale or cast, a block of rows (:data:`SUM_BLOCK` elements) at a time, so each block's sum
+        stays in cache while the models are added to it: the same operations per element as on
+        whole tensors (the same bits), 2-3x faster over a ViT-B/32's matrices."""
+        if not all(self._plain(i, k) for i in range(len(self.models))):
+            scratch = torch.empty_like(out)
+            self.into(0, k, out)
+            for i in range(1, len(self.models)):
+                out += self.into(i, k, scratch)
+            return out
+        base = self.base[k]
+        rows = max(1, SUM_BLOCK // max(1, base.shape[-1]))
+        scratch = torch.empty((min(rows, base.shape[0]), base.shape[-1]), dtype=out.dtype)
+        for start in range(0, base.shape[0], rows):
+            block = slice(start, start + rows)
+            total = torch.sub(self.models[0][k][block], base[block], out=out[block])
+            part = scratch[: total.shape[0]]
+            for model in self.models[1:]:
+                total += torch.sub(model[k][block], base[block], out=part)
+        return out
+
+    def _plain(self, i: int, k: str) -> bool:
+        return self.transform is None and self.scales is None and self.models[i][k].dtype == self.base[k].dtype
 
 
 def _result(base: State, merged: State, scale: float) -> State:
@@ -145,12 +171,10 @@ def _decomposed(
         for start in range(0, len(keys_of_shape), step):
             batch = keys_of_shape[start : start + step]
             stack = buffer[: copies * len(batch) * math.prod(shape) * wide.itemsize].view(wide)
-            if summed:  # Σᵢ τᵢ in order, τᵢ formed in a scratch buffer
-                stack, scratch = stack.view(len(batch), *shape), torch.empty(shape, dtype=wide)
+            if summed:  # Σᵢ τᵢ in order
+                stack = stack.view(len(batch), *shape)
                 for j, k in enumerate(batch):
-                    tv.into(0, k, stack[j])
-                    for i in range(1, tasks):
-                        stack[j] += tv.into(i, k, scratch)
+                    tv.sum_into(k, stack[j])
             else:
                 stack = stack.view(tasks, len(batch), *shape)  # [T, L, m, n]
                 for j, k in enumerate(batch):
