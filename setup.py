@@ -1,6 +1,6 @@
 """Builds fusion_kernels._C: C++ CPU kernels behind pybind11, with no libtorch dependency.
 
-Per-ISA sources (``*_avx2.cpp``) get their own ``-m`` flags; everything else is portable, so the
+Per-ISA sources (``*_avx2.cpp``, ``*_avx512.cpp``) get their own ``-m`` flags; everything else is portable, so the
 wheel runs on any CPU of its architecture and picks the fastest kernels at run time.
 Set ``FUSION_KERNELS_NO_EXT=1`` to skip the extension (the package then runs on the torch backend).
 
@@ -20,13 +20,13 @@ from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 IS_X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
-ISA_FLAGS = {"_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"]}
+ISA_FLAGS = {"_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"], "_avx512.cpp": ["-mavx512f", "-mavx2", "-mfma", "-mf16c"]}
 
 
 def _sources() -> list[str]:
     cpu = sorted(os.path.join("csrc", "cpu", f) for f in os.listdir(os.path.join("csrc", "cpu")) if f.endswith(".cpp"))
     if not IS_X86:
-        cpu = [f for f in cpu if not f.endswith("_avx2.cpp")]
+        cpu = [f for f in cpu if not f.endswith(tuple(ISA_FLAGS))]
     return ["csrc/bindings.cpp", *cpu]
 
 

@@ -502,6 +502,7 @@ PYBIND11_MODULE(_C, m) {
     const fk::CpuFeatures f = fk::cpu_features();
     py::dict d;
     d["avx2"] = f.avx2;
+    d["avx512f"] = f.avx512f;
     d["fma"] = f.fma;
     d["f16c"] = f.f16c;
     d["neon"] = f.neon;

@@ -178,7 +178,7 @@ def torch_threads(n: int):
 
 
 def set_isa(isa: str | None):
-    """Force the cpu backend's ISA (``avx2``/``portable``) for a block."""
+    """Force the cpu backend's ISA (``avx512``/``avx2``/``portable``) for a block."""
     if isa is None:
         return contextlib.nullcontext()
     from fusion_kernels import _native
@@ -220,7 +220,7 @@ def _backend_cases() -> list[BackendCase]:
         cases.append(BackendCase("cpu", "portable", "cpu", f"cpu backend unavailable: {reason}"))
     else:
         supported = _native.lib().supported_isas()
-        for isa in ("avx2", "portable"):
+        for isa in ("avx512", "avx2", "portable"):
             skip = None if isa in supported else f"this CPU/build has no {isa} kernels (has {supported})"
             cases.append(BackendCase("cpu", isa, "cpu", skip))
     gpu = "cuda" if torch.cuda.is_available() else "cpu"

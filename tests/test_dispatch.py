@@ -257,3 +257,54 @@ def test_every_custom_op_has_an_opcheck_test():
         if "torch.library.opcheck(" in text:
             checked |= {op for op in ops if f"fusion_kernels.{op}." in text or f'"{op}"' in text}
     assert ops <= checked, f"custom ops without an opcheck test: {sorted(ops - checked)}"
+
+
+def _elementwise_merges(dtype):
+    """Every op whose kernels are element loops over lanes, on inputs with odd tails that several
+    threads split (70001 elements a row)."""
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(3, 70001, generator=g).to(dtype)
+    xs = [(base.float() + 0.1 * torch.randn(3, 70001, generator=g)).to(dtype) for _ in range(3)]
+    w = [0.5, 0.3, 0.2]
+    cases = {
+        "weighted_sum": lambda: fk.weighted_sum([base, *xs], [0.2, 0.3, 0.4, 0.1]),
+        "task_arithmetic": lambda: fk.task_arithmetic(base, xs, w),
+        "ties": lambda: fk.ties_merge(base, xs, w, density=0.3),
+        "dare_ties": lambda: fk.dare_merge(base, xs, w, density=0.3, seed=3),
+        "dare_linear": lambda: fk.dare_merge(base, xs, w, density=0.3, seed=3, consensus=None),
+        "breadcrumbs": lambda: fk.breadcrumbs_merge(base, xs, w, density=0.5, gamma=0.02),
+        "della": lambda: fk.della_merge(base, xs, w, density=0.4, epsilon=0.1, seed=3),
+        "magmax": lambda: fk.magmax(base, xs),
+        "nearswap": lambda: fk.nearswap(base, xs[0], 0.01),
+        "ram": lambda: fk.ram_merge(base, xs, 1e-3),
+        "magnitude_prune": lambda: fk.magnitude_prune(xs[0], 0.3),
+        "arcee_importance": lambda: fk.arcee_importance(base, xs[0]),
+        "sce_variance": lambda: fk.sce_variance(base, xs),
+        "slerp": lambda: fk.slerp(xs[0], xs[1], 0.3),
+    }
+    if dtype == torch.float32:
+        cases["fisher"] = lambda: fk.fisher_merge(xs, [x.abs() + 0.1 for x in xs])
+    return cases
+
+
+@NEEDS_EXT
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_avx512_kernels_give_the_avx2_bits(dtype):
+    """The 16-lane kernels load, compute and round each element as the 8-lane ones (DARE's draws:
+    lanes 8-15 take the high halves of lanes 0-7's hashes), so every element loop gives equal bits."""
+    supported = _native.lib().supported_isas()
+    if "avx512" not in supported:
+        pytest.skip(f"this CPU/build has no avx512 kernels (has {supported})")
+    lib = _native.lib()
+    for name, run in _elementwise_merges(dtype).items():
+        got = {}
+        for isa in ("avx512", "avx2"):
+            previous = lib.active_isa()
+            lib.set_isa(isa)
+            try:
+                with fk.use_backend("cpu"):
+                    got[isa] = run()
+            finally:
+                lib.set_isa(previous)
+        pairs = zip(*(v if isinstance(v, tuple) else (v,) for v in got.values()), strict=True)
+        assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in pairs), name

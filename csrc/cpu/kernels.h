@@ -96,6 +96,7 @@ struct KernelTable {
 const KernelTable& portable_kernels();
 #ifdef FK_HAVE_AVX2
 const KernelTable& avx2_kernels();
+const KernelTable& avx512_kernels();
 #endif
 
 }  // namespace fk

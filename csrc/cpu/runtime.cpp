@@ -20,6 +20,7 @@ CpuFeatures cpu_features() {
   f.avx2 = __builtin_cpu_supports("avx2");
   f.fma = __builtin_cpu_supports("fma");
   f.f16c = __builtin_cpu_supports("f16c");
+  f.avx512f = __builtin_cpu_supports("avx512f");  // false where the OS does not save the zmm state
 #elif defined(__aarch64__) || defined(__ARM_NEON)
   f.neon = true;  // baseline on aarch64: the portable kernels are compiled with it
 #endif
@@ -30,6 +31,7 @@ std::vector<std::string> supported_isas() {
   std::vector<std::string> isas;
 #ifdef FK_HAVE_AVX2
   const CpuFeatures f = cpu_features();
+  if (f.avx2 && f.fma && f.f16c && f.avx512f) isas.push_back("avx512");
   if (f.avx2 && f.fma && f.f16c) isas.push_back("avx2");
 #endif
   isas.push_back("portable");
@@ -37,15 +39,22 @@ std::vector<std::string> supported_isas() {
 }
 
 namespace {
-std::atomic<int> g_isa{-1};  // -1: not chosen yet; 0: portable; 1: avx2
+constexpr const char* kIsaNames[] = {"portable", "avx2", "avx512"};  // an ISA's code is its index
+std::atomic<int> g_isa{-1};  // -1: not chosen yet; else an index of kIsaNames
 
-int isa_code(const std::string& name) { return name == "avx2" ? 1 : 0; }
+int isa_code(const std::string& name) {
+  for (int code = 0; code < 3; ++code)
+    if (name == kIsaNames[code]) return code;
+  return 0;
+}
+
+int active_code() {
+  if (g_isa.load() < 0) g_isa.store(isa_code(supported_isas().front()));
+  return g_isa.load();
+}
 }  // namespace
 
-std::string active_isa() {
-  if (g_isa.load() < 0) g_isa.store(isa_code(supported_isas().front()));
-  return g_isa.load() == 1 ? "avx2" : "portable";
-}
+std::string active_isa() { return kIsaNames[active_code()]; }
 
 void set_isa(const std::string& name) {
   const auto isas = supported_isas();
@@ -59,7 +68,14 @@ void set_isa(const std::string& name) {
 
 const KernelTable& active_kernels() {
 #ifdef FK_HAVE_AVX2
-  if (active_isa() == "avx2") return avx2_kernels();
+  switch (active_code()) {
+    case 2:
+      return avx512_kernels();
+    case 1:
+      return avx2_kernels();
+    default:
+      break;
+  }
 #endif
   return portable_kernels();
 }

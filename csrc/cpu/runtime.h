@@ -14,7 +14,7 @@
 namespace fk {
 
 struct CpuFeatures {
-  bool avx2 = false, fma = false, f16c = false, neon = false;
+  bool avx2 = false, fma = false, f16c = false, avx512f = false, neon = false;
 };
 
 CpuFeatures cpu_features();

@@ -52,7 +52,7 @@ struct SparseMergeArgs {
   int tie = 1;                            // a zero tally elects + (1), - (-1) or no one (0)
 };
 
-constexpr int kMaxLaneWidth = 8;  // floats per register of the widest lane (AVX2)
+constexpr int kMaxLaneWidth = 16;  // floats per register of the widest lane (AVX-512)
 
 // Candidates of the bracket pass pack (key, index) into 64 bits, so that a larger packed value
 // ranks first: larger key, then lower index (the tie rule). Tensors stay below 2^33 elements.

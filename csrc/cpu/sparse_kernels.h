@@ -106,11 +106,13 @@ FK_ALWAYS_INLINE uint32_t hash_key(const KeepRule& r, int64_t j) {
 }
 
 // The hash inputs (c + lane) ^ k of elements j .. j+width-1 (width <= 8, j a multiple of it): c's
-// low bits below the width are 0, so c + lane = c ^ lane and one broadcast of c ^ k serves.
+// low bits below the width are 0, so c + lane = c ^ lane and one broadcast of c ^ k serves. A
+// 16-wide register (j a multiple of 16) holds a whole group: lanes l and l + 8 share input l.
 template <class L>
 FK_ALWAYS_INLINE typename L::I draw_input(int64_t j, uint32_t k) {
   const uint32_t c = uint32_t((uint64_t(j) >> 4 << 3) | uint64_t(j & 7));
-  return L::ixor(L::iset1(static_cast<int32_t>(c ^ k)), L::iota());
+  const auto lanes = L::width == 16 ? L::iand(L::iota(), L::iset1(7)) : L::iota();
+  return L::ixor(L::iset1(static_cast<int32_t>(c ^ k)), lanes);
 }
 
 template <class L>
@@ -118,9 +120,11 @@ FK_ALWAYS_INLINE typename L::I draw_hash(int64_t j, uint32_t k) {
   return mix32<L>(draw_input<L>(j, k));
 }
 
-// Keep where the 16-bit draw (the high or the low half of h) is below p16.
+// Keep where the 16-bit draw (the high or the low half of h) is below p16. A 16-wide register
+// (a whole group) takes the low halves in lanes 0-7 and the high halves in lanes 8-15.
 template <class L>
 FK_ALWAYS_INLINE typename L::M draw_keeps(const KeepRule& r, typename L::I h, bool high) {
+  if constexpr (L::width == 16) return L::igt(L::iset1(r.p16), L::halves16(h));
   const auto draw = high ? L::template isrl<16>(h) : L::iand(h, L::iset1(0xffff));
   return L::igt(L::iset1(r.p16), draw);
 }
