@@ -10,6 +10,7 @@
 #include <cstring>
 
 #include "common.h"
+#include "lane_math.h"
 
 namespace fk {
 namespace {
@@ -105,59 +106,21 @@ struct Avx2Lane {
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
   }
-  // e^x to about 1 ulp: x = k·ln2 + r with k = round(x·log2 e) (ln2 split in two so r is exact),
-  // e^r by a degree-7 Taylor-like polynomial (Cephes expf coefficients), 2^k via the exponent bits.
-  // Below ln(FLT_MIN) the result is 0 (no subnormals); above ln(FLT_MAX), +inf.
-  static R exp(R x) {
-    const R xc = _mm256_min_ps(x, _mm256_set1_ps(88.7228391f));
-    const R k = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    R r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), xc);
-    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-    R p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-    // 2^k as two factors so k = 128 (x just below ln FLT_MAX) does not overflow the exponent field.
-    const __m256i ki = _mm256_cvtps_epi32(k);
-    const __m256i half = _mm256_srai_epi32(ki, 1);
-    const R s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
-    const R s2 = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ki, half), _mm256_set1_epi32(127)), 23));
-    const R result = _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
-    const R tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3365447f), _CMP_LT_OQ);
-    const R huge = _mm256_cmp_ps(x, _mm256_set1_ps(88.7228391f), _CMP_GT_OQ);
-    return _mm256_blendv_ps(_mm256_andnot_ps(tiny, result), _mm256_set1_ps(INFINITY), huge);
-  }
-  // ln x for positive normal x, to about 1 ulp: x = m·2^e with m in [√½, √2), ln(m) = ln(1 + f) by
-  // Cephes' logf polynomial in f = m − 1, e·ln2 added in two parts (as exp's split of ln2).
-  static R log(R x) {
-    const __m256i bits = _mm256_castps_si256(x);
-    __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
-    R m = _mm256_castsi256_ps(
-        _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f800000)));
-    const R above = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356237f), _CMP_GT_OQ);
-    m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), above);
-    e = _mm256_sub_epi32(e, _mm256_castps_si256(above));  // a true lane is -1: e + 1
-    const R f = _mm256_sub_ps(m, _mm256_set1_ps(1.f)), ef = _mm256_cvtepi32_ps(e);
-    const R z = _mm256_mul_ps(f, f);
-    R p = _mm256_set1_ps(7.0376836292e-2f);
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.1514610310e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.1676998740e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.2420140846e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.4249322787e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.6668057665e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.0000714765e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-2.4999993993e-1f));
-    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(3.3333331174e-1f));
-    R y = _mm256_mul_ps(_mm256_mul_ps(p, f), z);
-    y = _mm256_fmadd_ps(ef, _mm256_set1_ps(-2.12194440e-4f), y);
-    y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
-    return _mm256_fmadd_ps(ef, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
-  }
+  static R exp(R x) { return lane_exp<Avx2Lane>(x); }
+  static R log(R x) { return lane_log<Avx2Lane>(x); }
+  // What lane_math.h builds exp and log from.
+  static R min(R a, R b) { return _mm256_min_ps(a, b); }
+  static R round(R v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static I to_int(R v) { return _mm256_cvtps_epi32(v); }
+  static R to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static I to_bits(R v) { return _mm256_castps_si256(v); }
+  static R from_bits(I v) { return _mm256_castsi256_ps(v); }
+  static I isub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  template <int k>
+  static I isra(I a) { return _mm256_srai_epi32(a, k); }
+  template <int k>
+  static I isll(I a) { return _mm256_slli_epi32(a, k); }
+  static I ione_if(M m) { return _mm256_and_si256(m, _mm256_set1_epi32(1)); }
   static R abs(R v) { return _mm256_and_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff))); }
   static I abs_bits(R v) { return _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff)); }
   static I key16(const f16* p) { return key16_bits(p); }

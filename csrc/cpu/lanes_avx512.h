@@ -1,6 +1,6 @@
 // AVX-512F lane: 16 float32 values per register, masks in mask registers. Only for *_avx512.cpp
 // translation units. The same results as Avx2Lane element by element (loads, stores and their
-// roundings, exp and log by the same polynomials); only the horizontal sums' order differs.
+// roundings, exp and log from lane_math.h); only the horizontal sums' order differs.
 #pragma once
 #if !defined(__AVX512F__)
 #error "lanes_avx512.h needs -mavx512f (see setup.py ISA_FLAGS)"
@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "lane_math.h"
 
 namespace fk {
 namespace {
@@ -83,55 +84,21 @@ struct Avx512Lane {
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static float hsum(R v) { return _mm512_reduce_add_ps(v); }
   static float hmax(R v) { return _mm512_reduce_max_ps(v); }
-  // e^x as Avx2Lane::exp (the same steps and constants, so the same values).
-  static R exp(R x) {
-    const R xc = _mm512_min_ps(x, _mm512_set1_ps(88.7228391f));
-    const R k = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    R r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), xc);
-    r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-    R p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-    const __m512i ki = _mm512_cvtps_epi32(k);
-    const __m512i half = _mm512_srai_epi32(ki, 1);
-    const R s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(half, _mm512_set1_epi32(127)), 23));
-    const R s2 = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(ki, half), _mm512_set1_epi32(127)), 23));
-    const R result = _mm512_mul_ps(_mm512_mul_ps(p, s1), s2);
-    const M tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3365447f), _CMP_LT_OQ);
-    const M huge = _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.7228391f), _CMP_GT_OQ);
-    return _mm512_mask_blend_ps(huge, _mm512_maskz_mov_ps(M(~tiny), result), _mm512_set1_ps(INFINITY));
-  }
-  // ln x as Avx2Lane::log.
-  static R log(R x) {
-    const __m512i bits = _mm512_castps_si512(x);
-    __m512i e = _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(127));
-    R m = _mm512_castsi512_ps(
-        _mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f800000)));
-    const M above = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356237f), _CMP_GT_OQ);
-    m = _mm512_mask_mul_ps(m, above, m, _mm512_set1_ps(0.5f));
-    e = _mm512_mask_add_epi32(e, above, e, _mm512_set1_epi32(1));
-    const R f = _mm512_sub_ps(m, _mm512_set1_ps(1.f)), ef = _mm512_cvtepi32_ps(e);
-    const R z = _mm512_mul_ps(f, f);
-    R p = _mm512_set1_ps(7.0376836292e-2f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.1514610310e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.1676998740e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.2420140846e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.4249322787e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.6668057665e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.0000714765e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-2.4999993993e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(3.3333331174e-1f));
-    R y = _mm512_mul_ps(_mm512_mul_ps(p, f), z);
-    y = _mm512_fmadd_ps(ef, _mm512_set1_ps(-2.12194440e-4f), y);
-    y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
-    return _mm512_fmadd_ps(ef, _mm512_set1_ps(0.693359375f), _mm512_add_ps(f, y));
-  }
+  static R exp(R x) { return lane_exp<Avx512Lane>(x); }
+  static R log(R x) { return lane_log<Avx512Lane>(x); }
+  // What lane_math.h builds exp and log from.
+  static R min(R a, R b) { return _mm512_min_ps(a, b); }
+  static R round(R v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static I to_int(R v) { return _mm512_cvtps_epi32(v); }
+  static R to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  static I to_bits(R v) { return _mm512_castps_si512(v); }
+  static R from_bits(I v) { return _mm512_castsi512_ps(v); }
+  static I isub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  template <int k>
+  static I isra(I a) { return _mm512_srai_epi32(a, k); }
+  template <int k>
+  static I isll(I a) { return _mm512_slli_epi32(a, k); }
+  static I ione_if(M m) { return _mm512_maskz_mov_epi32(m, _mm512_set1_epi32(1)); }
   static R abs(R v) { return _mm512_castsi512_ps(abs_bits(v)); }
   static I abs_bits(R v) { return _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff)); }
   static I key16(const f16* p) { return key16_bits(p); }
