@@ -10,6 +10,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "lanes_avx2.h"
 #include "lane_math.h"
 
 namespace fk {
@@ -63,10 +64,11 @@ struct Avx512Lane {
   static I imul(I a, I b) { return _mm512_mullo_epi32(a, b); }
   template <int k>
   static I isrl(I a) { return _mm512_srli_epi32(a, k); }
-  // Lanes 0-7: the low 16 bits of h, lanes 8-15: the high 16 bits (DARE's draws, sparse_kernels.h).
-  static I halves16(I h) {
-    const __m512i shifts = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
-    return _mm512_and_si512(_mm512_srlv_epi32(h, shifts), _mm512_set1_epi32(0xffff));
+  using Half = Avx2Lane;  // eight lanes: one hash serves a 16-element group of DARE's draws
+  // Lanes 0-7: the low 16 bits of h's eight lanes, lanes 8-15: their high 16 bits.
+  static I halves16(__m256i h) {
+    const __m256i low = _mm256_and_si256(h, _mm256_set1_epi32(0xffff)), high = _mm256_srli_epi32(h, 16);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
   }
   static M igt(I a, I b) { return _mm512_cmpgt_epi32_mask(a, b); }
   static M ieq(I a, I b) { return _mm512_cmpeq_epi32_mask(a, b); }

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <iterator>
 #include <stdexcept>
 
 #ifdef _OPENMP
@@ -43,7 +44,7 @@ constexpr const char* kIsaNames[] = {"portable", "avx2", "avx512"};  // an ISA's
 std::atomic<int> g_isa{-1};  // -1: not chosen yet; else an index of kIsaNames
 
 int isa_code(const std::string& name) {
-  for (int code = 0; code < 3; ++code)
+  for (int code = 0; code < int(std::size(kIsaNames)); ++code)
     if (name == kIsaNames[code]) return code;
   return 0;
 }

@@ -106,13 +106,11 @@ FK_ALWAYS_INLINE uint32_t hash_key(const KeepRule& r, int64_t j) {
 }
 
 // The hash inputs (c + lane) ^ k of elements j .. j+width-1 (width <= 8, j a multiple of it): c's
-// low bits below the width are 0, so c + lane = c ^ lane and one broadcast of c ^ k serves. A
-// 16-wide register (j a multiple of 16) holds a whole group: lanes l and l + 8 share input l.
+// low bits below the width are 0, so c + lane = c ^ lane and one broadcast of c ^ k serves.
 template <class L>
 FK_ALWAYS_INLINE typename L::I draw_input(int64_t j, uint32_t k) {
   const uint32_t c = uint32_t((uint64_t(j) >> 4 << 3) | uint64_t(j & 7));
-  const auto lanes = L::width == 16 ? L::iand(L::iota(), L::iset1(7)) : L::iota();
-  return L::ixor(L::iset1(static_cast<int32_t>(c ^ k)), lanes);
+  return L::ixor(L::iset1(static_cast<int32_t>(c ^ k)), L::iota());
 }
 
 template <class L>
@@ -120,11 +118,9 @@ FK_ALWAYS_INLINE typename L::I draw_hash(int64_t j, uint32_t k) {
   return mix32<L>(draw_input<L>(j, k));
 }
 
-// Keep where the 16-bit draw (the high or the low half of h) is below p16. A 16-wide register
-// (a whole group) takes the low halves in lanes 0-7 and the high halves in lanes 8-15.
+// Keep where the 16-bit draw (the high or the low half of h) is below p16.
 template <class L>
 FK_ALWAYS_INLINE typename L::M draw_keeps(const KeepRule& r, typename L::I h, bool high) {
-  if constexpr (L::width == 16) return L::igt(L::iset1(r.p16), L::halves16(h));
   const auto draw = high ? L::template isrl<16>(h) : L::iand(h, L::iset1(0xffff));
   return L::igt(L::iset1(r.p16), draw);
 }
@@ -138,6 +134,9 @@ FK_ALWAYS_INLINE typename L::M keep_mask(const KeepRule& r, int64_t j, typename 
   } else if constexpr (Mode == kKeepBand) {
     return L::mandnot(in_topk<L>(key, r.hi_key, r.hi.cut, j), in_topk<L>(key, r.lo_key, r.lo.cut, j));
   } else if constexpr (Mode == kKeepRandom) {
+    if constexpr (L::width == 16) {  // a whole group: one 8-lane hash, its low halves then its high halves
+      return L::igt(L::iset1(r.p16), L::halves16(draw_hash<typename L::Half>(j, k)));
+    }
     return draw_keeps<L>(r, draw_hash<L>(j, k), (j & 8) != 0);
   } else if constexpr (Mode == kKeepMask) {
     return L::load_mask8(r.mask + j);
