@@ -76,10 +76,11 @@ void weighted_sum(uintptr_t out, const Ptrs& xs, const std::vector<double>& w, i
   parallel_run(active_kernels().weighted_sum[dtype], h.args, threads);
 }
 
-void task_arithmetic(uintptr_t out, uintptr_t base, const Ptrs& xs, const std::vector<double>& w, int64_t numel,
-                     int dtype, int threads) {
+void task_arithmetic(uintptr_t out, uintptr_t base, const Ptrs& xs, const std::vector<double>& w, bool add_base,
+                     int64_t numel, int dtype, int threads) {
   ArgsHolder h(out, xs, w, numel, dtype);
   h.set_base(base);
+  h.args.add_base = add_base;
   parallel_run(active_kernels().task_arithmetic[dtype], h.args, threads);
 }
 
@@ -320,7 +321,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("weighted_sum", &fk::weighted_sum, py::arg("out"), py::arg("xs"), py::arg("weights"), py::arg("numel"),
         py::arg("dtype"), py::arg("threads"), nogil);
   m.def("task_arithmetic", &fk::task_arithmetic, py::arg("out"), py::arg("base"), py::arg("xs"), py::arg("weights"),
-        py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
+        py::arg("add_base"), py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
   m.def("fisher_merge", &fk::fisher_merge, py::arg("out"), py::arg("xs"), py::arg("fisher"), py::arg("weights"),
         py::arg("eps"), py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
   m.def("ram_merge", &fk::ram_merge, py::arg("out"), py::arg("base"), py::arg("xs"), py::arg("scales"), py::arg("eps"),

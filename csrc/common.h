@@ -20,6 +20,7 @@ struct MergeArgs {
   int n = 0;                          // number of models
   void* out = nullptr;
   const void* base = nullptr;         // task_arithmetic
+  bool add_base = true;               // task_arithmetic: false sums the task vectors from zero
   const void* const* xs = nullptr;    // n pointers
   const void* const* fs = nullptr;    // fisher_merge: n pointers
   const float* w32 = nullptr;         // n weights, float32 (for 16/32-bit data)

@@ -94,9 +94,13 @@ def _float64(value):
     return value
 
 
-def assert_within_reference_error(actual: torch.Tensor, reference, *args, **kwargs) -> None:
+def assert_within_reference_error(
+    actual: torch.Tensor, reference, *args, magnitude: float | None = None, **kwargs
+) -> None:
     """The tolerance rule (module docstring): ``actual`` (a kernel's result) against
-    ``reference(*args, **kwargs)`` at the inputs' dtype and in float64."""
+    ``reference(*args, **kwargs)`` at the inputs' dtype and in float64. ``magnitude``: the largest
+    term the result sums, for the ulps where the sum cancels to less than it (the result's largest
+    by default)."""
     expected = reference(*args, **kwargs)
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
@@ -109,7 +113,7 @@ def assert_within_reference_error(actual: torch.Tensor, reference, *args, **kwar
     exact, got, want = exact[~nan], got[~nan], want[~nan]
     reference_error = (want - exact).abs().max().item()
     kernel_error = (got - exact).abs().max().item()
-    ulp = torch.finfo(actual.dtype).eps * exact.abs().max().item()
+    ulp = torch.finfo(actual.dtype).eps * max(exact.abs().max().item(), magnitude or 0.0)
     bound = 2 * reference_error + 2 * ulp
     assert kernel_error <= bound, (
         f"{actual.dtype}: kernel error {kernel_error:.3g} against float64 exceeds 2 x the reference's "

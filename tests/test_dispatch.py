@@ -275,6 +275,7 @@ def _elementwise_merges(dtype, specials: bool):
     cases = {
         "weighted_sum": lambda: fk.weighted_sum([base, *xs], [0.2, 0.3, 0.4, 0.1]),
         "task_arithmetic": lambda: fk.task_arithmetic(base, xs, w),
+        "task_vector_sum": lambda: fk.task_arithmetic(base, xs, w, add_base=False),
         "ties": lambda: fk.ties_merge(base, xs, w, density=0.3),
         "dare_ties": lambda: fk.dare_merge(base, xs, w, density=0.3, seed=3),
         "dare_linear": lambda: fk.dare_merge(base, xs, w, density=0.3, seed=3, consensus=None),

@@ -358,10 +358,10 @@ def test_bad_inputs_are_named():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
 @pytest.mark.parametrize("shape", [(300, 700), (5, 70000), (1, 3), (64, 64)], ids=str)
-def test_task_vectors_summed_in_row_blocks_give_the_whole_tensors_bits(dtype, shape):
-    """Iso-C's Σᵢ τᵢ, added a block of rows at a time while it is in cache, equals the sum over
-    whole tensors bit for bit (blocks that do not divide the rows, one row wider than a block), and
-    with per-model scales (no blocks) too."""
+def test_task_vectors_summed_in_one_pass_give_torchs_bits(dtype, shape):
+    """Iso-C's Σᵢ τᵢ, one pass of fk.task_arithmetic(add_base=False) where the sum keeps the base's
+    dtype, equals torch's (x₁ − base) + (x₂ − base) + … bit for bit, and with per-model scales (torch's
+    ops) too."""
     from modelfusion.average.subspace import _TaskVectors
 
     g = torch.Generator().manual_seed(0)

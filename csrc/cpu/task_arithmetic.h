@@ -1,4 +1,5 @@
-// task_arithmetic: out = base + sum_k w[k] * (xs[k] - base); task vectors are never stored.
+// task_arithmetic: out = base + sum_k w[k] * (xs[k] - base) (add_base false: the sum alone, from
+// zero); task vectors are never stored.
 #pragma once
 #include "lanes.h"
 
@@ -14,7 +15,7 @@ void task_arithmetic_range(const MergeArgs& a, int64_t begin, int64_t end) {
   for_each_lane<V, S>(begin, end, [&](auto lane, int64_t i) {
     using L = decltype(lane);
     const auto b = L::load(base + i);
-    auto acc = b;
+    auto acc = a.add_base ? b : L::set1(0);
     for (int k = 0; k < a.n; ++k) acc = L::fma(L::sub(L::load(xs[k] + i), b), L::set1(w[k]), acc);
     L::store(out + i, acc);
   });

@@ -13,7 +13,7 @@ constexpr int kMaxInputs = 64;
 void weighted_sum(uintptr_t out, const std::vector<uintptr_t>& xs, const std::vector<double>& weights, int64_t numel,
                   int dtype, uintptr_t stream);
 void task_arithmetic(uintptr_t out, uintptr_t base, const std::vector<uintptr_t>& xs,
-                     const std::vector<double>& weights, int64_t numel, int dtype, uintptr_t stream);
+                     const std::vector<double>& weights, bool add_base, int64_t numel, int dtype, uintptr_t stream);
 void fisher_merge(uintptr_t out, const std::vector<uintptr_t>& xs, const std::vector<uintptr_t>& fisher,
                   const std::vector<double>& weights, double eps, int64_t numel, int dtype, uintptr_t stream);
 

@@ -25,10 +25,10 @@ __global__ void weighted_sum_kernel(T* out, Models m, int64_t numel) {
 }
 
 template <class T>
-__global__ void task_arithmetic_kernel(T* out, const T* base, Models m, int64_t numel) {
+__global__ void task_arithmetic_kernel(T* out, const T* base, Models m, bool add_base, int64_t numel) {
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < numel; j += int64_t(gridDim.x) * blockDim.x) {
     const float b = load(base + j);
-    float acc = b;
+    float acc = add_base ? b : 0.f;
     for (int i = 0; i < m.n; ++i) acc = fmaf(load(static_cast<const T*>(m.xs[i]) + j) - b, m.w[i], acc);
     store(out + j, acc);
   }
@@ -78,13 +78,13 @@ void weighted_sum(uintptr_t out, const std::vector<uintptr_t>& xs, const std::ve
 }
 
 void task_arithmetic(uintptr_t out, uintptr_t base, const std::vector<uintptr_t>& xs,
-                     const std::vector<double>& weights, int64_t numel, int dtype, uintptr_t stream) {
+                     const std::vector<double>& weights, bool add_base, int64_t numel, int dtype, uintptr_t stream) {
   const Models m = models(xs, weights);
   if (numel == 0) return;
   with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     task_arithmetic_kernel<T><<<blocks_for(numel), kThreads, 0, as_stream(stream)>>>(
-        reinterpret_cast<T*>(out), reinterpret_cast<const T*>(base), m, numel);
+        reinterpret_cast<T*>(out), reinterpret_cast<const T*>(base), m, add_base, numel);
   });
   check(cudaGetLastError(), "task_arithmetic launch");
 }

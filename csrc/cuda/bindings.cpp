@@ -14,7 +14,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("weighted_sum", &fk_cuda::weighted_sum, py::arg("out"), py::arg("xs"), py::arg("weights"), py::arg("numel"),
         py::arg("dtype"), py::arg("stream"), nogil);
   m.def("task_arithmetic", &fk_cuda::task_arithmetic, py::arg("out"), py::arg("base"), py::arg("xs"),
-        py::arg("weights"), py::arg("numel"), py::arg("dtype"), py::arg("stream"), nogil);
+        py::arg("weights"), py::arg("add_base"), py::arg("numel"), py::arg("dtype"), py::arg("stream"), nogil);
   m.def("fisher_merge", &fk_cuda::fisher_merge, py::arg("out"), py::arg("xs"), py::arg("fisher"), py::arg("weights"),
         py::arg("eps"), py::arg("numel"), py::arg("dtype"), py::arg("stream"), nogil);
   py::class_<fk_cuda::PermuteTensor>(m, "PermuteTensor")
