@@ -29,6 +29,28 @@ def test_backend_matches_reference(backend, dtype, shape):
     assert torch.equal(got.cpu(), ref.magmax(base.cpu(), [x.cpu() for x in xs], 0.7))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+def test_out_may_be_base_an_input_or_strided(backend, dtype):
+    base = randn((33, 129), dtype, 1)
+    xs = [randn((33, 129), dtype, 2 + i, 0.5) for i in range(3)]
+    want = ref.magmax(base.cpu(), [x.cpu() for x in xs], 0.7)
+    for target in ("base", "xs[1]", "strided"):
+        b, ys = base.clone(), [x.clone() for x in xs]
+        out = {"base": b, "xs[1]": ys[1], "strided": torch.full((33, 258), 7.0, dtype=dtype, device=b.device)[:, ::2]}[
+            target
+        ]
+        assert fk.magmax(b, ys, 0.7, out=out) is out
+        assert torch.equal(out.cpu(), want), target
+
+    buffer = randn((2, 4100), dtype, 5)
+    before = buffer.clone()
+    with pytest.raises(fk.AliasError, match="'out'"):  # overlaps base without being it
+        fk.magmax(buffer[0, :4099], [buffer[1, :4099]], out=buffer[0, 1:])
+    with pytest.raises(fk.ShapeError, match="'out'"):
+        fk.magmax(base, xs, out=base[:, 1:])
+    assert torch.equal(buffer, before)
+
+
 def test_nan_and_strided_inputs(backend):
     base = randn((8, 40), torch.float32, 3)
     xs = [randn((8, 40), torch.float32, 4 + i) for i in range(2)]
@@ -57,3 +79,4 @@ def test_bad_input(call, error, argument):
 def test_opcheck():
     base, xs = torch.randn(5, 6), [torch.randn(5, 6), torch.randn(5, 6)]
     torch.library.opcheck(torch.ops.fusion_kernels.magmax.default, (base, xs, 0.5))
+    torch.library.opcheck(torch.ops.fusion_kernels.magmax_out.default, (base, xs, 0.5, torch.zeros(5, 6)))

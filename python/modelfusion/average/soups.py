@@ -91,20 +91,23 @@ def model_stock_by_angle(base: StateLike, models: Sequence[StateLike], ignore_ke
         raise ParameterError(f"models: Model Stock needs at least 2 fine-tuned models, got {k}")
     states = aligned([base, *models], ["base", *_names(k)])
     ignore = set(ignore_keys)
+    return merge_states(states, lambda name, xs: model_stock_by_angle_tensor(xs, name in ignore))
+
+
+def model_stock_by_angle_tensor(xs: list[torch.Tensor], ignore: bool = False, out: torch.Tensor | None = None):
+    """One tensor of :func:`model_stock_by_angle`, ``xs = [θ₀, θ₁, …, θₖ]`` (k ≥ 2), into ``out``
+    where given (it may be θ₀: the dot products are taken before it is written)."""
+    w0, fine = xs[0], xs[1:]
+    k = len(fine)
+    if ignore:
+        return fk.weighted_average(fine, out=out)
     eps = 1e-8  # FusionBench's, in the cosine's and the ratio's denominators
-
-    def one(name: str, xs: list) -> torch.Tensor:
-        w0, fine = xs[0], xs[1:]
-        if name in ignore:
-            return fk.weighted_average(fine)
-        gram = fk.gram(fine, w0)[0]  # the task vectors' dot products in one pass (float64 sums)
-        angles = [
-            math.degrees(math.acos(max(-1.0, min(1.0, gram[i, j].item() / (math.sqrt(gram[i, i] * gram[j, j]) + eps)))))
-            for i in range(k)
-            for j in range(i + 1, k)
-        ]
-        cos = math.cos(math.radians(sum(angles) / len(angles)))
-        r = k * cos / ((k - 1) * cos + 1 + eps)
-        return fk.weighted_sum([*fine, w0], [r / k] * k + [1.0 - r])  # r·θ̄ + (1 − r)·θ₀ in one pass
-
-    return merge_states(states, one)
+    gram = fk.gram(fine, w0)[0]  # the task vectors' dot products in one pass (float64 sums)
+    angles = [
+        math.degrees(math.acos(max(-1.0, min(1.0, gram[i, j].item() / (math.sqrt(gram[i, i] * gram[j, j]) + eps)))))
+        for i in range(k)
+        for j in range(i + 1, k)
+    ]
+    cos = math.cos(math.radians(sum(angles) / len(angles)))
+    r = k * cos / ((k - 1) * cos + 1 + eps)
+    return fk.weighted_sum([*fine, w0], [r / k] * k + [1.0 - r], out=out)  # r·θ̄ + (1 − r)·θ₀ in one pass

@@ -20,7 +20,7 @@ from torch import nn
 import fusion_kernels as fk
 
 from .. import average
-from ..average.soups import soup_weights
+from ..average.soups import model_stock_by_angle_tensor, soup_weights
 from ..average.state import aligned, merge_into
 from ..errors import ParameterError
 
@@ -146,8 +146,12 @@ class MagMaxAlgorithm(_Algorithm):
         self.scaling_factor, self.inplace = scaling_factor, inplace
 
     def run(self, modelpool) -> nn.Module:
+        # as modelfusion.average.magmax, written straight into the pretrained model's tensors
         base, models = self._pool(modelpool)
-        return _into(base, average.magmax(base, models, self.scaling_factor), self.inplace)
+        lam = float(self.scaling_factor)
+        names = [PRETRAINED, *_names(modelpool)]
+        merge = lambda _, xs, out: fk.magmax(xs[0], xs[1:], lam, out=out)  # noqa: E731
+        return _merged_into(base, [base, *models], names, merge, self.inplace)
 
 
 class TaskSingularVectorMerging(_Algorithm):
@@ -227,7 +231,10 @@ class ModelStock(_Algorithm):
         base, models = self._pool(modelpool)
         if len(models) < 2:
             raise ParameterError(f"modelpool: ModelStock needs at least 2 fine-tuned models, got {len(models)}")
-        return _into(base, average.model_stock_by_angle(base, models, self.ignore_keys))
+        # as modelfusion.average.model_stock_by_angle, written straight into the pretrained model's tensors
+        ignore, names = set(self.ignore_keys), [PRETRAINED, *_names(modelpool)]
+        merge = lambda name, xs, out: model_stock_by_angle_tensor(xs, name in ignore, out)  # noqa: E731
+        return _merged_into(base, [base, *models], names, merge)
 
 
 def _dropped_names(pretrained: nn.Module, only_on_linear_weights: bool) -> set[str]:
