@@ -74,7 +74,7 @@ def ties_state(
             lam=scaling_factor,
             tie_sign=tie,
         )
-        merged[key] = value if task_vectors is None else base[key] + value  # θ₀ + λ·τ, as FusionBench adds
+        merged[key] = value if task_vectors is None else value.add_(base[key])  # θ₀ + λ·τ, as FusionBench adds
     return merged
 
 

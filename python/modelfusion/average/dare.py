@@ -56,7 +56,8 @@ class DareDrop:
 
     def engine(self, i: int, name: str, tau: torch.Tensor) -> torch.Tensor:
         """The same as calling it (the engine draws the same masks: model i's stream of the tensor's
-        seed), in one fused pass; ``masks`` given: the call itself."""
+        seed), in one fused pass written over ``tau`` (the caller's own temporary); ``masks`` given:
+        the call itself."""
         if self.masks is not None or (self.names is not None and name not in self.names):
             return self(i, name, tau)
         return fk.sparse_merge(
@@ -70,6 +71,7 @@ class DareDrop:
             combine="sum",
             seed=tensor_seed(self.seed, name),
             first_model=i,
+            out=tau,
         )
 
 
