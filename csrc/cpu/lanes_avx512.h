@@ -70,6 +70,14 @@ struct Avx512Lane {
     const __m256i low = _mm256_and_si256(h, _mm256_set1_epi32(0xffff)), high = _mm256_srli_epi32(h, 16);
     return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
   }
+  // The same layout from sixteen hashes h: the group of h's lanes 8·S .. 8·S+7.
+  template <int S>
+  static I halves16_of(I h) {
+    const __m512i pick = S == 0 ? _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7)
+                                : _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i shift = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 16, 16, 16, 16, 16, 16, 16, 16);
+    return _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(pick, h), shift), _mm512_set1_epi32(0xffff));
+  }
   static M igt(I a, I b) { return _mm512_cmpgt_epi32_mask(a, b); }
   static M ieq(I a, I b) { return _mm512_cmpeq_epi32_mask(a, b); }
   static M fgt(R a, R b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }

@@ -200,6 +200,17 @@ FK_ALWAYS_INLINE void chunk_keeps(const KeepRule& rule, const View& v, int i, in
       keep[u] = draw_keeps<L>(rule, h, false);
       keep[u + 1] = draw_keeps<L>(rule, h, true);
     }
+  } else if constexpr (Mode == kKeepRandom && W == 16 && U % 2 == 0) {
+    // Two 16-element groups from a multiple of 32 have the counters c .. c+15 (c's low 4 bits 0):
+    // one 16-lane hash of (c ^ k) ^ lane serves both (256-bit hashes beside 512-bit work cost
+    // float16's DARE a fifth: they lose port 1 while 512-bit instructions are in flight).
+    for (int u = 0; u < U; u += 2) {
+      const int64_t at = j + u * W;
+      const uint32_t c = uint32_t((uint64_t(at) >> 4) << 3);
+      const auto h = mix32<L>(L::ixor(L::iset1(static_cast<int32_t>(c ^ k)), L::iota()));
+      keep[u] = L::igt(L::iset1(rule.p16), L::template halves16_of<0>(h));
+      keep[u + 1] = L::igt(L::iset1(rule.p16), L::template halves16_of<1>(h));
+    }
   } else {
     for (int u = 0; u < U; ++u)
       keep[u] = keep_mask<Mode, L>(rule, j + u * W, v.template key<L>(i, j + u * W, tau[u]), k);
