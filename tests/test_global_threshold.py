@@ -224,8 +224,10 @@ def test_dare_drop_on_the_engine_equals_its_call():
     drop = average.dare_drop(0.7, seed=3, names={"a.weight"})
     tau = torch.randn(40, 30)
     for i in range(3):
-        assert torch.equal(drop.engine(i, "a.weight", tau), drop(i, "a.weight", tau))
-    assert torch.equal(drop.engine(1, "a.bias", tau), tau)  # not among the names: kept whole
+        scratch = tau.clone()
+        got = drop.engine(i, "a.weight", scratch)  # written over the caller's temporary
+        assert got is scratch and torch.equal(got, drop(i, "a.weight", tau))
+    assert torch.equal(drop.engine(1, "a.bias", tau.clone()), tau)  # not among the names: kept whole
 
 
 @pytest.mark.parametrize("merge_func", ["sum", "mean", "max"])
