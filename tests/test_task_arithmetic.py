@@ -85,15 +85,16 @@ def test_reference_matches_numpy_float64(dtype, add_base):
     assert_close(ref.task_arithmetic(base, xs, w, add_base), from_numpy64(expected, dtype))
 
 
+@ADD_BASE
 @pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
-def test_out_may_alias_base_or_an_input(backend, dtype):
+def test_out_may_alias_base_or_an_input(backend, dtype, add_base):
     base, *xs = inputs(3, (777,), dtype)
-    expected = ref.task_arithmetic(base, xs, [0.5, 0.5])
+    expected = ref.task_arithmetic(base, xs, [0.5, 0.5], add_base)
     b, x0 = base.clone(), xs[0].clone()
-    fk.task_arithmetic(b, [x0, xs[1]], [0.5, 0.5], out=b)
+    fk.task_arithmetic(b, [x0, xs[1]], [0.5, 0.5], out=b, add_base=add_base)
     assert_close(b, expected)
     b = base.clone()
-    fk.task_arithmetic(b, [x0, xs[1]], [0.5, 0.5], out=x0)
+    fk.task_arithmetic(b, [x0, xs[1]], [0.5, 0.5], out=x0, add_base=add_base)
     assert_close(x0, expected)
 
 
