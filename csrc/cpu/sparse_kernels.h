@@ -106,7 +106,8 @@ FK_ALWAYS_INLINE uint32_t hash_key(const KeepRule& r, int64_t j) {
 }
 
 // The hash inputs (c + lane) ^ k of elements j .. j+width-1 (width <= 8, j a multiple of it): c's
-// low bits below the width are 0, so c + lane = c ^ lane and one broadcast of c ^ k serves.
+// low bits below the width are 0, so c + lane = c ^ lane and one broadcast of c ^ k serves. Sixteen
+// lanes from j a multiple of 32 give the counters c .. c+15 of two whole groups the same way.
 template <class L>
 FK_ALWAYS_INLINE typename L::I draw_input(int64_t j, uint32_t k) {
   const uint32_t c = uint32_t((uint64_t(j) >> 4 << 3) | uint64_t(j & 7));
@@ -201,13 +202,10 @@ FK_ALWAYS_INLINE void chunk_keeps(const KeepRule& rule, const View& v, int i, in
       keep[u + 1] = draw_keeps<L>(rule, h, true);
     }
   } else if constexpr (Mode == kKeepRandom && W == 16 && U % 2 == 0) {
-    // Two 16-element groups from a multiple of 32 have the counters c .. c+15 (c's low 4 bits 0):
-    // one 16-lane hash of (c ^ k) ^ lane serves both (256-bit hashes beside 512-bit work cost
+    // One 16-lane hash serves two groups (draw_input; 256-bit hashes beside 512-bit work cost
     // float16's DARE a fifth: they lose port 1 while 512-bit instructions are in flight).
     for (int u = 0; u < U; u += 2) {
-      const int64_t at = j + u * W;
-      const uint32_t c = uint32_t((uint64_t(at) >> 4) << 3);
-      const auto h = mix32<L>(L::ixor(L::iset1(static_cast<int32_t>(c ^ k)), L::iota()));
+      const auto h = draw_hash<L>(j + u * W, k);
       keep[u] = L::igt(L::iset1(rule.p16), L::template halves16_of<0>(h));
       keep[u + 1] = L::igt(L::iset1(rule.p16), L::template halves16_of<1>(h));
     }

@@ -66,14 +66,11 @@ class _TaskVectors:
         """Every model's τ of tensor k."""
         return [self.one(i, k) for i in range(len(self.models))]
 
-    def into(self, i: int, k: str, out: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-        """τᵢ of tensor k (its ``rows`` where given) written into ``out`` (one pass when there is
-        no transform, scale or cast)."""
+    def into(self, i: int, k: str, out: torch.Tensor) -> torch.Tensor:
+        """τᵢ of tensor k written into ``out`` (one pass when there is no transform, scale or cast)."""
         if self._plain(i, k):
-            model, base = self.models[i][k], self.base[k]
-            return torch.sub(model, base, out=out) if rows is None else torch.sub(model[rows], base[rows], out=out)
-        tau = self.one(i, k)
-        return out.copy_(tau if rows is None else tau[rows])
+            return torch.sub(self.models[i][k], self.base[k], out=out)
+        return out.copy_(self.one(i, k))
 
     def sum_into(self, k: str, out: torch.Tensor) -> torch.Tensor:
         """Σᵢ τᵢ of tensor k, added in model order, written into ``out``. Without transform, scale or
