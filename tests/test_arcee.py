@@ -66,6 +66,48 @@ def test_close_vectors_keep_their_kl(backend, dtype):
     assert ours < 0.005 and ours < reference / 5, (ours, reference)
 
 
+def _rel_error(got, exact):
+    moved = exact > 0
+    return ((got.cpu().double() - exact) / exact)[moved].abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:3], ids=DT_IDS[:3])
+@pytest.mark.parametrize("spread", [1e-4, 1e-3, 5e-3])
+def test_fine_tune_rows_keep_their_kl_to_float32_precision(backend, dtype, spread):
+    """Rows a fine-tune leaves nearly flat take the kernels' fast path (one exponential, no logarithm,
+    KL as Σ p·(l + e⁻ˡ − 1)): at a KL of 10⁻⁸ (spread 10⁻⁴, where the reference's float32 KL is
+    noise) the importance is within a few float32 roundings of the float64 formula. A sum Σ p·l
+    would carry the normalisers' rounding at first order (tens of per cent there)."""
+    if backend == "torch":
+        pytest.skip("the torch backend runs the reference")
+    base = 0.02 * randn((16, 4096), torch.float64, seed=12)
+    x = base + spread * randn((16, 4096), torch.float64, seed=13)
+    base, x = base.to(dtype), x.to(dtype)
+    exact = composite.arcee_importance(base.double(), x.double())
+    assert _rel_error(fk.arcee_importance(base, x), exact) < 2e-6
+
+
+def test_rows_off_the_fast_path_keep_the_general_formula(backend):
+    """One tensor, rows of every kind: a fine-tune's (fast path), one with a logit so low that its
+    softmax entry is below 128·eps (log1p's series would not hold), one whose task vector has an
+    element 0.1 off the rest (e^(x - max x) not near e^(base - max base)), one of both, and the
+    spread-0.3 rows of _pair: each within the general formula's error of the float64 one."""
+    if backend == "torch":
+        pytest.skip("the torch backend runs the reference")
+    base = 0.02 * randn((5, 2048), torch.float64, seed=14)
+    x = base + 0.002 * randn((5, 2048), torch.float64, seed=15)
+    base[1, 7] = x[1, 7] = -25.0
+    x[2, 100] += 0.1
+    base[3, 9] = x[3, 9] = -25.0
+    x[3, 500] -= 0.1
+    base[4], x[4] = _pair((2048,), torch.float64, seed=16)
+    base, x = base.float(), x.float()
+    exact = composite.arcee_importance(base.double(), x.double())
+    got = fk.arcee_importance(base, x)
+    for row in range(5):
+        assert _rel_error(got[row], exact[row]) < (2e-6 if row == 0 else 5e-3), row
+
+
 def test_rows_holding_inf_or_nan_get_the_references_values(backend):
     base, x = _pair((6, 40), torch.float32, seed=4)
     x[1, 3], base[3, 0], x[4, 7] = float("inf"), float("nan"), float("-inf")
