@@ -270,6 +270,19 @@ PRECISIONS = {
 }
 
 
+def _tied_somewhere(name: str, base: Path, models: list[Path]) -> torch.Tensor:
+    """Elements where some model's |τ| equals that of another element of the tensor, in float32 or
+    rounded to bfloat16 (as mergekit's bf16 arithmetic ranks it)."""
+    b = Checkpoint(base).read(name).float()
+    tied = torch.zeros(b.shape, dtype=torch.bool)
+    for m in models:
+        magnitude = (Checkpoint(m).read(name).float() - b).abs()
+        for values in (magnitude, magnitude.bfloat16()):
+            _, inverse, counts = values.flatten().unique(return_inverse=True, return_counts=True)
+            tied |= (counts[inverse] > 1).view(b.shape)
+    return tied
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("method", PARITY)
 def test_deterministic_methods_match_mergekit(family, bf16_family, tmp_path, method, precision):
@@ -308,8 +321,11 @@ def test_deterministic_methods_match_mergekit(family, bf16_family, tmp_path, met
         if method in SELECTING:
             # bf16 models give many equal |τ|: at the density cut-off ties are broken by index here and
             # arbitrarily by torch.topk there (and in bf16 mergekit ranks τ rounded to bf16), so a few
-            # elements are chosen differently
-            assert close.float().mean() >= 0.95, (name, float(close.float().mean()))
+            # elements are chosen differently: only where some model's |τ| is shared by another element
+            # of the tensor, and in a large tensor few (a norm of 64 elements in bf16 holds 3 magnitudes)
+            assert _tied_somewhere(name, base, [a, b, c])[~close].all(), name
+            if x.numel() >= 1024:
+                assert close.float().mean() >= 0.95, (name, float(close.float().mean()))
         else:
             assert close.all(), (name, float((x - y).abs().max()))
 

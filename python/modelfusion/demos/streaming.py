@@ -79,7 +79,9 @@ def make_llama_family(
 ) -> list[Path]:
     """A random Llama-shaped base and ``n_finetunes`` fine-tunes (base + small dense deltas), made
     and written one tensor at a time: tensor k of the base draws from seed k, model m's delta from
-    seed (m, k), so memory holds one tensor whatever the model's size (a 7B family included)."""
+    seed k + m·2²⁰, so memory holds one tensor whatever the model's size (a 7B family included).
+    (torch's CPU generator keeps only a seed's low 32 bits: a seed of (m << 32) + k made every
+    delta 0.1 × the base's draw, every fine-tune the same 1.1 × base.)"""
     shapes, config = llama_shapes(**shape)
     outputs = [OutputTensor(n, dtype, s) for n, s in shapes.items()]
     index = {n: k for k, n in enumerate(shapes)}
@@ -89,7 +91,7 @@ def make_llama_family(
         s, k = shapes[name], index[name]
         t = torch.ones(s) if len(s) == 1 else torch.randn(s, generator=torch.Generator().manual_seed(k)).mul_(0.02)
         if model:
-            t.add_(torch.randn(s, generator=torch.Generator().manual_seed((model << 32) + k)), alpha=0.002)
+            t.add_(torch.randn(s, generator=torch.Generator().manual_seed(k + (model << 20))), alpha=0.002)
         return t.to(dtype)
 
     for m, path in enumerate(paths):
