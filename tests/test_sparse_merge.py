@@ -204,6 +204,30 @@ def test_della_ranks_runs_that_differ_only_below_their_top_bytes(run):
         assert torch.equal(got != 0, expected), i
 
 
+@pytest.mark.parametrize("row", ["bf16_tune", "mostly_zero", "outlier", "two_outliers"])
+def test_della_ranks_rows_of_many_binades(row):
+    """Keys over many binades take the coarse digit (slices of the keys' range), which decides most
+    draws, and count the keys of one digit for the rest; a row whose keys crowd a few digits (an
+    outlier stretching the range) is ranked whole. Either way the reference's masks bit for bit."""
+    if "cpu" not in fk.available_backends():
+        pytest.skip("the C++ extension is not available")
+    g = torch.Generator().manual_seed(len(row))
+    t = 0.02 * torch.randn(6, 2048, generator=g)
+    base = t.bfloat16()
+    x = (t + 0.002 * torch.randn(6, 2048, generator=g)).bfloat16()  # τ = 0 in ~2% of elements
+    if row == "mostly_zero":
+        x = torch.where(torch.rand(6, 2048, generator=g) < 0.7, base, x)
+    if row in ("outlier", "two_outliers"):
+        x[:, 17] = 50.0
+    if row == "two_outliers":
+        x[:, 1000] = -3.0
+    for density, epsilon in [(0.4, 0.1), (0.5, 0.3)]:
+        options = dict(sparsify="della", density=density, epsilon=epsilon, consensus=None, combine="sum", seed=3)
+        with fk.use_backend("cpu"):
+            got = fk.sparse_merge(base, [x], [1.0], **options)
+        assert torch.equal(got, reference(base, [x], [1.0], **options)), (density, epsilon)
+
+
 @pytest.mark.parametrize("span", [1, 8, 9, 10, 11, 17])
 def test_della_ranks_keys_that_differ_in_a_few_bits(span):
     """Keys that differ only in `span` bits are ranked by one counting pass as narrow as those bits

@@ -4,7 +4,9 @@
 // the first rank's threshold is kept and one at or above the last rank's dropped whatever its rank;
 // only those between (a 2·eps share) need their rank. The ranks are the positions of a stable radix
 // sort of the float32 bit patterns over the bits in which they differ: one counting pass where those
-// bits fit one digit (decide_by_digit), else an order array (stable_order).
+// bits fit one digit (decide_by_digit); else one on their highest digit, which decides most of them,
+// and the keys of one digit counted for the rest (decide_by_coarse_digit), or, where a digit holds
+// too many of them, an order array (stable_order).
 #include "della.h"
 
 #include <algorithm>
@@ -168,6 +170,58 @@ void decide_by_digit(const uint32_t* keys, int64_t cols, int low, const uint32_t
   }
 }
 
+// decide_by_digit for keys whose varying bits exceed one digit: the counting pass on a coarse digit,
+// (key - the least key) >> shift in 2^kMaxDigitBits values (monotone in the key; equal-width slices
+// of the keys' range, each a fraction of a binade), gives each element the range of ranks
+// [start, end) of its digit's keys. A listed draw below the threshold of the range's first rank is
+// kept and one at or above its last rank's dropped; only a draw between needs its exact rank, start +
+// the keys of its digit below its own (equal keys by index), counted over the digit's members (listed
+// by one placing pass, made the first time one is needed). Returns false, with some of o written,
+// where those counts would pass kScanPerKey·cols (the keys of a row of outliers crowd a few digits):
+// the caller ranks the whole row.
+constexpr int64_t kScanPerKey = 8;
+bool decide_by_coarse_digit(const uint32_t* keys, int64_t cols, const uint32_t* range,
+                            const uint32_t* mid, int64_t count, const uint32_t* draws, const uint32_t* thresholds,
+                            uint32_t* members, uint8_t* o) {
+  if (count == 0) return true;
+  constexpr int kBits = kMaxDigitBits;
+  const uint32_t least = range[0], spread = range[1] - range[0];  // spread > 0: the keys differ
+  const int shift = std::max(0, 32 - __builtin_clz(spread) - kBits);
+  const auto digit_of = [keys, least, shift](int64_t k) { return (keys[k] - least) >> shift; };
+  const uint32_t last = spread >> shift;
+  // begin[v]: the number of keys of a digit below v (one chain of increments: the keys spread over
+  // hundreds of digits, where the single-digit passes' four parts pay for their sums)
+  uint32_t begin[(1 << kBits) + 1];
+  std::fill(begin, begin + last + 2, 0u);
+  for (int64_t k = 0; k < cols; ++k) ++begin[digit_of(k) + 1];
+  for (uint32_t v = 1; v <= last + 1; ++v) begin[v] += begin[v - 1];
+  bool placed = false;
+  int64_t budget = kScanPerKey * cols;
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t c = mid[i], digit = digit_of(c), draw = draws[c];
+    const int64_t start = begin[digit], end = begin[digit + 1];
+    if (draw < thresholds[start] || draw >= thresholds[end - 1]) {
+      o[c] = draw < thresholds[start] ? 1 : 0;
+      continue;
+    }
+    if ((budget -= end - start) < 0) return false;
+    if (!placed) {
+      uint32_t next[1 << kBits];
+      std::copy(begin, begin + last + 1, next);
+      for (int64_t k = 0; k < cols; ++k) members[next[digit_of(k)]++] = uint32_t(k);
+      placed = true;
+    }
+    const uint32_t key = keys[c];
+    int64_t rank = start;
+    for (int64_t m = start; m < end; ++m) {  // the digit's members, in index order
+      const uint32_t other = members[m];
+      rank += keys[other] < key || (keys[other] == key && other < c);
+    }
+    o[c] = draw < thresholds[rank] ? 1 : 0;
+  }
+  return true;
+}
+
 // Keep masks of rows [r0, r1) of one model; thr: its rank_thresholds.
 void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32_t* thr, int64_t r0, int64_t r1,
                 uint8_t* masks) {
@@ -189,25 +243,26 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
     uint8_t* o = out + row * cols;
     const int low = varying ? __builtin_ctz(varying) : 0;
     const int span = varying ? 32 - __builtin_clz(varying) - low : 0;
-    if (span > kMaxDigitBits) {  // an order array: every element decided in rank order
-      row_spans(row * cols, cols, s1, s2, [&](uint32_t first, int64_t n, uint32_t key, int64_t c) {
-        kernels.hash24(first, n, key, draws.data() + c);
-      });
-      order.resize(n);
-      spare.resize(n);
-      stable_order(keys.data(), cols, varying, order.data(), spare.data());
-      for (int64_t r = 0; r < cols; ++r) {
-        const uint32_t c = order[size_t(r)];
-        o[c] = draws[c] < thr[r] ? 1 : 0;
+    // the draws the first and last rank decide written, the others listed in mid
+    int64_t count = 0;
+    row_spans(row * cols, cols, s1, s2, [&](uint32_t first, int64_t n, uint32_t key, int64_t c) {
+      count += kernels.della_draws(first, n, key, lo, hi, uint32_t(c), draws.data() + c, o + c, mid.data() + count);
+    });
+    if (span > kMaxDigitBits) {
+      if (!decide_by_coarse_digit(keys.data(), cols, range, mid.data(), count, draws.data(), thr, pos.data(), o)) {
+        // an order array: every element decided in rank order
+        order.resize(n);
+        spare.resize(n);
+        stable_order(keys.data(), cols, varying, order.data(), spare.data());
+        for (int64_t r = 0; r < cols; ++r) {
+          const uint32_t c = order[size_t(r)];
+          o[c] = draws[c] < thr[r] ? 1 : 0;
+        }
       }
-    } else {  // the draws the first and last rank decide written, the others listed in mid
-      int64_t count = 0;
-      row_spans(row * cols, cols, s1, s2, [&](uint32_t first, int64_t n, uint32_t key, int64_t c) {
-        count += kernels.della_draws(first, n, key, lo, hi, uint32_t(c), draws.data() + c, o + c, mid.data() + count);
-      });
+    } else {
       if (span <= 8)  // all keys equal too: one bucket, ranks in index order
         decide_by_digit<8>(keys.data(), cols, low, range, mid.data(), count, draws.data(), thr, pos.data(), o);
-      else if (span == 9)  // the float32 |tau| of bf16 tunes often
+      else if (span == 9)  // a narrower digit: fewer counters to clear
         decide_by_digit<9>(keys.data(), cols, low, range, mid.data(), count, draws.data(), thr, pos.data(), o);
       else
         decide_by_digit<kMaxDigitBits>(keys.data(), cols, low, range, mid.data(), count, draws.data(), thr, pos.data(), o);

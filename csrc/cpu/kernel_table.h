@@ -58,7 +58,6 @@ KernelTable make_kernel_table() {
   t.della_keys[kFloat32] = &della_keys_range<V, S, float>;
   t.della_keys[kFloat16] = &della_keys_range<V, S, f16>;
   t.della_keys[kBFloat16] = &della_keys_range<V, S, bf16>;
-  t.hash24 = &hash24_range<V, S>;
   t.della_draws = &della_draws_range<V, S>;
   t.della_l1 = &della_l1_range<V, S>;
   t.sinkhorn32 = make_sinkhorn_kernels<V, S, float>();

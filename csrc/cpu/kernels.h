@@ -53,7 +53,6 @@ using SlerpFn = void (*)(void* out, const void* a, const void* b, int64_t rows, 
 // DELLA's streaming passes over one row (della_kernels.h): |tau| keys, 24-bit hash draws (alone, or
 // with the masks every rank gives and the others listed), l1 sums.
 using DellaKeysFn = uint32_t (*)(const void* x, const void* base, int64_t n, uint32_t* keys, uint32_t* range);
-using Hash24Fn = void (*)(uint32_t first, int64_t n, uint32_t key, uint32_t* draws);
 using DellaDrawsFn = int64_t (*)(uint32_t first, int64_t n, uint32_t key, uint32_t lo, uint32_t hi, uint32_t index0,
                                  uint32_t* draws, uint8_t* keep, uint32_t* mid);
 using DellaL1Fn = void (*)(const uint32_t* keys, const uint8_t* keep, int64_t n, double* sums);
@@ -88,7 +87,6 @@ struct KernelTable {
   CountsFn sce_tally[kNumDTypes];     // float32, float16 and bfloat16 only
   SceSelectFn sce_select[kNumDTypes];  // float32, float16 and bfloat16 only
   DellaKeysFn della_keys[kNumDTypes];  // float32, float16 and bfloat16 only
-  Hash24Fn hash24;
   DellaDrawsFn della_draws;
   DellaL1Fn della_l1;
 };
