@@ -4,9 +4,9 @@
 // the first rank's threshold is kept and one at or above the last rank's dropped whatever its rank;
 // only those between (a 2·eps share) need their rank. The ranks are the positions of a stable radix
 // sort of the float32 bit patterns over the bits in which they differ: one counting pass where those
-// bits fit one digit (decide_by_digit); else one on their highest digit, which decides most of them,
-// and the keys of one digit counted for the rest (decide_by_coarse_digit), or, where a digit holds
-// too many of them, an order array (stable_order).
+// bits fit one digit (decide_by_digit); else one on a coarse digit (equal slices of the keys' range),
+// which decides most of the band's draws, and the keys of one digit counted for the rest
+// (decide_by_coarse_digit), or, where the digits crowd, an order array (stable_order).
 #include "della.h"
 
 #include <algorithm>
