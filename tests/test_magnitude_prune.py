@@ -128,15 +128,21 @@ def test_quantised_values_shared_by_many_elements(dtype):
         assert torch.equal(fk.magnitude_prune(x, density), ref.magnitude_prune(x, k)), density
 
 
+def sample_positions(n: int) -> torch.Tensor:
+    """Where the C++ select samples keys: n/64 strided positions, within [2^13, 2^18] (all when n is smaller)."""
+    samples = min(n, max(1 << 13, min(n >> 6, 1 << 18)))
+    return torch.arange(samples, dtype=torch.int64) * n // samples
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_radix_fallback_when_the_sample_misses(dtype):
+@pytest.mark.parametrize("n", [100_003, 1_000_003, 20_000_003])
+def test_radix_fallback_when_the_sample_misses(dtype, n):
     """Zeros at every strided sample position and data elsewhere: the sampled bracket is wrong, so
     the radix select must answer."""
-    n = 1_000_003
     x = randn((n,), torch.float32, seed=4)
-    x[torch.arange(1 << 18, dtype=torch.int64) * n // (1 << 18)] = 0.0
+    x[sample_positions(n)] = 0.0
     x = x.to(dtype)
-    for k in (1, 1000, 500_000, n - 300_000):
+    for k in (1, 1000, n // 2, n - n // 3):
         assert torch.equal(fk.magnitude_prune(x, k=k), ref.magnitude_prune(x, k)), k
 
 

@@ -4,9 +4,9 @@
 // the first rank's threshold is kept and one at or above the last rank's dropped whatever its rank;
 // only those between (a 2·eps share) need their rank. The ranks are the positions of a stable radix
 // sort of the float32 bit patterns over the bits in which they differ: one counting pass where those
-// bits fit one digit (decide_by_digit); else one on a coarse digit (equal slices of the keys' range),
-// which decides most of the band's draws, and the keys of one digit counted for the rest
-// (decide_by_coarse_digit), or, where the digits crowd, an order array (stable_order).
+// bits fit one digit (decide_by_digit); else one on a coarse digit (equal slices of the nonzero
+// keys' range), which decides nearly all of the band's draws, and a vector pass over the row ranks
+// the few others (decide_by_coarse_digit), or, where the digits crowd, an order array (stable_order).
 #include "della.h"
 
 #include <algorithm>
@@ -171,53 +171,44 @@ void decide_by_digit(const uint32_t* keys, int64_t cols, int low, const uint32_t
 }
 
 // decide_by_digit for keys whose varying bits exceed one digit: the counting pass on a coarse digit,
-// (key - the least key) >> shift in 2^kMaxDigitBits values (monotone in the key; equal-width slices
-// of the keys' range, each a fraction of a binade), gives each element the range of ranks
-// [start, end) of its digit's keys. A listed draw below the threshold of the range's first rank is
-// kept and one at or above its last rank's dropped; only a draw between needs its exact rank, start +
-// the keys of its digit below its own (equal keys by index), counted over the digit's members (listed
-// by one placing pass, made the first time one is needed). Returns false, with some of o written,
-// where those counts would pass kScanPerKey·cols (the keys of a row of outliers crowd a few digits):
-// the caller ranks the whole row.
-constexpr int64_t kScanPerKey = 8;
-bool decide_by_coarse_digit(const uint32_t* keys, int64_t cols, const uint32_t* range,
-                            const uint32_t* mid, int64_t count, const uint32_t* draws, const uint32_t* thresholds,
-                            uint32_t* members, uint8_t* o) {
+// 1 + (key - the least nonzero key) >> shift in 2^kMaxDigitBits values, 0 for the zeros (monotone in
+// the key; equal-width slices of the nonzero keys' range, each a fraction of a binade: the zeros of
+// unchanged weights would stretch a range from 0 over a hundred empty binades), gives each element
+// the range of ranks [start, end) of its digit's keys. A listed draw below the threshold of the
+// range's first rank is kept and one at or above its last rank's dropped; a draw between (a few in
+// a row) takes its exact rank from one vector pass over the row (rank_of). Returns false, with some
+// of o written, past kMaxExactRanks of those (the keys of a row of outliers crowd a few digits): the
+// caller ranks the whole row.
+constexpr int64_t kMaxExactRanks = 32;
+bool decide_by_coarse_digit(const uint32_t* keys, int64_t cols, const uint32_t* range, const uint32_t* mid,
+                            int64_t count, const uint32_t* draws, const uint32_t* thresholds, DellaRankFn rank_of,
+                            uint8_t* o) {
   if (count == 0) return true;
   constexpr int kBits = kMaxDigitBits;
-  const uint32_t least = range[0], spread = range[1] - range[0];  // spread > 0: the keys differ
-  const int shift = std::max(0, 32 - __builtin_clz(spread) - kBits);
-  const auto digit_of = [keys, least, shift](int64_t k) { return (keys[k] - least) >> shift; };
-  const uint32_t last = spread >> shift;
+  const uint32_t least = range[2], spread = range[1] - least;  // the least nonzero key: > 0, the keys differ
+  const int shift = spread ? std::max(0, 32 - __builtin_clz(spread) - kBits) : 0;
+  const auto digit_of = [keys, least, shift](int64_t k) { return keys[k] ? ((keys[k] - least) >> shift) + 1 : 0u; };
+  const uint32_t last = (spread >> shift) + 1;
   // begin[v]: the number of keys of a digit below v (one chain of increments: the keys spread over
   // hundreds of digits, where the single-digit passes' four parts pay for their sums)
-  uint32_t begin[(1 << kBits) + 1];
+  uint32_t begin[(1 << kBits) + 2];
   std::fill(begin, begin + last + 2, 0u);
   for (int64_t k = 0; k < cols; ++k) ++begin[digit_of(k) + 1];
   for (uint32_t v = 1; v <= last + 1; ++v) begin[v] += begin[v - 1];
-  bool placed = false;
-  int64_t budget = kScanPerKey * cols;
+  uint32_t exact[kMaxExactRanks];
+  int64_t n_exact = 0;
   for (int64_t i = 0; i < count; ++i) {
     const uint32_t c = mid[i], digit = digit_of(c), draw = draws[c];
-    const int64_t start = begin[digit], end = begin[digit + 1];
-    if (draw < thresholds[start] || draw >= thresholds[end - 1]) {
-      o[c] = draw < thresholds[start] ? 1 : 0;
-      continue;
+    const bool keep = draw < thresholds[begin[digit]], drop = draw >= thresholds[begin[digit + 1] - 1];
+    o[c] = keep;  // without a branch: keep and drop are as likely as not
+    if (!keep && !drop) {
+      if (n_exact == kMaxExactRanks) return false;
+      exact[n_exact++] = c;
     }
-    if ((budget -= end - start) < 0) return false;
-    if (!placed) {
-      uint32_t next[1 << kBits];
-      std::copy(begin, begin + last + 1, next);
-      for (int64_t k = 0; k < cols; ++k) members[next[digit_of(k)]++] = uint32_t(k);
-      placed = true;
-    }
-    const uint32_t key = keys[c];
-    int64_t rank = start;
-    for (int64_t m = start; m < end; ++m) {  // the digit's members, in index order
-      const uint32_t other = members[m];
-      rank += keys[other] < key || (keys[other] == key && other < c);
-    }
-    o[c] = draw < thresholds[rank] ? 1 : 0;
+  }
+  for (int64_t i = 0; i < n_exact; ++i) {
+    const uint32_t c = exact[i];
+    o[c] = draws[c] < thresholds[rank_of(keys, cols, c)] ? 1 : 0;
   }
   return true;
 }
@@ -238,7 +229,7 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
   uint8_t* out = masks + int64_t(model) * a.rows * cols;
   for (int64_t row = r0; row < r1; ++row) {
     const size_t at = size_t(row * cols) * bytes;
-    uint32_t range[2];
+    uint32_t range[3];
     const uint32_t varying = row_keys(x + at, base ? base + at : nullptr, cols, keys.data(), range);
     uint8_t* o = out + row * cols;
     const int low = varying ? __builtin_ctz(varying) : 0;
@@ -249,7 +240,7 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
       count += kernels.della_draws(first, n, key, lo, hi, uint32_t(c), draws.data() + c, o + c, mid.data() + count);
     });
     if (span > kMaxDigitBits) {
-      if (!decide_by_coarse_digit(keys.data(), cols, range, mid.data(), count, draws.data(), thr, pos.data(), o)) {
+      if (!decide_by_coarse_digit(keys.data(), cols, range, mid.data(), count, draws.data(), thr, kernels.della_rank, o)) {
         // an order array: every element decided in rank order
         order.resize(n);
         spare.resize(n);

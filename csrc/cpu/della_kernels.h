@@ -11,7 +11,8 @@ namespace fk {
 namespace {
 
 // keys[j] = the float32 bits of |x[j] - base[j]| (|x[j]| where base is null), j < n (n >= 1);
-// returns the bits in which some key differs from keys[0], and their smallest and largest in range.
+// returns the bits in which some key differs from keys[0], and in range their smallest, largest and
+// smallest nonzero (0: none).
 template <class V, class S, class T>
 uint32_t della_keys_range(const void* x_, const void* base_, int64_t n, uint32_t* keys, uint32_t* range) {
   const T* x = static_cast<const T*>(x_);
@@ -24,6 +25,10 @@ uint32_t della_keys_range(const void* x_, const void* base_, int64_t n, uint32_t
   const int32_t first = key_at(S{}, 0);
   typename V::I differ = V::iset1(0), lo = V::iset1(first), hi = lo;  // keys are < 2^31: signed order is theirs
   int32_t differ_s = 0, lo_s = first, hi_s = first;
+  // k + (2^31 - 1), wrapping: 0 becomes the largest int32, a nonzero key ranks as k does below it
+  const auto shifted = [](int32_t k) { return static_cast<int32_t>(uint32_t(k) + 0x7fffffffu); };
+  typename V::I nonzero = V::iset1(shifted(first));
+  int32_t nonzero_s = shifted(first);
   for_each_lane<V, S>(0, n, [&](auto lane, int64_t j) {
     using L = decltype(lane);
     const auto k = key_at(lane, j);
@@ -32,23 +37,28 @@ uint32_t della_keys_range(const void* x_, const void* base_, int64_t n, uint32_t
       differ = V::ior(differ, V::ixor(k, V::iset1(first)));
       lo = V::imin(lo, k);
       hi = V::imax(hi, k);
+      nonzero = V::imin(nonzero, V::iadd(k, V::iset1(0x7fffffff)));
     } else {
       differ_s |= k ^ first;
       lo_s = std::min(lo_s, k);
       hi_s = std::max(hi_s, k);
+      nonzero_s = std::min(nonzero_s, shifted(k));
     }
   });
-  alignas(32) int32_t lanes[3][kMaxLaneWidth];
+  alignas(32) int32_t lanes[4][kMaxLaneWidth];
   V::store_i(lanes[0], differ);
   V::store_i(lanes[1], lo);
   V::store_i(lanes[2], hi);
+  V::store_i(lanes[3], nonzero);
   for (int q = 0; q < V::width; ++q) {
     differ_s |= lanes[0][q];
     lo_s = std::min(lo_s, lanes[1][q]);
     hi_s = std::max(hi_s, lanes[2][q]);
+    nonzero_s = std::min(nonzero_s, lanes[3][q]);
   }
   range[0] = uint32_t(lo_s);
   range[1] = uint32_t(hi_s);
+  range[2] = uint32_t(nonzero_s) - 0x7fffffffu;
   return uint32_t(differ_s);
 }
 
@@ -79,6 +89,29 @@ int64_t della_draws_range(uint32_t first, int64_t n, uint32_t key, uint32_t lo, 
     count += L::compress_store(mid_at + count, index, L::mandnot(L::igt(L::iset1(int32_t(hi)), draw), below));
   });
   return count;
+}
+
+// The rank of key c among keys[0, n) in ascending order, equal keys by index: the keys before c
+// that are not above it and the keys after c below it.
+template <class V, class S>
+int64_t della_rank_range(const uint32_t* keys_, int64_t n, int64_t c) {
+  const int32_t* keys = reinterpret_cast<const int32_t*>(keys_);  // keys are < 2^31: signed order is theirs
+  const int32_t key = keys[c];
+  typename V::I above = V::iset1(0), below = V::iset1(0);
+  int64_t above_s = 0, below_s = 0;
+  for_each_lane<V, S>(0, c, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    const auto m = L::igt(L::load_i(keys + j), L::iset1(key));
+    if constexpr (std::is_same_v<L, V>) above = V::count_if(above, m);
+    else above_s += m;
+  });
+  for_each_lane<V, S>(c + 1, n, [&](auto lane, int64_t j) {
+    using L = decltype(lane);
+    const auto m = L::igt(L::iset1(key), L::load_i(keys + j));
+    if constexpr (std::is_same_v<L, V>) below = V::count_if(below, m);
+    else below_s += m;
+  });
+  return c - (V::ihsum(above) + above_s) + V::ihsum(below) + below_s;
 }
 
 // sums[0] += sum |tau|, sums[1] += sum of the kept |tau| (keep[j] != 0) over j < n, from the keys

@@ -51,11 +51,12 @@ using SlerpFn = void (*)(void* out, const void* a, const void* b, int64_t rows, 
                          int64_t n_t, double dot_threshold, double eps, int threads);
 
 // DELLA's streaming passes over one row (della_kernels.h): |tau| keys, 24-bit hash draws (alone, or
-// with the masks every rank gives and the others listed), l1 sums.
+// with the masks every rank gives and the others listed), l1 sums, one key's rank.
 using DellaKeysFn = uint32_t (*)(const void* x, const void* base, int64_t n, uint32_t* keys, uint32_t* range);
 using DellaDrawsFn = int64_t (*)(uint32_t first, int64_t n, uint32_t key, uint32_t lo, uint32_t hi, uint32_t index0,
                                  uint32_t* draws, uint8_t* keep, uint32_t* mid);
 using DellaL1Fn = void (*)(const uint32_t* keys, const uint8_t* keep, int64_t n, double* sums);
+using DellaRankFn = int64_t (*)(const uint32_t* keys, int64_t n, int64_t c);
 
 struct KernelTable {
   RangeFn weighted_sum[kNumDTypes];
@@ -89,6 +90,7 @@ struct KernelTable {
   DellaKeysFn della_keys[kNumDTypes];  // float32, float16 and bfloat16 only
   DellaDrawsFn della_draws;
   DellaL1Fn della_l1;
+  DellaRankFn della_rank;
 };
 
 const KernelTable& portable_kernels();

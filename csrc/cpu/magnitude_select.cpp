@@ -112,7 +112,12 @@ void cut(const TaskSource& s, std::vector<Query>& qs, int threads) {
   }
 }
 
-constexpr int64_t kSample = int64_t(1) << 18;
+// The sample: n/64 keys, at least 2^13 (or all n) and at most 2^18. Sorting it is the select's
+// fixed cost; a bracket from s samples holds ~8·n·sqrt(r(1-r)/s) candidates, so a sample that
+// grows with n keeps both small (a fixed 2^18 cost a [256, 2048] tensor as much as one 8x larger).
+inline int64_t sample_count(int64_t n) {
+  return std::min(n, std::clamp(n >> 6, int64_t(1) << 13, int64_t(1) << 18));
+}
 
 struct Bracket {
   int32_t lo = 0, hi = 0x7fffffff;  // the bracket's end keys: candidates lie strictly between
@@ -122,12 +127,12 @@ struct Bracket {
   bool usable = false;
 };
 
-// The keys of one model at the strided sample positions [first, last) of kSample (at most n) spread
+// The keys of one model at the strided sample positions [first, last) of sample_count(n) spread
 // over its n elements, sorted in descending order: a part of the sample every query on that model
 // brackets from.
 template <class K>
 std::vector<uint32_t> sample_keys(const K& key_of, int model, int64_t n, int64_t first, int64_t last) {
-  const int64_t samples = std::min(n, kSample), count = last - first;
+  const int64_t samples = sample_count(n), count = last - first;
   std::vector<uint32_t> keys(count), spare(count);
   for (int64_t i = 0; i < count; ++i) keys[i] = ~key_of(model, (first + i) * n / samples);  // ascending ~key: descending key
   // LSD radix sort, 11-bit digits, skipping a digit every key shares: a few passes, where each
@@ -150,7 +155,7 @@ std::vector<uint32_t> sample_keys(const K& key_of, int model, int64_t n, int64_t
 // (one model, arcee_fusion's quartiles, would leave all but one idle), then merged.
 template <class K>
 std::vector<std::vector<uint32_t>> sorted_samples(const K& key_of, const std::vector<int>& models, int64_t n, int t) {
-  const int64_t m = static_cast<int64_t>(models.size()), samples = std::min(n, kSample);
+  const int64_t m = static_cast<int64_t>(models.size()), samples = sample_count(n);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(t / std::max<int64_t>(m, 1), samples >> 12));
   std::vector<std::vector<uint32_t>> pieces(static_cast<size_t>(m * parts));
   parallel_tasks(m * parts, t, [&](int64_t task) {
