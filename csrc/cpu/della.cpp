@@ -175,42 +175,33 @@ void decide_by_digit(const uint32_t* keys, int64_t cols, int low, const uint32_t
 // the key; equal-width slices of the nonzero keys' range, each a fraction of a binade: the zeros of
 // unchanged weights would stretch a range from 0 over a hundred empty binades), gives each element
 // the range of ranks [start, end) of its digit's keys. A listed draw below the threshold of the
-// range's first rank is kept and one at or above its last rank's dropped; a draw between (a few in
-// a row) takes its exact rank from one vector pass over the row (rank_of). Returns false, with some
-// of o written, past kMaxExactRanks of those (the keys of a row of outliers crowd a few digits): the
-// caller ranks the whole row.
+// range's first rank is kept and one at or above its last rank's dropped (the ISA's della_decide);
+// a draw between (a few in a row) takes its exact rank from one vector pass over the row (della_rank).
+// Returns false, with some of o written, past kMaxExactRanks of those (the keys of a row of outliers
+// crowd a few digits): the caller ranks the whole row. digits: room for cols.
 constexpr int64_t kMaxExactRanks = 32;
 bool decide_by_coarse_digit(const uint32_t* keys, int64_t cols, const uint32_t* range, const uint32_t* mid,
-                            int64_t count, const uint32_t* draws, const uint32_t* thresholds, DellaRankFn rank_of,
-                            uint8_t* o) {
+                            int64_t count, const uint32_t* draws, const uint32_t* thresholds, uint32_t* digits,
+                            const KernelTable& kernels, uint8_t* o) {
   if (count == 0) return true;
   constexpr int kBits = kMaxDigitBits;
   const uint32_t least = range[2], spread = range[1] - least;  // the least nonzero key: > 0, the keys differ
   const int shift = spread ? std::max(0, 32 - __builtin_clz(spread) - kBits) : 0;
-  const auto digit_of = [keys, least, shift](int64_t k) { return keys[k] ? ((keys[k] - least) >> shift) + 1 : 0u; };
   const uint32_t last = (spread >> shift) + 1;
   // begin[v]: the number of keys of a digit below v (one chain of increments: the keys spread over
   // hundreds of digits, where the single-digit passes' four parts pay for their sums)
   uint32_t begin[(1 << kBits) + 2];
   std::fill(begin, begin + last + 2, 0u);
-  for (int64_t k = 0; k < cols; ++k) ++begin[digit_of(k) + 1];
+  for (int64_t k = 0; k < cols; ++k) digits[k] = keys[k] ? ((keys[k] - least) >> shift) + 1 : 0u;  // vectorised
+  for (int64_t k = 0; k < cols; ++k) ++begin[digits[k] + 1];
   for (uint32_t v = 1; v <= last + 1; ++v) begin[v] += begin[v - 1];
   uint32_t exact[kMaxExactRanks];
-  int64_t n_exact = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    const uint32_t c = mid[i], digit = digit_of(c), draw = draws[c];
-    const bool keep = draw < thresholds[begin[digit]], drop = draw >= thresholds[begin[digit + 1] - 1];
-    o[c] = keep;  // without a branch: keep and drop are as likely as not
-    if (!keep && !drop) {
-      if (n_exact == kMaxExactRanks) return false;
-      exact[n_exact++] = c;
-    }
-  }
+  const int64_t n_exact = kernels.della_decide(mid, count, digits, begin, draws, thresholds, o, exact, kMaxExactRanks);
   for (int64_t i = 0; i < n_exact; ++i) {
     const uint32_t c = exact[i];
-    o[c] = draws[c] < thresholds[rank_of(keys, cols, c)] ? 1 : 0;
+    o[c] = draws[c] < thresholds[kernels.della_rank(keys, cols, c)] ? 1 : 0;
   }
-  return true;
+  return n_exact >= 0;
 }
 
 // Keep masks of rows [r0, r1) of one model; thr: its rank_thresholds.
@@ -240,7 +231,7 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
       count += kernels.della_draws(first, n, key, lo, hi, uint32_t(c), draws.data() + c, o + c, mid.data() + count);
     });
     if (span > kMaxDigitBits) {
-      if (!decide_by_coarse_digit(keys.data(), cols, range, mid.data(), count, draws.data(), thr, kernels.della_rank, o)) {
+      if (!decide_by_coarse_digit(keys.data(), cols, range, mid.data(), count, draws.data(), thr, pos.data(), kernels, o)) {
         // an order array: every element decided in rank order
         order.resize(n);
         spare.resize(n);

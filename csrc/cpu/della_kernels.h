@@ -91,6 +91,43 @@ int64_t della_draws_range(uint32_t first, int64_t n, uint32_t key, uint32_t lo, 
   return count;
 }
 
+// The decisions of the listed draws mid[0, count) of a row by their digit's range of ranks [start,
+// end) (digits[c]: element c's digit; begin[v]: the keys of digits below v): keep[c] = draw <
+// thresholds[start], and the c whose draw is neither below that nor at or above thresholds[end - 1]
+// listed in exact. Returns how many, or -1 past cap (keep then partly written).
+template <class V, class S>
+int64_t della_decide_range(const uint32_t* mid, int64_t count, const uint32_t* digits_, const uint32_t* begin_,
+                           const uint32_t* draws_, const uint32_t* thresholds_, uint8_t* keep, uint32_t* exact,
+                           int64_t cap) {
+  // all are below 2^31 (thresholds and draws: at most 2^24): signed order is theirs
+  const auto ints = [](const uint32_t* p) { return reinterpret_cast<const int32_t*>(p); };
+  const int32_t *digits = ints(digits_), *begin = ints(begin_), *draws = ints(draws_), *thresholds = ints(thresholds_);
+  int64_t n = 0;
+  for_each_lane<V, S>(0, count, [&](auto lane, int64_t i) {
+    using L = decltype(lane);
+    if (n < 0) return;
+    const auto c = L::load_i(ints(mid) + i);
+    const auto digit = L::gather(digits, c);
+    const auto draw = L::gather(draws, c);
+    const auto first = L::gather(thresholds, L::gather(begin, digit));
+    const auto last = L::gather(thresholds, L::iadd(L::gather(begin + 1, digit), L::iset1(-1)));
+    const auto kept = L::igt(first, draw);
+    unsigned undecided = static_cast<unsigned>(L::movemask(L::mandnot(L::igt(last, draw), kept)));
+    const unsigned kept_bits = static_cast<unsigned>(L::movemask(kept));
+    alignas(64) int32_t at[kMaxLaneWidth];
+    L::store_i(at, c);
+    for (int l = 0; l < L::width; ++l) keep[at[l]] = static_cast<uint8_t>((kept_bits >> l) & 1u);
+    for (; undecided != 0; undecided &= undecided - 1) {
+      if (n == cap) {
+        n = -1;
+        return;
+      }
+      exact[n++] = static_cast<uint32_t>(at[__builtin_ctz(undecided)]);
+    }
+  });
+  return n;
+}
+
 // The rank of key c among keys[0, n) in ascending order, equal keys by index: the keys before c
 // that are not above it and the keys after c below it.
 template <class V, class S>

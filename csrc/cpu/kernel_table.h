@@ -61,6 +61,7 @@ KernelTable make_kernel_table() {
   t.della_draws = &della_draws_range<V, S>;
   t.della_l1 = &della_l1_range<V, S>;
   t.della_rank = &della_rank_range<V, S>;
+  t.della_decide = &della_decide_range<V, S>;
   t.sinkhorn32 = make_sinkhorn_kernels<V, S, float>();
   t.sinkhorn64 = make_sinkhorn_kernels<DoubleLane, DoubleLane, double>();
   t.lsa_relax64 = &lsa_relax_scalar<double>;

@@ -51,12 +51,16 @@ using SlerpFn = void (*)(void* out, const void* a, const void* b, int64_t rows, 
                          int64_t n_t, double dot_threshold, double eps, int threads);
 
 // DELLA's streaming passes over one row (della_kernels.h): |tau| keys, 24-bit hash draws (alone, or
-// with the masks every rank gives and the others listed), l1 sums, one key's rank.
+// with the masks every rank gives and the others listed), l1 sums, the listed draws' decisions by
+// their digits, one key's rank.
 using DellaKeysFn = uint32_t (*)(const void* x, const void* base, int64_t n, uint32_t* keys, uint32_t* range);
 using DellaDrawsFn = int64_t (*)(uint32_t first, int64_t n, uint32_t key, uint32_t lo, uint32_t hi, uint32_t index0,
                                  uint32_t* draws, uint8_t* keep, uint32_t* mid);
 using DellaL1Fn = void (*)(const uint32_t* keys, const uint8_t* keep, int64_t n, double* sums);
 using DellaRankFn = int64_t (*)(const uint32_t* keys, int64_t n, int64_t c);
+using DellaDecideFn = int64_t (*)(const uint32_t* mid, int64_t count, const uint32_t* digits, const uint32_t* begin,
+                                  const uint32_t* draws, const uint32_t* thresholds, uint8_t* keep, uint32_t* exact,
+                                  int64_t cap);
 
 struct KernelTable {
   RangeFn weighted_sum[kNumDTypes];
@@ -91,6 +95,7 @@ struct KernelTable {
   DellaDrawsFn della_draws;
   DellaL1Fn della_l1;
   DellaRankFn della_rank;
+  DellaDecideFn della_decide;
 };
 
 const KernelTable& portable_kernels();

@@ -84,6 +84,7 @@ struct ScalarLane : OneElementLane<float> {
   static I key16(const bf16* p) { return p->bits & 0x7fff; }
   static M load_mask8(const uint8_t* p) { return *p != 0; }
   static I load_i(const int32_t* p) { return *p; }
+  static I gather(const int32_t* p, I at) { return p[at]; }
   static void store_i(int32_t* p, I v) { *p = v; }
   static void store_mask8(uint8_t* p, M m) { *p = m ? 1 : 0; }
   static int compress_store(int32_t* p, I v, M m) {  // always writes *p (no branch); counts it if m

@@ -130,6 +130,7 @@ struct Avx2Lane {
     return _mm256_cmpgt_epi32(bytes, _mm256_setzero_si256());
   }
   static I load_i(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I gather(const int32_t* p, I at) { return _mm256_i32gather_epi32(p, at, 4); }
   static void store_i(int32_t* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
   // 1 or 0 per lane of m as 8 bytes at p.
   static void store_mask8(uint8_t* p, M m) { std::memcpy(p, &kMaskBytes[movemask(m)], 8); }

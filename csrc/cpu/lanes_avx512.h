@@ -118,6 +118,7 @@ struct Avx512Lane {
     return _mm512_test_epi32_mask(bytes, bytes);
   }
   static I load_i(const int32_t* p) { return _mm512_loadu_si512(p); }
+  static I gather(const int32_t* p, I at) { return _mm512_i32gather_epi32(at, p, 4); }
   static void store_i(int32_t* p, I v) { _mm512_storeu_si512(p, v); }
   // 1 or 0 per lane of m as 16 bytes at p.
   static void store_mask8(uint8_t* p, M m) {
