@@ -48,8 +48,7 @@ void emr_range(const EmrArgs& a, int64_t begin, int64_t end, double* sums) {
         using L = decltype(lane);
         const auto tau = L::sub(L::load(xs[k] + i), L::load(base + i));
         const auto agree = L::fgt(L::mul(tau, L::load(sign_of + (i - r0))), L::zero());
-        const int bits = L::movemask(agree);
-        for (int u = 0; u < L::width; ++u) mask[i + u] = uint8_t((bits >> u) & 1);
+        L::store_mask8(mask + i, agree);
         const auto masked = L::keep_if(agree, L::abs(L::load(unified_of + (i - r0))));
         if constexpr (std::is_same_v<L, V>) {
           all = V::add(all, V::abs(tau));

@@ -116,10 +116,15 @@ void sce_select_range(const MergeArgs& a, int64_t begin, int64_t end, int64_t ti
     for_each_lane<V, S>(r0, r1, [&](auto lane, int64_t i) {
       using L = decltype(lane);
       const auto v = L::load(var + i), t = L::set1(a.eps32);
-      int keep = L::movemask(L::mandnot(L::mall(), L::fge(t, v)));
-      for (int tied = L::movemask(L::feq(v, t)); tied != 0 && ties > 0; tied &= tied - 1, --ties)
-        keep |= tied & -tied;  // the lowest tied lane: ties are kept in index order
-      for (int u = 0; u < L::width; ++u) mask[i + u] = uint8_t((keep >> u) & 1);
+      const auto above = L::mandnot(L::mall(), L::fge(t, v));
+      int keep = L::movemask(above);
+      int tied = ties > 0 ? L::movemask(L::feq(v, t)) : 0;
+      if (tied == 0) {
+        L::store_mask8(mask + i, above);
+      } else {  // the threshold's vector(s): the lowest tied lanes kept, in index order
+        for (; tied != 0 && ties > 0; tied &= tied - 1, --ties) keep |= tied & -tied;
+        for (int u = 0; u < L::width; ++u) mask[i + u] = uint8_t((keep >> u) & 1);
+      }
       kept += __builtin_popcount(unsigned(keep));
     });
     for (int k = 0; k < a.n; ++k) {
