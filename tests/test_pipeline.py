@@ -433,6 +433,60 @@ def test_interrupt_in_process_leaves_journal_and_resume_matches(family, tmp_path
         merge(recipe, tmp_path / "out", progress=False)
 
 
+class Stop(BaseException):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise Stop
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_while_the_merge_holds_a_lock_stops_it_at_the_next_tensor(family, tmp_path, monkeypatch, signum):
+    """A signal that arrives while the merge thread holds the budget's lock is raised (through the
+    process's own handler) at the merge's next safe point, never inside the locked region: raised
+    there, the lock would stay held and the writer and reader would wait on it forever."""
+    import signal
+    import threading
+
+    from modelfusion.pipeline.executor import MemoryBudget
+
+    assert threading.current_thread() is threading.main_thread()
+    signum = getattr(signal, signum)
+    own = signal.default_int_handler if signum == signal.SIGINT else _raise_stop
+    previous = signal.signal(signum, own)
+    recipe = recipe_text("ties", family) + "max_shard_size: 100KB\n"
+    merge(recipe, tmp_path / "whole", progress=False)
+    real_give, merged, raised_under_the_lock = MemoryBudget.give, [], []
+
+    def give_while_signalled(self, buffer, nbytes):
+        if threading.current_thread() is threading.main_thread():
+            merged.append(1)
+            if len(merged) == 5:
+                self._cond.acquire()  # a signal that lands between a lock's acquire and its with-block
+                try:
+                    signal.raise_signal(signum)
+                except BaseException:
+                    raised_under_the_lock.append(signum)
+                    raise
+                finally:
+                    self._cond.release()
+        real_give(self, buffer, nbytes)
+
+    monkeypatch.setattr(MemoryBudget, "give", give_while_signalled)
+    try:
+        with pytest.raises(KeyboardInterrupt if signum == signal.SIGINT else Stop):
+            merge(recipe, tmp_path / "out", progress=False)
+        assert not raised_under_the_lock and len(merged) == 5  # raised before the next tensor
+        assert signal.getsignal(signum) is own  # the process's handler is back
+    finally:
+        signal.signal(signum, previous)
+    monkeypatch.undo()
+    merge(recipe, tmp_path / "out", resume=True, progress=False)
+    for f in (tmp_path / "whole").iterdir():
+        assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 def test_a_corrupt_input_names_the_file_and_writes_nothing(family, tmp_path):
     import shutil
 

@@ -8,6 +8,7 @@ import ctypes
 import json
 import queue
 import resource
+import signal
 import threading
 import time
 from collections import Counter
@@ -303,19 +304,43 @@ def _writer(
         failure.append(e)
 
 
-def _join(*threads: threading.Thread) -> None:
-    """Join ``threads``, Ctrl-C notwithstanding: a second interrupt while they finish their current
-    tensor is held back until they have."""
-    for thread in threads:
-        while thread.is_alive():
-            try:
-                thread.join()
-            except KeyboardInterrupt:
-                continue
+class DeferredSignals:
+    """SIGINT and SIGTERM while the reader and writer run: the handler only records the signal, and
+    the merge thread raises it, through the handler it displaced, at its next safe point (``check``).
+    Raised by the handler itself, the exception can land while the merge thread holds a queue's or
+    the budget's lock, and the other threads then wait on that lock forever (a hang seen in CI). A
+    second signal while the threads stop is held back until they have. Only Python handlers are
+    deferred: a default or ignored disposition acts at once as it always does."""
+
+    def __init__(self):
+        self.pending: int | None = None
+        self.raised = False
+        self.displaced: dict = {}
+
+    def __enter__(self) -> DeferredSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if callable(signal.getsignal(signum)):
+                    self.displaced[signum] = signal.signal(signum, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        if self.pending is None:
+            self.pending = signum
+
+    def check(self) -> None:
+        if self.pending is not None and not self.raised:
+            self.raised = True
+            self.displaced[self.pending](self.pending, None)
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.displaced.items():
+            signal.signal(signum, handler)
 
 
-def _next(ready: queue.Queue, failure: list):
+def _next(ready: queue.Queue, failure: list, signals: DeferredSignals):
     while True:
+        signals.check()
         if failure:
             raise failure[0]
         try:
@@ -368,47 +393,52 @@ def execute(
     if plan.recipe.threads or threads:
         torch.set_num_threads(plan.recipe.threads or threads)
     bar = tqdm(total=sum(t.read_bytes for t in tasks), unit="B", unit_scale=True, desc=desc, disable=not progress)
-    reader.start()
-    writer.start()
-    try:
-        for _ in tasks:
-            start = time.perf_counter()
-            task, tensors = _next(ready, failure)
-            phases.wait += time.perf_counter() - start
-            buffer = scratch = None
-            on_cpu = plan.recipe.device == "cpu" and not task.passthrough
-            if on_cpu and task.compute_dtype == task.out.dtype and METHODS[task.method].writes_out:
-                buffer = budget.take(task.out.nbytes).view(task.out.dtype).view(task.out.shape)
-            scratch_bytes = scratch_buffer_bytes(task.method, task.numel, task.compute_dtype) if on_cpu else 0
-            if scratch_bytes:  # pooled like the outputs: its pages are touched once per run, not per tensor
-                scratch = budget.take(scratch_bytes)
-            start = time.perf_counter()
-            with torch.no_grad():
-                result = compute_task(plan, task, tensors, plan.recipe.device, buffer, scratch)
-            phases.compute += time.perf_counter() - start
-            # the inputs' mappings go before their bytes are released (else the reader maps the next
-            # tensor's inputs while these still count in RSS); the result's memory is pooled once written
-            del tensors, buffer
-            budget.give(scratch, task.peak_bytes - task.out.nbytes)
-            del scratch
-            results.put((task, result))
-            del result
-            bar.update(task.read_bytes)
-            if on_tensor is not None:
-                on_tensor(task.read_bytes)
-        writer.join()
-        if failure:
-            raise failure[0]
-    except BaseException:
-        results.put(None)
-        raise
-    finally:
-        # both threads are stopped and joined on every way out (Ctrl-C included): a daemon thread still
-        # inside torch or the kernels at interpreter shutdown can abort the process
-        stop.set()
-        _join(writer, reader)
-        bar.close()
-        torch.set_num_threads(previous_threads)
+    with DeferredSignals() as signals:
+        reader.start()
+        writer.start()
+        try:
+            for _ in tasks:
+                start = time.perf_counter()
+                task, tensors = _next(ready, failure, signals)
+                phases.wait += time.perf_counter() - start
+                buffer = scratch = None
+                on_cpu = plan.recipe.device == "cpu" and not task.passthrough
+                if on_cpu and task.compute_dtype == task.out.dtype and METHODS[task.method].writes_out:
+                    buffer = budget.take(task.out.nbytes).view(task.out.dtype).view(task.out.shape)
+                scratch_bytes = scratch_buffer_bytes(task.method, task.numel, task.compute_dtype) if on_cpu else 0
+                if scratch_bytes:  # pooled like the outputs: its pages are touched once per run, not per tensor
+                    scratch = budget.take(scratch_bytes)
+                start = time.perf_counter()
+                with torch.no_grad():
+                    result = compute_task(plan, task, tensors, plan.recipe.device, buffer, scratch)
+                phases.compute += time.perf_counter() - start
+                # the inputs' mappings go before their bytes are released (else the reader maps the next
+                # tensor's inputs while these still count in RSS); the result's memory is pooled once written
+                del tensors, buffer
+                budget.give(scratch, task.peak_bytes - task.out.nbytes)
+                del scratch
+                results.put((task, result))
+                del result
+                bar.update(task.read_bytes)
+                if on_tensor is not None:
+                    on_tensor(task.read_bytes)
+            while writer.is_alive():
+                writer.join(0.05)
+                signals.check()
+            if failure:
+                raise failure[0]
+            signals.check()
+        except BaseException:
+            results.put(None)
+            raise
+        finally:
+            # both threads are stopped and joined on every way out (Ctrl-C included): a daemon thread still
+            # inside torch or the kernels at interpreter shutdown can abort the process
+            stop.set()
+            writer.join()
+            reader.join()
+            bar.close()
+            torch.set_num_threads(previous_threads)
     return Executed(
         read_bytes=sum(t.read_bytes for t in tasks),
         written_bytes=sum(journal["shards"][f] for f, _ in todo),
