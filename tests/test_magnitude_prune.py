@@ -129,9 +129,17 @@ def test_quantised_values_shared_by_many_elements(dtype):
 
 
 def sample_positions(n: int) -> torch.Tensor:
-    """Where the C++ select samples keys: n/64 strided positions, within [2^13, 2^18] (all when n is smaller)."""
-    samples = min(n, max(1 << 13, min(n >> 6, 1 << 18)))
-    return torch.arange(samples, dtype=torch.int64) * n // samples
+    """Where the C++ select samples keys (magnitude_select.cpp's sample_position): n/64 of them, within
+    [2^13, 2^18] (all when n is smaller), in runs of 16 neighbours, each run in its own window of n/runs
+    and shifted within it by a Weyl sequence."""
+    samples = max(1 << 13, min(n >> 6, 1 << 18))
+    if samples >= n:
+        return torch.arange(n, dtype=torch.int64)
+    runs = samples // 16
+    run = torch.arange(runs, dtype=torch.int64)
+    shift = ((run * 0x9E3779B9) % 2**32) * (n // runs - 16 + 1) // 2**32
+    starts = run * n // runs + shift
+    return (starts[:, None] + torch.arange(16, dtype=torch.int64)).flatten()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])

@@ -115,8 +115,24 @@ void cut(const TaskSource& s, std::vector<Query>& qs, int threads) {
 // The sample: n/64 keys, at least 2^13 (or all n) and at most 2^18. Sorting it is the select's
 // fixed cost; a bracket from s samples holds ~8·n·sqrt(r(1-r)/s) candidates, so a sample that
 // grows with n keeps both small (a fixed 2^18 cost a [256, 2048] tensor as much as one 8x larger).
+// The keys are drawn in runs of kSampleRun neighbours: lone keys 64 apart touched nearly every
+// cache line of the inputs (the prefetcher fetches line pairs), as much memory traffic as a pass.
+constexpr int64_t kSampleRun = 16;
+
 inline int64_t sample_count(int64_t n) {
-  return std::min(n, std::clamp(n >> 6, int64_t(1) << 13, int64_t(1) << 18));
+  const int64_t s = std::clamp(n >> 6, int64_t(1) << 13, int64_t(1) << 18);
+  return s >= n ? n : s / kSampleRun * kSampleRun;
+}
+
+// Where sample i lies: run i / kSampleRun starts in the run's own n / runs window, shifted within
+// it by a Weyl sequence, so that on a [rows, cols] tensor the runs do not all fall on the same few
+// columns of every row (the windows' length often divides cols).
+inline int64_t sample_position(int64_t i, int64_t samples, int64_t n) {
+  if (samples == n) return i;
+  const int64_t runs = samples / kSampleRun, run = i / kSampleRun;
+  const uint64_t room = uint64_t(n / runs - kSampleRun + 1);
+  const uint64_t shift = (uint64_t(uint32_t(uint64_t(run) * 0x9E3779B9u)) * room) >> 32;
+  return run * n / runs + int64_t(shift) + i % kSampleRun;
 }
 
 struct Bracket {
@@ -127,14 +143,19 @@ struct Bracket {
   bool usable = false;
 };
 
-// The keys of one model at the strided sample positions [first, last) of sample_count(n) spread
-// over its n elements, sorted in descending order: a part of the sample every query on that model
+// The keys of one model at sample positions [first, last) of sample_count(n) spread over its n
+// elements, sorted in descending order: a part of the sample every query on that model
 // brackets from.
 template <class K>
 std::vector<uint32_t> sample_keys(const K& key_of, int model, int64_t n, int64_t first, int64_t last) {
   const int64_t samples = sample_count(n), count = last - first;
   std::vector<uint32_t> keys(count), spare(count);
-  for (int64_t i = 0; i < count; ++i) keys[i] = ~key_of(model, (first + i) * n / samples);  // ascending ~key: descending key
+  for (int64_t i = 0; i < count;) {  // a run at a time: its positions are consecutive
+    const int64_t at = first + i, start = sample_position(at, samples, n);
+    const int64_t run = std::min(count - i, samples == n ? count - i : kSampleRun - at % kSampleRun);
+    for (int64_t o = 0; o < run; ++o) keys[i + o] = ~key_of(model, start + o);  // ascending ~key: descending key
+    i += run;
+  }
   // LSD radix sort, 11-bit digits, skipping a digit every key shares: a few passes, where each
   // query's nth_element pair cost more on several queries per model (arcee_fusion's quartiles)
   constexpr int kDigit = 11, kRadix = 1 << kDigit;
@@ -210,7 +231,9 @@ void bracket_pass(const TaskSource& s, const std::vector<Query>& qs, std::vector
   a.lo = lo.data();
   a.hi = hi.data();
   const int t = plan_threads(s.numel, threads);
-  const int64_t cap = std::max<int64_t>(int64_t(1) << 20, s.numel / 32) / t;  // per thread and query
+  // Per thread and query, the whole pass's cap: pieces go to whichever thread is free, so one
+  // thread may see all of them (the buffers' pages are only touched as candidates arrive).
+  const int64_t cap = std::max<int64_t>(int64_t(1) << 20, s.numel / 32);
   const int64_t blocks = (s.numel >> kEqualBlockBits) + 1;
   // Per-thread counters a whole number of cache lines apart (the kernel updates them per vector).
   const size_t stride = (nq + 7) / 8 * 8 + 8;
@@ -225,7 +248,8 @@ void bracket_pass(const TaskSource& s, const std::vector<Query>& qs, std::vector
   const size_t equal_stride = nq * size_t(blocks) * 2 + 16;
   std::vector<int32_t> equal(size_t(t) * equal_stride, 0);
   const BracketFn fn = active_kernels().bracket[s.dtype];
-  parallel_pieces(s.numel, t, [&](int tid, int64_t begin, int64_t end) {
+  parallel_chunks(s.numel, t, [&](int64_t begin, int64_t end) {  // a preempted thread delays one piece only
+    const int tid = team_thread();
     const size_t at = size_t(tid) * stride;
     BracketOut o;
     o.above = above.data() + at;
