@@ -257,3 +257,86 @@ def test_fp8_reads_exactly_and_block_scaled_fp8_dequantizes(tmp_path):
     expected = w.float() * scale.repeat_interleave(128, 0)[:300].repeat_interleave(128, 1)[:, :200]
     assert torch.equal(c.read("w"), expected) and torch.equal(c.map("w"), expected)
     assert c.read("e5").dtype == torch.float8_e5m2 and torch.equal(c.read("e5").float(), e5.float())
+
+
+def _page_aligned(values: torch.Tensor) -> torch.Tensor:
+    """``values`` copied into an anonymous mapping: memory that starts on a page, as the pipeline's
+    output buffers do."""
+    import mmap
+
+    out = torch.frombuffer(mmap.mmap(-1, values.nbytes), dtype=values.dtype).view(values.shape)
+    return out.copy_(values)
+
+
+def _aligned_and_not():
+    """(name, tensor) in an order that takes every path of ShardWriter.write: page-aligned and 1 MiB
+    or more (written from their own memory), one with a tail of 100 bytes past its last block, small
+    ones that leave the file's end off a block (so the aligned one after them is copied) and put it
+    back on one (so the next goes direct again)."""
+    g = torch.Generator().manual_seed(5)
+    return [
+        ("a", _page_aligned(torch.randn(2**18, generator=g))),
+        ("b", _page_aligned(torch.randn(2**18 + 25, generator=g))),  # tail: 100 bytes past a block
+        ("c", torch.randn(1000, generator=g).bfloat16()),
+        ("d", _page_aligned(torch.randn(2**19, generator=g).bfloat16())),  # the file's end is off a block
+        ("e", torch.randn((4096 - 100 - 2000) // 2, generator=g).bfloat16()),  # ...and back on one
+        ("f", _page_aligned(torch.randn(512, 1024, generator=g))),
+        ("g", torch.randn(7, generator=g)),
+    ]
+
+
+def _write_shard(path: Path, tensors, on_written=None) -> None:
+    w = ShardWriter(path, [OutputTensor(n, t.dtype, tuple(t.shape)) for n, t in tensors])
+    for name, t in tensors:
+        w.write(t, on_written=None if on_written is None else (lambda name=name: on_written(name)))
+    w.commit()
+
+
+def test_aligned_tensors_are_written_from_their_own_memory_byte_for_byte(tmp_path, monkeypatch):
+    """The file is the same bytes as one written all through the staging buffers, its data starts on
+    a block, on_written reports each tensor once, and the safetensors library reads it back."""
+    from modelfusion.io import writer as writer_module
+
+    tensors = _aligned_and_not()
+    direct, reported = [], []
+    real = writer_module.ShardWriter._write_direct
+
+    def counted(self, data, offset, on_written):
+        direct.append((len(data), offset))
+        real(self, data, offset, on_written)
+
+    monkeypatch.setattr(writer_module.ShardWriter, "_write_direct", counted)
+    _write_shard(tmp_path / "direct.safetensors", tensors, reported.append)
+    assert sorted(reported) == [n for n, _ in tensors]
+    header = 8 + struct.unpack("<Q", (tmp_path / "direct.safetensors").read_bytes()[:8])[0]
+    assert header % 4096 == 0
+    block = lambda nbytes: nbytes // 4096 * 4096  # noqa: E731
+    sizes = {n: t.nbytes for n, t in tensors}
+    assert [d[0] for d in direct] == [sizes["a"], block(sizes["b"]), sizes["f"]]
+    assert all(offset % 4096 == 0 for _, offset in direct)
+    monkeypatch.setattr(writer_module, "DIRECT_BYTES", 2**62)  # nothing direct: every byte through the stage
+    _write_shard(tmp_path / "staged.safetensors", tensors)
+    assert len(direct) == 3
+    assert (tmp_path / "direct.safetensors").read_bytes() == (tmp_path / "staged.safetensors").read_bytes()
+    loaded = load_file(tmp_path / "direct.safetensors")
+    assert all(torch.equal(loaded[n], t) for n, t in tensors)
+
+
+def test_a_failed_direct_write_fails_the_shard_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from modelfusion.io import writer as writer_module
+
+    real = os.pwrite
+
+    def full(fd, data, offset):
+        if len(data) >= 2**20 and not isinstance(data, bytes):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer_module.os, "pwrite", full)
+    tensors = _aligned_and_not()
+    with pytest.raises(OutputError, match=r"direct.safetensors.partial: cannot (write tensor|commit).*No space left"):
+        _write_shard(tmp_path / "direct.safetensors", tensors, lambda name: None)
+    assert list(tmp_path.iterdir()) == []

@@ -408,11 +408,11 @@ def test_interrupt_in_process_leaves_journal_and_resume_matches(family, tmp_path
     merge(recipe, tmp_path / "whole", progress=False)
     real, calls = writer_module.ShardWriter.write, []
 
-    def interrupted(self, tensor):
+    def interrupted(self, tensor, on_written=None):
         calls.append(1)
         if len(calls) == 12:
             raise KeyboardInterrupt
-        real(self, tensor)
+        real(self, tensor, on_written)
 
     monkeypatch.setattr(writer_module.ShardWriter, "write", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -485,6 +485,37 @@ def test_a_signal_while_the_merge_holds_a_lock_stops_it_at_the_next_tensor(famil
     merge(recipe, tmp_path / "out", resume=True, progress=False)
     for f in (tmp_path / "whole").iterdir():
         assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+@pytest.fixture(scope="module")
+def block_family(tmp_path_factory):
+    """float32 models whose every tensor is a whole number of 4 KiB blocks, as real ones are."""
+    shape = dict(hidden=1024, layers=1, intermediate=256, vocab=128, kv_heads=2, heads=8)
+    return make_llama_family(tmp_path_factory.mktemp("blocks"), 2, torch.float32, **shape)
+
+
+@pytest.mark.parametrize("method", ["ties", "passthrough", "slerp"])
+def test_outputs_written_from_their_buffers_equal_staged_ones(block_family, tmp_path, monkeypatch, method):
+    """Output buffers written straight to the disk (the threshold lowered to one block) or every
+    byte copied through the writer's staging buffers: the same files, byte for byte."""
+    from modelfusion.io import writer as writer_module
+
+    models = block_family if method == "ties" else block_family[:2]
+    recipe = recipe_text(method, models) + "max_shard_size: 300KB\n"
+    monkeypatch.setattr(writer_module, "DIRECT_BYTES", 4096)
+    direct = []
+    real = writer_module.ShardWriter._write_direct
+    monkeypatch.setattr(
+        writer_module.ShardWriter, "_write_direct", lambda self, *a: (direct.append(1), real(self, *a))[1]
+    )
+    merge(recipe, tmp_path / "direct", progress=False)
+    assert len(direct) >= 9 or method == "passthrough"  # passthrough hands on the inputs' unaligned mappings
+    monkeypatch.setattr(writer_module, "DIRECT_BYTES", 2**62)
+    merge(recipe, tmp_path / "staged", progress=False)
+    names = sorted(p.name for p in (tmp_path / "staged").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "direct").iterdir())
+    for name in names:
+        assert (tmp_path / "direct" / name).read_bytes() == (tmp_path / "staged" / name).read_bytes(), name
 
 
 def test_a_corrupt_input_names_the_file_and_writes_nothing(family, tmp_path):

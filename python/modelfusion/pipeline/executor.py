@@ -5,7 +5,9 @@ after a crash or Ctrl-C with byte-identical output."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
+import mmap
 import queue
 import resource
 import signal
@@ -71,7 +73,10 @@ class MemoryBudget:
             if free:
                 self.pooled -= nbytes
                 return free.pop()
-        return torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        # page-aligned (an anonymous mapping): the writer hands such an output to the disk uncopied
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
     def give(self, buffer: torch.Tensor | None, nbytes_released: int) -> None:
         """Pool ``buffer`` (when not None) while releasing ``nbytes_released`` of a reservation."""
@@ -287,12 +292,11 @@ def _writer(
                         writer.abort()
                         return
                     task, result = item
+                    pooled = None if task.passthrough else _whole_buffer(result)
                     start = time.perf_counter()
-                    writer.write(result)
+                    writer.write(result, on_written=functools.partial(budget.give, pooled, task.out.nbytes))
                     phases.write += time.perf_counter() - start
-                    del item
-                    budget.give(None if task.passthrough else _whole_buffer(result), task.out.nbytes)
-                    del result
+                    del item, result, pooled
             except BaseException:
                 writer.abort()
                 raise
