@@ -487,6 +487,49 @@ def test_a_signal_while_the_merge_holds_a_lock_stops_it_at_the_next_tensor(famil
         assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
+def test_inputs_are_unmapped_off_the_merge_thread_before_their_bytes_are_released(family, tmp_path, monkeypatch):
+    """Each tensor's mapped inputs are dropped by the releaser thread, not the merge thread (their
+    page tables' teardown would stall the kernels), and only then are their bytes released: every
+    reservation comes back, and no release finds its tensor's inputs still mapped."""
+    import threading
+    import weakref
+
+    from modelfusion.pipeline.executor import MemoryBudget
+
+    recipe = recipe_text("ties", family) + "max_shard_size: 100KB\n"
+    merge(recipe, tmp_path / "plain", progress=False)
+    mapped: list[weakref.ref] = []
+    real_map, real_release = Checkpoint.map, MemoryBudget.release
+    releases, budgets = [], []
+
+    def map_and_track(self, name):
+        tensor = real_map(self, name)
+        mapped.append(weakref.ref(tensor))
+        return tensor
+
+    tasks = plan_merge(recipe).tasks
+    first_input = [0]  # where each task's inputs start in `mapped` (the reader maps them in task order)
+    for task in tasks:
+        first_input.append(first_input[-1] + sum(i is not None for i in task.inputs))
+
+    def release_and_check(self, nbytes):
+        budgets.append(self)
+        k = len(releases)  # releases come in task order
+        inputs = mapped[first_input[k] : first_input[k + 1]]
+        releases.append((threading.current_thread() is threading.main_thread(), [r() is None for r in inputs]))
+        real_release(self, nbytes)
+
+    monkeypatch.setattr(Checkpoint, "map", map_and_track)
+    monkeypatch.setattr(MemoryBudget, "release", release_and_check)
+    merge(recipe, tmp_path / "out", progress=False)
+    assert len(releases) == len(tasks) and len(mapped) == first_input[-1]
+    assert not any(on_main for on_main, _ in releases)
+    assert all(gone and all(gone) for _, gone in releases)  # its own inputs unmapped, each time
+    assert budgets[0].used == 0  # every reservation came back
+    for f in (tmp_path / "plain").iterdir():
+        assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 @pytest.fixture(scope="module")
 def block_family(tmp_path_factory):
     """float32 models whose every tensor is a whole number of 4 KiB blocks, as real ones are."""

@@ -84,6 +84,8 @@ int64_t arcee_importance_range(void* out_ptr, const void* base_ptr, const void* 
     for_each_lane<V, S>(0, cols, [&](auto lane, int64_t i) {
       using L = decltype(lane);
       const auto xv = L::load(xr + i), bv = L::load(br + i);
+      prefetch_ahead<L>(xr + i);
+      prefetch_ahead<L>(br + i);
       const auto d = L::sub(xv, bv);
       L::store(dd + i, d);
       mx.template of<L>() = L::max(mx.template of<L>(), xv);

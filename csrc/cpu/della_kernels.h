@@ -31,6 +31,8 @@ uint32_t della_keys_range(const void* x_, const void* base_, int64_t n, uint32_t
   int32_t nonzero_s = shifted(first);
   for_each_lane<V, S>(0, n, [&](auto lane, int64_t j) {
     using L = decltype(lane);
+    prefetch_ahead<L>(x + j);
+    if (base) prefetch_ahead<L>(base + j);
     const auto k = key_at(lane, j);
     L::store_i(out + j, k);
     if constexpr (std::is_same_v<L, V>) {

@@ -23,6 +23,8 @@ void gram_block_fused(double* acc, const T* const* xs, const T* base, int64_t c0
   for (int p = 0; p < P; ++p) lo[p] = hi[p] = _mm256_setzero_pd();
   int64_t c = c0;
   for (; c + 8 <= c1; c += 8) {
+    if constexpr (kBase) prefetch_ahead<Avx2Lane>(base + c);
+    for (int i = 0; i < N; ++i) prefetch_ahead<Avx2Lane>(xs[i] + c);
     __m256d dl[N], dh[N];
     __m256d bl = _mm256_setzero_pd(), bh = _mm256_setzero_pd();
     if constexpr (kBase) {

@@ -19,6 +19,8 @@ void nearswap_range(const MergeArgs& a, int64_t begin, int64_t end) {
   for_each_lane<V, S>(begin, end, [&](auto lane, int64_t i) {
     using L = decltype(lane);
     const auto b = L::load(base + i), v = L::load(x + i), one = L::set1(1);
+    prefetch_ahead<L>(base + i);
+    prefetch_ahead<L>(x + i);
     const auto gap = L::max(L::set1(E(1e-6)), L::abs(L::sub(b, v)));  // max(c, NaN) is NaN
     auto w = L::max(L::zero(), L::mul(L::div(one, gap), L::set1(t)));
     w = L::select(L::fgt(w, one), one, w);

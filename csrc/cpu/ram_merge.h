@@ -22,8 +22,10 @@ void ram_merge_range(const MergeArgs& a, int64_t begin, int64_t end) {
   for_each_lane<V, S>(begin, end, [&](auto lane, int64_t i) {
     using L = decltype(lane);
     const auto b = L::load(base + i), one = L::set1(1);
+    prefetch_ahead<L>(base + i);
     auto total = L::zero(), alone = L::zero(), count = L::zero();
     for (int k = 0; k < a.n; ++k) {
+      prefetch_ahead<L>(xs[k] + i);
       const auto tau = L::sub(L::load(xs[k] + i), b);
       const auto keep = L::fgt(L::abs(tau), L::set1(threshold));
       total = L::add(total, L::keep_if(keep, tau));
@@ -52,7 +54,9 @@ void ram_counts_range(const MergeArgs& a, int64_t begin, int64_t end, int64_t* c
     for_each_lane<V, S>(r0, r1, [&](auto lane, int64_t i) {
       using L = decltype(lane);
       const auto b = L::load(base + i);
+      prefetch_ahead<L>(base + i);
       auto count = L::zero();
+      for (int k = 0; k < a.n; ++k) prefetch_ahead<L>(xs[k] + i);
       for (int k = 0; k < a.n; ++k)
         count = L::add(count, L::one_if(L::fgt(L::abs(L::sub(L::load(xs[k] + i), b)), L::set1(threshold))));
       L::store(count_of + (i - r0), count);

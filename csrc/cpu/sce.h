@@ -31,6 +31,8 @@ void sce_variance_range(const MergeArgs& a, int64_t begin, int64_t end, int64_t*
     for_each_lane<V, S>(r0, r1, [&](auto lane, int64_t i) {
       using L = decltype(lane);
       const auto b = L::load(base + i), n = L::set1(float(a.n));
+      prefetch_ahead<L>(base + i);
+      for (int k = 0; k < a.n; ++k) prefetch_ahead<L>(xs[k] + i);
       auto total = L::sub(L::load(xs[0] + i), b);
       for (int k = 1; k < a.n; ++k) total = L::add(total, L::sub(L::load(xs[k] + i), b));
       const auto mean = L::div(total, n);

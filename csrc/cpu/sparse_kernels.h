@@ -44,6 +44,12 @@ struct TaskView {
     if constexpr (Keys16) return L::key16(xs[i] + j);
     return L::abs_bits(tau);
   }
+  // prefetch_ahead for model i's and the base's elements at j (a first pass's).
+  template <class L>
+  FK_ALWAYS_INLINE void prefetch(int i, int64_t j) const {
+    prefetch_ahead<L>(xs[i] + j);
+    if constexpr (HasBase) prefetch_ahead<L>(base + j);
+  }
   // out = base + r, or r itself (keeping -0) without a base.
   template <class L>
   FK_ALWAYS_INLINE typename L::R add_base(typename L::R b, typename L::R r) const {
@@ -311,7 +317,11 @@ void sparse_merge_range(const SparseMergeArgs& a, int64_t begin, int64_t end) {
       constexpr bool d = decltype(divide)::value;
       constexpr int U = kMergeUnroll;
       int64_t j = begin;  // a multiple of 64: every U-register step starts on a 16-element group
-      for (; j + U * V::width <= end; j += U * V::width) merge_chunk<c, g, d, md, U, V>(a, v, out, j);
+      for (; j + U * V::width <= end; j += U * V::width) {
+        for (int i = 0; i < a.task.n; ++i)
+          for (int u = 0; u < U; ++u) v.template prefetch<V>(i, j + u * V::width);
+        merge_chunk<c, g, d, md, U, V>(a, v, out, j);
+      }
       for (; j + V::width <= end; j += V::width) merge_chunk<c, g, d, md, 1, V>(a, v, out, j);
       for (; j < end; ++j) merge_chunk<c, g, d, md, 1, S>(a, v, out, j);
     };
@@ -366,6 +376,7 @@ FK_ALWAYS_INLINE int64_t bracket_span(const BracketArgs& a, const BracketOut& o,
   const bool band = a.lo[q] != a.hi[q];  // lo == hi: everything is above, equal or below
   auto above_n = L::iset1(0), hi_n = L::iset1(0), lo_n = L::iset1(0);
   for (; j + L::width <= end; j += L::width) {
+    v.template prefetch<L>(i, j);
     const auto key = v.template key<L>(i, j, v.template tau<L>(i, j, v.template base_at<L>(j)));
     const auto above = L::igt(key, hi), at_hi = L::ieq(key, hi);
     above_n = L::count_if(above_n, above);
@@ -423,8 +434,10 @@ void kept_l1_range(const L1Args& a, int64_t begin, int64_t end, double* sums) {
           float all_tail = 0.f, kept_tail = 0.f;
           for_each_keep<decltype(mode)::value, V, S>(rule, j0, std::min(end, j0 + kL1Run),
                                                      [&](auto lane, int64_t j, auto&& keep_of) FK_INLINE_LAMBDA {
-                                                       if constexpr (std::is_same_v<decltype(lane), V>)
+                                                       if constexpr (std::is_same_v<decltype(lane), V>) {
+                                                         v.template prefetch<V>(i, j);
                                                          l1_chunk<V>(v, i, j, all, kept, keep_of);
+                                                       }
                                                        else
                                                          l1_chunk<S>(v, i, j, all_tail, kept_tail, keep_of);
                                                      });

@@ -15,6 +15,8 @@ void task_arithmetic_range(const MergeArgs& a, int64_t begin, int64_t end) {
   for_each_lane<V, S>(begin, end, [&](auto lane, int64_t i) {
     using L = decltype(lane);
     const auto b = L::load(base + i);
+    prefetch_ahead<L>(base + i);
+    for (int k = 0; k < a.n; ++k) prefetch_ahead<L>(xs[k] + i);
     auto acc = a.add_base ? b : L::set1(0);
     for (int k = 0; k < a.n; ++k) acc = L::fma(L::sub(L::load(xs[k] + i), b), L::set1(w[k]), acc);
     L::store(out + i, acc);

@@ -12,6 +12,7 @@ void weighted_sum_range(const MergeArgs& a, int64_t begin, int64_t end) {
   const auto* w = weights<typename V::Elem>(a);
   for_each_lane<V, S>(begin, end, [&](auto lane, int64_t i) {
     using L = decltype(lane);
+    for (int k = 0; k < a.n; ++k) prefetch_ahead<L>(xs[k] + i);
     auto acc = L::mul(L::load(xs[0] + i), L::set1(w[0]));
     for (int k = 1; k < a.n; ++k) acc = L::fma(L::load(xs[k] + i), L::set1(w[k]), acc);
     L::store(out + i, acc);

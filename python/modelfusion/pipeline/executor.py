@@ -237,6 +237,16 @@ def _reader(plan, tasks, budget, ready: queue.Queue, stop: threading.Event, phas
         ready.put((None, e))
 
 
+def _releaser(released: queue.Queue, budget: MemoryBudget) -> None:
+    """Unmaps merged tensors' inputs and then releases their bytes, off the merge thread: unmapping
+    a 1.1B model's inputs takes a few tenths of a second of a core (the page tables' teardown), which
+    the merge thread would spend with the kernels' other threads idle. ``None`` means stop."""
+    while (item := released.get()) is not None:
+        nbytes = item[1]
+        del item  # the last reference to the inputs: their mappings go here
+        budget.release(nbytes)
+
+
 def compute_task(
     plan: Plan,
     task: TensorTask,
@@ -390,6 +400,8 @@ def execute(
     ready = queue.Queue(maxsize=PREFETCH)
     failure, phases = [], Phases()
     reader = threading.Thread(target=_reader, args=(plan, tasks, budget, ready, stop, phases), daemon=True)
+    released = queue.Queue()
+    releaser = threading.Thread(target=_releaser, args=(released, budget), daemon=True)
     writer = threading.Thread(
         target=_writer, args=(out, todo, budget, results, journal_path, journal, failure, phases), daemon=True
     )
@@ -400,6 +412,7 @@ def execute(
     with DeferredSignals() as signals:
         reader.start()
         writer.start()
+        releaser.start()
         try:
             for _ in tasks:
                 start = time.perf_counter()
@@ -416,11 +429,12 @@ def execute(
                 with torch.no_grad():
                     result = compute_task(plan, task, tensors, plan.recipe.device, buffer, scratch)
                 phases.compute += time.perf_counter() - start
-                # the inputs' mappings go before their bytes are released (else the reader maps the next
-                # tensor's inputs while these still count in RSS); the result's memory is pooled once written
-                del tensors, buffer
-                budget.give(scratch, task.peak_bytes - task.out.nbytes)
-                del scratch
+                # the scratch goes back to the pool at once (the next tensor reuses it); the inputs' bytes
+                # are released once the releaser has unmapped them (else the reader maps the next tensor's
+                # inputs while these still count in RSS); the result's memory is pooled once written
+                budget.give(scratch, 0)
+                released.put((tensors, task.peak_bytes - task.out.nbytes))
+                del tensors, buffer, scratch
                 results.put((task, result))
                 del result
                 bar.update(task.read_bytes)
@@ -439,8 +453,10 @@ def execute(
             # both threads are stopped and joined on every way out (Ctrl-C included): a daemon thread still
             # inside torch or the kernels at interpreter shutdown can abort the process
             stop.set()
+            released.put(None)
             writer.join()
             reader.join()
+            releaser.join()
             bar.close()
             torch.set_num_threads(previous_threads)
     return Executed(
