@@ -118,6 +118,7 @@ void sce_select_range(const MergeArgs& a, int64_t begin, int64_t end, int64_t ti
     for_each_lane<V, S>(r0, r1, [&](auto lane, int64_t i) {
       using L = decltype(lane);
       const auto v = L::load(var + i), t = L::set1(a.eps32);
+      prefetch_ahead<L>(var + i);
       const auto above = L::mandnot(L::mall(), L::fge(t, v));
       int keep = L::movemask(above);
       int tied = ties > 0 ? L::movemask(L::feq(v, t)) : 0;
@@ -134,6 +135,8 @@ void sce_select_range(const MergeArgs& a, int64_t begin, int64_t end, int64_t ti
       typename S::R total_tail = S::zero();
       for_each_lane<V, S>(r0, r1, [&](auto lane, int64_t i) {
         using L = decltype(lane);
+        prefetch_ahead<L>(xs[k] + i);
+        prefetch_ahead<L>(base + i);
         const auto tau = L::keep_if(L::load_mask8(mask + i), L::sub(L::load(xs[k] + i), L::load(base + i)));
         if constexpr (std::is_same_v<L, V>)
           total = V::add(total, V::mul(tau, tau));
