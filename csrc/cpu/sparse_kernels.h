@@ -44,11 +44,15 @@ struct TaskView {
     if constexpr (Keys16) return L::key16(xs[i] + j);
     return L::abs_bits(tau);
   }
-  // prefetch_ahead for model i's and the base's elements at j (a first pass's).
+  // prefetch_ahead for the base's elements at j, and for model i's (a first pass's).
+  template <class L>
+  FK_ALWAYS_INLINE void prefetch_base(int64_t j) const {
+    if constexpr (HasBase) prefetch_ahead<L>(base + j);
+  }
   template <class L>
   FK_ALWAYS_INLINE void prefetch(int i, int64_t j) const {
     prefetch_ahead<L>(xs[i] + j);
-    if constexpr (HasBase) prefetch_ahead<L>(base + j);
+    prefetch_base<L>(j);
   }
   // out = base + r, or r itself (keeping -0) without a base.
   template <class L>
@@ -318,8 +322,10 @@ void sparse_merge_range(const SparseMergeArgs& a, int64_t begin, int64_t end) {
       constexpr int U = kMergeUnroll;
       int64_t j = begin;  // a multiple of 64: every U-register step starts on a 16-element group
       for (; j + U * V::width <= end; j += U * V::width) {
-        for (int i = 0; i < a.task.n; ++i)
-          for (int u = 0; u < U; ++u) v.template prefetch<V>(i, j + u * V::width);
+        for (int u = 0; u < U; ++u) {  // each input once (the base is shared by the models)
+          v.template prefetch_base<V>(j + u * V::width);
+          for (int i = 0; i < a.task.n; ++i) prefetch_ahead<V>(v.xs[i] + j + u * V::width);
+        }
         merge_chunk<c, g, d, md, U, V>(a, v, out, j);
       }
       for (; j + V::width <= end; j += V::width) merge_chunk<c, g, d, md, 1, V>(a, v, out, j);
