@@ -530,6 +530,44 @@ def test_inputs_are_unmapped_off_the_merge_thread_before_their_bytes_are_release
         assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
+@pytest.mark.parametrize("method", ["ties", "linear", "passthrough", "slerp"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_inputs_converted_to_the_recipe_dtype_go_through_pooled_buffers(
+    bf16_family, tmp_path, monkeypatch, method, dtype
+):
+    """Inputs converted to the recipe's dtype land in buffers of the memory budget's pool, reused
+    from tensor to tensor, never one a result still lives in (passthrough returns its input): every
+    buffer is poisoned as it goes back to the pool, and the output still equals, byte for byte, that
+    of the plain ``tensor.to(dtype)`` conversions."""
+    from modelfusion.pipeline import executor
+
+    recipe = recipe_text(method, bf16_family, dtype=dtype) + "max_shard_size: 100KB\n"
+    real_converted = executor._converted
+    monkeypatch.setattr(executor, "_converted", lambda t, dtype, take: t.to(dtype))
+    merge(recipe, tmp_path / "plain", progress=False)
+    monkeypatch.setattr(executor, "_converted", real_converted)
+    into: list[int] = []  # the address of each buffer an input was converted into
+
+    def tracked(t, dtype, take):
+        converted = real_converted(t, dtype, take)
+        into.append(converted.data_ptr())
+        return converted
+
+    real_give = executor.MemoryBudget.give
+
+    def poisoned(self, buffer, nbytes_released):
+        if buffer is not None:
+            buffer.fill_(0xFF)  # what the next tensor's conversion or output would do to it
+        real_give(self, buffer, nbytes_released)
+
+    monkeypatch.setattr(executor, "_converted", tracked)
+    monkeypatch.setattr(executor.MemoryBudget, "give", poisoned)
+    merge(recipe, tmp_path / "out", progress=False)
+    assert len(into) > len(set(into)) > 0  # converted, and into buffers used again
+    for f in (tmp_path / "plain").iterdir():
+        assert (tmp_path / "out" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
 @pytest.fixture(scope="module")
 def block_family(tmp_path_factory):
     """float32 models whose every tensor is a whole number of 4 KiB blocks, as real ones are."""
