@@ -70,6 +70,13 @@ std::vector<T> per_thread_sums(int64_t numel, int threads, size_t slots, Kernel&
   return total;
 }
 
+// out = x converted from dtype `from` to dtype `to` (cast.h); float32, float16 and bfloat16 only.
+void cast(uintptr_t out, uintptr_t x, int from, int to, int64_t numel, int threads) {
+  if (from < 0 || from >= kFloat64 || to < 0 || to >= kFloat64) throw std::invalid_argument("cast: bad dtype code");
+  ArgsHolder h(out, {x}, {1.0}, numel, to);
+  parallel_run(active_kernels().cast[from][to], h.args, threads);
+}
+
 void weighted_sum(uintptr_t out, const Ptrs& xs, const std::vector<double>& w, int64_t numel, int dtype,
                   int threads) {
   ArgsHolder h(out, xs, w, numel, dtype);
@@ -358,6 +365,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("rows"), py::arg("cols"), py::arg("eps"), py::arg("threads"), nogil);
   m.def("arcee_select", &fk::arcee_select, py::arg("out"), py::arg("base"), py::arg("x"), py::arg("importance"),
         py::arg("cut"), py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
+  m.def("cast", &fk::cast, py::arg("out"), py::arg("x"), py::arg("from"), py::arg("to"), py::arg("numel"),
+        py::arg("threads"), nogil);
   m.def("nearswap", &fk::nearswap, py::arg("out"), py::arg("base"), py::arg("x"), py::arg("t"), py::arg("numel"),
         py::arg("dtype"), py::arg("threads"), nogil);
   m.def("sign_tally", &fk::sign_tally, py::arg("base"), py::arg("xs"), py::arg("thresholds"), py::arg("numel"),

@@ -288,6 +288,7 @@ def _elementwise_merges(dtype, specials: bool):
         "arcee_importance": lambda: fk.arcee_importance(base, xs[0]),
         "sce_variance": lambda: fk.sce_variance(base, xs),
         "slerp": lambda: fk.slerp(xs[0], xs[1], 0.3),
+        "cast": lambda: tuple(fk.cast(xs[0], d) for d in (torch.float32, torch.float16, torch.bfloat16)),
     }
     if dtype == torch.float32:
         cases["fisher"] = lambda: fk.fisher_merge(xs, [x.abs() + 0.1 for x in xs])

@@ -1,6 +1,7 @@
 // Builds a KernelTable from lane types; included once by each ISA translation unit.
 #pragma once
 #include "arcee.h"
+#include "cast.h"
 #include "della_kernels.h"
 #include "emr.h"
 #include "fisher_merge.h"
@@ -33,9 +34,17 @@ namespace {
   table.slot[kBFloat16] = &fn<V, S, bf16>;      \
   table.slot[kFloat64] = nullptr;
 
+#define FK_FILL_CAST_FROM(table, V, S, From, code)               \
+  table.cast[code][kFloat32] = &cast_range<V, S, From, float>;   \
+  table.cast[code][kFloat16] = &cast_range<V, S, From, f16>;     \
+  table.cast[code][kBFloat16] = &cast_range<V, S, From, bf16>;
+
 template <class V, class S>
 KernelTable make_kernel_table() {
   KernelTable t{};
+  FK_FILL_CAST_FROM(t, V, S, float, kFloat32)
+  FK_FILL_CAST_FROM(t, V, S, f16, kFloat16)
+  FK_FILL_CAST_FROM(t, V, S, bf16, kBFloat16)
   FK_FILL_DTYPES(t, weighted_sum, V, S)
   FK_FILL_DTYPES(t, task_arithmetic, V, S)
   FK_FILL_DTYPES(t, fisher_merge, V, S)

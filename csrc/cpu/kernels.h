@@ -63,6 +63,7 @@ using DellaDecideFn = int64_t (*)(const uint32_t* mid, int64_t count, const uint
                                   int64_t cap);
 
 struct KernelTable {
+  RangeFn cast[kFloat64][kFloat64];  // [from][to]: float32, float16 and bfloat16 (float64 is torch's)
   RangeFn weighted_sum[kNumDTypes];
   RangeFn task_arithmetic[kNumDTypes];
   RangeFn fisher_merge[kNumDTypes];

@@ -1,6 +1,7 @@
 """Public ops: validation at the boundary, a custom_op per op, dispatch to a backend."""
 
 from .arcee import arcee_importance, arcee_select
+from .cast import cast
 from .emr import emr_statistics
 from .fisher_merge import fisher_merge
 from .gram import gram
@@ -22,6 +23,7 @@ __all__ = [
     "arcee_importance",
     "arcee_select",
     "breadcrumbs_merge",
+    "cast",
     "dare_merge",
     "della_merge",
     "emr_statistics",

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import fusion_kernels as fk
 from fusion_kernels import __version__
 from fusion_kernels.methods import METHODS, merge_tensor, scratch_buffer_bytes
 
@@ -28,7 +29,7 @@ from ..errors import OutputError, short_repr
 from ..io.checkpoint import FLOAT8, SAFETENSORS_INDEX
 from ..io.vocabulary import write_tokenizer
 from ..io.writer import PARTIAL, ShardWriter, copy_model_files, write_index, write_json_atomic, write_text_atomic
-from .plan import Plan, TensorTask
+from .plan import FLOATS, Plan, TensorTask
 
 JOURNAL = ".modelfusion-journal.json"
 JOURNAL_GLOB = ".modelfusion-journal*.json"
@@ -275,12 +276,14 @@ def compute_task(
 
 
 def _converted(t: torch.Tensor, dtype: torch.dtype, take: Callable[[int], torch.Tensor]) -> torch.Tensor:
-    """``t.to(dtype)`` written into a buffer from ``take``: fresh memory costs a page fault per 4 KiB
-    on first touch, which made a 16-bit recipe on bfloat16 models (``dtype: float16``, as many
-    mergekit recipes say) 2-3 times slower than the native one."""
+    """``t.to(dtype)`` written into a buffer from ``take`` by ``fk.cast``: fresh memory costs a page
+    fault per 4 KiB on first touch, and torch converts bfloat16 to float16 an element at a time; the
+    two made a recipe's ``dtype: float16`` on bfloat16 models (as many mergekit recipes say) 2-3
+    times slower than a native one."""
     if t.dtype == dtype:
         return t
-    return take(t.numel() * dtype.itemsize).view(dtype).view(t.shape).copy_(t)
+    out = take(t.numel() * dtype.itemsize).view(dtype).view(t.shape)
+    return fk.cast(t, dtype, out=out) if t.dtype in FLOATS else out.copy_(t)  # FP8: torch's
 
 
 def _take_recorded(budget: MemoryBudget, taken: list[torch.Tensor], nbytes: int) -> torch.Tensor:
