@@ -137,6 +137,12 @@ def main() -> None:
     p.add_argument("--budget", default="4GiB", help="our --memory-budget for every method")
     p.add_argument("--small-budget", default="1GiB", help="one more linear run under this budget ('' to skip)")
     p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument(
+        "--recipe-dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="the recipes' dtype: the models are bfloat16, so another one converts every input (default bfloat16)",
+    )
     p.add_argument("--mergekit-methods", help=f"mergekit beside these only (default: all; {MERGEKIT_7B} at 7b)")
     p.add_argument("--profile", action="store_true", help="print our seconds per phase: read, compute, write, wait")
     p.add_argument("--workdir", help="default: a temporary directory, removed after")
@@ -162,7 +168,7 @@ def main() -> None:
         cached = total < memory // 2
         where = "page cache" if cached else "disk: the models outgrow the page cache"
         print(f"# read bound: {total / 1e9:.2f} GB in {bound_s:.2f} s = {total / bound_s / 1e9:.2f} GB/s ({where})")
-        out_bytes = total // len(paths)
+        out_bytes = total // len(paths) * getattr(torch, args.recipe_dtype).itemsize // 2  # the models: bfloat16
         # the disk writes its first few GB fast, then at its sustained speed (the first bound of a run
         # took 2.6-3.4 s, those after it 4.8-5.6 s): one write first, so the bounds and the runs all
         # see the sustained speed
@@ -176,7 +182,7 @@ def main() -> None:
             runs.append(("linear", args.small_budget))
         for method, budget in runs:
             recipe = root / f"{method}.yaml"
-            recipe.write_text(recipe_text(method, paths, dtype="bfloat16"))
+            recipe.write_text(recipe_text(method, paths, dtype=args.recipe_dtype))
             # the disk's sustained write speed wanders (2.2 GB fsynced took 3.3, 4.4, 4.9, 4.8 s back to
             # back on the 2-core VM): each run is held against the bound measured just before and after it
             before = write_bound(root, out_bytes)
@@ -223,6 +229,7 @@ def main() -> None:
             "cpus": torch.get_num_threads(),
             "torch": torch.__version__,
             "size": args.size,
+            "recipe_dtype": args.recipe_dtype,
             "shape": shape,
             "models": len(paths),
             "params_per_model": params,
