@@ -531,7 +531,9 @@ def test_inputs_are_unmapped_off_the_merge_thread_before_their_bytes_are_release
 
 
 @pytest.mark.parametrize("method", ["ties", "linear", "passthrough", "slerp"])
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize(
+    "dtype", ["float16", "float32", "float32\nout_dtype: float16"], ids=["float16", "float32", "float32-out-float16"]
+)
 def test_inputs_converted_to_the_recipe_dtype_go_through_pooled_buffers(
     bf16_family, tmp_path, monkeypatch, method, dtype
 ):

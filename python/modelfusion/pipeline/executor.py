@@ -260,7 +260,8 @@ def compute_task(
 ):
     """The merged tensor of ``task`` (written into ``out`` when the method can; ``scratch``: the
     method's reusable scratch buffer, see :func:`fusion_kernels.methods.merge_tensor`). On the CPU,
-    ``take(nbytes)`` gives the buffers the inputs are converted into (by default fresh memory)."""
+    ``take(nbytes)`` gives the buffers the inputs and a result in another ``out_dtype`` are converted
+    into (by default fresh memory)."""
     if task.passthrough:
         return next(t for t in tensors if t is not None)
     if device == "cpu" and take is not None:
@@ -272,6 +273,8 @@ def compute_task(
     base = tensors[task.base] if task.base is not None else None
     others = [tensors[k] for k in task.merged]
     result = merge_tensor(plan.recipe.merge_method, base, others, task.params, task.seed, out=out, scratch=scratch)
+    if result.device.type == "cpu" and take is not None and result.dtype != task.out.dtype:  # out_dtype
+        return _converted(result, task.out.dtype, take)
     return result.to(device="cpu", dtype=task.out.dtype)
 
 
