@@ -457,7 +457,7 @@ def execute(
                 scratch_bytes = scratch_buffer_bytes(task.method, task.numel, task.compute_dtype) if on_cpu else 0
                 if scratch_bytes:  # pooled like the outputs: its pages are touched once per run, not per tensor
                     scratch = budget.take(scratch_bytes)
-                converted: list[torch.Tensor] = []  # the buffers the inputs were converted into
+                converted: list[torch.Tensor] = []  # the buffers the inputs (and an out_dtype result) went into
                 take = functools.partial(_take_recorded, budget, converted)
                 start = time.perf_counter()
                 with torch.no_grad():
