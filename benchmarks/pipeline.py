@@ -54,6 +54,36 @@ from modelfusion.pipeline.recipe import parse_size
 stats = merge(open(sys.argv[1]).read(), sys.argv[2], memory_budget=parse_size(sys.argv[3], "budget"), progress=False)
 print(json.dumps({"seconds": stats.seconds, "peak_rss": stats.peak_rss, "phases": stats.phases}))
 """
+COMPUTE_ALONE = """
+import json, sys, time
+import modelfusion.cli  # the command's process defaults, as for our merge
+import torch
+from fusion_kernels.methods import METHODS, scratch_buffer_bytes
+from modelfusion.pipeline import plan_merge
+from modelfusion.pipeline.executor import compute_task
+from modelfusion.pipeline.recipe import parse_size
+plan = plan_merge(open(sys.argv[1]).read(), memory_budget=parse_size(sys.argv[2], "budget"))
+pool, seconds = {}, 0.0
+def pooled(key, nbytes):  # reused, as the pipeline pools its output, scratch and conversion buffers
+    if key not in pool:
+        pool[key] = torch.zeros(nbytes, dtype=torch.uint8)
+    return pool[key]
+for task in plan.tasks:
+    inputs = [None if i is None else plan.checkpoints[k].map(i.name) for k, i in enumerate(task.inputs)]
+    out = scratch = None
+    if not task.passthrough and task.compute_dtype == task.out.dtype and METHODS[task.method].writes_out:
+        out = pooled(("out", task.out.nbytes), task.out.nbytes).view(task.out.dtype).view(task.out.shape)
+    nbytes = 0 if task.passthrough else scratch_buffer_bytes(task.method, task.numel, task.compute_dtype)
+    if nbytes:
+        scratch = pooled(("scratch", nbytes), nbytes)
+    taken = []
+    take = lambda n: taken.append(pooled(("in", n, len(taken)), n)) or taken[-1]
+    start = time.perf_counter()
+    with torch.no_grad():
+        compute_task(plan, task, inputs, "cpu", out, scratch, take)
+    seconds += time.perf_counter() - start
+print(json.dumps({"seconds": seconds}))
+"""
 MERGEKIT = """
 import json, sys, time, yaml
 from modelfusion.pipeline.executor import peak_rss
@@ -144,7 +174,12 @@ def main() -> None:
         help="the recipes' dtype: the models are bfloat16, so another one converts every input (default bfloat16)",
     )
     p.add_argument("--mergekit-methods", help=f"mergekit beside these only (default: all; {MERGEKIT_7B} at 7b)")
-    p.add_argument("--profile", action="store_true", help="print our seconds per phase: read, compute, write, wait")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="print our seconds per phase (read, compute, write, wait), and measure each method's compute "
+        "alone: every tensor merged with its inputs already mapped and nothing read or written beside it",
+    )
     p.add_argument("--workdir", help="default: a temporary directory, removed after")
     p.add_argument("--json", type=Path, help="default benchmarks/results/pipeline-cpu[-7b].json")
     args = p.parse_args()
@@ -193,6 +228,7 @@ def main() -> None:
             after = write_bound(root, out_bytes)
             adjacent = (before + after) / 2
             read_s = (read_before + read_after) / 2
+            alone = run(COMPUTE_ALONE, recipe, budget)["seconds"] if args.profile else None
             theirs = None
             if not args.skip_mergekit and budget == args.budget and method in mergekit_methods.split(","):
                 theirs = run(MERGEKIT, recipe, root / "out-mergekit")
@@ -210,6 +246,7 @@ def main() -> None:
                 "ours_peak_rss_mib": ours["peak_rss"] / 2**20,
                 "ours_process_s": ours["process_s"],
                 "ours_phases_s": ours["phases"],
+                "ours_compute_alone_s": alone,  # --profile: the merge's kernels with no I/O beside them
                 "mergekit_s": theirs and theirs["seconds"],
                 "mergekit_gbs": theirs and read / theirs["seconds"] / 1e9,
                 "mergekit_peak_rss_mib": theirs and theirs["peak_rss"] / 2**20,
@@ -220,7 +257,11 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             if args.profile:
                 phases = ", ".join(f"{k} {v:.2f} s" for k, v in ours["phases"].items())
-                print(f"# {method}: {ours['seconds']:.2f} s; per phase (threads overlap): {phases}", flush=True)
+                print(
+                    f"# {method}: {ours['seconds']:.2f} s; per phase (threads overlap): {phases}; "
+                    f"compute alone {alone:.2f} s",
+                    flush=True,
+                )
         result = {
             "benchmark": "pipeline",
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

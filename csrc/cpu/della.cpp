@@ -214,7 +214,7 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
   const char* x = static_cast<const char*>(s.xs[size_t(model)]);
   const char* base = static_cast<const char*>(s.base);
   const size_t n = static_cast<size_t>(cols);
-  std::vector<uint32_t> keys(n), draws(n), mid(n + 8), pos(n), order, spare;  // mid: compress_store's room
+  std::vector<uint32_t> keys(n), draws(n), mid(n + kMaxLaneWidth), pos(n), order, spare;  // mid: compress_store's room
   const uint32_t s1 = a.s1[size_t(model)], s2 = a.s2[size_t(model)];
   const uint32_t lo = thr[0], hi = thr[cols - 1];  // rank_thresholds ascend
   uint8_t* out = masks + int64_t(model) * a.rows * cols;

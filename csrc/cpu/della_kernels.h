@@ -74,7 +74,7 @@ inline typename L::I della_draw(uint32_t first, int64_t c, uint32_t key) {
 
 // draws[c] = della_draw(first, c, key), c < n, held against the thresholds of the row's first and
 // last rank (lo <= hi): keep[c] = draw < lo, the decision of every rank; the c with lo <= draw < hi,
-// which their rank decides, are listed in order as index0 + c in mid (room for n + 8). Returns how many.
+// which their rank decides, are listed in order as index0 + c in mid (room for n + kMaxLaneWidth). Returns how many.
 template <class V, class S>
 int64_t della_draws_range(uint32_t first, int64_t n, uint32_t key, uint32_t lo, uint32_t hi, uint32_t index0,
                           uint32_t* draws, uint8_t* keep, uint32_t* mid) {
