@@ -57,16 +57,28 @@ struct ArgsHolder {
   }
 };
 
-// Runs kernel(tid, begin, end, partial) on the threads' pieces of [0, numel), each thread adding
-// into its own `slots` partial sums, and returns their totals.
+// Slots of T rounded up to whole cache lines: the partial sums of two pieces that two threads add
+// into at once do not share a line.
+template <class T>
+size_t padded_slots(size_t slots) {
+  return (slots * sizeof(T) + 63) / 64 * 64 / sizeof(T);
+}
+
+// Runs kernel(begin, end, partial) on parallel_chunks' pieces of [0, numel), each piece adding into
+// its own `slots` partial sums, and returns their totals, added in piece order: the same whichever
+// thread took which piece, and a thread the OS preempts (a pipeline's reader or writer) delays one
+// piece, where a thread's fixed half of the elements delayed the whole call.
 template <class T, class Kernel>
-std::vector<T> per_thread_sums(int64_t numel, int threads, size_t slots, Kernel&& kernel) {
-  const int t = std::max(threads, 1);
-  std::vector<T> partial(slots * size_t(t), T(0)), total(slots, T(0));
-  parallel_pieces(numel, t, [&](int id, int64_t begin, int64_t end) {
-    if (begin < end) kernel(begin, end, partial.data() + slots * id);
+std::vector<T> piece_sums(int64_t numel, int threads, size_t slots, Kernel&& kernel) {
+  const int64_t length = chunk_length(numel, threads);
+  const size_t pieces = size_t(std::max<int64_t>(1, (numel + length - 1) / length));
+  const size_t stride = padded_slots<T>(slots);
+  std::vector<T> partial(stride * pieces, T(0)), total(slots, T(0));
+  parallel_chunks(numel, threads, [&](int64_t begin, int64_t end) {
+    kernel(begin, end, partial.data() + stride * size_t(begin / length));
   });
-  for (size_t i = 0; i < partial.size(); ++i) total[i % slots] += partial[i];
+  for (size_t p = 0; p < pieces; ++p)
+    for (size_t i = 0; i < slots; ++i) total[i] += partial[stride * p + i];
   return total;
 }
 
@@ -132,7 +144,7 @@ std::vector<int64_t> ram_counts(uintptr_t base, const Ptrs& xs, double eps, int6
   h.set_base(base);
   h.set_eps(eps);
   const CountsFn fn = active_kernels().ram_counts[dtype];
-  return per_thread_sums<int64_t>(numel, plan_threads(numel, threads), 2 * xs.size(),
+  return piece_sums<int64_t>(numel, plan_threads(numel, threads), 2 * xs.size(),
                                   [&](int64_t begin, int64_t end, int64_t* sums) { fn(h.args, begin, end, sums); });
 }
 
@@ -145,7 +157,7 @@ std::vector<int64_t> sign_tally(uintptr_t base, const Ptrs& xs, const std::vecto
   h.set_base(base);
   const CountsFn fn = active_kernels().sign_tally[dtype];
   if (fn == nullptr) throw std::invalid_argument("sign_tally takes float32, float16 or bfloat16");
-  return per_thread_sums<int64_t>(numel, plan_threads(numel, threads), 2,
+  return piece_sums<int64_t>(numel, plan_threads(numel, threads), 2,
                                   [&](int64_t begin, int64_t end, int64_t* sums) { fn(h.args, begin, end, sums); });
 }
 
@@ -166,7 +178,7 @@ std::vector<double> emr(uintptr_t unified, const Ptrs& masks, uintptr_t base, co
   a.xs = x_ptrs.data();
   a.unified = reinterpret_cast<void*>(unified);
   a.masks = mask_ptrs.data();
-  return per_thread_sums<double>(numel, plan_threads(numel * int64_t(xs.size()), threads), 2 * xs.size(),
+  return piece_sums<double>(numel, plan_threads(numel * int64_t(xs.size()), threads), 2 * xs.size(),
                                  [&](int64_t begin, int64_t end, double* sums) { fn(a, begin, end, sums); });
 }
 
@@ -176,7 +188,7 @@ int64_t sce_variance(uintptr_t var, uintptr_t base, const Ptrs& xs, int64_t nume
   h.set_base(base);
   const CountsFn fn = active_kernels().sce_variance[dtype];
   if (fn == nullptr || base == 0) throw std::invalid_argument("sce_variance takes a base and float32, float16 or bfloat16");
-  return per_thread_sums<int64_t>(numel, plan_threads(numel * int64_t(xs.size()), threads), 1,
+  return piece_sums<int64_t>(numel, plan_threads(numel * int64_t(xs.size()), threads), 1,
                                   [&](int64_t begin, int64_t end, int64_t* sums) { fn(h.args, begin, end, sums); })[0];
 }
 
@@ -189,13 +201,13 @@ std::vector<double> sce_energies(uintptr_t base, const Ptrs& xs, uintptr_t mask,
   h.args.mask = reinterpret_cast<const uint8_t*>(mask);
   const SumsFn fn = active_kernels().sce_energies[dtype];
   if (fn == nullptr || base == 0) throw std::invalid_argument("sce_energies takes a base and float32, float16 or bfloat16");
-  return per_thread_sums<double>(numel, plan_threads(numel * int64_t(xs.size()), threads), xs.size(),
+  return piece_sums<double>(numel, plan_threads(numel * int64_t(xs.size()), threads), xs.size(),
                                  [&](int64_t begin, int64_t end, double* sums) { fn(h.args, begin, end, sums); });
 }
 
 // SCE's mask of the k largest variances, given the k-th largest (threshold), written into mask
 // (a byte each; ties at the threshold: the lowest indices), with the energies over it: returns
-// [energy_0, ..., energy_{n-1}, kept] (sce.h). Two passes on the same split: the counts above and
+// [energy_0, ..., energy_{n-1}, kept] (sce.h). Two passes on the same pieces: the counts above and
 // at the threshold per piece, which give each piece its share of the ties; then mask and energies.
 std::vector<double> sce_select(uintptr_t mask, uintptr_t base, const Ptrs& xs, uintptr_t var, double threshold,
                                int64_t k, int64_t numel, int dtype, int threads) {
@@ -209,23 +221,28 @@ std::vector<double> sce_select(uintptr_t mask, uintptr_t base, const Ptrs& xs, u
   if (fn == nullptr || base == 0 || var == 0 || mask == 0)
     throw std::invalid_argument("sce_select takes a base, variances, a mask and float32, float16 or bfloat16");
   const int t = std::max(plan_threads(numel * int64_t(xs.size()), threads), 1);
-  std::vector<int64_t> counts(2 * size_t(t), 0);
-  parallel_pieces(numel, t, [&](int id, int64_t begin, int64_t end) {
-    if (begin < end) tally(h.args, begin, end, counts.data() + 2 * id);
+  const int64_t length = chunk_length(numel, t);
+  const size_t pieces = size_t(std::max<int64_t>(1, (numel + length - 1) / length));
+  const size_t count_stride = padded_slots<int64_t>(2);
+  std::vector<int64_t> counts(count_stride * pieces, 0);
+  parallel_chunks(numel, t, [&](int64_t begin, int64_t end) {
+    tally(h.args, begin, end, counts.data() + count_stride * size_t(begin / length));
   });
   int64_t ties = k;
-  for (int id = 0; id < t; ++id) ties -= counts[2 * size_t(id)];
-  std::vector<int64_t> share(size_t(t), 0);
-  for (int id = 0; id < t; ++id) {
-    share[size_t(id)] = std::max<int64_t>(0, std::min(ties, counts[2 * size_t(id) + 1]));
-    ties -= share[size_t(id)];
+  for (size_t p = 0; p < pieces; ++p) ties -= counts[count_stride * p];
+  std::vector<int64_t> share(pieces, 0);
+  for (size_t p = 0; p < pieces; ++p) {
+    share[p] = std::max<int64_t>(0, std::min(ties, counts[count_stride * p + 1]));
+    ties -= share[p];
   }
-  const size_t slots = xs.size() + 1;
-  std::vector<double> partial(slots * size_t(t), 0.0), total(slots, 0.0);
-  parallel_pieces(numel, t, [&](int id, int64_t begin, int64_t end) {
-    if (begin < end) fn(h.args, begin, end, share[size_t(id)], partial.data() + slots * size_t(id));
+  const size_t slots = xs.size() + 1, stride = padded_slots<double>(slots);
+  std::vector<double> partial(stride * pieces, 0.0), total(slots, 0.0);
+  parallel_chunks(numel, t, [&](int64_t begin, int64_t end) {
+    const size_t p = size_t(begin / length);
+    fn(h.args, begin, end, share[p], partial.data() + stride * p);
   });
-  for (size_t i = 0; i < partial.size(); ++i) total[i % slots] += partial[i];
+  for (size_t p = 0; p < pieces; ++p)
+    for (size_t i = 0; i < slots; ++i) total[i] += partial[stride * p + i];
   return total;
 }
 

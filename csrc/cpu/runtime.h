@@ -95,6 +95,13 @@ void parallel_replay(int64_t count, int t, const int* owner, F&& f) {
   }
 }
 
+// The length of parallel_chunks' pieces of [0, n) on t threads: piece p is [p·length, (p+1)·length).
+inline int64_t chunk_length(int64_t n, int t, int64_t granule = 64) {
+  if (t <= 1) return std::max<int64_t>(n, 1);
+  const int64_t length = ((n + 4 * t - 1) / (4 * t) + granule - 1) / granule * granule;
+  return std::clamp<int64_t>(length, granule, int64_t(1) << 18);
+}
+
 // Runs f(begin, end) over [0, n) in pieces (multiples of `granule`, at least 4 per thread where n
 // allows and at most 2^18), handed out one at a time to `t` threads: a thread the OS preempts (say
 // for a pipeline's reader or writer) delays only its current piece, not the whole call. For work
@@ -106,7 +113,7 @@ void parallel_chunks(int64_t n, int t, F&& f, int64_t granule = 64) {
     if (n > 0) f(int64_t(0), n);
     return;
   }
-  const int64_t piece = std::min<int64_t>(int64_t(1) << 18, ((n + 4 * t - 1) / (4 * t) + granule - 1) / granule * granule);
+  const int64_t piece = chunk_length(n, t, granule);
   parallel_tasks((n + piece - 1) / piece, t, [&](int64_t p) { f(p * piece, std::min(n, (p + 1) * piece)); });
 }
 
