@@ -22,18 +22,28 @@ namespace {
 
 constexpr int kBins = 1 << 16;
 
-// Calls f(key) where key(i, j) is the magnitude key of element j of model i (scalar, for the
-// sampling and the rare fallback passes; the bracket pass runs the ISA's kernel).
+// key(i, j): the magnitude key of element j of model i (scalar, for the sampling and the rare
+// fallback passes; the bracket pass runs the ISA's kernel). touch(i, j): starts loading that
+// element (and the base's) into cache.
+template <class View>
+struct KeyOf {
+  const View& v;
+  uint32_t operator()(int i, int64_t j) const {
+    using L = ScalarLane;
+    return uint32_t(v.template key<L>(i, j, v.template tau<L>(i, j, v.template base_at<L>(j))));
+  }
+  void touch(int i, int64_t j) const {
+    __builtin_prefetch(v.xs[i] + j);
+    if constexpr (View::has_base) __builtin_prefetch(v.base + j);
+  }
+};
+
+// Calls f(key_of), a KeyOf of the source's storage type and view.
 template <class F>
 void with_keys(const TaskSource& s, F&& f) {
   const TaskArgs a = s.args();
   with_storage(s.dtype, [&](auto tag) {
-    with_task_view<decltype(tag)>(a, [&](const auto& v) {
-      using L = ScalarLane;
-      f([&v](int i, int64_t j) {
-        return uint32_t(v.template key<L>(i, j, v.template tau<L>(i, j, v.template base_at<L>(j))));
-      });
-    });
+    with_task_view<decltype(tag)>(a, [&](const auto& v) { f(KeyOf<std::decay_t<decltype(v)>>{v}); });
   });
 }
 
@@ -118,6 +128,7 @@ void cut(const TaskSource& s, std::vector<Query>& qs, int threads) {
 // The keys are drawn in runs of kSampleRun neighbours: lone keys 64 apart touched nearly every
 // cache line of the inputs (the prefetcher fetches line pairs), as much memory traffic as a pass.
 constexpr int64_t kSampleRun = 16;
+constexpr int64_t kSampleAhead = 8;  // runs whose lines are requested before their keys are read
 
 inline int64_t sample_count(int64_t n) {
   const int64_t s = std::clamp(n >> 6, int64_t(1) << 13, int64_t(1) << 18);
@@ -153,6 +164,10 @@ std::vector<uint32_t> sample_keys(const K& key_of, int model, int64_t n, int64_t
   for (int64_t i = 0; i < count;) {  // a run at a time: its positions are consecutive
     const int64_t at = first + i, start = sample_position(at, samples, n);
     const int64_t run = std::min(count - i, samples == n ? count - i : kSampleRun - at % kSampleRun);
+    // the runs lie far apart, each a cache miss: the one kSampleAhead runs on is requested now, so
+    // that the misses overlap (the loads waiting on them took two thirds of the sampling's time)
+    if (samples != n && at + kSampleAhead * kSampleRun < samples)
+      key_of.touch(model, sample_position(at + kSampleAhead * kSampleRun, samples, n));
     for (int64_t o = 0; o < run; ++o) keys[i + o] = ~key_of(model, start + o);  // ascending ~key: descending key
     i += run;
   }
