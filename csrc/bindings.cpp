@@ -207,10 +207,11 @@ std::vector<double> sce_energies(uintptr_t base, const Ptrs& xs, uintptr_t mask,
 
 // SCE's mask of the k largest variances, given the k-th largest (threshold), written into mask
 // (a byte each; ties at the threshold: the lowest indices), with the energies over it: returns
-// [energy_0, ..., energy_{n-1}, kept] (sce.h). Two passes on the same pieces: the counts above and
-// at the threshold per piece, which give each piece its share of the ties; then mask and energies.
+// [energy_0, ..., energy_{n-1}, kept] (sce.h). cut: the flat index past the last tie kept, as the
+// threshold's own search finds it; where it is not given (-1), the counts above and at the threshold
+// per piece give the piece that holds it, and a scan of that piece the index.
 std::vector<double> sce_select(uintptr_t mask, uintptr_t base, const Ptrs& xs, uintptr_t var, double threshold,
-                               int64_t k, int64_t numel, int dtype, int threads) {
+                               int64_t k, int64_t cut, int64_t numel, int dtype, int threads) {
   ArgsHolder h(mask, xs, std::vector<double>(xs.size(), 1.0), numel, dtype);
   h.set_base(base);
   h.set_eps(threshold);
@@ -223,23 +224,30 @@ std::vector<double> sce_select(uintptr_t mask, uintptr_t base, const Ptrs& xs, u
   const int t = std::max(plan_threads(numel * int64_t(xs.size()), threads), 1);
   const int64_t length = chunk_length(numel, t);
   const size_t pieces = size_t(std::max<int64_t>(1, (numel + length - 1) / length));
-  const size_t count_stride = padded_slots<int64_t>(2);
-  std::vector<int64_t> counts(count_stride * pieces, 0);
-  parallel_chunks(numel, t, [&](int64_t begin, int64_t end) {
-    tally(h.args, begin, end, counts.data() + count_stride * size_t(begin / length));
-  });
-  int64_t ties = k;
-  for (size_t p = 0; p < pieces; ++p) ties -= counts[count_stride * p];
-  std::vector<int64_t> share(pieces, 0);
-  for (size_t p = 0; p < pieces; ++p) {
-    share[p] = std::max<int64_t>(0, std::min(ties, counts[count_stride * p + 1]));
-    ties -= share[p];
+  if (cut < 0) {
+    const size_t count_stride = padded_slots<int64_t>(2);
+    std::vector<int64_t> counts(count_stride * pieces, 0);
+    parallel_chunks(numel, t, [&](int64_t begin, int64_t end) {
+      tally(h.args, begin, end, counts.data() + count_stride * size_t(begin / length));
+    });
+    int64_t ties = k;
+    for (size_t p = 0; p < pieces; ++p) ties -= counts[count_stride * p];
+    cut = ties > 0 ? numel : 0;  // fewer ties than asked for: all of them
+    const float* v = reinterpret_cast<const float*>(var);
+    for (size_t p = 0; p < pieces && ties > 0; ++p) {
+      if (ties > counts[count_stride * p + 1]) {
+        ties -= counts[count_stride * p + 1];
+        continue;
+      }
+      const int64_t end = std::min(numel, int64_t(p + 1) * length);
+      for (int64_t j = int64_t(p) * length; j < end && ties > 0; ++j)
+        if (v[j] == h.args.eps32 && --ties == 0) cut = j + 1;
+    }
   }
   const size_t slots = xs.size() + 1, stride = padded_slots<double>(slots);
   std::vector<double> partial(stride * pieces, 0.0), total(slots, 0.0);
   parallel_chunks(numel, t, [&](int64_t begin, int64_t end) {
-    const size_t p = size_t(begin / length);
-    fn(h.args, begin, end, share[p], partial.data() + stride * p);
+    fn(h.args, begin, end, cut, partial.data() + stride * size_t(begin / length));
   });
   for (size_t p = 0; p < pieces; ++p)
     for (size_t i = 0; i < slots; ++i) total[i] += partial[stride * p + i];
@@ -377,7 +385,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("sce_energies", &fk::sce_energies, py::arg("base"), py::arg("xs"), py::arg("mask"), py::arg("numel"),
         py::arg("dtype"), py::arg("threads"), nogil);
   m.def("sce_select", &fk::sce_select, py::arg("mask"), py::arg("base"), py::arg("xs"), py::arg("var"),
-        py::arg("threshold"), py::arg("k"), py::arg("numel"), py::arg("dtype"), py::arg("threads"), nogil);
+        py::arg("threshold"), py::arg("k"), py::arg("cut"), py::arg("numel"), py::arg("dtype"), py::arg("threads"),
+        nogil);
   m.def("arcee_importance", &fk::arcee_importance, py::arg("out"), py::arg("base"), py::arg("x"), py::arg("dtype"),
         py::arg("rows"), py::arg("cols"), py::arg("eps"), py::arg("threads"), nogil);
   m.def("arcee_select", &fk::arcee_select, py::arg("out"), py::arg("base"), py::arg("x"), py::arg("importance"),

@@ -11,6 +11,7 @@ import fusion_kernels as fk
 from fusion_kernels import methods
 from fusion_kernels import reference as ref
 from fusion_kernels.errors import AliasError, ArgumentTypeError, DTypeError, ShapeError
+from fusion_kernels.ops import sce as sce_ops
 from fusion_kernels.reference import composite
 
 DT_IDS = [str(d).removeprefix("torch.") for d in DTYPES]
@@ -154,6 +155,31 @@ def test_select_shares_the_ties_between_threads_in_index_order(backend):
         assert energies == [float(k), float(k)]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DT_IDS)
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.7, 0.99])
+def test_select_with_the_cut_of_the_threshold_search_equals_it_without(backend, dtype, density):
+    """The top-k search's tie cut (the cpu backend's) spares sce_select its tally pass: the same mask,
+    count and energies as sce_select placing the ties itself, equal to the reference top-k mask; a
+    cut given by hand on every backend (the torch one too) keeps the ties below it."""
+    base, xs = _family(2, (3, 70001), dtype, seed=11)  # bf16/fp16: discrete variances, many ties
+    var, nonzero = fk.sce_variance(base, xs)
+    k = int(nonzero * density)
+    threshold, cut = sce_ops.top_k_threshold(var, k)
+    assert threshold == float(fk.magnitude_threshold(var, k=k))
+    expected = ref.top_k_mask(var.cpu(), k)
+    if cut is not None:  # past the last variance equal to the threshold that the top k holds
+        assert cut == int((expected.view(-1) & (var.view(-1).cpu() == threshold)).nonzero().max()) + 1
+    mask, kept, energies = fk.sce_select(base, xs, var, threshold, k, cut=cut)
+    plain = fk.sce_select(base, xs, var, threshold, k)
+    assert torch.equal(mask.cpu(), expected) and kept == k
+    assert torch.equal(plain[0], mask) and plain[1] == kept and plain[2] == pytest.approx(energies, rel=1e-12)
+    tied = (var.view(-1) == threshold).nonzero().view(-1).cpu()
+    by_hand = int(tied[len(tied) // 2]) + 1  # the first half of the ties: fewer than k kept
+    mask, kept, _ = fk.sce_select(base, xs, var, threshold, k, cut=by_hand)
+    want = (~(var.view(-1) <= threshold)) | ((var.view(-1) == threshold) & (torch.arange(var.numel()) < by_hand))
+    assert torch.equal(mask.view(-1).cpu(), want.cpu()) and kept == int(want.sum())
+
+
 def test_bad_select_input_is_refused():
     base, xs = _family(2, (6, 4), torch.bfloat16)
     var, _ = fk.sce_variance(base, xs)
@@ -165,6 +191,9 @@ def test_bad_select_input_is_refused():
         fk.sce_select(base, xs, var, float("inf"), 3)
     with pytest.raises(fk.WeightError, match="'k'"):
         fk.sce_select(base, xs, var, 0.1, 25)
+    for cut in (-1, 25, 2.0, True):
+        with pytest.raises(fk.WeightError, match="'cut'"):
+            fk.sce_select(base, xs, var, 0.1, 3, cut=cut)
     with pytest.raises(DTypeError, match="'out'"):
         fk.sce_select(base, xs, var, 0.1, 3, out=torch.empty(6, 4))
 

@@ -18,7 +18,7 @@ using CountsFn = void (*)(const MergeArgs& a, int64_t begin, int64_t end, int64_
 // Passes over [begin, end) that add float64 sums into sums: SCE's energies (sce.h); and its mask,
 // keeping `ties` of the elements equal to its threshold.
 using SumsFn = void (*)(const MergeArgs& a, int64_t begin, int64_t end, double* sums);
-using SceSelectFn = void (*)(const MergeArgs& a, int64_t begin, int64_t end, int64_t ties, double* sums);
+using SceSelectFn = void (*)(const MergeArgs& a, int64_t begin, int64_t end, int64_t cut, double* sums);
 
 // One tensor of one model in global_threshold's counting sweep (threshold_scan.h).
 struct ThresholdScanArgs {

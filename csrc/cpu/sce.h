@@ -4,8 +4,9 @@
 //   tau_k = x_k - base,  mean = (tau_0 + ... + tau_{n-1}) / n,
 //   var = ((tau_0 - mean)^2 + ... + (tau_{n-1} - mean)^2) / n          (sce_variance_range)
 //   energy_k = sum over kept elements of tau_k^2                       (sce_energies_range)
-//   kept = the k largest var given the k-th, t: var > t and the first ties (sce_tally_range,
-//   sce_select_range), with the energies over it
+//   kept = the k largest var given the k-th, t: var > t and those equal to t below the tie cut,
+//   the flat index past the last tie kept (sce_tally_range finds it where the caller has not),
+//   with the energies over it (sce_select_range)
 // Included by each ISA's translation unit (kernel_table.h): plain arrays only, no library code.
 #pragma once
 #include <algorithm>
@@ -104,10 +105,10 @@ void sce_tally_range(const MergeArgs& a, int64_t begin, int64_t end, int64_t* co
 }
 
 // The mask of [begin, end) written into a.out (a byte each): the variances above a.eps32 (NaN
-// included) and the first `ties` of those equal to it; sums[k] += sum of tau_k^2 over it, as
-// sce_energies_range; sums[n] += its count.
+// included) and those equal to it at a flat index below `cut`; sums[k] += sum of tau_k^2 over it,
+// as sce_energies_range; sums[n] += its count.
 template <class V, class S, class T>
-void sce_select_range(const MergeArgs& a, int64_t begin, int64_t end, int64_t ties, double* sums) {
+void sce_select_range(const MergeArgs& a, int64_t begin, int64_t end, int64_t cut, double* sums) {
   const T* const* xs = reinterpret_cast<const T* const*>(a.xs);
   const T* base = static_cast<const T*>(a.base);
   const float* var = static_cast<const float*>(a.fs[0]);
@@ -121,11 +122,12 @@ void sce_select_range(const MergeArgs& a, int64_t begin, int64_t end, int64_t ti
       prefetch_ahead<L>(var + i);
       const auto above = L::mandnot(L::mall(), L::fge(t, v));
       int keep = L::movemask(above);
-      int tied = ties > 0 ? L::movemask(L::feq(v, t)) : 0;
+      int tied = i < cut ? L::movemask(L::feq(v, t)) : 0;
       if (tied == 0) {
         L::store_mask8(mask + i, above);
-      } else {  // the threshold's vector(s): the lowest tied lanes kept, in index order
-        for (; tied != 0 && ties > 0; tied &= tied - 1, --ties) keep |= tied & -tied;
+      } else {  // the threshold's vector(s): the tied lanes below cut kept
+        if (cut - i < L::width) tied &= (1 << (cut - i)) - 1;
+        keep |= tied;
         for (int u = 0; u < L::width; ++u) mask[i + u] = uint8_t((keep >> u) & 1);
       }
       kept += __builtin_popcount(unsigned(keep));

@@ -5,11 +5,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import _native, _validate
+from .. import _native, _sparse_native, _validate
 from .._dispatch import select
 from ..errors import WeightError
 from ..reference import composite
 from ..reference.weighted_sum import accumulation_dtype
+from .magnitude_prune import magnitude_threshold
 
 CHUNK = 1 << 18  # elements per step of the torch backend: its float32 temporaries stay small
 
@@ -47,20 +48,23 @@ def _energies_cpu(base, xs, mask):
     )
 
 
-def _select_torch(mask, base, xs, var, threshold, k):
+def _select_torch(mask, base, xs, var, threshold, k, cut):
     flat_var, flat_mask = var.view(-1), mask.view(-1)
     ties = k - int(torch.count_nonzero(~(flat_var <= threshold)))  # NaN counts as above
     for start in range(0, var.numel(), CHUNK):
         where = slice(start, start + CHUNK)
         v = flat_var[where]
         equal = v == threshold
-        keep_equal = equal & (torch.cumsum(equal, 0) <= ties)
-        ties -= int(torch.count_nonzero(keep_equal))
+        if cut is None:
+            keep_equal = equal & (torch.cumsum(equal, 0) <= ties)
+            ties -= int(torch.count_nonzero(keep_equal))
+        else:
+            keep_equal = equal & (torch.arange(start, start + v.numel(), device=v.device) < cut)
         torch.bitwise_or(~(v <= threshold), keep_equal, out=flat_mask[where])
     return _energies_torch(base, xs, mask), int(torch.count_nonzero(mask))
 
 
-def _select_cpu(mask, base, xs, var, threshold, k):
+def _select_cpu(mask, base, xs, var, threshold, k, cut):
     if base.numel() == 0:
         return [0.0] * len(xs), 0
     code = _native.dtype_code(base.dtype)
@@ -71,6 +75,7 @@ def _select_cpu(mask, base, xs, var, threshold, k):
         var.data_ptr(),
         threshold,
         k,
+        -1 if cut is None else cut,
         base.numel(),
         code,
         _native.threads(),
@@ -78,11 +83,22 @@ def _select_cpu(mask, base, xs, var, threshold, k):
     return sums[:-1], int(sums[-1])
 
 
+def _threshold_torch(var, k):
+    return float(magnitude_threshold(var, k=k)), None
+
+
+def _threshold_cpu(var, k):
+    (key, cut), *_ = _sparse_native.select(None, [var], [0], [k])
+    return float(torch.tensor([key], dtype=torch.int32).view(torch.float32)), cut
+
+
 # the C++ kernels take 16- and 32-bit floats; float64 runs on the torch backend
 _variance_cpu.dtypes = _energies_cpu.dtypes = _select_cpu.dtypes = (torch.float32, torch.float16, torch.bfloat16)
+_threshold_cpu.dtypes = (torch.float32,)
 VARIANCE_IMPLS = {"torch": _variance_torch, "cpu": _variance_cpu}
 ENERGIES_IMPLS = {"torch": _energies_torch, "cpu": _energies_cpu}
 SELECT_IMPLS = {"torch": _select_torch, "cpu": _select_cpu}
+THRESHOLD_IMPLS = {"torch": _threshold_torch, "cpu": _threshold_cpu}
 
 
 def _like(base: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -144,13 +160,18 @@ def sce_select(
     threshold: float,
     k: int,
     out: torch.Tensor | None = None,
+    *,
+    cut: int | None = None,
 ) -> tuple[torch.Tensor, int, list[float]]:
     """SCE's select and calculate steps fused: the mask of the k largest variances (``var`` from
     :func:`sce_variance`; ``threshold``: its k-th largest value, e.g. from
     :func:`fusion_kernels.magnitude_threshold`; ties at it: the lowest indices; NaN ranks above every
-    number) and each model's Σ (mask·τᵢ)² over it, in two passes over the variances and one over the
-    inputs. Returns (mask: bool like ``base``, written into ``out`` when given; how many it keeps,
-    k where the threshold is right; N energies as :func:`sce_energies`)."""
+    number) and each model's Σ (mask·τᵢ)² over it, in one pass over the variances and the inputs, and
+    one more over the variances to place the ties unless ``cut`` is given: the flat index just past
+    the last element equal to the threshold among the k largest, where the search for the threshold
+    found it (the variances equal to it are kept below it). Returns (mask: bool like ``base``,
+    written into ``out`` when given; how many it keeps, k where the threshold is right; N energies as
+    :func:`sce_energies`)."""
     op = "sce_select"
     base, xs = _check(op, base, xs)
     var = _validate.check_tensor(op, "var", var)
@@ -162,9 +183,18 @@ def sce_select(
         out = torch.empty(base.shape, dtype=torch.bool, device=base.device)
     else:
         _validate.check_out(op, out, _like(base, torch.bool), "base, as bool", {}, contiguous=True)
+    if cut is not None and (not isinstance(cut, int) or isinstance(cut, bool) or not 0 <= cut <= base.numel()):
+        raise WeightError(f"{op}: argument 'cut' expected None or an int in [0, {base.numel()}], got {cut!r}")
     if k == 0:  # no k-th largest: nothing is kept
         return out.zero_(), 0, [0.0] * len(xs)
     var = var.contiguous()
-    impl = select(op, SELECT_IMPLS, base.device, base.dtype, (out, base, xs, var, threshold, k))
-    energies, kept = impl(out, base, xs, var, threshold, k)
+    impl = select(op, SELECT_IMPLS, base.device, base.dtype, (out, base, xs, var, threshold, k, cut))
+    energies, kept = impl(out, base, xs, var, threshold, k, cut)
     return out, kept, [float(e) for e in energies]
+
+
+def top_k_threshold(var: torch.Tensor, k: int) -> tuple[float, int | None]:
+    """The k-th largest of the variances ``var`` from :func:`sce_variance` (1 ≤ k < numel; NaN ranks
+    above every number) and, on the cpu backend, ``sce_select``'s ``cut`` for it (None elsewhere)."""
+    var = var.contiguous()
+    return select("sce_select", THRESHOLD_IMPLS, var.device, var.dtype, (var, k))(var, k)
