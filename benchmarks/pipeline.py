@@ -5,14 +5,14 @@
     python benchmarks/pipeline.py --size 7b --methods linear,ties   # 3 × 6.7B (Llama-2-7B's shape)
 
 Generates the models (HF format, 1 GB shards) under --workdir, measures the disk bounds (every
-input byte read once through modelfusion.io, the second of two passes: from the page cache where
-the models fit in it, from the disk where they do not; the output's size written by modelfusion's
-writer and fsynced), then for each method runs ``modelfusion merge`` and mergekit's ``run_merge``
-on the same recipe, each in a fresh process reporting its own wall time and peak RSS. The disk's
+input byte read once as the merge reads it, mapped through modelfusion.io with no copy, the second
+of two passes: from the page cache where the models fit in it, from the disk where they do not; the
+output's size written by modelfusion's writer and fsynced), then for each method runs ``modelfusion
+merge`` and mergekit's ``run_merge`` on the same recipe, each in a fresh process reporting its own
+wall time and peak RSS. The disk's
 sustained write speed wanders from one write to the next, so the write bound is measured again just
 before and after each of our runs and the run is held against their mean; so does this VM's speed of
-reading the page cache (1.38-1.86 s for the 1.1B family's 6.6 GB from one run of this benchmark to
-the next), so where the models fit in it the read bound is measured around each run too. Checks the
+reading the page cache, so where the models fit in it the read bound is measured around each run too. Checks the
 free disk space first; removes what it generated unless --workdir is given. Writes JSON (default
 benchmarks/results/pipeline-cpu.json, or pipeline-cpu-7b.json for --size 7b).
 """
@@ -109,12 +109,15 @@ def run(script: str, *args) -> dict:
 
 
 def read_pass(paths: list[Path]) -> tuple[float, int]:
-    """Seconds to read every tensor of ``paths`` once, and bytes."""
+    """Seconds to read every tensor of ``paths`` once as the merge reads it (mapped, its pages
+    populated: no copy), and bytes. A copy into fresh memory (``Checkpoint.read``) timed page faults
+    more than the read: on this VM the same 6.6 GB took 1.09-1.21 s that way, 2.4-3.2 s just after
+    other processes had freed a few GB, 0.64-0.71 s into one reused buffer, 0.34-0.36 s mapped."""
     start = time.perf_counter()
     total = 0
     for c in [Checkpoint(p) for p in paths]:
         for name in c.tensors:
-            total += c.read(name).nbytes
+            total += c.map(name).nbytes
     return time.perf_counter() - start, total
 
 
