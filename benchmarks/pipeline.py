@@ -9,12 +9,12 @@ input byte read once as the merge reads it, mapped through modelfusion.io with n
 of two passes: from the page cache where the models fit in it, from the disk where they do not; the
 output's size written by modelfusion's writer and fsynced), then for each method runs ``modelfusion
 merge`` and mergekit's ``run_merge`` on the same recipe, each in a fresh process reporting its own
-wall time and peak RSS. The disk's
-sustained write speed wanders from one write to the next, so the write bound is measured again just
-before and after each of our runs and the run is held against their mean; so does this VM's speed of
-reading the page cache, so where the models fit in it the read bound is measured around each run too. Checks the
-free disk space first; removes what it generated unless --workdir is given. Writes JSON (default
-benchmarks/results/pipeline-cpu.json, or pipeline-cpu-7b.json for --size 7b).
+wall time and peak RSS. The disk's sustained write speed wanders from one write to the next, so the
+write bound is measured again just before and after each of our runs and the run is held against
+their mean; so does this VM's speed of reading the page cache, so where the models fit in it the
+read bound is measured around each run too. Checks the free disk space first; removes what it
+generated unless --workdir is given. Writes JSON (default benchmarks/results/pipeline-cpu.json, or
+pipeline-cpu-7b.json for --size 7b).
 """
 
 from __future__ import annotations

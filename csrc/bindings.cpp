@@ -57,28 +57,30 @@ struct ArgsHolder {
   }
 };
 
-// Slots of T rounded up to whole cache lines: the partial sums of two pieces that two threads add
-// into at once do not share a line.
-template <class T>
-size_t padded_slots(size_t slots) {
-  return (slots * sizeof(T) + 63) / 64 * 64 / sizeof(T);
-}
-
 // Runs kernel(begin, end, partial) on parallel_chunks' pieces of [0, numel), each piece adding into
-// its own `slots` partial sums, and returns their totals, added in piece order: the same whichever
-// thread took which piece, and a thread the OS preempts (a pipeline's reader or writer) delays one
-// piece, where a thread's fixed half of the elements delayed the whole call.
+// its own `slots` partial sums (on cache lines of their own while the threads add); returns piece
+// p's sums at [p·slots, (p+1)·slots). A thread the OS preempts (a pipeline's reader or writer)
+// delays one piece, where a thread's fixed half of the elements delayed the whole call.
 template <class T, class Kernel>
-std::vector<T> piece_sums(int64_t numel, int threads, size_t slots, Kernel&& kernel) {
+std::vector<T> piece_partials(int64_t numel, int threads, size_t slots, Kernel&& kernel) {
   const int64_t length = chunk_length(numel, threads);
   const size_t pieces = size_t(std::max<int64_t>(1, (numel + length - 1) / length));
-  const size_t stride = padded_slots<T>(slots);
-  std::vector<T> partial(stride * pieces, T(0)), total(slots, T(0));
+  const size_t stride = (slots * sizeof(T) + 63) / 64 * 64 / sizeof(T);
+  std::vector<T> padded(stride * pieces, T(0)), partial(slots * pieces);
   parallel_chunks(numel, threads, [&](int64_t begin, int64_t end) {
-    kernel(begin, end, partial.data() + stride * size_t(begin / length));
+    kernel(begin, end, padded.data() + stride * size_t(begin / length));
   });
   for (size_t p = 0; p < pieces; ++p)
-    for (size_t i = 0; i < slots; ++i) total[i] += partial[stride * p + i];
+    std::copy_n(padded.data() + stride * p, slots, partial.data() + slots * p);
+  return partial;
+}
+
+// piece_partials' totals, added in piece order: the same whichever thread took which piece.
+template <class T, class Kernel>
+std::vector<T> piece_sums(int64_t numel, int threads, size_t slots, Kernel&& kernel) {
+  const std::vector<T> partial = piece_partials<T>(numel, threads, slots, kernel);
+  std::vector<T> total(slots, T(0));
+  for (size_t i = 0; i < partial.size(); ++i) total[i % slots] += partial[i];
   return total;
 }
 
@@ -222,36 +224,25 @@ std::vector<double> sce_select(uintptr_t mask, uintptr_t base, const Ptrs& xs, u
   if (fn == nullptr || base == 0 || var == 0 || mask == 0)
     throw std::invalid_argument("sce_select takes a base, variances, a mask and float32, float16 or bfloat16");
   const int t = std::max(plan_threads(numel * int64_t(xs.size()), threads), 1);
-  const int64_t length = chunk_length(numel, t);
-  const size_t pieces = size_t(std::max<int64_t>(1, (numel + length - 1) / length));
   if (cut < 0) {
-    const size_t count_stride = padded_slots<int64_t>(2);
-    std::vector<int64_t> counts(count_stride * pieces, 0);
-    parallel_chunks(numel, t, [&](int64_t begin, int64_t end) {
-      tally(h.args, begin, end, counts.data() + count_stride * size_t(begin / length));
-    });
+    const std::vector<int64_t> counts = piece_partials<int64_t>(
+        numel, t, 2, [&](int64_t begin, int64_t end, int64_t* c) { tally(h.args, begin, end, c); });
+    const int64_t length = chunk_length(numel, t), pieces = int64_t(counts.size() / 2);
     int64_t ties = k;
-    for (size_t p = 0; p < pieces; ++p) ties -= counts[count_stride * p];
+    for (int64_t p = 0; p < pieces; ++p) ties -= counts[2 * p];
     cut = ties > 0 ? numel : 0;  // fewer ties than asked for: all of them
     const float* v = reinterpret_cast<const float*>(var);
-    for (size_t p = 0; p < pieces && ties > 0; ++p) {
-      if (ties > counts[count_stride * p + 1]) {
-        ties -= counts[count_stride * p + 1];
+    for (int64_t p = 0; p < pieces && ties > 0; ++p) {
+      if (ties > counts[2 * p + 1]) {
+        ties -= counts[2 * p + 1];
         continue;
       }
-      const int64_t end = std::min(numel, int64_t(p + 1) * length);
-      for (int64_t j = int64_t(p) * length; j < end && ties > 0; ++j)
+      for (int64_t j = p * length, end = std::min(numel, (p + 1) * length); j < end && ties > 0; ++j)
         if (v[j] == h.args.eps32 && --ties == 0) cut = j + 1;
     }
   }
-  const size_t slots = xs.size() + 1, stride = padded_slots<double>(slots);
-  std::vector<double> partial(stride * pieces, 0.0), total(slots, 0.0);
-  parallel_chunks(numel, t, [&](int64_t begin, int64_t end) {
-    fn(h.args, begin, end, cut, partial.data() + stride * size_t(begin / length));
-  });
-  for (size_t p = 0; p < pieces; ++p)
-    for (size_t i = 0; i < slots; ++i) total[i] += partial[stride * p + i];
-  return total;
+  return piece_sums<double>(numel, t, xs.size() + 1,
+                            [&](int64_t begin, int64_t end, double* sums) { fn(h.args, begin, end, cut, sums); });
 }
 
 // arcee_fusion's importance into out (arcee.h), in blocks of rows handed out one at a time (a core

@@ -26,7 +26,7 @@ from . import spherical
 from .errors import FusionError, ParameterError, short_repr
 from .ops.arcee import arcee_importance, arcee_select
 from .ops.gram import gram
-from .ops.magnitude_prune import magnitude_prune, magnitude_threshold, magnitude_thresholds
+from .ops.magnitude_prune import magnitude_prune, magnitude_thresholds
 from .ops.nearswap import nearswap
 from .ops.ram_merge import ram_counts, ram_merge
 from .ops.sce import sce_energies, sce_select, sce_variance, top_k_threshold
@@ -454,10 +454,7 @@ def _sce_top_k(base, others, var: torch.Tensor, k: int, out: torch.Tensor | None
         out = torch.empty(var.shape, dtype=torch.bool, device=var.device)
     if k <= 0:
         return out.zero_(), [0.0] * len(others)
-    if k >= var.numel():
-        threshold, cut = float(magnitude_threshold(var, k=k)), None
-    else:
-        threshold, cut = top_k_threshold(var, k)
+    threshold, cut = top_k_threshold(var, k)
     if math.isfinite(threshold):
         mask, _, energies = sce_select(base, others, var, threshold, k, out=out, cut=cut)
         return mask, energies

@@ -194,7 +194,10 @@ def sce_select(
 
 
 def top_k_threshold(var: torch.Tensor, k: int) -> tuple[float, int | None]:
-    """The k-th largest of the variances ``var`` from :func:`sce_variance` (1 ≤ k < numel; NaN ranks
-    above every number) and, on the cpu backend, ``sce_select``'s ``cut`` for it (None elsewhere)."""
+    """The k-th largest of the variances ``var`` from :func:`sce_variance` (1 ≤ k ≤ numel; NaN ranks
+    above every number) and, on the cpu backend for k < numel, ``sce_select``'s ``cut`` for it (None
+    elsewhere)."""
+    if k >= var.numel():  # the least: every element kept, ties and all
+        return float(magnitude_threshold(var, k=k)), None
     var = var.contiguous()
     return select("sce_select", THRESHOLD_IMPLS, var.device, var.dtype, (var, k))(var, k)
