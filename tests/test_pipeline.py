@@ -433,6 +433,32 @@ def test_interrupt_in_process_leaves_journal_and_resume_matches(family, tmp_path
         merge(recipe, tmp_path / "out", progress=False)
 
 
+def test_a_second_merge_into_a_directory_being_written_stops_before_writing(family, tmp_path):
+    """A --resume (or a retried job) while the first merge still runs must not touch its journal or
+    shards: both runs would write the same shard names, and one would rename the other's half-written
+    file into place. The first run's lock is held here as a running merge holds it."""
+    from modelfusion.pipeline.executor import JOURNAL, output_lock
+
+    recipe = recipe_text("linear", family)
+    out = tmp_path / "out"
+    out.mkdir()
+    journal = json.dumps({"fingerprint": plan_merge(recipe).fingerprint(), "shards": {}})
+    (out / JOURNAL).write_text(journal)  # the running merge's, resumable
+    for shared in (False, True):  # a single-process run, or the ranks of a distributed one
+        locked = output_lock(out, shared=shared)
+        with locked, pytest.raises(OutputError, match="another merge is writing to this directory"):
+            merge(recipe, out, resume=True, progress=False)
+        assert sorted(p.name for p in out.iterdir()) == [JOURNAL] and (out / JOURNAL).read_text() == journal
+    (out / JOURNAL).unlink()
+    # a fresh run racing another into an empty directory
+    with output_lock(out), pytest.raises(OutputError, match="another merge is writing"):
+        merge(recipe, out, progress=False)
+    assert out.is_dir() and not any(out.iterdir())
+    assert merge(recipe, out, progress=False).shards_written >= 1  # the lock goes with the run that held it
+    with output_lock(out):
+        pass
+
+
 class Stop(BaseException):
     pass
 

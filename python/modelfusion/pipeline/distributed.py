@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -30,7 +30,17 @@ import torch.distributed as dist
 
 from ..errors import DistributedError, OutputError
 from ..ranks import deal_by_cost
-from .executor import RunStats, execute, finalize, finished_shards, journal_name, peak_rss, start_journal
+from .executor import (
+    RunStats,
+    execute,
+    finalize,
+    finished_shards,
+    journal_name,
+    make_output_dir,
+    output_lock,
+    peak_rss,
+    start_journal,
+)
 from .plan import Plan
 
 BEAT_SECONDS = 1.0
@@ -239,49 +249,52 @@ def run_distributed(
     checked = c.all_gather("checked", _attempt(finished_shards, out, resume, fingerprint))
     _raise_first(checked, world.rank)
     done = {files[i]: checked[world.rank]["value"][files[i]] for i in mine if files[i] in checked[world.rank]["value"]}
-    journal_path, journal = start_journal(out, journal_name(world.rank), fingerprint, done, run=token)
-    c.all_gather("journals", True)
-    if not node_local:
-        _raise_first(c.all_gather("shared", _attempt(_check_shared, out, world, token, hosts)), world.rank)
-    todo = [(files[i], plan.shards[i]) for i in mine if files[i] not in done]
-    # The ranks on one node share its cores: as torchrun does, oversubscribing none (measured: 4 OpenMP
-    # threads on 2 cores cost a TIES merge 20% more CPU). A recipe's `threads` still wins.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // hosts.count(c.host))
-    executed = execute(
-        plan,
-        out,
-        todo,
-        journal_path,
-        journal,
-        progress=progress and world.rank == 0,
-        on_tensor=_throttled(c),
-        desc=f"merge (rank 0 of {world.size})",
-        threads=threads,
-    )
-    mine_stats = {
-        "read": executed.read_bytes,
-        "written": executed.written_bytes,
-        "shards": len(todo),
-        "resumed": len(done),
-        "high_water": executed.budget_high_water,
-        "rss": peak_rss(),
-    }
-    totals = c.all_gather("done", mine_stats)
-    if world.rank == 0:
-        finalize(plan, out)
-    c.all_gather("final", True)  # no rank reports success before rank 0 has written the index
-    journal_path.unlink(missing_ok=True)  # (on shared storage rank 0 has removed it already)
-    return RunStats(
-        seconds=time.perf_counter() - start,
-        read_bytes=sum(t["read"] for t in totals),
-        written_bytes=sum(t["written"] for t in totals),
-        shards_written=sum(t["shards"] for t in totals),
-        shards_resumed=sum(t["resumed"] for t in totals),
-        budget_high_water=max(t["high_water"] for t in totals),
-        peak_rss=max(t["rss"] for t in totals),
-        processes=world.size,
-    )
+    make_output_dir(out)
+    with ExitStack() as held:  # the ranks share the lock on OUT: a single-process run there stops
+        _raise_first(c.all_gather("locked", _attempt(held.enter_context, output_lock(out, shared=True))), world.rank)
+        journal_path, journal = start_journal(out, journal_name(world.rank), fingerprint, done, run=token)
+        c.all_gather("journals", True)
+        if not node_local:
+            _raise_first(c.all_gather("shared", _attempt(_check_shared, out, world, token, hosts)), world.rank)
+        todo = [(files[i], plan.shards[i]) for i in mine if files[i] not in done]
+        # The ranks on one node share its cores: as torchrun does, oversubscribing none (measured: 4 OpenMP
+        # threads on 2 cores cost a TIES merge 20% more CPU). A recipe's `threads` still wins.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // hosts.count(c.host))
+        executed = execute(
+            plan,
+            out,
+            todo,
+            journal_path,
+            journal,
+            progress=progress and world.rank == 0,
+            on_tensor=_throttled(c),
+            desc=f"merge (rank 0 of {world.size})",
+            threads=threads,
+        )
+        mine_stats = {
+            "read": executed.read_bytes,
+            "written": executed.written_bytes,
+            "shards": len(todo),
+            "resumed": len(done),
+            "high_water": executed.budget_high_water,
+            "rss": peak_rss(),
+        }
+        totals = c.all_gather("done", mine_stats)
+        if world.rank == 0:
+            finalize(plan, out)
+        c.all_gather("final", True)  # no rank reports success before rank 0 has written the index
+        journal_path.unlink(missing_ok=True)  # (on shared storage rank 0 has removed it already)
+        return RunStats(
+            seconds=time.perf_counter() - start,
+            read_bytes=sum(t["read"] for t in totals),
+            written_bytes=sum(t["written"] for t in totals),
+            shards_written=sum(t["shards"] for t in totals),
+            shards_resumed=sum(t["resumed"] for t in totals),
+            budget_high_water=max(t["high_water"] for t in totals),
+            peak_rss=max(t["rss"] for t in totals),
+            processes=world.size,
+        )
 
 
 def _attempt(fn, *args) -> dict:

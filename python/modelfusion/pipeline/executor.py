@@ -4,10 +4,13 @@ after a crash or Ctrl-C with byte-identical output."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import functools
 import json
 import mmap
+import os
 import queue
 import resource
 import signal
@@ -176,16 +179,50 @@ def completed_fingerprint(out: Path) -> str | None:
         return None
 
 
-def start_journal(out: Path, name: str, fingerprint: str, done: dict[str, int], **extra) -> tuple[Path, dict]:
-    """Create ``out`` if needed and write the journal ``name`` recording ``done``; returns its path
-    and content (the writer adds each shard it commits)."""
+def make_output_dir(out: Path) -> bool:
+    """Create directory ``out`` (and its parents) if needed; returns whether it was created."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        return False
     except OSError as e:
         raise OutputError(f"{out}: cannot create: {e}") from e
+
+
+def start_journal(out: Path, name: str, fingerprint: str, done: dict[str, int], **extra) -> tuple[Path, dict]:
+    """Write the journal ``name`` in ``out`` recording ``done``; returns its path and content (the
+    writer adds each shard it commits)."""
     journal = {"fingerprint": fingerprint, "shards": dict(done), **extra}
     write_json_atomic(out / name, journal)
     return out / name, journal
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, shared: bool = False):
+    """Hold a lock on directory ``out`` while merging into it: exclusive for a single-process run,
+    shared by the ranks of a distributed one. A second merge into the same directory (a ``--resume``
+    while the first still runs, a retried job) then stops before it writes anything, where it would
+    overwrite the first's journal and rename the first's half-written shards into place. The lock is
+    ``flock`` on the directory itself (no file is added to the output) and goes with the process; a
+    file system without it (NFS refuses an exclusive one on a directory) merges unlocked."""
+    try:
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise OutputError(f"{out}: cannot open the output directory: {e}") from e
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(
+                f"{out}: another merge is writing to this directory (it holds its lock): wait for it to "
+                "finish, or stop it and run again with --resume"
+            ) from None
+        except OSError:
+            pass  # no locks on this file system
+        yield
+    finally:
+        os.close(fd)
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
@@ -556,19 +593,21 @@ def run_plan(plan: Plan, out: str | Path, *, resume: bool = False, progress: boo
     out = Path(out)
     start = time.perf_counter()
     fingerprint = plan.fingerprint()
-    done = finished_shards(out, resume, fingerprint)
-    created = not out.exists()
-    journal_path, journal = start_journal(out, JOURNAL, fingerprint, done)
-    todo = [(f, s) for f, s in zip(plan.shard_files(), plan.shards, strict=True) if f not in done]
-    try:
-        executed = execute(plan, out, todo, journal_path, journal, progress=progress)
-    except BaseException:
-        if not journal["shards"]:  # nothing to resume: leave the directory as it was found
-            journal_path.unlink(missing_ok=True)
-            if created and not any(out.iterdir()):
-                out.rmdir()
-        raise
-    finalize(plan, out)
+    finished_shards(out, resume, fingerprint)  # before creating anything
+    created = make_output_dir(out)
+    with output_lock(out):
+        done = finished_shards(out, resume, fingerprint)  # again: another run may have written since
+        journal_path, journal = start_journal(out, JOURNAL, fingerprint, done)
+        todo = [(f, s) for f, s in zip(plan.shard_files(), plan.shards, strict=True) if f not in done]
+        try:
+            executed = execute(plan, out, todo, journal_path, journal, progress=progress)
+        except BaseException:
+            if not journal["shards"]:  # nothing to resume: leave the directory as it was found
+                journal_path.unlink(missing_ok=True)
+                if created and not any(out.iterdir()):
+                    out.rmdir()
+            raise
+        finalize(plan, out)
     return RunStats(
         seconds=time.perf_counter() - start,
         read_bytes=executed.read_bytes,
