@@ -120,17 +120,14 @@ void sce_select_range(const MergeArgs& a, int64_t begin, int64_t end, int64_t cu
       using L = decltype(lane);
       const auto v = L::load(var + i), t = L::set1(a.eps32);
       prefetch_ahead<L>(var + i);
-      const auto above = L::mandnot(L::mall(), L::fge(t, v));
-      int keep = L::movemask(above);
-      int tied = i < cut ? L::movemask(L::feq(v, t)) : 0;
-      if (tied == 0) {
-        L::store_mask8(mask + i, above);
-      } else {  // the threshold's vector(s): the tied lanes below cut kept
-        if (cut - i < L::width) tied &= (1 << (cut - i)) - 1;
-        keep |= tied;
-        for (int u = 0; u < L::width; ++u) mask[i + u] = uint8_t((keep >> u) & 1);
+      auto keep = L::mandnot(L::mall(), L::fge(t, v));
+      if (i < cut) {  // the ties below the cut kept (bf16 variances tie at the threshold in many vectors)
+        auto tied = L::feq(v, t);
+        if (cut - i < L::width) tied = L::mand(tied, L::igt(L::iset1(int32_t(cut - i)), L::iota()));
+        keep = L::mor(keep, tied);
       }
-      kept += __builtin_popcount(unsigned(keep));
+      L::store_mask8(mask + i, keep);
+      kept += __builtin_popcount(unsigned(L::movemask(keep)));
     });
     for (int k = 0; k < a.n; ++k) {
       typename V::R total = V::zero();
