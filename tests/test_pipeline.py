@@ -459,6 +459,15 @@ def test_a_second_merge_into_a_directory_being_written_stops_before_writing(fami
         pass
 
 
+def test_an_output_path_that_is_a_file_is_refused_and_left_alone(family, tmp_path):
+    out = tmp_path / "merged.safetensors"
+    out.write_bytes(b"not a directory")
+    for resume in (False, True):
+        with pytest.raises(OutputError, match="is a file; the output is a directory"):
+            merge(recipe_text("linear", family), out, resume=resume, progress=False)
+    assert out.read_bytes() == b"not a directory"
+
+
 class Stop(BaseException):
     pass
 

@@ -161,7 +161,9 @@ def finished_shards(out: Path, resume: bool, fingerprint: str) -> dict[str, int]
                 if (out / file).exists() and (out / file).stat().st_size == size:
                     done[file] = size
         return done
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: is a file; the output is a directory (new or empty)")
+    if out.exists() and any(out.iterdir()):
         raise OutputError(f"{out}: not empty; choose an empty directory (or --resume an interrupted merge)")
     return {}
 
