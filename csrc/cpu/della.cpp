@@ -181,8 +181,8 @@ void decide_by_digit(const uint32_t* keys, int64_t cols, int low, const uint32_t
 // crowd a few digits): the caller ranks the whole row. digits: room for cols.
 constexpr int64_t kMaxExactRanks = 32;
 bool decide_by_coarse_digit(const uint32_t* keys, int64_t cols, const uint32_t* range, const uint32_t* mid,
-                            int64_t count, const uint32_t* draws, const uint32_t* thresholds, uint32_t* digits,
-                            const KernelTable& kernels, uint8_t* o) {
+                            int64_t count, const uint32_t* draws, const uint32_t* thresholds, DellaRankScale scale,
+                            uint32_t* digits, const KernelTable& kernels, uint8_t* o) {
   if (count == 0) return true;
   constexpr int kBits = kMaxDigitBits;
   const uint32_t least = range[2], spread = range[1] - least;  // the least nonzero key: > 0, the keys differ
@@ -196,7 +196,7 @@ bool decide_by_coarse_digit(const uint32_t* keys, int64_t cols, const uint32_t* 
   for (int64_t k = 0; k < cols; ++k) ++begin[digits[k] + 1];
   for (uint32_t v = 1; v <= last + 1; ++v) begin[v] += begin[v - 1];
   uint32_t exact[kMaxExactRanks];
-  const int64_t n_exact = kernels.della_decide(mid, count, digits, begin, draws, thresholds, o, exact, kMaxExactRanks);
+  const int64_t n_exact = kernels.della_decide(mid, count, digits, begin, draws, scale, o, exact, kMaxExactRanks);
   for (int64_t i = 0; i < n_exact; ++i) {
     const uint32_t c = exact[i];
     o[c] = draws[c] < thresholds[kernels.della_rank(keys, cols, c)] ? 1 : 0;
@@ -217,6 +217,7 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
   std::vector<uint32_t> keys(n), draws(n), mid(n + kMaxLaneWidth), pos(n), order, spare;  // mid: compress_store's room
   const uint32_t s1 = a.s1[size_t(model)], s2 = a.s2[size_t(model)];
   const uint32_t lo = thr[0], hi = thr[cols - 1];  // rank_thresholds ascend
+  const DellaRankScale scale{a.low[size_t(model)], a.spread[size_t(model)], cols > 1 ? float(cols - 1) : 1.f};
   uint8_t* out = masks + int64_t(model) * a.rows * cols;
   for (int64_t row = r0; row < r1; ++row) {
     const size_t at = size_t(row * cols) * bytes;
@@ -231,7 +232,8 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
       count += kernels.della_draws(first, n, key, lo, hi, uint32_t(c), draws.data() + c, o + c, mid.data() + count);
     });
     if (span > kMaxDigitBits) {
-      if (!decide_by_coarse_digit(keys.data(), cols, range, mid.data(), count, draws.data(), thr, pos.data(), kernels, o)) {
+      if (!decide_by_coarse_digit(keys.data(), cols, range, mid.data(), count, draws.data(), thr, scale, pos.data(),
+                                  kernels, o)) {
         // an order array: every element decided in rank order
         order.resize(n);
         spare.resize(n);

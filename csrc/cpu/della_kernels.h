@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "kernels.h"
 #include "lanes.h"
 #include "sparse_kernels.h"
 
@@ -93,17 +94,25 @@ int64_t della_draws_range(uint32_t first, int64_t n, uint32_t key, uint32_t lo, 
   return count;
 }
 
+// The keep thresholds of ranks (DellaRankScale), each step rounded as rank_thresholds (della.cpp) rounds
+// it: computed, where a table lookup is a gather (a 16-lane gather costs about as much as 16 loads).
+template <class L>
+inline typename L::I della_threshold(typename L::I rank, const DellaRankScale& s) {
+  const auto rank_norm = L::div(L::to_float(rank), L::set1(s.last));
+  const auto t = L::mul(L::add(L::set1(s.low), L::mul(rank_norm, L::set1(s.spread))), L::set1(16777216.f));
+  return L::trunc_to_int(L::min(L::max(t, L::zero()), L::set1(16777216.f)));  // max: NaN becomes 0
+}
+
 // The decisions of the listed draws mid[0, count) of a row by their digit's range of ranks [start,
-// end) (digits[c]: element c's digit; begin[v]: the keys of digits below v): keep[c] = draw <
-// thresholds[start], and the c whose draw is neither below that nor at or above thresholds[end - 1]
-// listed in exact. Returns how many, or -1 past cap (keep then partly written).
+// end) (digits[c]: element c's digit; begin[v]: the keys of digits below v): keep[c] = draw < the
+// threshold of rank start, and the c whose draw is neither below that nor at or above the threshold
+// of rank end - 1 listed in exact. Returns how many, or -1 past cap (keep then partly written).
 template <class V, class S>
 int64_t della_decide_range(const uint32_t* mid, int64_t count, const uint32_t* digits_, const uint32_t* begin_,
-                           const uint32_t* draws_, const uint32_t* thresholds_, uint8_t* keep, uint32_t* exact,
-                           int64_t cap) {
+                           const uint32_t* draws_, DellaRankScale scale, uint8_t* keep, uint32_t* exact, int64_t cap) {
   // all are below 2^31 (thresholds and draws: at most 2^24): signed order is theirs
   const auto ints = [](const uint32_t* p) { return reinterpret_cast<const int32_t*>(p); };
-  const int32_t *digits = ints(digits_), *begin = ints(begin_), *draws = ints(draws_), *thresholds = ints(thresholds_);
+  const int32_t *digits = ints(digits_), *begin = ints(begin_), *draws = ints(draws_);
   int64_t n = 0;
   for_each_lane<V, S>(0, count, [&](auto lane, int64_t i) {
     using L = decltype(lane);
@@ -111,8 +120,8 @@ int64_t della_decide_range(const uint32_t* mid, int64_t count, const uint32_t* d
     const auto c = L::load_i(ints(mid) + i);
     const auto digit = L::gather(digits, c);
     const auto draw = L::gather(draws, c);
-    const auto first = L::gather(thresholds, L::gather(begin, digit));
-    const auto last = L::gather(thresholds, L::iadd(L::gather(begin + 1, digit), L::iset1(-1)));
+    const auto first = della_threshold<L>(L::gather(begin, digit), scale);
+    const auto last = della_threshold<L>(L::iadd(L::gather(begin + 1, digit), L::iset1(-1)), scale);
     const auto kept = L::igt(first, draw);
     unsigned undecided = static_cast<unsigned>(L::movemask(L::mandnot(L::igt(last, draw), kept)));
     const unsigned kept_bits = static_cast<unsigned>(L::movemask(kept));

@@ -58,8 +58,13 @@ using DellaDrawsFn = int64_t (*)(uint32_t first, int64_t n, uint32_t key, uint32
                                  uint32_t* draws, uint8_t* keep, uint32_t* mid);
 using DellaL1Fn = void (*)(const uint32_t* keys, const uint8_t* keep, int64_t n, double* sums);
 using DellaRankFn = int64_t (*)(const uint32_t* keys, int64_t n, int64_t c);
+// The keep threshold of a row's rank r: floor((low + (r / last) * spread) * 2^24) in float32, clamped to
+// [0, 2^24] (NaN: 0); last = cols - 1 (1 for a single column, whose one rank is 0).
+struct DellaRankScale {
+  float low, spread, last;
+};
 using DellaDecideFn = int64_t (*)(const uint32_t* mid, int64_t count, const uint32_t* digits, const uint32_t* begin,
-                                  const uint32_t* draws, const uint32_t* thresholds, uint8_t* keep, uint32_t* exact,
+                                  const uint32_t* draws, DellaRankScale scale, uint8_t* keep, uint32_t* exact,
                                   int64_t cap);
 
 struct KernelTable {

@@ -30,6 +30,7 @@ struct OneElementLane {
   }
   static R select_nonzero(R cond, R a, R b) { return cond != R(0) ? a : b; }
   static R max(R a, R b) { return a > b ? a : b; }
+  static R min(R a, R b) { return a < b ? a : b; }  // as SSE's: b where either is NaN
   static F hsum(R v) { return v; }
   static F hmax(R v) { return v; }
   static R exp(R v) { return std::exp(v); }
@@ -66,6 +67,8 @@ struct ScalarLane : OneElementLane<float> {
   using I = int32_t;
   static I iset1(int32_t v) { return v; }
   static I iota() { return 0; }
+  static R to_float(I v) { return float(v); }
+  static I trunc_to_int(R v) { return int32_t(v); }  // v within int32's range
   static I iadd(I a, I b) { return int32_t(uint32_t(a) + uint32_t(b)); }
   static I ixor(I a, I b) { return a ^ b; }
   static I ior(I a, I b) { return a | b; }

@@ -113,6 +113,7 @@ struct Avx2Lane {
   static R round(R v) { return _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static I to_int(R v) { return _mm256_cvtps_epi32(v); }
   static R to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static I trunc_to_int(R v) { return _mm256_cvttps_epi32(v); }
   static I to_bits(R v) { return _mm256_castps_si256(v); }
   static R from_bits(I v) { return _mm256_castsi256_ps(v); }
   static I isub(I a, I b) { return _mm256_sub_epi32(a, b); }

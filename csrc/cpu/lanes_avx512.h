@@ -101,6 +101,7 @@ struct Avx512Lane {
   static R round(R v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
   static I to_int(R v) { return _mm512_cvtps_epi32(v); }
   static R to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  static I trunc_to_int(R v) { return _mm512_cvttps_epi32(v); }
   static I to_bits(R v) { return _mm512_castps_si512(v); }
   static R from_bits(I v) { return _mm512_castsi512_ps(v); }
   static I isub(I a, I b) { return _mm512_sub_epi32(a, b); }
