@@ -204,8 +204,9 @@ def start_journal(out: Path, name: str, fingerprint: str, done: dict[str, int], 
 def output_lock(out: Path, shared: bool = False):
     """Hold a lock on directory ``out`` while merging into it: exclusive for a single-process run,
     shared by the ranks of a distributed one. A second merge into the same directory (a ``--resume``
-    while the first still runs, a retried job) then stops before it writes anything, where it would
-    overwrite the first's journal and rename the first's half-written shards into place. The lock is
+    while the first still runs, a retried job) then stops before it writes anything, where the two
+    would overwrite each other's journal and one would rename the other's half-written shard into
+    place as a finished one. The lock is
     ``flock`` on the directory itself (no file is added to the output) and goes with the process; a
     file system without it (NFS refuses an exclusive one on a directory) merges unlocked."""
     try:
