@@ -10,10 +10,10 @@
 #include "della.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
 #include <utility>
 
+#include "della_kernels.h"
 #include "kernels.h"
 #include "lanes.h"
 #include "runtime.h"
@@ -121,15 +121,12 @@ void stable_order(const uint32_t* keys, int64_t cols, uint32_t varying, uint32_t
 }
 
 // The keep threshold of each rank along a row, floor(p·2^24) as the reference rounds it, clamped to
-// [0, 2^24] (a 24-bit draw is below 0 never, below 2^24 always; NaN: never): the same for every row.
-std::vector<uint32_t> rank_thresholds(int64_t cols, float low, float spread) {
+// [0, 2^24] (a 24-bit draw is below 0 never, below 2^24 always; NaN: never): the same for every row,
+// and the same steps as the decide kernel takes for the ranks it does not look up (della_threshold).
+std::vector<uint32_t> rank_thresholds(int64_t cols, const DellaRankScale& scale) {
   std::vector<uint32_t> thresholds(static_cast<size_t>(cols));
-  const float last = float(cols - 1);
-  for (int64_t rank = 0; rank < cols; ++rank) {
-    const float rank_norm = cols > 1 ? float(rank) / last : 0.f;
-    const float t = std::floor((low + rank_norm * spread) * 16777216.f);
-    thresholds[size_t(rank)] = t >= 16777216.f ? 16777216u : t > 0.f ? uint32_t(t) : 0u;
-  }
+  for (int64_t rank = 0; rank < cols; ++rank)
+    thresholds[size_t(rank)] = uint32_t(della_threshold<ScalarLane>(int32_t(rank), scale));
   return thresholds;
 }
 
@@ -204,9 +201,9 @@ bool decide_by_coarse_digit(const uint32_t* keys, int64_t cols, const uint32_t* 
   return n_exact >= 0;
 }
 
-// Keep masks of rows [r0, r1) of one model; thr: its rank_thresholds.
-void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32_t* thr, int64_t r0, int64_t r1,
-                uint8_t* masks) {
+// Keep masks of rows [r0, r1) of one model; thr: its rank_thresholds for scale.
+void della_rows(const TaskSource& s, const DellaArgs& a, int model, const DellaRankScale& scale, const uint32_t* thr,
+                int64_t r0, int64_t r1, uint8_t* masks) {
   const int64_t cols = a.cols;
   const KernelTable& kernels = active_kernels();
   const DellaKeysFn row_keys = kernels.della_keys[s.dtype];
@@ -217,7 +214,6 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
   std::vector<uint32_t> keys(n), draws(n), mid(n + kMaxLaneWidth), pos(n), order, spare;  // mid: compress_store's room
   const uint32_t s1 = a.s1[size_t(model)], s2 = a.s2[size_t(model)];
   const uint32_t lo = thr[0], hi = thr[cols - 1];  // rank_thresholds ascend
-  const DellaRankScale scale{a.low[size_t(model)], a.spread[size_t(model)], cols > 1 ? float(cols - 1) : 1.f};
   uint8_t* out = masks + int64_t(model) * a.rows * cols;
   for (int64_t row = r0; row < r1; ++row) {
     const size_t at = size_t(row * cols) * bytes;
@@ -260,13 +256,17 @@ void della_rows(const TaskSource& s, const DellaArgs& a, int model, const uint32
 void della_masks(const TaskSource& s, const DellaArgs& a, uint8_t* masks, int threads) {
   const int n = static_cast<int>(s.xs.size());
   if (a.rows == 0 || a.cols == 0) return;
+  std::vector<DellaRankScale> scales;
   std::vector<std::vector<uint32_t>> thresholds;
-  for (int i = 0; i < n; ++i) thresholds.push_back(rank_thresholds(a.cols, a.low[size_t(i)], a.spread[size_t(i)]));
+  for (int i = 0; i < n; ++i) {
+    scales.push_back({a.low[size_t(i)], a.spread[size_t(i)], a.cols > 1 ? float(a.cols - 1) : 1.f});
+    thresholds.push_back(rank_thresholds(a.cols, scales.back()));
+  }
   const int64_t blocks = (a.rows + kRowsPerTask - 1) / kRowsPerTask;
   parallel_tasks(int64_t(n) * blocks, plan_threads(int64_t(n) * a.rows * a.cols, threads), [&](int64_t t) {
     const int model = static_cast<int>(t / blocks);
     const int64_t r0 = (t % blocks) * kRowsPerTask, r1 = std::min(a.rows, r0 + kRowsPerTask);
-    della_rows(s, a, model, thresholds[size_t(model)].data(), r0, r1, masks);
+    della_rows(s, a, model, scales[size_t(model)], thresholds[size_t(model)].data(), r0, r1, masks);
   });
 }
 
