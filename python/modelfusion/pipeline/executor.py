@@ -54,6 +54,7 @@ class MemoryBudget:
         self.limit, self.used, self.pooled, self.high_water = limit, 0, 0, 0
         self._pool: dict[int, list[torch.Tensor]] = {}
         self._cond = threading.Condition()
+        self.retired: queue.Queue[torch.Tensor] | None = None  # set by stop_pooling
 
     def acquire(self, nbytes: int, stop: threading.Event) -> bool:
         with self._cond:
@@ -84,13 +85,25 @@ class MemoryBudget:
         return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 
     def give(self, buffer: torch.Tensor | None, nbytes_released: int) -> None:
-        """Pool ``buffer`` (when not None) while releasing ``nbytes_released`` of a reservation."""
+        """Pool ``buffer`` (when not None; into ``retired`` after stop_pooling) while releasing
+        ``nbytes_released`` of a reservation."""
         with self._cond:
-            if buffer is not None:
+            if buffer is not None and self.retired is not None:
+                self.retired.put(buffer)
+            elif buffer is not None:
                 self._pool.setdefault(buffer.nbytes, []).append(buffer)
                 self.pooled += buffer.nbytes
             self.used -= nbytes_released
             self._cond.notify_all()
+
+    def stop_pooling(self) -> None:
+        """After the last take: the pool is freed now, and buffers given from here on go to the
+        queue ``retired`` for the caller to free. Unmapping the pool of a 1.1B merge (0.4 GB) took
+        0.11 s; the merge thread does it while the disk writes the last outputs, not after."""
+        with self._cond:
+            pool, self._pool, self.pooled = self._pool, {}, 0
+            self.retired = queue.Queue()
+        del pool
 
     def _drop(self, excess: int) -> None:
         for size in sorted(self._pool, reverse=True):
@@ -98,6 +111,18 @@ class MemoryBudget:
                 self._pool[size].pop()
                 self.pooled -= size
                 excess -= size
+
+
+class GiveBack:
+    """``on_written`` for the writer: gives ``buffer`` back to ``budget`` and keeps no reference to
+    it (the disk's thread, which calls this, must not be the one left to unmap it)."""
+
+    def __init__(self, budget: MemoryBudget, buffer: torch.Tensor | None, nbytes_released: int):
+        self.budget, self.buffer, self.nbytes_released = budget, buffer, nbytes_released
+
+    def __call__(self) -> None:
+        buffer, self.buffer = self.buffer, None
+        self.budget.give(buffer, self.nbytes_released)
 
 
 @dataclass
@@ -376,7 +401,7 @@ def _writer(
                     task, result = item
                     pooled = None if task.passthrough else _whole_buffer(result)
                     start = time.perf_counter()
-                    writer.write(result, on_written=functools.partial(budget.give, pooled, task.out.nbytes))
+                    writer.write(result, on_written=GiveBack(budget, pooled, task.out.nbytes))
                     phases.write += time.perf_counter() - start
                     del item, result, pooled
             except BaseException:
@@ -519,8 +544,10 @@ def execute(
                 bar.update(task.read_bytes)
                 if on_tensor is not None:
                     on_tensor(task.read_bytes)
-            while writer.is_alive():
-                writer.join(0.05)
+            budget.stop_pooling()
+            while writer.is_alive():  # freeing each output the writer is done with
+                with contextlib.suppress(queue.Empty):
+                    budget.retired.get(timeout=0.05)
                 signals.check()
             if failure:
                 raise failure[0]
