@@ -12,6 +12,7 @@ against an independent oracle (numpy in float64, a peer library, a closed form) 
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -274,3 +275,24 @@ def assert_refused(call, error: type[Exception], argument: str) -> None:
     with pytest.raises(error) as info:
         call(torch.randn(3, 4, device=device()))
     assert argument in str(info.value)
+
+
+def with_tied_head(model: Path, into: Path) -> Path:
+    """A copy of ``model`` saved as transformers saves tied embeddings: no ``lm_head.weight``, and
+    ``tie_word_embeddings: true`` in its config."""
+    import json
+    import shutil
+
+    from modelfusion.io.checkpoint import SAFETENSORS_INDEX
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, into)
+    index = json.loads((into / SAFETENSORS_INDEX).read_text())
+    shard = into / index["weight_map"].pop("lm_head.weight")
+    tensors = load_file(shard)
+    del tensors["lm_head.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (into / SAFETENSORS_INDEX).write_text(json.dumps(index))
+    config = json.loads((into / "config.json").read_text())
+    (into / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    return into

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import assert_peer_close, tensors_of
+from helpers import assert_peer_close, tensors_of, with_tied_head
 from modelfusion.demos.streaming import make_llama_family
 from modelfusion.errors import RecipeError
 from modelfusion.pipeline import merge, plan_merge
@@ -71,6 +71,18 @@ def test_slices_match_mergekit(family, tmp_path, method):
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     mergekit_config = json.loads((tmp_path / "mergekit" / "config.json").read_text())
     assert config["num_hidden_layers"] == mergekit_config["num_hidden_layers"]
+
+
+def test_slices_over_a_base_with_tied_embeddings_merge_its_embedding_as_its_head(family, tmp_path):
+    """The head comes from the last slice's sources; a source that keeps it tied to its embedding
+    gives its embedding, as mergekit reads it, and the output config unties the head."""
+    base, a, b = family
+    tied = with_tied_head(base, tmp_path / "tied")
+    ours, theirs = merged_by_both(recipes(tied, a, b)["ties"], tmp_path)
+    assert "lm_head.weight" in ours
+    for name in theirs:
+        assert_peer_close(ours[name], theirs[name], "peer_float32", msg=name)
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["tie_word_embeddings"] is False
 
 
 def test_a_frankenmerge_copies_each_layer_from_its_source_and_renumbers(family, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import assert_peer_close, kill_when_journaled, tensors_of
+from helpers import assert_peer_close, kill_when_journaled, tensors_of, with_tied_head
 from modelfusion.demos.streaming import RECIPE_PARAMETERS, make_llama_family, make_minilm_family, recipe_text, verify
 from modelfusion.errors import CheckpointError, OutputError, RecipeError
 from modelfusion.io import Checkpoint
@@ -175,7 +175,7 @@ def test_models_that_do_not_fit_each_other_fail_before_writing(family, tmp_path)
     with pytest.raises(RecipeError, match=r"tensor 'lm_head.weight': shape \(127, 64\) in .*odd"):
         merge(text.replace("MODEL", str(odd)), tmp_path / "out")
     del tensors["lm_head.weight"]
-    save_model(tmp_path / "fewer", tensors, None)
+    save_model(tmp_path / "fewer", tensors, {"tie_word_embeddings": False})  # a head not tied, and not there
     with pytest.raises(RecipeError, match="lacks 'lm_head.weight'"):
         merge(text.replace("MODEL", str(tmp_path / "fewer")), tmp_path / "out")
     with pytest.raises(CheckpointError, match="no such file"):
@@ -331,6 +331,49 @@ def test_deterministic_methods_match_mergekit(family, bf16_family, tmp_path, met
 
 
 # ---------------------------------------------------------------- the real MiniLM checkpoint
+
+
+@pytest.mark.parametrize("tied", ["base", "one fine-tune"])
+def test_a_model_with_tied_embeddings_merges_its_embedding_as_its_head_as_mergekit_does(family, tmp_path, tied):
+    """A checkpoint without ``lm_head.weight`` (tied to its embedding) merged with ones that store
+    it: its embedding stands in for its head, as mergekit reads it, and the output's config unties
+    the head where the base had it tied (else transformers would load the embedding in its place)."""
+    base, a, b, _ = family
+    if tied == "base":
+        base = with_tied_head(base, tmp_path / "tied")
+    else:
+        a = with_tied_head(a, tmp_path / "tied")
+    recipe = (
+        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n"
+        f"  - model: {b}\n    parameters: {{weight: 0.4}}\ndtype: float32\n"
+    )
+    ours, theirs = merged_by_both(recipe, tmp_path)
+    assert "lm_head.weight" in ours
+    for name in theirs:
+        assert_peer_close(ours[name], theirs[name], "peer_float32", msg=name)
+    head = {m: tensors_of(m).get("lm_head.weight", tensors_of(m)["model.embed_tokens.weight"]) for m in (base, a, b)}
+    expected = head[base] + 0.7 * (head[a] - head[base]) + 0.4 * (head[b] - head[base])
+    torch.testing.assert_close(ours["lm_head.weight"], expected, rtol=1e-6, atol=1e-6)
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert config.get("tie_word_embeddings") is (False if tied == "base" else None)  # else the base's: unset
+
+
+def test_a_tied_head_without_one_embedding_to_stand_in_is_refused(family, tmp_path):
+    """Two input embeddings: which one a missing head is tied to is unknown, so it is missing."""
+    from safetensors.torch import load_file, save_file
+
+    base, a, _, _ = family
+    tied = with_tied_head(a, tmp_path / "tied")
+    index = json.loads((tied / INDEX).read_text())
+    shard = tied / index["weight_map"]["model.embed_tokens.weight"]
+    tensors = load_file(shard)
+    tensors["model.extra.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index["weight_map"]["model.extra.embed_tokens.weight"] = shard.name
+    (tied / INDEX).write_text(json.dumps(index))
+    with pytest.raises(RecipeError, match=f"model {tied}: lacks 'lm_head.weight'"):
+        merge(recipe_text("task_arithmetic", [base, tied]), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_minilm_end_to_end(tmp_path):

@@ -233,14 +233,40 @@ def _outer_settings(recipe: Recipe) -> Settings:
     return [*module, ("parameters", recipe.parameters)]
 
 
+# An output head and the input embeddings it may be tied to (transformers leaves the head out of a
+# checkpoint saved with tie_word_embeddings; mergekit then reads the embedding in its place).
+OUTPUT_HEAD = re.compile(r"(?:^|\.)lm_head\.weight$")
+INPUT_EMBEDDING = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in)\.weight$")
+
+
+def tensor_info(checkpoint: Checkpoint, name: str) -> TensorInfo | None:
+    """Tensor ``name`` of ``checkpoint``; for an output head it does not store, its one input
+    embedding (the head it is tied to), as mergekit reads it, unless its config says the two are
+    not tied; None where neither is there."""
+    info = checkpoint.tensors.get(name)
+    untied = (checkpoint.config or {}).get("tie_word_embeddings") is False
+    if info is None and OUTPUT_HEAD.search(name) and not untied:
+        tied = [i for n, i in checkpoint.tensors.items() if INPUT_EMBEDDING.search(n)]
+        return tied[0] if len(tied) == 1 else None
+    return info
+
+
+def untied_heads(reference: Checkpoint, checkpoints: list, names: list[str]) -> list[str]:
+    """The output heads some of ``checkpoints`` store while ``reference`` keeps its head tied: they
+    are written too (mergekit writes a head any model has), after ``names``."""
+    heads = [n for c in checkpoints if c is not None for n in c.tensors if OUTPUT_HEAD.search(n)]
+    return [n for n in dict.fromkeys(heads) if n not in names and tensor_info(reference, n) is not None]
+
+
 def _model_tasks(recipe: Recipe, paths: list[Path], checkpoints: list, vocabulary=None) -> list[TensorTask]:
     """A models recipe: every tensor of its models, merged by name (checkpoints it does not read: None)."""
     used = [c for c, p in zip(checkpoints, paths, strict=True) if p in recipe.inputs]
     reference = used[0]  # the base model when there is one
     names = list(reference.tensors)
+    names += untied_heads(reference, used, names)
     for c in used:
-        missing = [n for n in names if n not in c.tensors]
-        extra = [n for n in c.tensors if n not in reference.tensors]
+        missing = [n for n in names if tensor_info(c, n) is None]
+        extra = [n for n in c.tensors if n not in names]
         if missing or extra:
             what = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which {reference.path} lacks"
             raise RecipeError(
@@ -256,7 +282,7 @@ def _model_tasks(recipe: Recipe, paths: list[Path], checkpoints: list, vocabular
     tasks = []
     for name in names:
         t = positions[name]
-        inputs = [c.tensors[name] if p in recipe.inputs else None for c, p in zip(checkpoints, paths, strict=True)]
+        inputs = [tensor_info(c, name) if p in recipe.inputs else None for c, p in zip(checkpoints, paths, strict=True)]
         params = lambda name=name, t=t: _resolve_params(recipe.merge_method, shared, per_model, name, t)  # noqa: E731
         tasks.append(_task(recipe, name, inputs, paths, (base, merged), params, vocabulary))
     return tasks
@@ -388,10 +414,10 @@ def _slice_tasks(
         base, merged = slice_roles(recipe, piece)
         inputs: list[TensorInfo | None] = [None] * len(checkpoints)
         for i, (source, name) in enumerate(zip(piece.sources, names, strict=True)):
-            c = checkpoints[index[source.path]]
-            if name not in c.tensors:
+            info = tensor_info(checkpoints[index[source.path]], name)
+            if info is None:
                 raise RecipeError(f"slices[{n}].sources[{i}]: model {source.path} lacks {name!r} (for {out_name!r})")
-            inputs[index[source.path]] = c.tensors[name]
+            inputs[index[source.path]] = info
         shared = [(f"slices[{n}].parameters", piece.parameters), *_outer_settings(recipe)]
         per_model = [
             [(f"slices[{n}].sources[{piece.sources.index(s)}].parameters", s.parameters), *shared] for s in merged
@@ -410,7 +436,9 @@ def _slice_tasks(
                     f"{count} layers of {source.path}"
                 )
     first, last = recipe.slices[0], recipe.slices[-1]
-    outside = [name for name in checkpoints[index[first.sources[0].path]].tensors if not pattern.search(name)]
+    lead = checkpoints[index[first.sources[0].path]]
+    outside = [name for name in lead.tensors if not pattern.search(name)]
+    outside += untied_heads(lead, [checkpoints[index[s.path]] for s in last.sources], outside)
     before = [name for name in outside if BEFORE_LAYERS.search(name)]
     tasks = [task(first, 0, name, [name] * len(first.sources), 0.0) for name in before]
     layer = 0
@@ -469,6 +497,8 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
         tasks, overrides = _slice_tasks(recipe, paths, checkpoints, vocabulary)
     if vocabulary is not None:
         overrides["vocab_size"] = vocabulary.rows
+    if any(OUTPUT_HEAD.search(t.out.name) and t.out.name not in checkpoints[0].tensors for t in tasks):
+        overrides["tie_word_embeddings"] = False  # else transformers would tie the written head to the embedding
     outputs = {id(t.out): t for t in tasks}
     shards = [[outputs[id(o)] for o in shard] for shard in plan_shards([t.out for t in tasks], recipe.max_shard_size)]
     plan = Plan(recipe, checkpoints, shards, memory_budget, overrides, vocabulary)
