@@ -333,6 +333,12 @@ def test_deterministic_methods_match_mergekit(family, bf16_family, tmp_path, met
 # ---------------------------------------------------------------- the real MiniLM checkpoint
 
 
+def _task_arithmetic(base: Path, a: Path, b: Path) -> str:
+    """task_arithmetic of a (weight 0.7) and b (0.4) over base, in float32."""
+    models = f"  - model: {a}\n    parameters: {{weight: 0.7}}\n  - model: {b}\n    parameters: {{weight: 0.4}}\n"
+    return f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n{models}dtype: float32\n"
+
+
 @pytest.mark.parametrize("tied", ["base", "one fine-tune"])
 def test_a_model_with_tied_embeddings_merges_its_embedding_as_its_head_as_mergekit_does(family, tmp_path, tied):
     """A checkpoint without ``lm_head.weight`` (tied to its embedding) merged with ones that store
@@ -343,11 +349,7 @@ def test_a_model_with_tied_embeddings_merges_its_embedding_as_its_head_as_mergek
         base = with_tied_head(base, tmp_path / "tied")
     else:
         a = with_tied_head(a, tmp_path / "tied")
-    recipe = (
-        f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n"
-        f"  - model: {b}\n    parameters: {{weight: 0.4}}\ndtype: float32\n"
-    )
-    ours, theirs = merged_by_both(recipe, tmp_path)
+    ours, theirs = merged_by_both(_task_arithmetic(base, a, b), tmp_path)
     assert "lm_head.weight" in ours
     for name in theirs:
         assert_peer_close(ours[name], theirs[name], "peer_float32", msg=name)
@@ -356,6 +358,32 @@ def test_a_model_with_tied_embeddings_merges_its_embedding_as_its_head_as_mergek
     torch.testing.assert_close(ours["lm_head.weight"], expected, rtol=1e-6, atol=1e-6)
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert config.get("tie_word_embeddings") is (False if tied == "base" else None)  # else the base's: unset
+
+
+def test_rotary_buffers_an_older_checkpoint_saved_are_neither_read_nor_written(family, tmp_path):
+    """Checkpoints saved by older transformers hold ``rotary_emb.inv_freq`` buffers that newer ones
+    lack (transformers recomputes them): such models merge with the newer, as in mergekit, whose
+    output has no such tensors either."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base, a, b, _ = family
+    older = tmp_path / "older"
+    shutil.copytree(a, older)
+    index = json.loads((older / INDEX).read_text())
+    shard = older / index["weight_map"]["model.layers.0.self_attn.q_proj.weight"]
+    tensors = load_file(shard)
+    for layer in range(SMALL["layers"]):
+        name = f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"
+        tensors[name] = 1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16)
+        index["weight_map"][name] = shard.name
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (older / INDEX).write_text(json.dumps(index))
+    ours, theirs = merged_by_both(_task_arithmetic(base, older, b), tmp_path)
+    assert not [n for n in ours if "inv_freq" in n]
+    for name in theirs:
+        assert_peer_close(ours[name], theirs[name], "peer_float32", msg=name)
 
 
 def test_a_tied_head_without_one_embedding_to_stand_in_is_refused(family, tmp_path):

@@ -233,6 +233,11 @@ def _outer_settings(recipe: Recipe) -> Settings:
     return [*module, ("parameters", recipe.parameters)]
 
 
+# Rotary frequency buffers that older checkpoints saved and newer ones do not: transformers
+# recomputes them as it loads a model, and mergekit's architectures never write them. Read from no
+# model and not written, so that models saved before and after the change merge.
+RECOMPUTED_BUFFER = re.compile(r"(?:^|\.)rotary_emb\.inv_freq$")
+
 # An output head and the input embeddings it may be tied to (transformers leaves the head out of a
 # checkpoint saved with tie_word_embeddings; mergekit then reads the embedding in its place).
 OUTPUT_HEAD = re.compile(r"(?:^|\.)lm_head\.weight$")
@@ -475,6 +480,9 @@ def build_plan(recipe: Recipe, *, memory_budget: int, allow_pickle: bool = False
     _check_device(recipe.device)
     paths = recipe.inputs
     checkpoints = [open_model(p, allow_pickle=allow_pickle) for p in paths]
+    for c in checkpoints:  # the plan's own checkpoints: what it reads of them
+        for name in [n for n in c.tensors if RECOMPUTED_BUFFER.search(n)]:
+            del c.tensors[name]
     overrides = {}
     spec = recipe.tokenizer
     vocabulary = None
