@@ -198,6 +198,34 @@ def test_a_hugging_face_hub_cache_entry_and_snapshot_are_read(tmp_path, sharded)
         assert all(torch.equal(c.read(n), t) and torch.equal(c.map(n), t) for n, t in tensors.items())
 
 
+def test_a_recipe_names_a_cached_hub_model_by_its_id_and_revision(tmp_path, monkeypatch):
+    """``org/name`` (``@revision``, or mergekit's ``{path, revision}``) that is no local path is read
+    from the Hugging Face cache ($HF_HUB_CACHE) at ``refs/main`` or the revision; nothing is
+    downloaded, and a model the cache lacks is refused with the command that fetches it."""
+    from modelfusion.errors import RecipeError
+    from modelfusion.pipeline import load_recipe, merge
+
+    tensors = {"a": torch.randn(4, 8), "b": torch.randn(16)}
+    (tmp_path / "cache").mkdir()
+    entry = _hub_cache(tmp_path / "cache", tensors, sharded=False)
+    (entry / "refs" / "v1").write_text("abc123")
+    other = tmp_path / "other"
+    save_model(other, {k: v + 1 for k, v in tensors.items()}, {"model_type": "test"})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # org/tiny is no local path here
+    snapshot = entry / "snapshots" / "abc123"
+    text = f"merge_method: linear\nmodels:\n  - model: MODEL\n    parameters: {{weight: 1}}\n  - model: {other}\n"
+    text += "    parameters: {weight: 1}\n"
+    for name in ("org/tiny", "org/tiny@v1", "org/tiny@abc123", "{path: org/tiny, revision: v1}"):
+        assert load_recipe(text.replace("MODEL", name)).models[0].path == snapshot, name
+    merge(text.replace("MODEL", "org/tiny"), tmp_path / "out", progress=False)
+    merged = Checkpoint(tmp_path / "out")
+    assert all(torch.allclose(merged.read(n), (2 * t + 1) / 2) for n, t in tensors.items())
+    for name, command in (("org/absent", "huggingface-cli download org/absent`"), ("org/tiny@v2", "--revision v2`")):
+        with pytest.raises(RecipeError, match=f"models\\[0\\].model: '{name}' is no local path.*{command}"):
+            load_recipe(text.replace("MODEL", name))
+
+
 def test_index_entries_must_be_regular_files(tmp_path):
     (tmp_path / "sub").mkdir()
     index = {"weight_map": {"a": "sub"}}

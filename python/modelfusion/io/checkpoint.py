@@ -15,6 +15,7 @@ import ctypes
 import json
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -320,6 +321,38 @@ class Checkpoint:
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as a recipe names a hub model
+REVISION = re.compile(r"[\w.-]+")  # a branch, tag or commit as the cache files it (refs/<name>)
+
+
+def hub_cache_dir() -> Path:
+    """Where huggingface_hub keeps downloaded models: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub``, else ``~/.cache/huggingface/hub``."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return Path(os.environ[variable]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "huggingface" / "hub"
+
+
+def cached_hub_model(repo_id: str, revision: str | None = None) -> Path | None:
+    """The snapshot of hub model ``repo_id`` (``org/name``) in the local Hugging Face cache, at
+    ``revision`` (a branch or tag the cache has a ref of, or a commit; default: ``main``, else the
+    only snapshot), or None where the cache does not hold it. Nothing is downloaded."""
+    entry = hub_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    if not entry.is_dir():
+        return None
+    if revision is None:
+        return hub_snapshot(entry)
+    if not REVISION.fullmatch(revision):
+        return None
+    ref = entry / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = entry / "snapshots" / commit
+    return snapshot if REVISION.fullmatch(commit) and snapshot.is_dir() else None
 
 
 def hub_snapshot(path: Path) -> Path:

@@ -42,6 +42,7 @@ from fusion_kernels.methods import REQUIRED, Param
 
 from ..errors import RecipeError, short_repr
 from ..io.chat_templates import NAMED
+from ..io.checkpoint import HUB_ID, cached_hub_model, hub_cache_dir
 from ..io.vocabulary import TokenizerSpec, TokenRule
 
 METHODS = tuple(fk_methods.METHODS)
@@ -160,23 +161,46 @@ def parse_size(value: Any, key: str) -> int:
 
 
 def _reference(value: Any, where: str) -> str:
+    """A path, or a hub model (``org/name``, ``org/name@revision`` or mergekit's ``{path, revision}``)
+    that is no local path: its snapshot in the local Hugging Face cache (nothing is downloaded)."""
+    revision = None
     if isinstance(value, dict) and set(value) <= {"path", "revision"} and isinstance(value.get("path"), str):
-        if value.get("revision"):
-            raise RecipeError(f"{where}.revision: hub revisions are not fetched; give a local path or cache entry")
-        value = value["path"]
-    if not isinstance(value, str) or not value:
+        value, revision = value["path"], value.get("revision") or None
+    if not isinstance(value, str) or not value or not (revision is None or isinstance(revision, str)):
         raise RecipeError(f"{where}: expected a model path, got {short_repr(value)}")
+    if revision is None and "@" in value and not Path(value).exists():
+        value, _, revision = value.rpartition("@")  # mergekit's org/name@revision
+    if revision is None and Path(value).exists():
+        return value
+    if HUB_ID.fullmatch(value):
+        found = cached_hub_model(value, revision)
+        if found is None:
+            named = value if revision is None else f"{value}@{revision}"
+            raise RecipeError(
+                f"{where}: {named!r} is no local path, and the Hugging Face cache ({hub_cache_dir()}) does not "
+                f"hold it; models are never downloaded: fetch it first (`huggingface-cli download {value}"
+                f"{'' if revision is None else ' --revision ' + revision}`) or give its directory"
+            )
+        return str(found)
+    if revision is not None:
+        raise RecipeError(
+            f"{where}: revision {short_repr(revision)} of {short_repr(value)}: a revision names a "
+            "hub model (org/name) in the local Hugging Face cache"
+        )
     return value
 
 
 def _model_path(value: Any, where: str) -> Path:
-    """A model reference: a path, ``model+adapter`` (a PEFT LoRA adapter applied as the model is read),
-    or mergekit's mapping ``{model: PATH, lora: PATH}``; returned as one path, ``model+adapter``
-    for a LoRA reference."""
+    """A model reference: a path or hub model (see _reference), ``model+adapter`` (a PEFT LoRA
+    adapter applied as the model is read), or mergekit's mapping ``{model: PATH, lora: PATH}``;
+    returned as one path, ``model+adapter`` for a LoRA reference."""
     if isinstance(value, dict) and "model" in value and set(value) <= {"model", "lora", "override_architecture"}:
         model = _reference(value["model"], f"{where}.model")
         lora = _reference(value["lora"], f"{where}.lora") if value.get("lora") is not None else None
         return Path(model if lora is None else f"{model}+{lora}")
+    if isinstance(value, str) and "+" in value and not Path(value).exists():
+        model, _, lora = value.rpartition("+")
+        return Path(f"{_reference(model, where)}+{_reference(lora, where)}")
     return Path(_reference(value, where))
 
 
