@@ -269,9 +269,10 @@ def _model_tasks(recipe: Recipe, paths: list[Path], checkpoints: list, vocabular
     reference = used[0]  # the base model when there is one
     names = list(reference.tensors)
     names += untied_heads(reference, used, names)
+    known = set(names)
     for c in used:
         missing = [n for n in names if tensor_info(c, n) is None]
-        extra = [n for n in c.tensors if n not in names]
+        extra = [n for n in c.tensors if n not in known]
         if missing or extra:
             what = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, which {reference.path} lacks"
             raise RecipeError(
